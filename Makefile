@@ -1,0 +1,35 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch that this machine holds; pinned and installed first so pip never
+# fetches a CUDA build of several GB. Override with `make TORCH_SPEC=torch test`.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= demo
+
+.PHONY: demo test lint bench-sd1 clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/python -m weightmix.examples $(DEMO_DIR)
+	$(BIN)/weightmix merge examples/demo.yaml --dry-run
+	$(BIN)/weightmix merge examples/demo.yaml -o $(DEMO_DIR)/merged.safetensors --overwrite
+	$(BIN)/weightmix inspect $(DEMO_DIR)/merged.safetensors
+
+test: $(BIN)/.installed lint
+	$(BIN)/python -m pytest
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench-sd1: $(BIN)/.installed
+	$(BIN)/python bench/bench_merge.py --arch sd1
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

@@ -1,0 +1,27 @@
+"""weightmix: merge model checkpoints as a stream, validated before a byte is read."""
+
+__version__ = "0.1.0"
+
+from weightmix.api import MergeResult, dry_run, make_plan, merge
+from weightmix.errors import WeightmixError
+from weightmix.io import open_checkpoint
+from weightmix.methods import METHODS, merge_method
+from weightmix.recipe import MergeNode, Recipe, Rule, load_recipe, node, parse_recipe
+
+__all__ = [
+    "METHODS",
+    "MergeNode",
+    "MergeResult",
+    "Recipe",
+    "Rule",
+    "WeightmixError",
+    "__version__",
+    "dry_run",
+    "load_recipe",
+    "make_plan",
+    "merge",
+    "merge_method",
+    "node",
+    "open_checkpoint",
+    "parse_recipe",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from weightmix.cli import main
+
+sys.exit(main())

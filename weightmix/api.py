@@ -1,0 +1,76 @@
+"""The public Python API: plan, dry-run and run merges from a Recipe, a dict or a YAML file."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from weightmix import engine
+from weightmix.plan import Plan, build_plan
+from weightmix.progress import make_progress
+from weightmix.provenance import build_metadata
+from weightmix.recipe import Recipe, load_recipe, parse_recipe
+from weightmix.report import describe_plan
+
+RecipeLike = Recipe | dict | str | os.PathLike
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    files: list[Path]  # what was written (shards, then the index)
+    tensors: int
+    bytes_written: int
+    seconds: float
+    notes: list[str]
+
+
+def as_recipe(source: RecipeLike) -> Recipe:
+    """A Recipe from a Recipe, a dict in the recipe schema, or the path of a YAML file."""
+    if isinstance(source, Recipe):
+        return source
+    if isinstance(source, dict):
+        return parse_recipe(source)
+    return load_recipe(Path(source))
+
+
+def make_plan(
+    recipe: RecipeLike, output: str | os.PathLike | None = None, overwrite: bool = False
+) -> Plan:
+    """Validate a recipe against its inputs' headers and plan every key; reads no tensor data.
+    Close the returned plan (plan.close()) when done with it."""
+    return build_plan(as_recipe(recipe), output, overwrite)
+
+
+def dry_run(
+    recipe: RecipeLike, output: str | os.PathLike | None = None, overwrite: bool = False
+) -> str:
+    """The plan as text: keys per method, inputs read, output size, estimated peak memory."""
+    planned = make_plan(recipe, output, overwrite)
+    try:
+        return describe_plan(planned)
+    finally:
+        planned.close()
+
+
+def merge(
+    recipe: RecipeLike,
+    output: str | os.PathLike,
+    *,
+    threads: int | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    fingerprint: str = "sampled",
+    fsync: bool = False,
+    budget: int = engine.DEFAULT_BUDGET,
+) -> MergeResult:
+    """Run a merge to `output` (.safetensors, sharded when the recipe sets max_shard_size)."""
+    planned = make_plan(recipe, output, overwrite)
+    try:
+        metadata = build_metadata(planned, fingerprint)
+        stats = engine.run(planned, metadata, threads, make_progress(progress), budget, fsync)
+    finally:
+        planned.close()
+    return MergeResult(
+        stats.files, stats.tensors, stats.bytes_written, stats.seconds, planned.notes
+    )

@@ -1,0 +1,55 @@
+"""Architectures as data: every key of public model layouts with its shape and dtype.
+
+The JSON files hold facts about the layouts (key names, shapes, dtypes, which keys are
+optional). They drive test and benchmark checkpoints today, detection and block maps later.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+ARCHITECTURES = ("sd1-ldm", "sdxl-sgm", "sd3-comfyui", "flux-flux")
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    key: str
+    component: str
+    dtype: str  # safetensors dtype name: F32, BF16, I64 ...
+    shape: tuple[int, ...]
+    optional: bool
+
+
+@cache
+def load_architecture(name: str) -> tuple[KeySpec, ...]:
+    """Every key of architecture `name` (one of ARCHITECTURES)."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+    text = resources.files(__package__).joinpath("data", f"{name}.json").read_text("utf-8")
+    data = json.loads(text)
+    return tuple(
+        KeySpec(key, component, row[0], tuple(row[1]), len(row) > 2 and bool(row[2]))
+        for component, keys in data["components"].items()
+        for key, row in keys.items()
+    )
+
+
+def architecture_keys(
+    name: str, components: tuple[str, ...] | None = None, optional: bool = False
+) -> list[KeySpec]:
+    """The keys a typical file of this architecture holds (optional keys such as EMA copies
+    left out unless asked for), limited to `components` when given."""
+    return [
+        spec
+        for spec in load_architecture(name)
+        if (optional or not spec.optional) and (components is None or spec.component in components)
+    ]
+
+
+def scaled_shape(shape: tuple[int, ...], divisor: int) -> tuple[int, ...]:
+    """Shrink every dimension by `divisor` (at least 1 element each) for tiny test models."""
+    return tuple(max(1, math.ceil(d / divisor)) for d in shape)

@@ -1,0 +1,147 @@
+"""Merge expressions compiled from a recipe: trees of method calls over model names.
+
+Compiling checks everything that does not depend on tensor data: method names, arity,
+parameters, and merge spaces (a weight is not a delta: adding two models where a task
+vector is expected is an error before anything runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from weightmix.errors import WeightmixError, closest
+from weightmix.methods.registry import ANY, DELTA, SAME, WEIGHT, MethodSpec, get_method
+from weightmix.recipe import Expression, MergeNode
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A model's tensor for the key being merged."""
+
+    model: str
+
+    def text(self) -> str:
+        return self.model
+
+
+@dataclass(frozen=True)
+class Op:
+    """`method(inputs..., **params)`; params are checked and complete (defaults filled)."""
+
+    method: MethodSpec
+    inputs: tuple[Node, ...]
+    given: dict[str, Any]  # parameters as the recipe wrote them
+    params: dict[str, Any] = field(compare=False)
+    label: str  # where it sits in the recipe, for messages: merge, merge.inputs[1] ...
+    name: str | None = None
+
+    def text(self) -> str:
+        return f"{self.method.name}({', '.join(i.text() for i in self.inputs)})"
+
+
+Node = Leaf | Op
+
+
+def compile_expression(expression: Expression, models: dict[str, object]) -> Node:
+    """Turn the recipe's merge expression into a checked tree."""
+    root = _compile(expression, models, "merge")
+    names = [op.name for op in ops(root) if op.name]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise WeightmixError(f"recipe merge: node name '{sorted(duplicates)[0]}' is used twice")
+    space_of(root)
+    return root
+
+
+def _compile(expression: Expression, models: dict[str, object], label: str) -> Node:
+    if isinstance(expression, str):
+        if expression not in models:
+            raise WeightmixError(
+                f"recipe {label}: '{expression}' is not a model of this recipe"
+                f"{closest(expression, models)}; models: {', '.join(models)}"
+            )
+        return Leaf(expression)
+    assert isinstance(expression, MergeNode)
+    where = f"recipe {label}"
+    method = get_method(expression.method, where)
+    count = len(expression.inputs)
+    if count < method.min_inputs or (method.max_inputs is not None and count > method.max_inputs):
+        raise WeightmixError(
+            f"{where}: {method.name} takes {method.arity_text()} inputs, {count} given"
+        )
+    inputs = tuple(
+        _compile(child, models, f"{label}.inputs[{i}]") for i, child in enumerate(expression.inputs)
+    )
+    given = expression.params
+    params = method.resolve_params(given, count, where)
+    return Op(method, inputs, given, params, label, expression.name)
+
+
+def ops(node: Node) -> list[Op]:
+    """Every method call in the tree, outermost first."""
+    if isinstance(node, Leaf):
+        return []
+    return [node, *(op for child in node.inputs for op in ops(child))]
+
+
+def leaves(node: Node) -> list[str]:
+    """The models the tree reads, in first-use order, each once."""
+    if isinstance(node, Leaf):
+        return [node.model]
+    seen: dict[str, None] = {}
+    for child in node.inputs:
+        seen.update(dict.fromkeys(leaves(child)))
+    return list(seen)
+
+
+def space_of(node: Node) -> str:
+    """The merge space (weight or delta) of what `node` computes; raises on a mismatch."""
+    if isinstance(node, Leaf):
+        return WEIGHT
+    spaces = [space_of(child) for child in node.inputs]
+    method = node.method
+    for position, (child, space) in enumerate(zip(node.inputs, spaces)):
+        expected = method.input_space(position)
+        if expected not in (ANY, space):
+            hint = (
+                "; make one with subtract(model, base)"
+                if expected == DELTA
+                else "; apply it to a model with add(model, delta)"
+            )
+            raise WeightmixError(
+                f"recipe {node.label}: input {position + 1} of {method.name} ({child.text()})"
+                f" is a {space}, but {method.name} expects a {expected} there{hint}"
+            )
+    if method.output_space != SAME:
+        return method.output_space
+    if len(set(spaces)) > 1:
+        raise WeightmixError(
+            f"recipe {node.label}: {method.name} mixes weights and deltas"
+            f" ({', '.join(f'{c.text()}: {s}' for c, s in zip(node.inputs, spaces))}):"
+            " give it models only or deltas only"
+        )
+    return spaces[0]
+
+
+def with_overrides(node: Node, overrides: Callable[[Op], dict[str, Any]], where: str) -> Node:
+    """A copy of the tree whose parameters include `overrides(op)` (e.g. from per-key rules)."""
+    if isinstance(node, Leaf):
+        return node
+    inputs = tuple(with_overrides(child, overrides, where) for child in node.inputs)
+    extra = overrides(node)
+    if not extra and all(new is old for new, old in zip(inputs, node.inputs)):
+        return node
+    given = {**node.given, **extra}
+    params = node.method.resolve_params(given, len(inputs), f"{where} at {node.label}")
+    return Op(node.method, inputs, given, params, node.label, node.name)
+
+
+def evaluate(node: Node, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Compute the tree for one key from the models' tensors (already in compute dtype)."""
+    if isinstance(node, Leaf):
+        return tensors[node.model]
+    return node.method(*(evaluate(child, tensors) for child in node.inputs), **node.params)

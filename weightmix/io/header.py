@@ -1,0 +1,137 @@
+"""Parse and validate a safetensors header before any tensor byte is trusted.
+
+Layout: 8-byte little-endian header length N, N bytes of JSON, then the data section.
+Each JSON entry gives dtype, shape and [begin, end) offsets into the data section.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from weightmix.errors import WeightmixError
+from weightmix.io.dtypes import SAFETENSORS_DTYPES, DType
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same cap the reference implementation uses
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    dtype: DType
+    shape: tuple[int, ...]
+    begin: int  # offsets relative to the start of the data section
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    header_bytes: int  # N: the JSON's length
+    file_size: int
+    metadata: dict[str, str]
+    entries: dict[str, HeaderEntry]
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_bytes
+
+
+def read_header(path: Path) -> tuple[Header, bytes]:
+    """Read and validate the header of one safetensors file; also return its raw bytes."""
+    try:
+        with open(path, "rb") as handle:
+            file_size = handle.seek(0, 2)
+            handle.seek(0)
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise WeightmixError(
+                    f"{path}: not a safetensors file: only {file_size} bytes, too short to hold"
+                    " the 8-byte header length (truncated download?)"
+                )
+            (length,) = struct.unpack("<Q", prefix)
+            if length > min(MAX_HEADER_BYTES, file_size - 8):
+                raise WeightmixError(
+                    f"{path}: header claims {length} bytes but the file has {file_size - 8}"
+                    " after the length field: the file is truncated or not safetensors"
+                )
+            raw = handle.read(length)
+    except OSError as error:
+        raise WeightmixError(f"{path}: cannot read: {error.strerror or error}") from None
+    header = parse_header(path, raw, file_size)
+    return header, prefix + raw
+
+
+def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
+    """Validate the JSON header `raw` of a file of `file_size` bytes."""
+    try:
+        document = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise WeightmixError(
+            f"{path}: header is not valid JSON ({error}): the file is corrupt or not safetensors"
+        ) from None
+    if not isinstance(document, dict):
+        raise WeightmixError(f"{path}: header is JSON but not an object: not a safetensors file")
+    metadata = document.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise WeightmixError(f"{path}: __metadata__ must map strings to strings")
+    data_size = file_size - 8 - len(raw)
+    entries = {key: _entry(path, key, value, data_size) for key, value in document.items()}
+    _check_no_overlap(path, entries)
+    return Header(path, len(raw), file_size, metadata, entries)
+
+
+def _entry(path: Path, key: str, value: object, data_size: int) -> HeaderEntry:
+    where = f"{path}: tensor '{key}'"
+    if not isinstance(value, dict):
+        raise WeightmixError(f"{where}: header entry is not an object: the file is corrupt")
+    dtype_name = value.get("dtype")
+    dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        known = ", ".join(SAFETENSORS_DTYPES)
+        raise WeightmixError(f"{where}: unknown dtype {dtype_name!r} (known: {known})")
+    shape = value.get("shape")
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise WeightmixError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    offsets = value.get("data_offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_count(n) for n in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise WeightmixError(
+            f"{where}: data_offsets {offsets!r} is not [begin, end] with begin<=end"
+        )
+    begin, end = offsets
+    needed = math.prod(shape) * dtype.itemsize
+    if end - begin != needed:
+        raise WeightmixError(
+            f"{where}: shape {shape} of {dtype.name} needs {needed} bytes but data_offsets"
+            f" span {end - begin}: the header is corrupt"
+        )
+    if end > data_size:
+        raise WeightmixError(
+            f"{where}: data ends at byte {end} but the data section has only {data_size} bytes:"
+            " the file is truncated (re-download or re-save it)"
+        )
+    return HeaderEntry(dtype, tuple(shape), begin, end)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_no_overlap(path: Path, entries: dict[str, HeaderEntry]) -> None:
+    spans = sorted((e.begin, e.end, key) for key, e in entries.items() if e.end > e.begin)
+    for (_, prev_end, prev_key), (begin, _, key) in itertools.pairwise(spans):
+        if begin < prev_end:
+            raise WeightmixError(
+                f"{path}: tensors '{prev_key}' and '{key}' overlap in the data section"
+                f" (one ends at byte {prev_end}, the other starts at {begin}): the file is corrupt"
+            )

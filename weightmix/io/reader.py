@@ -1,0 +1,180 @@
+"""Open checkpoints lazily: headers are validated up front, tensor bytes read only on demand."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from weightmix.errors import WeightmixError
+from weightmix.io.dtypes import DType
+from weightmix.io.header import Header, read_header
+
+INDEX_SUFFIX = ".safetensors.index.json"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: enough to plan with, and to read it later."""
+
+    key: str
+    dtype: DType
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # absolute byte offset in `file`
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return self.nbytes // self.dtype.itemsize
+
+
+class Checkpoint:
+    """A single safetensors file or a sharded set, opened by header only."""
+
+    def __init__(
+        self, path: Path, headers: list[tuple[Header, bytes]], tensors: dict[str, TensorInfo]
+    ):
+        self.path = path
+        self.headers = headers
+        self.tensors = tensors
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def files(self) -> list[Path]:
+        return [header.path for header, _ in self.headers]
+
+    @property
+    def size(self) -> int:
+        return sum(header.file_size for header, _ in self.headers)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.headers[0][0].metadata) if self.headers else {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def read(self, info: TensorInfo, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Read one tensor's bytes from disk into a new tensor of its dtype and shape."""
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            _read_exact(self._fd(info.file), buffer.numpy(), info.offset, info.file)
+        tensor = buffer.view(info.dtype.torch).reshape(info.shape)
+        return tensor if str(device) == "cpu" else tensor.to(device)
+
+    def _fd(self, file: Path) -> int:
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                try:
+                    fd = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                except OSError as error:
+                    raise WeightmixError(f"{file}: cannot open: {error.strerror}") from None
+                self._fds[file] = fd
+            return fd
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _read_exact(fd: int, view, offset: int, file: Path) -> None:
+    """Fill `view` from `fd` at `offset`; a short file is a user error, not a crash."""
+    memory = memoryview(view).cast("B")
+    done = 0
+    while done < len(memory):
+        count = os.preadv(fd, [memory[done:]], offset + done)
+        if count == 0:
+            raise WeightmixError(f"{file}: ended early while reading: the file changed or shrank")
+        done += count
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a .safetensors file, a *.safetensors.index.json, or a folder holding one index."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightmixError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _open_index(_find_index(path))
+    if path.name.endswith(INDEX_SUFFIX):
+        return _open_index(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise WeightmixError(
+            f"{path}: pickled checkpoints are not read yet; convert it to .safetensors first"
+        )
+    header, raw = read_header(path)
+    return Checkpoint(path, [(header, raw)], _tensors_of(header))
+
+
+def _tensors_of(header: Header, keys: set[str] | None = None) -> dict[str, TensorInfo]:
+    return {
+        key: TensorInfo(
+            key, e.dtype, e.shape, header.path, header.data_start + e.begin, e.end - e.begin
+        )
+        for key, e in header.entries.items()
+        if keys is None or key in keys
+    }
+
+
+def _find_index(folder: Path) -> Path:
+    indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
+    if len(indexes) == 1:
+        return indexes[0]
+    if not indexes:
+        raise WeightmixError(
+            f"{folder}: folder has no *{INDEX_SUFFIX}: give the .safetensors file itself,"
+            " or the index of a sharded set"
+        )
+    names = ", ".join(p.name for p in indexes)
+    raise WeightmixError(f"{folder}: folder has several indexes ({names}): give one of them")
+
+
+def _open_index(index: Path) -> Checkpoint:
+    try:
+        document = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise WeightmixError(f"{index}: cannot read the shard index: {error}") from None
+    weight_map = document.get("weight_map") if isinstance(document, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise WeightmixError(f"{index}: shard index has no 'weight_map' of key -> file name")
+    by_shard: dict[str, set[str]] = {}
+    for key, shard in weight_map.items():
+        by_shard.setdefault(shard, set()).add(key)
+    headers, tensors = [], {}
+    for shard, keys in by_shard.items():
+        shard_path = index.parent / shard
+        if not shard_path.is_file():
+            raise WeightmixError(f"{index}: names shard '{shard}', which is missing")
+        header, raw = read_header(shard_path)
+        headers.append((header, raw))
+        unknown = sorted(keys - header.entries.keys())
+        if unknown:
+            raise WeightmixError(
+                f"{index}: says '{unknown[0]}' is in {shard}, but that shard has no such tensor"
+                f" ({len(unknown)} such keys): the index does not match its shards"
+            )
+        unlisted = sorted(header.entries.keys() - keys)
+        if unlisted:
+            raise WeightmixError(
+                f"{shard_path}: holds '{unlisted[0]}', which the index does not list"
+                f" ({len(unlisted)} such keys): the index does not match its shards"
+            )
+        tensors.update(_tensors_of(header, keys))
+    return Checkpoint(index, headers, tensors)

@@ -1,0 +1,192 @@
+"""Write safetensors as a stream: header from the plan first, then tensors one at a time.
+
+Everything goes to hidden temporary files beside the destination; only a complete, flushed
+output is renamed into place, so an error or Ctrl-C leaves nothing at the destination.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from weightmix.io.dtypes import DType
+from weightmix.io.reader import INDEX_SUFFIX
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    key: str
+    dtype: DType
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def header_bytes(tensors: list[OutputTensor], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length plus the JSON header, tensors laid out back to back in list order."""
+    document: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for tensor in tensors:
+        end = offset + tensor.nbytes
+        document[tensor.key] = {
+            "dtype": tensor.dtype.name,
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    text = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # keep the data section 8-byte aligned
+    return len(text).to_bytes(8, "little") + text
+
+
+def split_shards(
+    tensors: list[OutputTensor], max_shard_bytes: int | None
+) -> list[list[OutputTensor]]:
+    """Cut the tensor list, in order, into shards of at most max_shard_bytes (one big tensor
+    that alone exceeds the limit gets a shard of its own)."""
+    if not max_shard_bytes:
+        return [tensors]
+    shards: list[list[OutputTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
+
+
+def output_paths(dest: Path, shard_count: int) -> tuple[list[Path], Path | None]:
+    """The files a write to `dest` creates: the shards and, when sharded, the index."""
+    if shard_count <= 1:
+        return [dest], None
+    stem = dest.name.removesuffix(".safetensors")
+    shards = [
+        dest.with_name(f"{stem}-{i:05d}-of-{shard_count:05d}.safetensors")
+        for i in range(1, shard_count + 1)
+    ]
+    return shards, dest.with_name(stem + INDEX_SUFFIX)
+
+
+class _TempFile:
+    """One output file being written under a hidden temporary name in the destination folder."""
+
+    def __init__(self, dest: Path):
+        self.dest = dest
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+        self.fd: int | None = fd
+        self.temp = Path(name)
+
+    def write(self, data) -> None:
+        memory = memoryview(data).cast("B")
+        while memory:
+            written = os.write(self.fd, memory)
+            memory = memory[written:]
+
+    def close(self, fsync: bool) -> None:
+        if self.fd is not None:
+            if fsync:
+                os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
+
+    def discard(self) -> None:
+        self.close(fsync=False)
+        self.temp.unlink(missing_ok=True)
+
+
+class SafetensorsOutput:
+    """Streams tensors, in the order given at creation, into one file or a sharded set."""
+
+    def __init__(
+        self,
+        dest: Path,
+        tensors: list[OutputTensor],
+        metadata: dict[str, str],
+        max_shard_bytes: int | None = None,
+        fsync: bool = False,
+    ):
+        self.dest = dest
+        self.fsync = fsync
+        self.metadata = metadata
+        self.shards = split_shards(tensors, max_shard_bytes)
+        self.paths, self.index_path = output_paths(dest, len(self.shards))
+        self._order = [(s, t) for s, shard in enumerate(self.shards) for t in shard]
+        self._next = 0
+        self._files: list[_TempFile] = []
+        self._open_shard(0)
+
+    def _open_shard(self, number: int) -> None:
+        file = _TempFile(self.paths[number])
+        self._files.append(file)
+        file.write(header_bytes(self.shards[number], self.metadata))
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor: the one the layout expects, with its dtype and shape."""
+        shard, expected = self._order[self._next]
+        if (
+            key != expected.key
+            or tensor.dtype != expected.dtype.torch
+            or (tuple(tensor.shape) != expected.shape)
+        ):
+            raise RuntimeError(
+                f"writer expected {expected.key} {expected.dtype} {list(expected.shape)},"
+                f" got {key} {tensor.dtype} {list(tensor.shape)}"
+            )
+        if shard == len(self._files):
+            self._files[-1].close(self.fsync)
+            self._open_shard(shard)
+        if expected.nbytes:
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            self._files[-1].write(data.numpy())
+        self._next += 1
+
+    def commit(self) -> list[Path]:
+        """Flush and move every file into place; return the paths written (index last)."""
+        if self._next != len(self._order):
+            raise RuntimeError(f"writer got {self._next} of {len(self._order)} tensors")
+        for file in self._files:
+            file.close(self.fsync)
+        written = []
+        if self.index_path is not None:
+            index = _TempFile(self.index_path)
+            self._files.append(index)
+            index.write(json.dumps(self._index_document(), indent=2).encode("utf-8"))
+            index.close(self.fsync)
+        for file in self._files:
+            os.replace(file.temp, file.dest)
+            written.append(file.dest)
+        self._files = []
+        return written
+
+    def _index_document(self) -> dict[str, object]:
+        weight_map = {
+            t.key: self.paths[s].name for s, shard in enumerate(self.shards) for t in shard
+        }
+        total = sum(t.nbytes for shard in self.shards for t in shard)
+        return {"metadata": {"total_size": total, **self.metadata}, "weight_map": weight_map}
+
+    def abort(self) -> None:
+        """Remove every temporary file; nothing appears at the destination."""
+        for file in self._files:
+            file.discard()
+        self._files = []
+
+
+def open_output(
+    dest: str | os.PathLike,
+    tensors: list[OutputTensor],
+    metadata: dict[str, str],
+    max_shard_bytes: int | None = None,
+    fsync: bool = False,
+) -> SafetensorsOutput:
+    return SafetensorsOutput(Path(dest), tensors, metadata, max_shard_bytes, fsync)

@@ -1,0 +1,98 @@
+"""Linear methods: weighted sums, add-difference and task-vector arithmetic."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from weightmix.methods.registry import (
+    ANY,
+    DELTA,
+    SAME,
+    WEIGHT,
+    Finite,
+    Fraction,
+    Tensor,
+    merge_method,
+)
+
+
+def linear_combination(tensors: Sequence[Tensor], coefficients: Sequence[float]) -> Tensor:
+    """Σ cᵢ·tᵢ. Terms with cᵢ = 0 are skipped, and a single term with c = 1 is returned
+    as it is, so that e.g. alpha 0 reproduces the first model bit for bit."""
+    terms = [(c, t) for c, t in zip(coefficients, tensors) if c != 0]
+    if not terms:
+        return tensors[0] * 0.0
+    if len(terms) == 1 and terms[0][0] == 1.0:
+        return terms[0][1]
+    (first_c, first), *rest = terms
+    result = first * first_c
+    for c, tensor in rest:
+        result.add_(tensor, alpha=c)
+    return result
+
+
+def weighted_sum_coefficients(
+    count: int, alpha: float | None, weights: Sequence[float] | None, normalize: bool
+) -> list[float]:
+    """The coefficient of each model: [1−α, α] for two, else the (normalised) weights."""
+    if alpha is not None:
+        return [1.0 - alpha, alpha]
+    chosen = list(weights) if weights is not None else [1.0] * count
+    if normalize:
+        total = sum(chosen)
+        chosen = [w / total for w in chosen]
+    return chosen
+
+
+def _check_weighted_sum(count: int, params: dict[str, Any]) -> str | None:
+    alpha, weights = params["alpha"], params["weights"]
+    if alpha is not None and weights is not None:
+        return "give alpha or weights, not both"
+    if alpha is not None and count != 2:
+        return f"alpha blends two models but {count} are given: use weights for N models"
+    if weights is not None and len(weights) != count:
+        return f"{len(weights)} weights given for {count} models: give one weight per model"
+    if weights is not None and params["normalize"] and sum(weights) == 0:
+        return "weights sum to 0 and cannot be normalised: set normalize: false or change them"
+    return None
+
+
+@merge_method(inputs=ANY, output=SAME, min_inputs=2, check=_check_weighted_sum)
+def weighted_sum(
+    *models: Tensor,
+    alpha: Fraction | None = None,
+    weights: list[Finite] | None = None,
+    normalize: bool = True,
+) -> Tensor:
+    """Blend models: (1−α)·A + α·B for two; Σ wᵢ·Mᵢ for N (weights normalised to sum 1 by
+    default; equal weights when none are given)."""
+    return linear_combination(
+        models, weighted_sum_coefficients(len(models), alpha, weights, normalize)
+    )
+
+
+@merge_method(inputs=WEIGHT, output=WEIGHT)
+def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: Finite = 1.0) -> Tensor:
+    """A + α·(B − C): add what B learned relative to C onto A."""
+    if alpha == 0:
+        return a
+    return (b - c).mul_(alpha).add_(a)
+
+
+@merge_method(inputs=WEIGHT, output=DELTA)
+def subtract(a: Tensor, b: Tensor) -> Tensor:
+    """A − B: the task vector that turns B into A (a delta, not a model)."""
+    return a - b
+
+
+@merge_method(inputs=(WEIGHT, DELTA), output=WEIGHT, min_inputs=2)
+def add(base: Tensor, *deltas: Tensor, alpha: Finite = 1.0) -> Tensor:
+    """base + α·Σ deltas: apply task vectors (from subtract) to a model."""
+    return linear_combination([base, *deltas], [1.0] + [alpha] * len(deltas))
+
+
+@merge_method(inputs=ANY, output=SAME)
+def take(model: Tensor) -> Tensor:
+    """One model's tensor, unchanged."""
+    return model

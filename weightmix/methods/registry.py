@@ -1,0 +1,152 @@
+"""The method registry: a merge method is a plain function of tensors, registered by a decorator.
+
+The decorator reads the function's signature: positional parameters (or *args) are the input
+tensors, keyword-only parameters are the user-settable parameters, typed by their annotations
+(pydantic checks values, including ranges given with `Annotated[..., Field(...)]`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import torch
+from pydantic import Field, TypeAdapter, ValidationError
+
+from weightmix.errors import WeightmixError, closest
+
+Tensor = torch.Tensor
+# Parameter types shared by methods: finite floats, and fractions in [0, 1].
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+WEIGHT, DELTA, ANY = "weight", "delta", "any"
+SAME = "same"  # output space: the (common) space of the inputs
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    annotation: Any
+    default: Any
+    adapter: TypeAdapter
+
+    @property
+    def required(self) -> bool:
+        return self.default is inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered merge method: its function, arity, merge spaces and parameters."""
+
+    name: str
+    func: Callable[..., Tensor]
+    min_inputs: int
+    max_inputs: int | None
+    input_spaces: tuple[str, ...]  # per position; the last repeats for extra inputs
+    output_space: str
+    params: dict[str, ParamSpec]
+    check: Callable[[int, dict[str, Any]], str | None] | None
+    summary: str
+
+    def input_space(self, position: int) -> str:
+        return self.input_spaces[min(position, len(self.input_spaces) - 1)]
+
+    def arity_text(self) -> str:
+        if self.max_inputs == self.min_inputs:
+            return str(self.min_inputs)
+        if self.max_inputs is None:
+            return f"{self.min_inputs} or more"
+        return f"{self.min_inputs} to {self.max_inputs}"
+
+    def resolve_params(self, given: dict[str, Any], n_inputs: int, where: str) -> dict[str, Any]:
+        """Check names, types and ranges of `given`, fill defaults, run the method's own check."""
+        resolved: dict[str, Any] = {}
+        for name, value in given.items():
+            spec = self.params.get(name)
+            if spec is None:
+                hint = closest(name, [*self.params, "inputs", "method", "name"])
+                known = ", ".join(self.params) or "none"
+                raise WeightmixError(
+                    f"{where}: {self.name} has no parameter '{name}'{hint}; its parameters: {known}"
+                )
+            try:
+                resolved[name] = spec.adapter.validate_python(value)
+            except ValidationError as error:
+                message = error.errors()[0]["msg"]
+                raise WeightmixError(
+                    f"{where}: {self.name} parameter {name}={value!r}: {message}"
+                ) from None
+        for name, spec in self.params.items():
+            if name not in resolved:
+                if spec.required:
+                    raise WeightmixError(f"{where}: {self.name} needs parameter '{name}'")
+                resolved[name] = spec.default
+        if self.check is not None and (problem := self.check(n_inputs, resolved)):
+            raise WeightmixError(f"{where}: {self.name}: {problem}")
+        return resolved
+
+    def __call__(self, *inputs: Tensor, **params: Any) -> Tensor:
+        return self.func(*inputs, **params)
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def merge_method(
+    *,
+    inputs: str | tuple[str, ...] = WEIGHT,
+    output: str = WEIGHT,
+    min_inputs: int | None = None,
+    check: Callable[[int, dict[str, Any]], str | None] | None = None,
+    name: str | None = None,
+) -> Callable[[Callable[..., Tensor]], MethodSpec]:
+    """Register a merge method. `inputs` gives the merge space (weight, delta or any) of each
+    input (the last repeats), `output` the space of the result (or 'same' as the inputs)."""
+
+    def register(func: Callable[..., Tensor]) -> MethodSpec:
+        signature = inspect.signature(func)
+        hints = typing.get_type_hints(func, include_extras=True)
+        positional = [
+            p
+            for p in signature.parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        variadic = any(p.kind == p.VAR_POSITIONAL for p in signature.parameters.values())
+        params = {
+            p.name: ParamSpec(p.name, hints[p.name], p.default, TypeAdapter(hints[p.name]))
+            for p in signature.parameters.values()
+            if p.kind == p.KEYWORD_ONLY
+        }
+        spec = MethodSpec(
+            name=name or func.__name__,
+            func=func,
+            min_inputs=min_inputs if min_inputs is not None else max(len(positional), 1),
+            max_inputs=None if variadic else len(positional),
+            input_spaces=(inputs,) if isinstance(inputs, str) else tuple(inputs),
+            output_space=output,
+            params=params,
+            check=check,
+            summary=" ".join((inspect.getdoc(func) or "").split("\n\n")[0].split()),
+        )
+        if spec.name in METHODS:
+            raise ValueError(f"merge method '{spec.name}' is registered twice")
+        METHODS[spec.name] = spec
+        return spec
+
+    return register
+
+
+def get_method(name: str, where: str = "recipe") -> MethodSpec:
+    """Look a method up by name, or raise a one-line error naming the closest one."""
+    spec = METHODS.get(name)
+    if spec is None:
+        raise WeightmixError(
+            f"{where}: unknown method '{name}'{closest(name, METHODS)};"
+            f" known methods: {', '.join(sorted(METHODS))}"
+        )
+    return spec

@@ -1,0 +1,372 @@
+"""Recipe + opened inputs -> a per-key plan. All validation happens here, from headers only,
+before a single tensor byte is read."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weightmix.errors import WeightmixError, closest
+from weightmix.expression import Leaf, Node, Op, compile_expression, leaves, ops, with_overrides
+from weightmix.io import (
+    Checkpoint,
+    DType,
+    OutputTensor,
+    TensorInfo,
+    dtype_from_name,
+    open_checkpoint,
+)
+from weightmix.io.dtypes import COMPUTE_DTYPES, OUTPUT_DTYPES
+from weightmix.io.writer import output_paths, split_shards
+from weightmix.recipe import Recipe, Rule
+from weightmix.units import format_size, parse_size
+
+SHOWN = 3  # how many offending keys an error names before '(N in all)'
+
+
+@dataclass(frozen=True)
+class KeyPlan:
+    """What to do for one output tensor."""
+
+    key: str
+    shape: tuple[int, ...]
+    out_dtype: DType
+    sources: dict[str, TensorInfo]  # model name -> the tensor it reads
+    expr: Node | None  # None: copy sources[copy_from] (cast to out_dtype if needed)
+    copy_from: str | None
+    group: str  # how the dry run groups keys
+
+    @property
+    def numel(self) -> int:
+        return next(iter(self.sources.values())).numel
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.numel * self.out_dtype.itemsize
+
+
+@dataclass
+class Plan:
+    """A validated merge: the inputs are open (headers only), every key has its action."""
+
+    recipe: Recipe
+    checkpoints: dict[str, Checkpoint]
+    root: Node
+    keys: list[KeyPlan]  # in output order
+    compute_dtype: DType
+    device: torch.device
+    output: Path | None
+    max_shard_bytes: int | None
+    notes: list[str] = field(default_factory=list)
+
+    def output_tensors(self) -> list[OutputTensor]:
+        return [OutputTensor(k.key, k.out_dtype, k.shape) for k in self.keys]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(k.out_nbytes for k in self.keys)
+
+    @property
+    def shard_count(self) -> int:
+        return len(split_shards(self.output_tensors(), self.max_shard_bytes))
+
+    def working_set(self, key: KeyPlan) -> int:
+        """Bytes one key needs while it is processed: raw inputs, compute copies, the result."""
+        raw = sum(info.nbytes for info in key.sources.values())
+        if key.expr is None:
+            return raw + key.out_nbytes
+        temporaries = len(key.sources) + len(ops(key.expr)) + 1
+        return raw + temporaries * key.numel * self.compute_dtype.itemsize + key.out_nbytes
+
+    def close(self) -> None:
+        for checkpoint in self.checkpoints.values():
+            checkpoint.close()
+
+
+def build_plan(
+    recipe: Recipe, output: str | os.PathLike | None = None, overwrite: bool = False
+) -> Plan:
+    """Validate `recipe` against its inputs' headers (and the output path) and plan every key."""
+    compute_dtype = dtype_from_name(recipe.compute_dtype, COMPUTE_DTYPES)
+    out_dtype = dtype_from_name(recipe.dtype, OUTPUT_DTYPES) if recipe.dtype else None
+    device = _device(recipe.device)
+    max_shard = (
+        parse_size(recipe.max_shard_size, "max_shard_size") if recipe.max_shard_size else None
+    )
+    root = compile_expression(recipe.merge, recipe.models)
+    _check_rules(recipe, root)
+    checkpoints = _open_inputs(recipe, root)
+    try:
+        keys, notes = _plan_keys(recipe, root, checkpoints, out_dtype)
+        plan = Plan(recipe, checkpoints, root, keys, compute_dtype, device, None, max_shard, notes)
+        if output is not None:
+            plan.output = _check_output(Path(output), plan, overwrite)
+        return plan
+    except BaseException:
+        for checkpoint in checkpoints.values():
+            checkpoint.close()
+        raise
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise WeightmixError(f"device '{name}' is not a device: use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WeightmixError(f"device '{name}': torch sees no CUDA GPU here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise WeightmixError(f"device '{name}' is not supported: use cpu or cuda")
+    return device
+
+
+def _check_rules(recipe: Recipe, root: Node) -> None:
+    """Every rule names a real model and parameters that some method of the merge takes."""
+    nodes = ops(root)
+    for number, rule in enumerate(recipe.rules, 1):
+        where = f"recipe rule {number} ({rule.pattern})"
+        if rule.take is not None and rule.take not in recipe.models:
+            raise WeightmixError(
+                f"{where}: takes from '{rule.take}', which is not a model of this recipe"
+                f"{closest(rule.take, recipe.models)}; models: {', '.join(recipe.models)}"
+            )
+        for name in rule.params:
+            if not any(_rule_param_applies(name, op) for op in nodes):
+                known = sorted({p for op in nodes for p in op.method.params})
+                raise WeightmixError(
+                    f"{where}: no method of this merge has a parameter '{name}'"
+                    f"{closest(name.rsplit('.', 1)[-1], known)};"
+                    f" parameters: {', '.join(known) or 'none'}"
+                )
+    used = set(leaves(root)) | {rule.take for rule in recipe.rules if rule.take}
+    unused = [name for name in recipe.models if name not in used]
+    if unused:
+        raise WeightmixError(
+            f"recipe: model '{unused[0]}' is never used by the merge or a rule: remove it or use it"
+        )
+
+
+def _rule_param_applies(name: str, op: Op) -> bool:
+    """'alpha' applies to every method with an alpha; 'node.alpha' only to the node named so."""
+    node_name, _, param = name.rpartition(".")
+    return param in op.method.params and (not node_name or node_name == op.name)
+
+
+def _open_inputs(recipe: Recipe, root: Node) -> dict[str, Checkpoint]:
+    opened: dict[str, Checkpoint] = {}
+    try:
+        for name in recipe.models:
+            try:
+                opened[name] = open_checkpoint(recipe.model_path(name))
+            except WeightmixError as error:
+                raise WeightmixError(f"model {name}: {error}") from None
+    except BaseException:
+        for checkpoint in opened.values():
+            checkpoint.close()
+        raise
+    return opened
+
+
+class _RuleMatcher:
+    def __init__(self, rules: list[Rule]):
+        self.rules = rules
+        self.patterns = [
+            re.compile(fnmatch.translate(r.keys)).match
+            if r.keys is not None
+            else re.compile(r.regex).search
+            for r in rules
+        ]
+        self.hits = Counter()
+
+    def matching(self, key: str) -> tuple[int, ...]:
+        found = tuple(i for i, match in enumerate(self.patterns) if match(key))
+        self.hits.update(found)
+        return found
+
+
+def _plan_keys(
+    recipe: Recipe, root: Node, checkpoints: dict[str, Checkpoint], out_dtype: DType | None
+) -> tuple[list[KeyPlan], list[str]]:
+    matcher = _RuleMatcher(recipe.rules)
+    all_keys = dict.fromkeys(key for ckpt in checkpoints.values() for key in ckpt.tensors)
+    variants: dict[tuple, tuple[str, Node | str | None, str]] = {}
+    planned: list[KeyPlan] = []
+    missing: list[tuple[str, list[str], list[str]]] = []
+    mismatched: list[str] = []
+    skipped: list[str] = []
+    for key in all_keys:
+        signature = matcher.matching(key)
+        if signature not in variants:
+            variants[signature] = _variant(recipe, root, signature)
+        action, target, label = variants[signature]
+        if action == "drop":
+            continue
+        reads = [target] if action == "take" else leaves(target)
+        lacking = [m for m in reads if key not in checkpoints[m]]
+        if lacking:
+            holders = [m for m in checkpoints if key in checkpoints[m]]
+            missing.append((key, holders, lacking))
+            if recipe.on_missing == "keep":
+                planned.append(
+                    _copy(key, checkpoints, holders[0], out_dtype, "missing elsewhere, kept")
+                )
+            elif recipe.on_missing == "skip":
+                skipped.append(key)
+            continue
+        sources = {m: checkpoints[m].tensors[key] for m in reads}
+        problem = _mismatch(key, sources, checkpoints)
+        if problem:
+            mismatched.append(problem)
+            continue
+        first = sources[reads[0]]
+        if action == "take":
+            planned.append(_copy(key, checkpoints, target, out_dtype, label))
+        elif not first.dtype.is_float:
+            planned.append(_copy(key, checkpoints, reads[0], None, "non-float, never averaged"))
+        elif isinstance(target, Leaf):
+            planned.append(
+                _copy(key, checkpoints, target.model, out_dtype, "the merge is one model")
+            )
+        else:
+            dtype = out_dtype or first.dtype
+            planned.append(KeyPlan(key, first.shape, dtype, sources, target, None, label))
+    if mismatched:
+        more = f" ({len(mismatched)} keys differ)" if len(mismatched) > 1 else ""
+        raise WeightmixError(f"{mismatched[0]}{more}")
+    if missing and recipe.on_missing == "error":
+        raise WeightmixError(_missing_message(missing))
+    notes = [
+        f"rule {i + 1} ({rule.pattern}) matches no key"
+        for i, rule in enumerate(recipe.rules)
+        if not matcher.hits[i]
+    ]
+    if missing:
+        verb = "copied from the model that has it" if recipe.on_missing == "keep" else "left out"
+        notes.append(
+            f"{len(missing)} keys missing from some models were {verb}: {_missing_message(missing)}"
+        )
+    if not planned:
+        raise WeightmixError(
+            "recipe: the merge writes no tensor at all (every key dropped or skipped)"
+        )
+    planned.sort(key=lambda k: (-k.out_dtype.itemsize, k.key))  # aligned like save_file's layout
+    return planned, notes
+
+
+def _variant(recipe: Recipe, root: Node, signature: tuple[int, ...]) -> tuple[str, Any, str]:
+    """For a set of matching rules: ('drop'|'take'|'merge', model or tree, group label)."""
+    action: tuple[str, Any, str] | None = None
+    param_rules = []
+    for index in signature:
+        rule = recipe.rules[index]
+        if rule.drop:
+            action = ("drop", None, f"dropped by rule {index + 1}")
+        elif rule.take is not None:
+            action = ("take", rule.take, f"taken by rule {index + 1} ({rule.pattern})")
+        else:
+            param_rules.append(index)
+    if action is not None:
+        return action
+    if not param_rules:
+        return ("merge", root, root.text())
+
+    def overrides(op: Op) -> dict[str, Any]:
+        chosen: dict[str, Any] = {}
+        for index in param_rules:
+            for name, value in recipe.rules[index].params.items():
+                if _rule_param_applies(name, op):
+                    chosen[name.rpartition(".")[2]] = value
+        return chosen
+
+    numbers = ", ".join(str(i + 1) for i in param_rules)
+    tree = with_overrides(root, overrides, f"recipe rule {numbers}")
+    return ("merge", tree, f"{root.text()} with rule {numbers}")
+
+
+def _copy(
+    key: str, checkpoints: dict[str, Checkpoint], model: str, out_dtype: DType | None, why: str
+) -> KeyPlan:
+    info = checkpoints[model].tensors[key]
+    dtype = out_dtype if out_dtype is not None and info.dtype.is_float else info.dtype
+    return KeyPlan(
+        key, info.shape, dtype, {model: info}, None, model, f"copied from {model}: {why}"
+    )
+
+
+def _mismatch(
+    key: str, sources: dict[str, TensorInfo], checkpoints: dict[str, Checkpoint]
+) -> str | None:
+    (first_model, first), *others = sources.items()
+    for model, info in others:
+        where = f"'{first_model}' ({checkpoints[first_model].path.name})"
+        there = f"'{model}' ({checkpoints[model].path.name})"
+        if info.shape != first.shape:
+            return (
+                f"key '{key}' has shape {list(first.shape)} in {where}"
+                f" but {list(info.shape)} in {there}: the models differ in architecture;"
+                " take such keys from one model with a rule (--take 'PATTERN=MODEL')"
+            )
+        if info.dtype.is_float != first.dtype.is_float:
+            return (
+                f"key '{key}' is {first.dtype.name} in {where} but {info.dtype.name} in {there}:"
+                " integer and float tensors cannot be merged; take it from one model with a rule"
+            )
+    return None
+
+
+def _missing_message(missing: list[tuple[str, list[str], list[str]]]) -> str:
+    shown = "; ".join(
+        f"'{key}' is in {', '.join(holders) or 'no model'} but not in {', '.join(lacking)}"
+        for key, holders, lacking in missing[:SHOWN]
+    )
+    more = f" ({len(missing)} keys in all)" if len(missing) > SHOWN else ""
+    return (
+        f"keys differ between models: {shown}{more}. Pass --on-missing keep to copy such keys"
+        " from the model that has them, or --on-missing skip to leave them out"
+    )
+
+
+def _check_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
+    if not dest.name.endswith(".safetensors"):
+        raise WeightmixError(f"output {dest}: name it *.safetensors (the only format written)")
+    if dest.is_dir():
+        raise WeightmixError(f"output {dest}: is a folder; give a file path ending in .safetensors")
+    folder = dest.parent if str(dest.parent) else Path(".")
+    if not folder.is_dir():
+        raise WeightmixError(f"output {dest}: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise WeightmixError(
+            f"output {dest}: folder {folder} is not writable; choose another folder"
+        )
+    shards, index = output_paths(dest, plan.shard_count)
+    targets = [*shards, *([index] if index else [])]
+    inputs = {
+        os.path.realpath(path): name
+        for name, ckpt in plan.checkpoints.items()
+        for path in [ckpt.path, *ckpt.files]
+    }
+    for target in targets:
+        owner = inputs.get(os.path.realpath(target))
+        if owner is not None:
+            raise WeightmixError(
+                f"output {target} is an input (model '{owner}'): inputs are never overwritten;"
+                " choose another output path"
+            )
+    existing = [t for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise WeightmixError(f"output {existing[0]} exists: pass --overwrite to replace it")
+    free = shutil.disk_usage(folder).free
+    if plan.output_bytes > free:
+        raise WeightmixError(
+            f"output {dest}: needs {format_size(plan.output_bytes)} but {folder} has"
+            f" {format_size(free)} free"
+        )
+    return dest

@@ -1,0 +1,71 @@
+"""What the output records about how it was made: the recipe, the version, and each input's
+name, size and a content fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from weightmix import __version__
+from weightmix.io import Checkpoint
+from weightmix.plan import Plan
+
+SAMPLES = 16
+SAMPLE_BYTES = 64 * 1024
+FINGERPRINTS = {
+    "sampled": (
+        f"sha256 over each file's 8-byte length and JSON header, then {SAMPLES} blocks of"
+        f" {SAMPLE_BYTES // 1024} KiB at evenly spaced offsets of its data section (all of it"
+        f" when smaller than {SAMPLES * SAMPLE_BYTES // 1024} KiB); files in index order"
+    ),
+    "full": "sha256 over every byte of each file, files in index order",
+}
+KEY_RECIPE = "weightmix.recipe"
+KEY_VERSION = "weightmix.version"
+KEY_INPUTS = "weightmix.inputs"
+KEY_FINGERPRINT = "weightmix.fingerprint"
+
+
+def fingerprint(checkpoint: Checkpoint, how: str = "sampled") -> str:
+    """A content fingerprint of a checkpoint's files (see FINGERPRINTS for the bytes covered)."""
+    digest = hashlib.sha256()
+    for header, raw in checkpoint.headers:
+        with open(header.path, "rb") as handle:
+            if how == "full":
+                while block := handle.read(16 * 2**20):
+                    digest.update(block)
+                continue
+            digest.update(raw)
+            data_size = header.file_size - header.data_start
+            if data_size <= SAMPLES * SAMPLE_BYTES:
+                offsets = [header.data_start]
+                length = data_size
+            else:
+                step = (data_size - SAMPLE_BYTES) // (SAMPLES - 1)
+                offsets = [header.data_start + i * step for i in range(SAMPLES)]
+                length = SAMPLE_BYTES
+            for offset in offsets:
+                digest.update(os.pread(handle.fileno(), length, offset))
+    return digest.hexdigest()
+
+
+def build_metadata(plan: Plan, how: str = "sampled") -> dict[str, str]:
+    """The output's __metadata__: recipe as YAML, weightmix version, inputs with fingerprints."""
+    inputs = [
+        {
+            "name": name,
+            "files": [Path(f).name for f in ckpt.files],
+            "size": ckpt.size,
+            "fingerprint": fingerprint(ckpt, how),
+        }
+        for name, ckpt in plan.checkpoints.items()
+    ]
+    return {
+        "format": "pt",
+        KEY_VERSION: __version__,
+        KEY_RECIPE: plan.recipe.to_yaml(),
+        KEY_INPUTS: json.dumps(inputs),
+        KEY_FINGERPRINT: FINGERPRINTS[how],
+    }

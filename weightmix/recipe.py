@@ -1,0 +1,188 @@
+"""One recipe schema for YAML files, CLI flags and the Python API.
+
+A recipe names its input models, a merge expression (methods nest), per-key rules, and the
+output/compute settings. Everything a merge needs to be reproduced is in it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    model_validator,
+)
+
+from weightmix.errors import WeightmixError, closest
+
+MODEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+OnMissing = Literal["error", "keep", "skip"]
+
+
+def _reject_unknown(data: Any, fields: set[str], where: str) -> None:
+    if isinstance(data, dict):
+        for key in data:
+            if key not in fields:
+                raise ValueError(
+                    f"unknown {where} field '{key}'{closest(str(key), fields)};"
+                    f" known: {', '.join(sorted(fields))}"
+                )
+
+
+def _expression_kind(value: Any) -> str:
+    return "model" if isinstance(value, str) else "node"
+
+
+# A model name, or a nested node; the discriminator keeps error messages to the branch meant.
+Expression = Annotated[
+    Union[Annotated["MergeNode", Tag("node")], Annotated[str, Tag("model")]],  # noqa: UP007
+    Discriminator(_expression_kind),
+]
+
+
+class MergeNode(BaseModel):
+    """`method` applied to `inputs` (model names or nested nodes); other fields are parameters."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: str
+    inputs: list[Expression]
+    name: str | None = None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Rule(BaseModel):
+    """Per-key override: keys matching `keys` (glob) or `regex` take a tensor from one model,
+    are dropped, or get other parameters. Precedence: see README (later rules win)."""
+
+    keys: str | None = None
+    regex: str | None = None
+    take: str | None = None
+    drop: bool = False
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        _reject_unknown(data, set(cls.model_fields), "rule")
+        return data
+
+    @model_validator(mode="after")
+    def _one_pattern_one_action(self) -> Rule:
+        if (self.keys is None) == (self.regex is None):
+            raise ValueError("a rule needs exactly one of 'keys' (a glob) or 'regex'")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as error:
+                raise ValueError(f"regex {self.regex!r} is invalid: {error}") from None
+        actions = (self.take is not None) + self.drop + bool(self.params)
+        if actions != 1:
+            raise ValueError("a rule needs exactly one of 'take', 'drop: true' or 'params'")
+        return self
+
+    @property
+    def pattern(self) -> str:
+        return self.keys if self.keys is not None else f"regex {self.regex}"
+
+
+class Recipe(BaseModel):
+    """A whole merge, as written in a YAML file, built from CLI flags, or made in Python."""
+
+    models: dict[str, str]
+    merge: Expression
+    rules: list[Rule] = Field(default_factory=list)
+    dtype: str | None = None  # output dtype of float tensors; None: each key as its first input
+    compute_dtype: str = "fp32"
+    device: str = "cpu"
+    seed: int = 0
+    on_missing: OnMissing = "error"
+    max_shard_size: str | None = None
+    _base_dir: Path = PrivateAttr(default=Path("."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        _reject_unknown(data, set(cls.model_fields), "recipe")
+        return data
+
+    @model_validator(mode="after")
+    def _model_names(self) -> Recipe:
+        if not self.models:
+            raise ValueError("models: name at least one input model")
+        for name in self.models:
+            if not MODEL_NAME.match(name):
+                raise ValueError(
+                    f"model name '{name}' must be a plain identifier (letters, digits, _)"
+                )
+        return self
+
+    def model_path(self, name: str) -> Path:
+        """The path of model `name`, relative paths taken from the recipe file's folder."""
+        path = Path(self.models[name]).expanduser()
+        return path if path.is_absolute() else self._base_dir / path
+
+    def with_base_dir(self, folder: Path) -> Recipe:
+        self._base_dir = folder
+        return self
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude_none=True)
+        data["rules"] = [rule.model_dump(mode="json", exclude_defaults=True) for rule in self.rules]
+        if not data["rules"]:
+            del data["rules"]
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def parse_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe given as a dict (e.g. parsed YAML) into a Recipe, or raise one line."""
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as error:
+        raise WeightmixError(f"{source}: {_first_problem(error)}") from None
+    return recipe.with_base_dir(base_dir or Path("."))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe YAML file; model paths in it are relative to the file's folder."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise WeightmixError(f"{path}: cannot read recipe: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise WeightmixError(f"{path}: not valid YAML{where}: fix the recipe's syntax") from None
+    if not isinstance(data, dict):
+        raise WeightmixError(f"{path}: a recipe is a YAML mapping with 'models' and 'merge'")
+    return parse_recipe(data, str(path), path.parent)
+
+
+def _first_problem(error: ValidationError) -> str:
+    problems = error.errors()
+    first = problems[0]
+    location = ".".join(str(part) for part in first["loc"] if part not in ("node", "model"))
+    message = str(first["msg"]).removeprefix("Value error, ")
+    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    return f"{location + ': ' if location else ''}{message}{more}"
+
+
+def node(method: str, *inputs: Expression, name: str | None = None, **params: Any) -> MergeNode:
+    """Build a merge expression in Python: node('weighted_sum', 'a', 'b', alpha=0.3)."""
+    return MergeNode(method=method, inputs=list(inputs), name=name, **params)
+
+
+MergeNode.model_rebuild()

@@ -1,0 +1,93 @@
+"""Human-readable descriptions of a plan (for --dry-run) and of a checkpoint (for inspect)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from weightmix.engine import DEFAULT_BUDGET, estimate_peak
+from weightmix.io import Checkpoint
+from weightmix.plan import Plan
+from weightmix.provenance import KEY_INPUTS, KEY_RECIPE
+from weightmix.units import format_size
+
+
+def describe_plan(plan: Plan, budget: int = DEFAULT_BUDGET) -> str:
+    """What a merge will do: keys per action, inputs read, output size, peak memory."""
+    lines = []
+    target = str(plan.output) if plan.output else "(no output path given)"
+    dtypes = Counter(k.out_dtype.short for k in plan.keys)
+    dtype_text = ", ".join(f"{n} {d}" for d, n in dtypes.most_common())
+    lines.append(f"plan: {len(plan.keys)} tensors -> {target}")
+    shards = plan.shard_count
+    shard_text = f" in {shards} shards" if shards > 1 else ""
+    lines.append(f"  output: {format_size(plan.output_bytes)}{shard_text} ({dtype_text})")
+    lines.append(f"  compute: {plan.compute_dtype.short} on {plan.device}")
+    groups: dict[str, list] = {}
+    for key in plan.keys:
+        groups.setdefault(key.group, []).append(key)
+    lines.append("  keys:")
+    for group, keys in sorted(groups.items(), key=lambda item: -len(item[1])):
+        reads = ", ".join(sorted({m for k in keys for m in k.sources}))
+        lines.append(f"    {len(keys):6d}  {group}  (reads {reads})")
+    lines.append("  inputs:")
+    for name, ckpt in plan.checkpoints.items():
+        lines.append(
+            f"    {name} = {ckpt.path} ({format_size(ckpt.size)}, {len(ckpt.tensors)} tensors)"
+        )
+    peak = estimate_peak(plan, budget)
+    largest = max(plan.keys, key=plan.working_set)
+    lines.append(
+        f"  estimated peak memory: {format_size(peak)} beyond Python and torch"
+        f" (largest key {largest.key}: {format_size(plan.working_set(largest))})"
+    )
+    lines.extend(f"  note: {note}" for note in plan.notes)
+    return "\n".join(lines)
+
+
+def describe_checkpoint(checkpoint: Checkpoint, list_keys: bool = False) -> str:
+    """Key count, dtypes, size, metadata, and the weightmix recipe when there is one."""
+    tensors = checkpoint.tensors.values()
+    dtypes = Counter(t.dtype.short for t in tensors)
+    data = sum(t.nbytes for t in tensors)
+    lines = [
+        f"{checkpoint.path}",
+        f"  files: {len(checkpoint.files)}  size: {format_size(checkpoint.size)}"
+        f"  tensors: {len(checkpoint.tensors)} ({format_size(data)} of tensor data)",
+        "  dtypes: " + ", ".join(f"{d} {n}" for d, n in dtypes.most_common()),
+    ]
+    metadata = checkpoint.metadata
+    others = {k: v for k, v in metadata.items() if k not in (KEY_RECIPE, KEY_INPUTS)}
+    if others:
+        lines.append("  metadata:")
+        lines.extend(f"    {k}: {_short(v)}" for k, v in sorted(others.items()))
+    if KEY_INPUTS in metadata:
+        lines.append("  merged from (weightmix):")
+        lines.extend(f"    {line}" for line in _inputs_lines(metadata[KEY_INPUTS]))
+    if KEY_RECIPE in metadata:
+        lines.append("  recipe (weightmix):")
+        lines.extend("    " + line for line in metadata[KEY_RECIPE].rstrip().splitlines())
+    if list_keys:
+        lines.append("  keys:")
+        lines.extend(
+            f"    {t.key}  {t.dtype.short}  {list(t.shape)}"
+            for t in sorted(tensors, key=lambda t: t.key)
+        )
+    return "\n".join(lines)
+
+
+def _inputs_lines(text: str) -> list[str]:
+    try:
+        inputs = json.loads(text)
+        return [
+            f"{i['name']}: {', '.join(i['files'])} ({format_size(i['size'])},"
+            f" fingerprint {i['fingerprint'][:16]}...)"
+            for i in inputs
+        ]
+    except (ValueError, KeyError, TypeError):
+        return [_short(text)]
+
+
+def _short(value: str, limit: int = 200) -> str:
+    value = value.replace("\n", " ")
+    return value if len(value) <= limit else value[:limit] + f"... ({len(value)} chars)"
