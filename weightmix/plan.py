@@ -7,6 +7,7 @@ import fnmatch
 import os
 import re
 import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -342,10 +343,14 @@ def _check_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
     folder = dest.parent if str(dest.parent) else Path(".")
     if not folder.is_dir():
         raise WeightmixError(f"output {dest}: folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK | os.X_OK):
+    try:  # a real probe: permissions, read-only mounts and pseudo file systems all show here
+        with tempfile.TemporaryFile(dir=folder, prefix=".weightmix-probe-"):
+            pass
+    except OSError as error:
         raise WeightmixError(
-            f"output {dest}: folder {folder} is not writable; choose another folder"
-        )
+            f"output {dest}: folder {folder} is not writable ({error.strerror});"
+            " choose another folder"
+        ) from None
     shards, index = output_paths(dest, plan.shard_count)
     targets = [*shards, *([index] if index else [])]
     inputs = {

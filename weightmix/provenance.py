@@ -43,8 +43,8 @@ def fingerprint(checkpoint: Checkpoint, how: str = "sampled") -> str:
                 offsets = [header.data_start]
                 length = data_size
             else:
-                step = (data_size - SAMPLE_BYTES) // (SAMPLES - 1)
-                offsets = [header.data_start + i * step for i in range(SAMPLES)]
+                span = data_size - SAMPLE_BYTES  # first block at the start, last at the end
+                offsets = [header.data_start + i * span // (SAMPLES - 1) for i in range(SAMPLES)]
                 length = SAMPLE_BYTES
             for offset in offsets:
                 digest.update(os.pread(handle.fileno(), length, offset))
