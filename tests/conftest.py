@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import random_state, save
+
 from weightmix.cli import main
 
 

@@ -9,9 +9,9 @@ from collections import Counter
 import pytest
 import torch
 import yaml
+from helpers import POSITION_IDS, digest, folder_listing, load, random_state, save
 
 import weightmix
-from helpers import POSITION_IDS, digest, folder_listing, load, random_state, save
 from weightmix import engine
 from weightmix.io import open_checkpoint
 from weightmix.io.reader import Checkpoint

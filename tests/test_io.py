@@ -7,9 +7,9 @@ import struct
 
 import pytest
 import torch
+from helpers import load, random_state, save
 from safetensors import safe_open
 
-from helpers import load, random_state, save
 from weightmix.errors import WeightmixError
 from weightmix.io import OutputTensor, dtype_from_name, open_checkpoint, open_output
 from weightmix.io.dtypes import SAFETENSORS_DTYPES

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import POSITION_IDS, load, random_state, save
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import weightmix
-from helpers import POSITION_IDS, load, random_state, save
 from weightmix.methods import METHODS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

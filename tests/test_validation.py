@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import folder_listing, random_state, save
+
 from weightmix.io.reader import Checkpoint
 
 
