@@ -33,27 +33,27 @@ def test_failure_mid_merge_leaves_nothing_at_destination(tmp_path, models, monke
     before = folder_listing(tmp_path)
     calls = Counter()
     if where == "compute":
-        original = engine.compute_key
+        original = engine.run_task
 
-        def failing(plan, key):
+        def failing(plan, writer, task, buffers):
             calls["n"] += 1
             if calls["n"] == 10:
                 raise RuntimeError("injected compute failure")
-            return original(plan, key)
+            return original(plan, writer, task, buffers)
 
-        monkeypatch.setattr(engine, "compute_key", failing)
+        monkeypatch.setattr(engine, "run_task", failing)
         error = RuntimeError
     else:
-        original = _TempFile.write
+        original = _TempFile.write_at
         error = OSError if where == "write" else KeyboardInterrupt
 
-        def failing(self, data):
+        def failing(self, data, offset):
             calls["n"] += 1
             if calls["n"] == 10:
                 raise error("injected") if error is OSError else KeyboardInterrupt
-            return original(self, data)
+            return original(self, data, offset)
 
-        monkeypatch.setattr(_TempFile, "write", failing)
+        monkeypatch.setattr(_TempFile, "write_at", failing)
     with pytest.raises((error, weightmix.WeightmixError)):
         weightmix.merge(two_model_recipe(models), out)
     assert calls["n"] >= 10
@@ -61,16 +61,16 @@ def test_failure_mid_merge_leaves_nothing_at_destination(tmp_path, models, monke
 
 
 def test_interrupt_through_cli_exits_130_and_writes_nothing(run, tmp_path, models, monkeypatch):
-    original = _TempFile.write
+    original = _TempFile.write_at
     calls = Counter()
 
-    def interrupted(self, data):
+    def interrupted(self, data, offset):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return original(self, data)
+        return original(self, data, offset)
 
-    monkeypatch.setattr(_TempFile, "write", interrupted)
+    monkeypatch.setattr(_TempFile, "write_at", interrupted)
     before = folder_listing(tmp_path)
     result = run("merge", models["A"], models["B"], "-o", tmp_path / "out.safetensors")
     assert result.code == 130 and "nothing was written" in result.err
@@ -167,7 +167,8 @@ def test_fingerprint_changes_with_content_and_full_mode_covers_every_byte(tmp_pa
 
 
 def test_dry_run_reads_only_headers(run, tmp_path, models, monkeypatch):
-    monkeypatch.setattr(Checkpoint, "read", lambda *a, **k: pytest.fail("tensor read"))
+    for name in ("read", "read_range", "prefetch"):
+        monkeypatch.setattr(Checkpoint, name, lambda *a, **k: pytest.fail("tensor read"))
     out = tmp_path / "out.safetensors"
     result = run(
         "merge", models["A"], models["B"], "--take", "cond_stage_model.*=B", "-o", out, "--dry-run"
@@ -184,14 +185,14 @@ def test_dry_run_reads_only_headers(run, tmp_path, models, monkeypatch):
 
 
 def test_only_needed_tensors_are_read(tmp_path, models, monkeypatch):
-    reads = Counter()
-    original = Checkpoint.read
+    read_bytes = Counter()
+    original = Checkpoint.read_range
 
-    def counting(self, info, device="cpu"):
-        reads[(self.path.stem, info.key)] += 1
-        return original(self, info, device)
+    def counting(self, info, start, out):
+        read_bytes[(self.path.stem, info.key)] += memoryview(out).nbytes
+        return original(self, info, start, out)
 
-    monkeypatch.setattr(Checkpoint, "read", counting)
+    monkeypatch.setattr(Checkpoint, "read_range", counting)
     recipe = two_model_recipe(models)
     recipe["rules"] = [
         {"keys": "cond_stage_model.*", "take": "B"},
@@ -199,13 +200,15 @@ def test_only_needed_tensors_are_read(tmp_path, models, monkeypatch):
     ]
     weightmix.merge(recipe, tmp_path / "out.safetensors")
     keys = load(models["A"])
-    for key in keys:
+    for key, tensor in keys.items():
+        size = tensor.numel() * tensor.element_size()
         if "input_blocks" in key:
-            assert reads[("A", key)] == reads[("B", key)] == 0
+            expected = (0, 0)
         elif key.startswith("cond_stage_model."):
-            assert (reads[("A", key)], reads[("B", key)]) == (0, 1)
+            expected = (0, size)
         else:
-            assert (reads[("A", key)], reads[("B", key)]) == (1, 1)
+            expected = (size, size)
+        assert (read_bytes[("A", key)], read_bytes[("B", key)]) == expected, key
     merged = load(tmp_path / "out.safetensors")
     assert not any("input_blocks" in k for k in merged)
     assert merged[POSITION_IDS].equal(keys[POSITION_IDS] + 1)  # B's ids: seed 2 vs seed 1

@@ -64,8 +64,12 @@ def test_writer_handles_scalars_and_empty_tensors(tmp_path):
 def test_writer_refuses_tensors_out_of_layout(tmp_path):
     f32 = dtype_from_name("fp32")
     out = open_output(tmp_path / "x.safetensors", [OutputTensor("a", f32, (2,))], {})
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="not in the output layout"):
         out.write("b", torch.zeros(2))
+    with pytest.raises(RuntimeError, match="expected a"):
+        out.write("a", torch.zeros(2, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="0 of 8 bytes"):
+        out.commit()
     out.abort()
     assert list(tmp_path.iterdir()) == []
 

@@ -18,10 +18,11 @@ from weightmix.io.reader import Checkpoint
 def no_tensor_reads(monkeypatch):
     """Validation works from headers alone: any tensor read during these tests fails them."""
 
-    def refuse(self, info, device="cpu"):
+    def refuse(self, info, *args, **kwargs):
         raise AssertionError(f"tensor data read during validation: {info.key}")
 
-    monkeypatch.setattr(Checkpoint, "read", refuse)
+    for name in ("read", "read_range", "prefetch"):
+        monkeypatch.setattr(Checkpoint, name, refuse)
 
 
 def expect_error(result, *fragments: str) -> str:

@@ -1,9 +1,16 @@
-"""Run a plan as a stream: workers read and compute keys ahead, the caller's thread writes
-them behind, in order. Memory stays bounded by the in-flight budget, not the model size."""
+"""Run a plan as a stream.
+
+The output's layout is fixed by the plan, so every tensor has its place in the output file
+before anything is computed. Worker threads take tasks (a key, or a range of a big key) in
+plan order: read the inputs' bytes into small reused buffers, compute, and write the result
+into its place. Elementwise merges run in chunks that stay in the CPU cache; nothing grows
+with model size. Methods that need a whole tensor get it, within an in-flight memory budget.
+"""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -14,12 +21,15 @@ from pathlib import Path
 
 import torch
 
-from weightmix.expression import evaluate
+from weightmix.expression import evaluate, is_elementwise
 from weightmix.io import open_output
+from weightmix.io.writer import SafetensorsOutput, tensor_bytes
 from weightmix.plan import KeyPlan, Plan
 from weightmix.progress import Progress
 
-DEFAULT_BUDGET = 512 * 2**20  # bytes of work in flight (read ahead + not yet written)
+DEFAULT_BUDGET = 512 * 2**20  # bytes of whole-tensor work in flight
+CHUNK_ELEMENTS = 1 << 18  # elements per compute step: a few MB, stays in cache
+TASK_ELEMENTS = 1 << 24  # elements per task: big tensors are shared out between workers
 
 
 @dataclass(frozen=True)
@@ -30,16 +40,49 @@ class RunStats:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Task:
+    """Elements [start, stop) of one key; whole keys for methods that need them."""
+
+    key: KeyPlan
+    start: int
+    stop: int
+    chunked: bool
+
+
 def default_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def estimate_peak(plan: Plan, budget: int = DEFAULT_BUDGET) -> int:
-    """Bytes the engine holds at most beyond the interpreter: the in-flight budget, or the
-    largest single key when that is bigger (a key is always admitted alone)."""
-    largest = max(plan.working_set(key) for key in plan.keys)
-    total = sum(plan.working_set(key) for key in plan.keys)
-    return min(total, max(budget, largest) + largest)
+def chunked(plan: Plan, key: KeyPlan) -> bool:
+    """Copies always stream in chunks; merges do on the CPU when every method is elementwise."""
+    return key.expr is None or (plan.device.type == "cpu" and is_elementwise(key.expr))
+
+
+def tasks(plan: Plan) -> Iterator[Task]:
+    for key in plan.keys:
+        if not chunked(plan, key):
+            yield Task(key, 0, key.numel, False)
+            continue
+        for start in range(0, max(key.numel, 1), TASK_ELEMENTS):
+            yield Task(key, start, min(start + TASK_ELEMENTS, key.numel), True)
+
+
+def task_cost(plan: Plan, task: Task) -> int:
+    """Memory a task holds while in flight: chunked tasks reuse their worker's buffers."""
+    return 0 if task.chunked else plan.working_set(task.key)
+
+
+def estimate_peak(plan: Plan, budget: int = DEFAULT_BUDGET, threads: int | None = None) -> int:
+    """Bytes the engine holds at most beyond the interpreter: per-worker chunk buffers, plus
+    whole-tensor work up to the budget (a key bigger than the budget is admitted alone)."""
+    workers = threads or default_threads()
+    widest = max(len(k.sources) for k in plan.keys)
+    buffers = workers * CHUNK_ELEMENTS * 8 * (2 * widest + 2)
+    whole = [plan.working_set(k) for k in plan.keys if not chunked(plan, k)]
+    if not whole:
+        return buffers
+    return buffers + min(sum(whole), max(budget, max(whole)) + max(whole))
 
 
 def run(
@@ -62,9 +105,9 @@ def run(
     try:
         progress.start(len(plan.keys), plan.output_bytes)
         with _torch_threads(1):
-            for key, tensor in _results(plan, workers, budget):
-                writer.write(key.key, tensor)
-                progress.advance(key.out_nbytes)
+            for task in _run_tasks(plan, writer, workers, budget):
+                progress.advance((task.stop - task.start) * task.key.out_dtype.itemsize,
+                                 tensor_done=task.stop >= task.key.numel)  # fmt: skip
         files = writer.commit()
     except BaseException:
         writer.abort()
@@ -74,33 +117,95 @@ def run(
     return RunStats(files, len(plan.keys), plan.output_bytes, time.monotonic() - began)
 
 
-def _results(plan: Plan, workers: int, budget: int) -> Iterator[tuple[KeyPlan, torch.Tensor]]:
-    """Yield (key, output tensor) in plan order while workers compute the keys ahead."""
+def _run_tasks(plan: Plan, writer: SafetensorsOutput, workers: int, budget: int) -> Iterator[Task]:
+    """Run tasks on a pool, at most `budget` bytes of whole-tensor work in flight; yield each
+    task as it completes, in plan order (so errors surface in order too)."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="weightmix")
-    queue: deque[tuple[KeyPlan, int, Future[torch.Tensor]]] = deque()
+    buffers = _Buffers()
+    queue: deque[tuple[Task, int, Future[None]]] = deque()
     in_flight = 0
-    upcoming = iter(plan.keys)
-    next_key = next(upcoming, None)
+    upcoming = tasks(plan)
+    following = next(upcoming, None)
     try:
-        while next_key is not None or queue:
-            while next_key is not None and len(queue) < 4 * workers:
-                cost = plan.working_set(next_key)
+        while following is not None or queue:
+            while following is not None and len(queue) < 4 * workers:
+                cost = task_cost(plan, following)
                 if queue and in_flight + cost > budget:
                     break
-                queue.append((next_key, cost, pool.submit(compute_key, plan, next_key)))
+                _prefetch(plan, following)
+                queue.append(
+                    (following, cost, pool.submit(run_task, plan, writer, following, buffers))
+                )
                 in_flight += cost
-                next_key = next(upcoming, None)
-            key, cost, future = queue.popleft()
-            yield key, future.result()
+                following = next(upcoming, None)
+            task, cost, future = queue.popleft()
+            future.result()
             in_flight -= cost
+            yield task
     finally:
         for _, _, future in queue:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _prefetch(plan: Plan, task: Task) -> None:
+    for model, info in task.key.sources.items():
+        size = info.dtype.itemsize
+        plan.checkpoints[model].prefetch(info, task.start * size, (task.stop - task.start) * size)
+
+
+class _Buffers(threading.local):
+    """Per-thread byte buffers reused for every chunk: no allocation, no page faults."""
+
+    def __init__(self) -> None:
+        self.store: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        nbytes = numel * dtype.itemsize
+        buffer = self.store.get(name)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = self.store[name] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buffer[:nbytes].view(dtype)
+
+
+def run_task(plan: Plan, writer: SafetensorsOutput, task: Task, buffers: _Buffers) -> None:
+    """Compute one task and write its result into the output."""
+    key = task.key
+    if not task.chunked:
+        writer.write(key.key, compute_key(plan, key))
+        return
+    out_size = key.out_dtype.itemsize
+    for start in range(task.start, task.stop, CHUNK_ELEMENTS):
+        count = min(CHUNK_ELEMENTS, task.stop - start)
+        raw = {}
+        for number, (model, info) in enumerate(key.sources.items()):
+            buffer = buffers.get(f"raw{number}", info.dtype.torch, count)
+            plan.checkpoints[model].read_range(
+                info, start * info.dtype.itemsize, tensor_bytes(buffer)
+            )
+            raw[model] = buffer
+        if key.expr is None:
+            result = raw[key.copy_from]
+        else:
+            inputs = {
+                model: tensor if tensor.dtype == plan.compute_dtype.torch
+                else buffers.get(f"in{number}", plan.compute_dtype.torch, count).copy_(tensor)
+                for number, (model, tensor) in enumerate(raw.items())
+            }  # fmt: skip
+            result = evaluate(key.expr, inputs)
+            if result.numel() != count:
+                raise RuntimeError(
+                    f"{key.key}: merge produced {result.numel()} of {count} elements"
+                )
+            # an input returned unchanged keeps its exact bytes
+            result = next((raw[m] for m, t in inputs.items() if result is t), result)
+        if result.dtype != key.out_dtype.torch:
+            result = buffers.get("out", key.out_dtype.torch, count).copy_(result)
+        writer.write_range(key.key, start * out_size, tensor_bytes(result))
+
+
 def compute_key(plan: Plan, key: KeyPlan) -> torch.Tensor:
-    """Read a key's inputs and compute its output tensor (on the CPU, in the output dtype)."""
+    """A whole key's output tensor (for methods that need whole tensors, or on a GPU)."""
     out_dtype = key.out_dtype.torch
     raw = {m: plan.checkpoints[m].read(info) for m, info in key.sources.items()}
     if key.expr is None:
@@ -118,7 +223,7 @@ def compute_key(plan: Plan, key: KeyPlan) -> torch.Tensor:
 
 @contextmanager
 def _torch_threads(count: int) -> Iterator[None]:
-    """Workers run one key each; torch's own intra-op threads would only oversubscribe."""
+    """Workers run one task each; torch's own intra-op threads would only oversubscribe."""
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:

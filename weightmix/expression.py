@@ -140,6 +140,11 @@ def with_overrides(node: Node, overrides: Callable[[Op], dict[str, Any]], where:
     return Op(node.method, inputs, given, params, node.label, node.name)
 
 
+def is_elementwise(node: Node) -> bool:
+    """True when every method in the tree is elementwise, so the tree may run in chunks."""
+    return all(op.method.elementwise for op in ops(node))
+
+
 def evaluate(node: Node, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """Compute the tree for one key from the models' tensors (already in compute dtype)."""
     if isinstance(node, Leaf):

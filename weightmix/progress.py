@@ -17,7 +17,7 @@ class Progress:
     def start(self, tensors: int, nbytes: int) -> None:
         pass
 
-    def advance(self, nbytes: int) -> None:
+    def advance(self, nbytes: int, tensor_done: bool = True) -> None:
         pass
 
     def close(self) -> None:
@@ -32,8 +32,8 @@ class BarProgress(Progress):
             dynamic_ncols=True, leave=True,
         )  # fmt: skip
 
-    def advance(self, nbytes: int) -> None:
-        self.done += 1
+    def advance(self, nbytes: int, tensor_done: bool = True) -> None:
+        self.done += tensor_done
         self.bar.set_postfix_str(f"{self.done}/{self.tensors} tensors", refresh=False)
         self.bar.update(nbytes)
 
@@ -52,8 +52,8 @@ class LineProgress(Progress):
         self.done = self.written = 0
         self.began = self.last = time.monotonic()
 
-    def advance(self, nbytes: int) -> None:
-        self.done += 1
+    def advance(self, nbytes: int, tensor_done: bool = True) -> None:
+        self.done += tensor_done
         self.written += nbytes
         now = time.monotonic()
         if now - self.last >= self.every or self.done == self.tensors:

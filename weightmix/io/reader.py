@@ -69,6 +69,16 @@ class Checkpoint:
         tensor = buffer.view(info.dtype.torch).reshape(info.shape)
         return tensor if str(device) == "cpu" else tensor.to(device)
 
+    def read_range(self, info: TensorInfo, start: int, out) -> None:
+        """Fill the buffer `out` with the tensor's bytes from byte `start` on."""
+        _read_exact(self._fd(info.file), out, info.offset + start, info.file)
+
+    def prefetch(self, info: TensorInfo, start: int = 0, length: int | None = None) -> None:
+        """Ask the kernel to start reading a byte range of the tensor ahead of its use."""
+        if hasattr(os, "posix_fadvise"):
+            span = info.nbytes - start if length is None else length
+            os.posix_fadvise(self._fd(info.file), info.offset + start, span, os.POSIX_FADV_WILLNEED)
+
     def _fd(self, file: Path) -> int:
         with self._lock:
             fd = self._fds.get(file)

@@ -1,4 +1,5 @@
-"""Write safetensors as a stream: header from the plan first, then tensors one at a time.
+"""Write safetensors as a stream: the header is computed from the plan, then tensors are
+written into their places as they are ready, so the output never has to fit in memory.
 
 Everything goes to hidden temporary files beside the destination; only a complete, flushed
 output is renamed into place, so an error or Ctrl-C leaves nothing at the destination.
@@ -10,6 +11,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,11 +88,12 @@ class _TempFile:
         self.fd: int | None = fd
         self.temp = Path(name)
 
-    def write(self, data) -> None:
+    def write_at(self, data, offset: int) -> None:
         memory = memoryview(data).cast("B")
         while memory:
-            written = os.write(self.fd, memory)
+            written = os.pwrite(self.fd, memory, offset)
             memory = memory[written:]
+            offset += written
 
     def close(self, fsync: bool) -> None:
         if self.fd is not None:
@@ -104,8 +107,16 @@ class _TempFile:
         self.temp.unlink(missing_ok=True)
 
 
+def tensor_bytes(tensor: torch.Tensor):
+    """A CPU tensor's bytes as a buffer (no copy when it is already contiguous on the CPU)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy()
+
+
 class SafetensorsOutput:
-    """Streams tensors, in the order given at creation, into one file or a sharded set."""
+    """A single file or sharded set whose layout is fixed up front: every file gets its header
+    and final size at once, and tensors (or byte ranges of them) may then be written in any
+    order, from several threads. Only commit() moves the files into place."""
 
     def __init__(
         self,
@@ -120,48 +131,67 @@ class SafetensorsOutput:
         self.metadata = metadata
         self.shards = split_shards(tensors, max_shard_bytes)
         self.paths, self.index_path = output_paths(dest, len(self.shards))
-        self._order = [(s, t) for s, shard in enumerate(self.shards) for t in shard]
-        self._next = 0
         self._files: list[_TempFile] = []
-        self._open_shard(0)
+        self._where: dict[str, tuple[_TempFile, int, OutputTensor]] = {}
+        self._written: dict[str, int] = {}
+        self._lock = threading.Lock()
+        try:
+            for number, shard in enumerate(self.shards):
+                file = _TempFile(self.paths[number])
+                self._files.append(file)
+                header = header_bytes(shard, metadata)
+                file.write_at(header, 0)
+                offset = len(header)
+                for tensor in shard:
+                    self._where[tensor.key] = (file, offset, tensor)
+                    offset += tensor.nbytes
+                os.ftruncate(file.fd, offset)
+        except BaseException:
+            self.abort()
+            raise
 
-    def _open_shard(self, number: int) -> None:
-        file = _TempFile(self.paths[number])
-        self._files.append(file)
-        file.write(header_bytes(self.shards[number], self.metadata))
+    def write_range(self, key: str, start: int, data) -> None:
+        """Write `data` (a buffer) at byte `start` of tensor `key`."""
+        file, offset, tensor = self._place(key)
+        length = memoryview(data).nbytes
+        if start < 0 or start + length > tensor.nbytes:
+            raise RuntimeError(f"{key}: write of {length} bytes at {start} exceeds {tensor.nbytes}")
+        file.write_at(data, offset + start)
+        with self._lock:
+            self._written[key] = self._written.get(key, 0) + length
+
+    def _place(self, key: str) -> tuple[_TempFile, int, OutputTensor]:
+        place = self._where.get(key)
+        if place is None:
+            raise RuntimeError(f"{key} is not in the output layout")
+        return place
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor: the one the layout expects, with its dtype and shape."""
-        shard, expected = self._order[self._next]
-        if (
-            key != expected.key
-            or tensor.dtype != expected.dtype.torch
-            or (tuple(tensor.shape) != expected.shape)
-        ):
+        """Write a whole tensor, which must have the dtype and shape of the layout."""
+        expected = self._place(key)[2]
+        if tensor.dtype != expected.dtype.torch or tuple(tensor.shape) != expected.shape:
             raise RuntimeError(
-                f"writer expected {expected.key} {expected.dtype} {list(expected.shape)},"
-                f" got {key} {tensor.dtype} {list(tensor.shape)}"
+                f"writer expected {key} {expected.dtype} {list(expected.shape)},"
+                f" got {tensor.dtype} {list(tensor.shape)}"
             )
-        if shard == len(self._files):
-            self._files[-1].close(self.fsync)
-            self._open_shard(shard)
         if expected.nbytes:
-            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            self._files[-1].write(data.numpy())
-        self._next += 1
+            self.write_range(key, 0, tensor_bytes(tensor))
 
     def commit(self) -> list[Path]:
-        """Flush and move every file into place; return the paths written (index last)."""
-        if self._next != len(self._order):
-            raise RuntimeError(f"writer got {self._next} of {len(self._order)} tensors")
+        """Check every byte was written, flush, and move the files into place (index last)."""
+        for key, (_, _, tensor) in self._where.items():
+            if self._written.get(key, 0) != tensor.nbytes:
+                raise RuntimeError(
+                    f"{key}: {self._written.get(key, 0)} of {tensor.nbytes} bytes were written"
+                )
         for file in self._files:
             file.close(self.fsync)
-        written = []
         if self.index_path is not None:
             index = _TempFile(self.index_path)
             self._files.append(index)
-            index.write(json.dumps(self._index_document(), indent=2).encode("utf-8"))
+            index.write_at(json.dumps(self._index_document(), indent=2).encode("utf-8"), 0)
             index.close(self.fsync)
+        written = []
         for file in self._files:
             os.replace(file.temp, file.dest)
             written.append(file.dest)

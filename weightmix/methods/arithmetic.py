@@ -58,7 +58,7 @@ def _check_weighted_sum(count: int, params: dict[str, Any]) -> str | None:
     return None
 
 
-@merge_method(inputs=ANY, output=SAME, min_inputs=2, check=_check_weighted_sum)
+@merge_method(inputs=ANY, output=SAME, min_inputs=2, check=_check_weighted_sum, elementwise=True)
 def weighted_sum(
     *models: Tensor,
     alpha: Fraction | None = None,
@@ -72,7 +72,7 @@ def weighted_sum(
     )
 
 
-@merge_method(inputs=WEIGHT, output=WEIGHT)
+@merge_method(inputs=WEIGHT, output=WEIGHT, elementwise=True)
 def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: Finite = 1.0) -> Tensor:
     """A + α·(B − C): add what B learned relative to C onto A."""
     if alpha == 0:
@@ -80,19 +80,19 @@ def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: Finite = 1.0) -> T
     return (b - c).mul_(alpha).add_(a)
 
 
-@merge_method(inputs=WEIGHT, output=DELTA)
+@merge_method(inputs=WEIGHT, output=DELTA, elementwise=True)
 def subtract(a: Tensor, b: Tensor) -> Tensor:
     """A − B: the task vector that turns B into A (a delta, not a model)."""
     return a - b
 
 
-@merge_method(inputs=(WEIGHT, DELTA), output=WEIGHT, min_inputs=2)
+@merge_method(inputs=(WEIGHT, DELTA), output=WEIGHT, min_inputs=2, elementwise=True)
 def add(base: Tensor, *deltas: Tensor, alpha: Finite = 1.0) -> Tensor:
     """base + α·Σ deltas: apply task vectors (from subtract) to a model."""
     return linear_combination([base, *deltas], [1.0] + [alpha] * len(deltas))
 
 
-@merge_method(inputs=ANY, output=SAME)
+@merge_method(inputs=ANY, output=SAME, elementwise=True)
 def take(model: Tensor) -> Tensor:
     """One model's tensor, unchanged."""
     return model

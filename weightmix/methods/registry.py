@@ -52,6 +52,7 @@ class MethodSpec:
     params: dict[str, ParamSpec]
     check: Callable[[int, dict[str, Any]], str | None] | None
     summary: str
+    elementwise: bool  # output element i depends only on input elements i: can run in chunks
 
     def input_space(self, position: int) -> str:
         return self.input_spaces[min(position, len(self.input_spaces) - 1)]
@@ -104,9 +105,12 @@ def merge_method(
     min_inputs: int | None = None,
     check: Callable[[int, dict[str, Any]], str | None] | None = None,
     name: str | None = None,
+    elementwise: bool = False,
 ) -> Callable[[Callable[..., Tensor]], MethodSpec]:
     """Register a merge method. `inputs` gives the merge space (weight, delta or any) of each
-    input (the last repeats), `output` the space of the result (or 'same' as the inputs)."""
+    input (the last repeats), `output` the space of the result (or 'same' as the inputs).
+    `elementwise=True` promises that each output element depends only on the input elements
+    at the same position (and the parameters), so the engine may feed the method in chunks."""
 
     def register(func: Callable[..., Tensor]) -> MethodSpec:
         signature = inspect.signature(func)
@@ -131,6 +135,7 @@ def merge_method(
             output_space=output,
             params=params,
             check=check,
+            elementwise=elementwise,
             summary=" ".join((inspect.getdoc(func) or "").split("\n\n")[0].split()),
         )
         if spec.name in METHODS:
