@@ -4,11 +4,13 @@
     python bench/bench_merge.py --arch sdxl    # SDXL layout, about 6.9 GB per fp16 file
 
 Random, seeded checkpoints with the real key names and shapes are generated once into a
-scratch folder (not the repo). Each repeat, in the same page-cache conditions (outputs removed
-and `sync` before every timed command): the I/O floor (read the inputs once with cat, write one
-output of the same size with cat), then `weightmix merge` as a separate process. Reported:
-median wall time, the ratio to the floor, and peak RSS (ru_maxrss of the process) next to a bare
-`python -c "import torch"`.
+scratch folder (not the repo). Each repeat runs, in the same conditions (previous outputs
+removed, `sync` before every timed command): the I/O floor (read the inputs once with cat,
+write one output of the same size with cat), then `weightmix merge` as its own process.
+Reported: median wall time, its ratio to the floor, the same ratio with weightmix's start-up
+(importing torch and weightmix, timed alone) taken off, and peak RSS (ru_maxrss of the process)
+against a bare `python -c "import torch"`. This script imports neither torch nor weightmix, so
+its own memory never shows in the children's ru_maxrss.
 """
 
 from __future__ import annotations
@@ -21,16 +23,20 @@ import sys
 import time
 from pathlib import Path
 
-from weightmix.arch.synthetic import write_synthetic
-from weightmix.units import format_size
-
 ARCHES = {"sd1": "sd1-ldm", "sdxl": "sdxl-sgm"}
 BIN = Path(sys.executable).parent
 
 
+def size_text(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(size) < 1000:
+            return f"{size:.2f} {unit}"
+        size /= 1000
+    return f"{size:.2f} TB"
+
+
 def measure(command: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one command, after a sync outside the timing.
-    posix_spawn (not fork) keeps this process's own memory out of the child's ru_maxrss."""
+    """Wall seconds and peak RSS (bytes) of one command, after a sync outside the timing."""
     subprocess.run(["sync"], check=True)
     began = time.perf_counter()
     with open(os.devnull, "wb") as null:
@@ -43,31 +49,36 @@ def measure(command: list[str]) -> tuple[float, int]:
     return elapsed, usage.ru_maxrss * 1024
 
 
+def generate(folder: Path, architecture: str) -> list[Path]:
+    paths = []
+    for name, seed in (("A", 1), ("B", 2), ("C", 3)):
+        path = folder / f"{name}.safetensors"
+        if not path.exists():
+            print(f"generating {path} ...", flush=True)
+            code = (
+                "from weightmix.arch.synthetic import write_synthetic;"
+                f"write_synthetic({str(path)!r}, {architecture!r}, seed={seed})"
+            )
+            subprocess.run([sys.executable, "-c", code], check=True)
+        paths.append(path)
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", choices=ARCHES, default="sd1")
-    parser.add_argument(
-        "--scratch",
-        type=Path,
-        default=Path(os.environ.get("WEIGHTMIX_BENCH_DIR", "/tmp/weightmix-bench")),
-    )
-    parser.add_argument("--repeat", type=int, default=3)
+    default_scratch = Path(os.environ.get("WEIGHTMIX_BENCH_DIR", "/tmp/weightmix-bench"))
+    parser.add_argument("--scratch", type=Path, default=default_scratch)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
 
     folder = args.scratch / args.arch
     folder.mkdir(parents=True, exist_ok=True)
-    inputs = []
-    for name, seed in (("A", 1), ("B", 2), ("C", 3)):
-        path = folder / f"{name}.safetensors"
-        if not path.exists():
-            print(f"generating {path} ...", flush=True)
-            write_synthetic(path, ARCHES[args.arch], seed=seed)
-        inputs.append(path)
+    inputs = generate(folder, ARCHES[args.arch])
     size = inputs[0].stat().st_size
-    print(f"inputs: 3 x {format_size(size)} ({ARCHES[args.arch]}, fp16) in {folder}")
-    out = folder / "out.safetensors"
-    floor_out = folder / "floor.safetensors"
+    print(f"inputs: 3 x {size_text(size)} ({ARCHES[args.arch]}, fp16) in {folder}")
+    out, floor_out = folder / "out.safetensors", folder / "floor.safetensors"
     threads = ["--threads", str(args.threads)] if args.threads else []
     merges = {
         "weighted_sum": (inputs[:2], ["--alpha", "0.5"]),
@@ -76,31 +87,38 @@ def main() -> None:
     rows: dict[str, list[tuple[float, int]]] = {}
     for _ in range(args.repeat):
         rows.setdefault("import torch", []).append(measure([sys.executable, "-c", "import torch"]))
+        rows.setdefault("startup", []).append(
+            measure([sys.executable, "-c", "import weightmix.cli"])
+        )
         for method, (files, flags) in merges.items():
             names = " ".join(str(f) for f in files)
             floor = f"cat {names} > /dev/null && cat {files[0]} > {floor_out}"
             rows.setdefault(f"floor {method}", []).append(measure(["sh", "-c", floor]))
             floor_out.unlink()
             command = [str(BIN / "weightmix"), "merge", *map(str, files), *flags, *threads]
-            rows.setdefault(method, []).append(
-                measure([*command, "-o", str(out), "-q", "--overwrite"])
-            )
+            command += ["-o", str(out), "-q", "--overwrite"]
+            rows.setdefault(method, []).append(measure(command))
             out.unlink()
-    torch_rss = statistics.median(r for _, r in rows["import torch"])
-    title = f"{args.arch} ({format_size(size)} per input), median of {args.repeat}"
-    print(f"\n| {title} | wall s | vs floor | peak RSS | RSS above import torch |")
-    print("|---|---|---|---|---|")
-    for name, samples in rows.items():
-        wall = statistics.median(s for s, _ in samples)
-        rss = statistics.median(r for _, r in samples)
-        floor_name = f"floor {name}"
-        ratio = (
-            f"{wall / statistics.median(s for s, _ in rows[floor_name]):.2f}x"
-            if floor_name in rows
-            else ""
-        )
-        extra = format_size(rss - torch_rss) if not name.startswith("floor") else ""
-        print(f"| {name} | {wall:.2f} | {ratio} | {format_size(rss)} | {extra} |")
+
+    def median(name: str, index: int) -> float:
+        return statistics.median(sample[index] for sample in rows[name])
+
+    torch_rss, startup = median("import torch", 1), median("startup", 0)
+    title = f"{args.arch}, {size_text(size)} per input, median of {args.repeat}"
+    print(
+        f"\n| {title} | wall s | vs floor | vs floor, start-up off | peak RSS"
+        " | RSS above import torch |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name in rows:
+        wall, rss = median(name, 0), median(name, 1)
+        ratio = ratio_off = above = ""
+        if f"floor {name}" in rows:
+            floor = median(f"floor {name}", 0)
+            ratio, ratio_off = f"{wall / floor:.2f}x", f"{(wall - startup) / floor:.2f}x"
+        if not name.startswith("floor"):
+            above = size_text(rss - torch_rss)
+        print(f"| {name} | {wall:.2f} | {ratio} | {ratio_off} | {size_text(rss)} | {above} |")
 
 
 if __name__ == "__main__":

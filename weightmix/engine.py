@@ -155,17 +155,21 @@ def _prefetch(plan: Plan, task: Task) -> None:
 
 
 class _Buffers(threading.local):
-    """Per-thread byte buffers reused for every chunk: no allocation, no page faults."""
+    """Per-thread chunk buffers, allocated once and reused for every chunk (no allocation or
+    page faults per chunk), each with a typed view and a byte view for reads and writes."""
 
     def __init__(self) -> None:
-        self.store: dict[str, torch.Tensor] = {}
+        self.store: dict[tuple[str, torch.dtype], tuple[torch.Tensor, memoryview]] = {}
 
-    def get(self, name: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        nbytes = numel * dtype.itemsize
-        buffer = self.store.get(name)
-        if buffer is None or buffer.numel() < nbytes:
-            buffer = self.store[name] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-        return buffer[:nbytes].view(dtype)
+    def get(self, name: str, dtype: torch.dtype, count: int) -> tuple[torch.Tensor, memoryview]:
+        entry = self.store.get((name, dtype))
+        if entry is None:
+            typed = torch.empty(CHUNK_ELEMENTS, dtype=dtype)
+            entry = self.store[(name, dtype)] = (typed, memoryview(tensor_bytes(typed)))
+        typed, raw = entry
+        if count == CHUNK_ELEMENTS:
+            return typed, raw
+        return typed[:count], raw[: count * typed.element_size()]
 
 
 def run_task(plan: Plan, writer: SafetensorsOutput, task: Task, buffers: _Buffers) -> None:
@@ -174,34 +178,35 @@ def run_task(plan: Plan, writer: SafetensorsOutput, task: Task, buffers: _Buffer
     if not task.chunked:
         writer.write(key.key, compute_key(plan, key))
         return
+    sources = [
+        (plan.checkpoints[m], m, info, f"raw{n}") for n, (m, info) in enumerate(key.sources.items())
+    ]
+    compute_dtype, out_dtype = plan.compute_dtype.torch, key.out_dtype.torch
     out_size = key.out_dtype.itemsize
     for start in range(task.start, task.stop, CHUNK_ELEMENTS):
         count = min(CHUNK_ELEMENTS, task.stop - start)
-        raw = {}
-        for number, (model, info) in enumerate(key.sources.items()):
-            buffer = buffers.get(f"raw{number}", info.dtype.torch, count)
-            plan.checkpoints[model].read_range(
-                info, start * info.dtype.itemsize, tensor_bytes(buffer)
-            )
-            raw[model] = buffer
+        raw: dict[str, tuple[torch.Tensor, memoryview]] = {}
+        for checkpoint, model, info, name in sources:
+            raw[model] = buffers.get(name, info.dtype.torch, count)
+            checkpoint.read_range(info, start * info.dtype.itemsize, raw[model][1])
+        inputs = {model: tensor for model, (tensor, _) in raw.items()}
         if key.expr is None:
-            result = raw[key.copy_from]
+            result = inputs[key.copy_from]
         else:
-            inputs = {
-                model: tensor if tensor.dtype == plan.compute_dtype.torch
-                else buffers.get(f"in{number}", plan.compute_dtype.torch, count).copy_(tensor)
-                for number, (model, tensor) in enumerate(raw.items())
-            }  # fmt: skip
+            for model, tensor in inputs.items():
+                if tensor.dtype != compute_dtype:
+                    inputs[model] = buffers.get(f"in{model}", compute_dtype, count)[0].copy_(tensor)
             result = evaluate(key.expr, inputs)
             if result.numel() != count:
                 raise RuntimeError(
                     f"{key.key}: merge produced {result.numel()} of {count} elements"
                 )
-            # an input returned unchanged keeps its exact bytes
-            result = next((raw[m] for m, t in inputs.items() if result is t), result)
-        if result.dtype != key.out_dtype.torch:
-            result = buffers.get("out", key.out_dtype.torch, count).copy_(result)
-        writer.write_range(key.key, start * out_size, tensor_bytes(result))
+        # an input returned unchanged is written from the bytes read, exactly
+        same = next((raw[m] for m, t in inputs.items() if t is result), None)
+        if same is None or same[0].dtype != out_dtype:
+            same = buffers.get("out", out_dtype, count)
+            same[0].copy_(result)
+        writer.write_range(key.key, start * out_size, same[1])
 
 
 def compute_key(plan: Plan, key: KeyPlan) -> torch.Tensor:
