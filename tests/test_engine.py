@@ -167,7 +167,7 @@ def test_fingerprint_changes_with_content_and_full_mode_covers_every_byte(tmp_pa
 
 
 def test_dry_run_reads_only_headers(run, tmp_path, models, monkeypatch):
-    for name in ("read", "read_range", "prefetch"):
+    for name in ("read", "read_range"):
         monkeypatch.setattr(Checkpoint, name, lambda *a, **k: pytest.fail("tensor read"))
     out = tmp_path / "out.safetensors"
     result = run(

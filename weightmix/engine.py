@@ -60,12 +60,17 @@ def chunked(plan: Plan, key: KeyPlan) -> bool:
 
 
 def tasks(plan: Plan) -> Iterator[Task]:
+    streams: dict[int, bool] = {}  # keys share a handful of expression trees
     for key in plan.keys:
-        if not chunked(plan, key):
-            yield Task(key, 0, key.numel, False)
+        mode = id(key.expr)
+        if mode not in streams:
+            streams[mode] = chunked(plan, key)
+        numel = key.numel
+        if not streams[mode]:
+            yield Task(key, 0, numel, False)
             continue
-        for start in range(0, max(key.numel, 1), TASK_ELEMENTS):
-            yield Task(key, start, min(start + TASK_ELEMENTS, key.numel), True)
+        for start in range(0, max(numel, 1), TASK_ELEMENTS):
+            yield Task(key, start, min(start + TASK_ELEMENTS, numel), True)
 
 
 def task_cost(plan: Plan, task: Task) -> int:
@@ -132,7 +137,6 @@ def _run_tasks(plan: Plan, writer: SafetensorsOutput, workers: int, budget: int)
                 cost = task_cost(plan, following)
                 if queue and in_flight + cost > budget:
                     break
-                _prefetch(plan, following)
                 queue.append(
                     (following, cost, pool.submit(run_task, plan, writer, following, buffers))
                 )
@@ -146,12 +150,6 @@ def _run_tasks(plan: Plan, writer: SafetensorsOutput, workers: int, budget: int)
         for _, _, future in queue:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _prefetch(plan: Plan, task: Task) -> None:
-    for model, info in task.key.sources.items():
-        size = info.dtype.itemsize
-        plan.checkpoints[model].prefetch(info, task.start * size, (task.stop - task.start) * size)
 
 
 class _Buffers(threading.local):

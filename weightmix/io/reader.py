@@ -73,13 +73,10 @@ class Checkpoint:
         """Fill the buffer `out` with the tensor's bytes from byte `start` on."""
         _read_exact(self._fd(info.file), out, info.offset + start, info.file)
 
-    def prefetch(self, info: TensorInfo, start: int = 0, length: int | None = None) -> None:
-        """Ask the kernel to start reading a byte range of the tensor ahead of its use."""
-        if hasattr(os, "posix_fadvise"):
-            span = info.nbytes - start if length is None else length
-            os.posix_fadvise(self._fd(info.file), info.offset + start, span, os.POSIX_FADV_WILLNEED)
-
     def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is not None:
+            return fd
         with self._lock:
             fd = self._fds.get(file)
             if fd is None:
@@ -106,6 +103,8 @@ class Checkpoint:
 def _read_exact(fd: int, view, offset: int, file: Path) -> None:
     """Fill `view` from `fd` at `offset`; a short file is a user error, not a crash."""
     memory = memoryview(view).cast("B")
+    if os.preadv(fd, [memory], offset) == len(memory):
+        return  # the usual case: one call
     done = 0
     while done < len(memory):
         count = os.preadv(fd, [memory[done:]], offset + done)
