@@ -48,6 +48,16 @@ def test_every_dtype_round_trips_through_writer_and_reference_reader(tmp_path, n
         assert ckpt.read(ckpt.tensors["t"]).view(torch.uint8).equal(tensor.view(torch.uint8))
 
 
+def test_output_gets_the_usual_file_mode(tmp_path):
+    f32 = dtype_from_name("fp32")
+    out = open_output(tmp_path / "x.safetensors", [OutputTensor("a", f32, (1,))], {})
+    out.write("a", torch.ones(1))
+    out.commit()
+    (tmp_path / "plain").write_bytes(b"")
+    mode = (tmp_path / "x.safetensors").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain").stat().st_mode & 0o777
+
+
 def test_writer_handles_scalars_and_empty_tensors(tmp_path):
     f32 = dtype_from_name("fp32")
     tensors = {"scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4), "v": torch.ones(3)}

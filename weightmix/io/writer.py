@@ -79,6 +79,12 @@ def output_paths(dest: Path, shard_count: int) -> tuple[list[Path], Path | None]
     return shards, dest.with_name(stem + INDEX_SUFFIX)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class _TempFile:
     """One output file being written under a hidden temporary name in the destination folder."""
 
@@ -87,6 +93,7 @@ class _TempFile:
         fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
         self.fd: int | None = fd
         self.temp = Path(name)
+        os.fchmod(fd, 0o666 & ~_umask())  # the mode a plain open() would give, not mkstemp's 0600
 
     def write_at(self, data, offset: int) -> None:
         memory = memoryview(data).cast("B")
