@@ -8,8 +8,8 @@ scratch folder (not the repo). Each repeat runs, in the same conditions (previou
 removed, `sync` before every timed command): the I/O floor (read the inputs once with cat,
 write one output of the same size with cat), then `weightmix merge` as its own process.
 Reported: median wall time, its ratio to the floor, the same ratio with weightmix's start-up
-(importing torch and weightmix, timed alone) taken off, and peak RSS (ru_maxrss of the process)
-against a bare `python -c "import torch"`. This script imports neither torch nor weightmix, so
+(importing torch and weightmix, timed alone) taken off, CPU time (user + system), and peak RSS
+(ru_maxrss of the process) against a bare `python -c "import torch"`. This script imports neither torch nor weightmix, so
 its own memory never shows in the children's ru_maxrss.
 """
 
@@ -35,8 +35,9 @@ def size_text(size: float) -> str:
     return f"{size:.2f} TB"
 
 
-def measure(command: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one command, after a sync outside the timing."""
+def measure(command: list[str]) -> tuple[float, int, float]:
+    """Wall seconds, peak RSS (bytes) and CPU seconds (user + system) of one command, after a
+    sync outside the timing."""
     subprocess.run(["sync"], check=True)
     began = time.perf_counter()
     with open(os.devnull, "wb") as null:
@@ -46,7 +47,7 @@ def measure(command: list[str]) -> tuple[float, int]:
     elapsed = time.perf_counter() - began
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed ({status}): {' '.join(command)}")
-    return elapsed, usage.ru_maxrss * 1024
+    return elapsed, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
 def generate(folder: Path, architecture: str) -> list[Path]:
@@ -84,7 +85,7 @@ def main() -> None:
         "weighted_sum": (inputs[:2], ["--alpha", "0.5"]),
         "add_difference": (inputs, ["-m", "add_difference", "--alpha", "1.0"]),
     }
-    rows: dict[str, list[tuple[float, int]]] = {}
+    rows: dict[str, list[tuple[float, int, float]]] = {}
     for _ in range(args.repeat):
         rows.setdefault("import torch", []).append(measure([sys.executable, "-c", "import torch"]))
         rows.setdefault("startup", []).append(
@@ -106,19 +107,22 @@ def main() -> None:
     torch_rss, startup = median("import torch", 1), median("startup", 0)
     title = f"{args.arch}, {size_text(size)} per input, median of {args.repeat}"
     print(
-        f"\n| {title} | wall s | vs floor | vs floor, start-up off | peak RSS"
+        f"\n| {title} | wall s | vs floor | vs floor, start-up off | CPU s | peak RSS"
         " | RSS above import torch |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for name in rows:
-        wall, rss = median(name, 0), median(name, 1)
+        wall, rss, cpu = median(name, 0), median(name, 1), median(name, 2)
         ratio = ratio_off = above = ""
         if f"floor {name}" in rows:
             floor = median(f"floor {name}", 0)
             ratio, ratio_off = f"{wall / floor:.2f}x", f"{(wall - startup) / floor:.2f}x"
         if not name.startswith("floor"):
             above = size_text(rss - torch_rss)
-        print(f"| {name} | {wall:.2f} | {ratio} | {ratio_off} | {size_text(rss)} | {above} |")
+        print(
+            f"| {name} | {wall:.2f} | {ratio} | {ratio_off} | {cpu:.2f} | {size_text(rss)}"
+            f" | {above} |"
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from weightmix.methods.registry import (
     ANY,
     DELTA,
@@ -77,7 +79,7 @@ def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: Finite = 1.0) -> T
     """A + α·(B − C): add what B learned relative to C onto A."""
     if alpha == 0:
         return a
-    return (b - c).mul_(alpha).add_(a)
+    return torch.add(a, b - c, alpha=alpha)
 
 
 @merge_method(inputs=WEIGHT, output=DELTA, elementwise=True)
