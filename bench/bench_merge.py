@@ -9,8 +9,8 @@ removed, `sync` before every timed command): the I/O floor (read the inputs once
 write one output of the same size with cat), then `weightmix merge` as its own process.
 Reported: median wall time, its ratio to the floor, the same ratio with weightmix's start-up
 (importing torch and weightmix, timed alone) taken off, CPU time (user + system), and peak RSS
-(ru_maxrss of the process) against a bare `python -c "import torch"`. This script imports neither torch nor weightmix, so
-its own memory never shows in the children's ru_maxrss.
+(ru_maxrss of the process) against a bare `python -c "import torch"`. This script imports
+neither torch nor weightmix, so its own memory never shows in the children's ru_maxrss.
 """
 
 from __future__ import annotations
