@@ -66,6 +66,22 @@ def merge(
 ) -> MergeResult:
     """Run a merge to `output` (.safetensors, sharded when the recipe sets max_shard_size)."""
     planned = make_plan(recipe, output, overwrite)
+    return execute(
+        planned, threads=threads, progress=progress, fingerprint=fingerprint, fsync=fsync,
+        budget=budget,
+    )  # fmt: skip
+
+
+def execute(
+    planned: Plan,
+    *,
+    threads: int | None = None,
+    progress: bool = False,
+    fingerprint: str = "sampled",
+    fsync: bool = False,
+    budget: int = engine.DEFAULT_BUDGET,
+) -> MergeResult:
+    """Run a plan from make_plan() (with an output path); closes the plan."""
     try:
         metadata = build_metadata(planned, fingerprint)
         stats = engine.run(planned, metadata, threads, make_progress(progress), budget, fsync)

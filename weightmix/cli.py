@@ -126,15 +126,12 @@ def merge(inputs: tuple[str, ...], output: Path | None, **flags: Any) -> None:
     if output is None:
         raise WeightmixError("no output path: pass -o OUT.safetensors (or --dry-run)")
     planned = api.make_plan(recipe, output, flags["overwrite"])
-    planned.close()
     if not flags["quiet"]:
         for note in planned.notes:
             click.echo(f"weightmix: note: {note}", err=True)
-    result = api.merge(
-        recipe,
-        output,
+    result = api.execute(
+        planned,
         threads=flags["threads"],
-        overwrite=flags["overwrite"],
         progress=not flags["quiet"],
         fingerprint=flags["fingerprint"],
         fsync=flags["fsync"],

@@ -104,7 +104,7 @@ def build_plan(
     )
     root = compile_expression(recipe.merge, recipe.models)
     _check_rules(recipe, root)
-    checkpoints = _open_inputs(recipe, root)
+    checkpoints = _open_inputs(recipe)
     try:
         keys, notes = _plan_keys(recipe, root, checkpoints, out_dtype)
         plan = Plan(recipe, checkpoints, root, keys, compute_dtype, device, None, max_shard, notes)
@@ -161,7 +161,7 @@ def _rule_param_applies(name: str, op: Op) -> bool:
     return param in op.method.params and (not node_name or node_name == op.name)
 
 
-def _open_inputs(recipe: Recipe, root: Node) -> dict[str, Checkpoint]:
+def _open_inputs(recipe: Recipe) -> dict[str, Checkpoint]:
     opened: dict[str, Checkpoint] = {}
     try:
         for name in recipe.models:
@@ -202,7 +202,6 @@ def _plan_keys(
     planned: list[KeyPlan] = []
     missing: list[tuple[str, list[str], list[str]]] = []
     mismatched: list[str] = []
-    skipped: list[str] = []
     for key in all_keys:
         signature = matcher.matching(key)
         if signature not in variants:
@@ -219,8 +218,6 @@ def _plan_keys(
                 planned.append(
                     _copy(key, checkpoints, holders[0], out_dtype, "missing elsewhere, kept")
                 )
-            elif recipe.on_missing == "skip":
-                skipped.append(key)
             continue
         sources = {m: checkpoints[m].tensors[key] for m in reads}
         problem = _mismatch(key, sources, checkpoints)
