@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from weightmix.api import MergeResult, dry_run, make_plan, merge
+from weightmix.api import MergeResult, dry_run, execute, make_plan, merge
 from weightmix.errors import WeightmixError
 from weightmix.io import open_checkpoint
 from weightmix.methods import METHODS, merge_method
@@ -17,6 +17,7 @@ __all__ = [
     "WeightmixError",
     "__version__",
     "dry_run",
+    "execute",
     "load_recipe",
     "make_plan",
     "merge",
