@@ -119,7 +119,7 @@ def merge(inputs: tuple[str, ...], output: Path | None, **flags: Any) -> None:
     if flags["dry_run"]:
         planned = api.make_plan(recipe, output, flags["overwrite"])
         try:
-            click.echo(describe_plan(planned))
+            click.echo(describe_plan(planned, threads=flags["threads"]))
         finally:
             planned.close()
         return

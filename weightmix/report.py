@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from weightmix.engine import DEFAULT_BUDGET, estimate_peak
+from weightmix.engine import DEFAULT_BUDGET, chunked, default_threads, estimate_peak
 from weightmix.io import Checkpoint
 from weightmix.plan import Plan
 from weightmix.provenance import KEY_INPUTS, KEY_RECIPE
 from weightmix.units import format_size
 
 
-def describe_plan(plan: Plan, budget: int = DEFAULT_BUDGET) -> str:
+def describe_plan(plan: Plan, budget: int = DEFAULT_BUDGET, threads: int | None = None) -> str:
     """What a merge will do: keys per action, inputs read, output size, peak memory."""
     lines = []
     target = str(plan.output) if plan.output else "(no output path given)"
@@ -35,12 +35,17 @@ def describe_plan(plan: Plan, budget: int = DEFAULT_BUDGET) -> str:
         lines.append(
             f"    {name} = {ckpt.path} ({format_size(ckpt.size)}, {len(ckpt.tensors)} tensors)"
         )
-    peak = estimate_peak(plan, budget)
-    largest = max(plan.keys, key=plan.working_set)
-    lines.append(
-        f"  estimated peak memory: {format_size(peak)} beyond Python and torch"
-        f" (largest key {largest.key}: {format_size(plan.working_set(largest))})"
-    )
+    workers = threads or default_threads()
+    whole = [k for k in plan.keys if not chunked(plan, k)]
+    how = f"chunk buffers of {workers} worker threads"
+    if whole:
+        largest = max(whole, key=plan.working_set)
+        how += (
+            f", {len(whole)} keys computed whole (largest {largest.key}:"
+            f" {format_size(plan.working_set(largest))})"
+        )
+    peak = estimate_peak(plan, budget, workers)
+    lines.append(f"  estimated peak memory: {format_size(peak)} beyond Python and torch ({how})")
     lines.extend(f"  note: {note}" for note in plan.notes)
     return "\n".join(lines)
 
