@@ -28,14 +28,21 @@ MODEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 OnMissing = Literal["error", "keep", "skip"]
 
 
-def _reject_unknown(data: Any, fields: set[str], where: str) -> None:
-    if isinstance(data, dict):
-        for key in data:
-            if key not in fields:
-                raise ValueError(
-                    f"unknown {where} field '{key}'{closest(str(key), fields)};"
-                    f" known: {', '.join(sorted(fields))}"
-                )
+class _Strict(BaseModel):
+    """A schema part whose unknown fields are errors that suggest the closest known field."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        fields = set(cls.model_fields)
+        if isinstance(data, dict):
+            for key in data:
+                if key not in fields:
+                    raise ValueError(
+                        f"unknown {cls.__name__.lower()} field '{key}'{closest(str(key), fields)};"
+                        f" known: {', '.join(sorted(fields))}"
+                    )
+        return data
 
 
 def _expression_kind(value: Any) -> str:
@@ -63,7 +70,7 @@ class MergeNode(BaseModel):
         return dict(self.model_extra or {})
 
 
-class Rule(BaseModel):
+class Rule(_Strict):
     """Per-key override: keys matching `keys` (glob) or `regex` take a tensor from one model,
     are dropped, or get other parameters. Precedence: see README (later rules win)."""
 
@@ -72,12 +79,6 @@ class Rule(BaseModel):
     take: str | None = None
     drop: bool = False
     params: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_fields(cls, data: Any) -> Any:
-        _reject_unknown(data, set(cls.model_fields), "rule")
-        return data
 
     @model_validator(mode="after")
     def _one_pattern_one_action(self) -> Rule:
@@ -98,7 +99,7 @@ class Rule(BaseModel):
         return self.keys if self.keys is not None else f"regex {self.regex}"
 
 
-class Recipe(BaseModel):
+class Recipe(_Strict):
     """A whole merge, as written in a YAML file, built from CLI flags, or made in Python."""
 
     models: dict[str, str]
@@ -111,12 +112,6 @@ class Recipe(BaseModel):
     on_missing: OnMissing = "error"
     max_shard_size: str | None = None
     _base_dir: Path = PrivateAttr(default=Path("."))
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_fields(cls, data: Any) -> Any:
-        _reject_unknown(data, set(cls.model_fields), "recipe")
-        return data
 
     @model_validator(mode="after")
     def _model_names(self) -> Recipe:
