@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,8 +109,9 @@ def run(
     )
     try:
         progress.start(len(plan.keys), plan.output_bytes)
-        with _torch_threads(1):
-            for task in _run_tasks(plan, writer, workers, budget):
+        # closing(): on any error the pool has stopped before the output is removed
+        with _torch_threads(1), closing(_run_tasks(plan, writer, workers, budget)) as done:
+            for task in done:
                 progress.advance((task.stop - task.start) * task.key.out_dtype.itemsize,
                                  tensor_done=task.stop >= task.key.numel)  # fmt: skip
         files = writer.commit()
