@@ -316,3 +316,23 @@ def test_cuda_device_matches_cpu_when_a_gpu_is_present(tmp_path, models):
     gpu, cpu = load(tmp_path / "g.safetensors"), load(tmp_path / "c.safetensors")
     for key in cpu:
         torch.testing.assert_close(gpu[key], cpu[key])
+
+
+def test_progress_bar_on_a_terminal(tmp_path, models):
+    import io
+
+    from weightmix.progress import BarProgress, make_progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    progress = make_progress(True, stream)
+    assert isinstance(progress, BarProgress)
+    planned = weightmix.make_plan(two_model_recipe(models), tmp_path / "out.safetensors")
+    engine.run(planned, {}, progress=progress)
+    planned.close()
+    total = len(load(models["A"]))
+    text = stream.getvalue()
+    assert f"{total}/{total} tensors" in text and "B/s" in text and "100%" in text

@@ -25,11 +25,16 @@ class Progress:
 
 
 class BarProgress(Progress):
+    """A tqdm bar: bytes written with rate and ETA, tensors done as a postfix."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+
     def start(self, tensors: int, nbytes: int) -> None:
         self.tensors, self.done = tensors, 0
         self.bar = tqdm(
             total=nbytes, unit="B", unit_scale=True, unit_divisor=1000, desc="merging",
-            dynamic_ncols=True, leave=True,
+            dynamic_ncols=True, leave=True, file=self.stream,
         )  # fmt: skip
 
     def advance(self, nbytes: int, tensor_done: bool = True) -> None:
@@ -76,4 +81,4 @@ def make_progress(enabled: bool, stream: TextIO | None = None) -> Progress:
     stream = stream or sys.stderr
     if not enabled:
         return Progress()
-    return BarProgress() if stream.isatty() else LineProgress(stream)
+    return BarProgress(stream) if stream.isatty() else LineProgress(stream)
