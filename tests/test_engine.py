@@ -3,6 +3,7 @@ provenance, progress and which bytes are read."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 
@@ -16,6 +17,7 @@ from weightmix import engine
 from weightmix.io import open_checkpoint
 from weightmix.io.reader import Checkpoint
 from weightmix.io.writer import _TempFile
+from weightmix.progress import BarProgress, make_progress
 from weightmix.provenance import KEY_INPUTS, KEY_RECIPE, fingerprint
 
 
@@ -319,10 +321,6 @@ def test_cuda_device_matches_cpu_when_a_gpu_is_present(tmp_path, models):
 
 
 def test_progress_bar_on_a_terminal(tmp_path, models):
-    import io
-
-    from weightmix.progress import BarProgress, make_progress
-
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
             return True
