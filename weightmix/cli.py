@@ -68,7 +68,13 @@ def cli() -> None:
 )
 @click.option(
     "--dtype",
-    help="Output dtype of float tensors: fp32, fp16 or bf16 (default: as the first input).",
+    help="Output dtype of float tensors: fp32, fp16, bf16, fp8_e4m3fn or fp8_e5m2"
+    " (default: as the first input).",
+)
+@click.option(
+    "--rounding",
+    type=click.Choice(["nearest", "stochastic"]),
+    help="How results are cast to a narrower output dtype (default nearest; stochastic is seeded).",
 )
 @click.option("--compute-dtype", help="Dtype the merge is computed in (default fp32).")
 @click.option("--device", help="cpu or cuda (default cpu).")
@@ -180,7 +186,16 @@ def _recipe_from(inputs: tuple[str, ...], flags: dict[str, Any]) -> Recipe:
             raise WeightmixError(f"--rule '{text}': write PATTERN:NAME=VALUE[,NAME=VALUE]")
         pairs = (_pair(a, "--rule") for a in assignments.split(","))
         rules.append({"keys": pattern, "params": {n: _value(v) for n, v in pairs}})
-    for name in ("dtype", "compute_dtype", "device", "seed", "on_missing", "max_shard_size"):
+    settings = (
+        "dtype",
+        "compute_dtype",
+        "rounding",
+        "device",
+        "seed",
+        "on_missing",
+        "max_shard_size",
+    )
+    for name in settings:
         if flags[name] is not None:
             data[name] = flags[name]
     return parse_recipe(data, "command line", base_dir)

@@ -26,6 +26,7 @@ from weightmix.io import open_output
 from weightmix.io.writer import SafetensorsOutput, tensor_bytes
 from weightmix.plan import KeyPlan, Plan
 from weightmix.progress import Progress
+from weightmix.rounding import key_stream, stochastic_round, uniform
 
 DEFAULT_BUDGET = 512 * 2**20  # bytes of whole-tensor work in flight
 CHUNK_ELEMENTS = 1 << 18  # elements per compute step: a few MB, stays in cache
@@ -182,6 +183,7 @@ def run_task(plan: Plan, writer: SafetensorsOutput, task: Task, buffers: _Buffer
     ]
     compute_dtype, out_dtype = plan.compute_dtype.torch, key.out_dtype.torch
     out_size = key.out_dtype.itemsize
+    stream = _rounding_stream(plan, key)
     for start in range(task.start, task.stop, CHUNK_ELEMENTS):
         count = min(CHUNK_ELEMENTS, task.stop - start)
         raw: dict[str, tuple[torch.Tensor, memoryview]] = {}
@@ -204,17 +206,18 @@ def run_task(plan: Plan, writer: SafetensorsOutput, task: Task, buffers: _Buffer
         same = next((raw[m] for m, t in inputs.items() if t is result), None)
         if same is None or same[0].dtype != out_dtype:
             same = buffers.get("out", out_dtype, count)
-            same[0].copy_(result)
+            same[0].copy_(result if stream is None else _rounded(result, out_dtype, stream, start))
         writer.write_range(key.key, start * out_size, same[1])
 
 
 def compute_key(plan: Plan, key: KeyPlan) -> torch.Tensor:
     """A whole key's output tensor (for methods that need whole tensors, or on a GPU)."""
     out_dtype = key.out_dtype.torch
+    stream = _rounding_stream(plan, key)
     raw = {m: plan.checkpoints[m].read(info) for m, info in key.sources.items()}
     if key.expr is None:
         tensor = raw[key.copy_from]
-        return tensor if tensor.dtype == out_dtype else tensor.to(out_dtype)
+        return tensor if tensor.dtype == out_dtype else _rounded(tensor, out_dtype, stream, 0)
     inputs = {m: t.to(plan.device, plan.compute_dtype.torch) for m, t in raw.items()}
     result = evaluate(key.expr, inputs)
     for model, tensor in inputs.items():
@@ -222,7 +225,25 @@ def compute_key(plan: Plan, key: KeyPlan) -> torch.Tensor:
             return raw[model]  # the merge returned an input unchanged: keep its exact bytes
     if tuple(result.shape) != key.shape:
         raise RuntimeError(f"{key.key}: merge produced shape {list(result.shape)}, not {key.shape}")
-    return result.to("cpu", out_dtype)
+    return _rounded(result, out_dtype, stream, 0).to("cpu")
+
+
+def _rounding_stream(plan: Plan, key: KeyPlan) -> int | None:
+    """The key's random stream when its output is stochastically rounded, else None."""
+    if plan.recipe.rounding == "stochastic" and plan.narrows(key):
+        return key_stream(plan.recipe.seed, key.key)
+    return None
+
+
+def _rounded(
+    values: torch.Tensor, dtype: torch.dtype, stream: int | None, start: int
+) -> torch.Tensor:
+    """values cast to dtype: round to nearest, or stochastically with the key's stream, the
+    random number of each element fixed by its index in the tensor (`start` = first index)."""
+    if stream is None:
+        return values.to(dtype)
+    noise = uniform(stream, start, values.numel(), values.device).reshape(values.shape)
+    return stochastic_round(values, dtype, noise)
 
 
 @contextmanager

@@ -68,6 +68,11 @@ class Plan:
     max_shard_bytes: int | None
     notes: list[str] = field(default_factory=list)
 
+    def narrows(self, key: KeyPlan) -> bool:
+        """Whether writing this key rounds a float to fewer bits than it was computed in."""
+        source = self.compute_dtype if key.expr is not None else key.sources[key.copy_from].dtype
+        return key.out_dtype.is_float and key.out_dtype.itemsize < source.itemsize
+
     def output_tensors(self) -> list[OutputTensor]:
         return [OutputTensor(k.key, k.out_dtype, k.shape) for k in self.keys]
 
@@ -108,6 +113,8 @@ def build_plan(
     try:
         keys, notes = _plan_keys(recipe, root, checkpoints, out_dtype)
         plan = Plan(recipe, checkpoints, root, keys, compute_dtype, device, None, max_shard, notes)
+        if recipe.rounding == "stochastic" and not any(plan.narrows(k) for k in keys):
+            plan.notes.append("rounding: stochastic changes nothing: no key is narrowed on output")
         if output is not None:
             plan.output = _check_output(Path(output), plan, overwrite)
         return plan

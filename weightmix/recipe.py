@@ -110,6 +110,7 @@ class Recipe(_Strict):
     device: str = "cpu"
     seed: int = 0
     on_missing: OnMissing = "error"
+    rounding: Literal["nearest", "stochastic"] = "nearest"  # casts to a narrower output dtype
     max_shard_size: str | None = None
     _base_dir: Path = PrivateAttr(default=Path("."))
 

@@ -23,26 +23,29 @@ class DType:
         return self.short
 
 
+# every dtype safetensors defines that weightmix handles: (name, torch name, bytes, float, short)
+ALL_ROWS = [
+    ("F64", "float64", 8, True, "fp64"),
+    ("F32", "float32", 4, True, "fp32"),
+    ("F16", "float16", 2, True, "fp16"),
+    ("BF16", "bfloat16", 2, True, "bf16"),
+    ("F8_E4M3", "float8_e4m3fn", 1, True, "fp8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2", 1, True, "fp8_e5m2"),
+    ("I64", "int64", 8, False, "i64"),
+    ("I32", "int32", 4, False, "i32"),
+    ("I16", "int16", 2, False, "i16"),
+    ("I8", "int8", 1, False, "i8"),
+    ("U64", "uint64", 8, False, "u64"),
+    ("U32", "uint32", 4, False, "u32"),
+    ("U16", "uint16", 2, False, "u16"),
+    ("U8", "uint8", 1, False, "u8"),
+    ("BOOL", "bool", 1, False, "bool"),
+]
+
+
 def _table() -> dict[str, DType]:
-    rows = [
-        ("F64", "float64", 8, True, "fp64"),
-        ("F32", "float32", 4, True, "fp32"),
-        ("F16", "float16", 2, True, "fp16"),
-        ("BF16", "bfloat16", 2, True, "bf16"),
-        ("F8_E4M3", "float8_e4m3fn", 1, True, "fp8_e4m3fn"),
-        ("F8_E5M2", "float8_e5m2", 1, True, "fp8_e5m2"),
-        ("I64", "int64", 8, False, "i64"),
-        ("I32", "int32", 4, False, "i32"),
-        ("I16", "int16", 2, False, "i16"),
-        ("I8", "int8", 1, False, "i8"),
-        ("U64", "uint64", 8, False, "u64"),
-        ("U32", "uint32", 4, False, "u32"),
-        ("U16", "uint16", 2, False, "u16"),
-        ("U8", "uint8", 1, False, "u8"),
-        ("BOOL", "bool", 1, False, "bool"),
-    ]
     table = {}
-    for name, torch_name, size, is_float, short in rows:
+    for name, torch_name, size, is_float, short in ALL_ROWS:
         torch_dtype = getattr(torch, torch_name, None)
         if torch_dtype is not None:  # older torch builds lack some (fp8, unsigned)
             table[name] = DType(name, torch_dtype, size, is_float, short)
@@ -58,9 +61,12 @@ _ALIASES = {
     "half": SAFETENSORS_DTYPES["F16"],
     "float": SAFETENSORS_DTYPES["F32"],
     "double": SAFETENSORS_DTYPES["F64"],
+    **({"fp8": SAFETENSORS_DTYPES["F8_E4M3"]} if "F8_E4M3" in SAFETENSORS_DTYPES else {}),
 }
+# names safetensors defines that this torch build cannot hold (e.g. fp8 before torch 2.1)
+UNSUPPORTED_HERE = {row[0] for row in ALL_ROWS} - SAFETENSORS_DTYPES.keys()
 
-OUTPUT_DTYPES = ("fp32", "fp16", "bf16")
+OUTPUT_DTYPES = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
 COMPUTE_DTYPES = ("fp64", "fp32", "fp16", "bf16")
 
 

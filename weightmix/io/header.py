@@ -13,7 +13,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from weightmix.errors import WeightmixError
+from weightmix.io import dtypes
 from weightmix.io.dtypes import SAFETENSORS_DTYPES, DType
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same cap the reference implementation uses
@@ -93,6 +96,11 @@ def _entry(path: Path, key: str, value: object, data_size: int) -> HeaderEntry:
     dtype_name = value.get("dtype")
     dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
+        if dtype_name in dtypes.UNSUPPORTED_HERE:
+            raise WeightmixError(
+                f"{where}: dtype {dtype_name} needs a newer torch than {torch.__version__}"
+                " to read; upgrade torch"
+            )
         known = ", ".join(SAFETENSORS_DTYPES)
         raise WeightmixError(f"{where}: unknown dtype {dtype_name!r} (known: {known})")
     shape = value.get("shape")
