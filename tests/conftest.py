@@ -18,6 +18,12 @@ class CliResult:
     err: str
 
 
+@pytest.fixture(autouse=True)
+def fixed_date(monkeypatch):
+    """Outputs carry modelspec.date: pin it so byte comparisons cannot straddle midnight."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1790000000")
+
+
 @pytest.fixture
 def run(capsys) -> Callable[..., CliResult]:
     """Run the weightmix CLI in-process; return exit code, stdout and stderr."""

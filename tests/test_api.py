@@ -36,12 +36,14 @@ def test_recipe_dict_and_yaml_file_give_the_same_bytes(tmp_path, models):
     yaml_path.write_text(weightmix.parse_recipe(data).to_yaml())
     weightmix.merge(
         data | {"merge": {"method": "weighted_sum", "inputs": ["A", "B"]}},
-        tmp_path / "1.safetensors",
+        tmp_path / "out.safetensors",
     )
     recipe = load_recipe(yaml_path)
     recipe.merge = weightmix.node("weighted_sum", "A", "B")
-    weightmix.merge(recipe, tmp_path / "2.safetensors")
-    assert (tmp_path / "1.safetensors").read_bytes() == (tmp_path / "2.safetensors").read_bytes()
+    (tmp_path / "again").mkdir()
+    weightmix.merge(recipe, tmp_path / "again" / "out.safetensors")  # same name: same title
+    again = (tmp_path / "again" / "out.safetensors").read_bytes()
+    assert (tmp_path / "out.safetensors").read_bytes() == again
 
 
 def test_demo_recipe_on_the_example_models(tmp_path, run):

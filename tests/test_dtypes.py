@@ -94,7 +94,7 @@ def test_counter_based_noise_matches_a_plain_python_splitmix64():
 def test_stochastic_rounding_in_merges_is_seeded_and_chunk_independent(tmp_path, monkeypatch):
     states = {n: random_state(s, torch.float32) for s, n in ((1, "A"), (2, "B"))}
     paths = {n: save(tmp_path / f"{n}.safetensors", st) for n, st in states.items()}
-    options = {"dtype": "fp8_e4m3fn", "rounding": "stochastic", "seed": 3}
+    options = {"dtype": "fp8_e4m3fn", "rounding": "stochastic", "seed": 3, "title": "same"}
     first, out1 = _merge(tmp_path, paths, "s1.safetensors", **options)
     nearest, _ = _merge(tmp_path, paths, "n.safetensors", dtype="fp8_e4m3fn")
     _, out3 = _merge(tmp_path, paths, "s3.safetensors", **(options | {"seed": 4}))

@@ -88,6 +88,7 @@ def test_same_recipe_gives_identical_bytes_twice_and_across_threads(tmp_path, mo
             "alpha": 0.4,
         },
         "dtype": "bf16",
+        "title": "reproducible",  # else each output's title is its own file name
     }
     digests = set()
     for threads in (1, 1, 2, 3):
@@ -281,7 +282,7 @@ def test_cli_flags_and_recipe_file_make_the_same_merge(run, tmp_path, models):
     by_flags, by_file = tmp_path / "flags.safetensors", tmp_path / "file.safetensors"
     saved = tmp_path / "saved.yaml"
     args = ["merge", models["A"], models["B"], models["C"], "-m", "add_difference"]
-    args += ["--alpha", "0.6", "--dtype", "fp32", "--take", "*bias=C", "-q"]
+    args += ["--alpha", "0.6", "--dtype", "fp32", "--take", "*bias=C", "-q", "--title", "t"]
     assert run(*args, "-o", by_flags, "--save-recipe", saved).code == 0
     assert run("merge", saved, "-o", by_file, "-q").code == 0
     assert digest(by_flags) == digest(by_file)

@@ -76,6 +76,7 @@ def cli() -> None:
     type=click.Choice(["nearest", "stochastic"]),
     help="How results are cast to a narrower output dtype (default nearest; stochastic is seeded).",
 )
+@click.option("--title", help="Title written as modelspec.title (default: the output file name).")
 @click.option("--compute-dtype", help="Dtype the merge is computed in (default fp32).")
 @click.option("--device", help="cpu or cuda (default cpu).")
 @click.option("--seed", type=int, help="Seed for methods that draw random numbers (default 0).")
@@ -186,16 +187,8 @@ def _recipe_from(inputs: tuple[str, ...], flags: dict[str, Any]) -> Recipe:
             raise WeightmixError(f"--rule '{text}': write PATTERN:NAME=VALUE[,NAME=VALUE]")
         pairs = (_pair(a, "--rule") for a in assignments.split(","))
         rules.append({"keys": pattern, "params": {n: _value(v) for n, v in pairs}})
-    settings = (
-        "dtype",
-        "compute_dtype",
-        "rounding",
-        "device",
-        "seed",
-        "on_missing",
-        "max_shard_size",
-    )
-    for name in settings:
+    settings = ("dtype", "compute_dtype", "rounding", "device", "seed", "on_missing")
+    for name in (*settings, "max_shard_size", "title"):
         if flags[name] is not None:
             data[name] = flags[name]
     return parse_recipe(data, "command line", base_dir)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from weightmix import __version__
 from weightmix.io import Checkpoint
+from weightmix.modelspec import modelspec_metadata
 from weightmix.plan import Plan
 
 SAMPLES = 16
@@ -62,8 +63,13 @@ def build_metadata(plan: Plan, how: str = "sampled") -> dict[str, str]:
         }
         for name, ckpt in plan.checkpoints.items()
     ]
+    title = plan.recipe.title or (
+        plan.output.name.removesuffix(".safetensors") if plan.output else ""
+    )
+    sources = [(name, ckpt.metadata) for name, ckpt in plan.checkpoints.items()]
     return {
         "format": "pt",
+        **modelspec_metadata([k.key for k in plan.keys], title, sources),
         KEY_VERSION: __version__,
         KEY_RECIPE: plan.recipe.to_yaml(),
         KEY_INPUTS: json.dumps(inputs),

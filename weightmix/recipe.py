@@ -111,6 +111,7 @@ class Recipe(_Strict):
     seed: int = 0
     on_missing: OnMissing = "error"
     rounding: Literal["nearest", "stochastic"] = "nearest"  # casts to a narrower output dtype
+    title: str | None = None  # modelspec.title of the output; default: the output's file name
     max_shard_size: str | None = None
     _base_dir: Path = PrivateAttr(default=Path("."))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -53,3 +54,26 @@ def architecture_keys(
 def scaled_shape(shape: tuple[int, ...], divisor: int) -> tuple[int, ...]:
     """Shrink every dimension by `divisor` (at least 1 element each) for tiny test models."""
     return tuple(max(1, math.ceil(d / divisor)) for d in shape)
+
+
+@cache
+def _key_sets(name: str) -> tuple[frozenset[str], frozenset[str]]:
+    specs = load_architecture(name)
+    return frozenset(s.key for s in specs), frozenset(s.key for s in specs if not s.optional)
+
+
+def detect_architecture(keys: Iterable[str], threshold: float = 0.95) -> str | None:
+    """The architecture whose key names hold at least `threshold` of `keys` (the one that
+    covers most of its own required keys when several do), or None for unknown layouts."""
+    names = set(keys)
+    if not names:
+        return None
+    best: tuple[float, str] | None = None
+    for architecture in ARCHITECTURES:
+        every, required = _key_sets(architecture)
+        if len(names & every) / len(names) < threshold:
+            continue
+        coverage = len(names & required) / len(required)
+        if best is None or coverage > best[0]:
+            best = (coverage, architecture)
+    return best[1] if best else None
