@@ -15,7 +15,7 @@ from helpers import POSITION_IDS, digest, folder_listing, load, random_state, sa
 import weightmix
 from weightmix import engine
 from weightmix.io import open_checkpoint
-from weightmix.io.reader import Checkpoint
+from weightmix.io.reader import Checkpoint, SafetensorsCheckpoint
 from weightmix.io.writer import _TempFile
 from weightmix.progress import BarProgress, make_progress
 from weightmix.provenance import KEY_INPUTS, KEY_RECIPE, fingerprint
@@ -170,8 +170,8 @@ def test_fingerprint_changes_with_content_and_full_mode_covers_every_byte(tmp_pa
 
 
 def test_dry_run_reads_only_headers(run, tmp_path, models, monkeypatch):
-    for name in ("read", "read_range"):
-        monkeypatch.setattr(Checkpoint, name, lambda *a, **k: pytest.fail("tensor read"))
+    for owner, name in ((Checkpoint, "read"), (SafetensorsCheckpoint, "read_range")):
+        monkeypatch.setattr(owner, name, lambda *a, **k: pytest.fail("tensor read"))
     out = tmp_path / "out.safetensors"
     result = run(
         "merge", models["A"], models["B"], "--take", "cond_stage_model.*=B", "-o", out, "--dry-run"
@@ -189,13 +189,13 @@ def test_dry_run_reads_only_headers(run, tmp_path, models, monkeypatch):
 
 def test_only_needed_tensors_are_read(tmp_path, models, monkeypatch):
     read_bytes = Counter()
-    original = Checkpoint.read_range
+    original = SafetensorsCheckpoint.read_range
 
     def counting(self, info, start, out):
         read_bytes[(self.path.stem, info.key)] += memoryview(out).nbytes
         return original(self, info, start, out)
 
-    monkeypatch.setattr(Checkpoint, "read_range", counting)
+    monkeypatch.setattr(SafetensorsCheckpoint, "read_range", counting)
     recipe = two_model_recipe(models)
     recipe["rules"] = [
         {"keys": "cond_stage_model.*", "take": "B"},

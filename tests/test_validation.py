@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import folder_listing, random_state, save
 
-from weightmix.io.reader import Checkpoint
+from weightmix.io.reader import Checkpoint, SafetensorsCheckpoint
 
 
 @pytest.fixture(autouse=True)
@@ -21,8 +21,8 @@ def no_tensor_reads(monkeypatch):
     def refuse(self, info, *args, **kwargs):
         raise AssertionError(f"tensor data read during validation: {info.key}")
 
-    for name in ("read", "read_range"):
-        monkeypatch.setattr(Checkpoint, name, refuse)
+    for owner, name in ((Checkpoint, "read"), (SafetensorsCheckpoint, "read_range")):
+        monkeypatch.setattr(owner, name, refuse)
 
 
 def expect_error(result, *fragments: str) -> str:
@@ -79,7 +79,9 @@ def test_missing_input_file(run, tmp_path, models, out):
 def test_pickle_input_is_refused_clearly(run, tmp_path, models, out):
     pickle = tmp_path / "old.ckpt"
     pickle.write_bytes(b"not read")
-    expect_error(run("merge", models["A"], pickle, "-o", out), "old.ckpt", "convert it")
+    expect_error(
+        run("merge", models["A"], pickle, "-o", out), "old.ckpt", "cannot read the pickled"
+    )
 
 
 def test_truncated_input(run, tmp_path, models, out):

@@ -133,9 +133,7 @@ def merge(inputs: tuple[str, ...], output: Path | None, **flags: Any) -> None:
     if output is None:
         raise WeightmixError("no output path: pass -o OUT.safetensors (or --dry-run)")
     planned = api.make_plan(recipe, output, flags["overwrite"])
-    if not flags["quiet"]:
-        for note in planned.notes:
-            click.echo(f"weightmix: note: {note}", err=True)
+    _notes(planned.notes, flags["quiet"])
     result = api.execute(
         planned,
         threads=flags["threads"],
@@ -143,12 +141,23 @@ def merge(inputs: tuple[str, ...], output: Path | None, **flags: Any) -> None:
         fingerprint=flags["fingerprint"],
         fsync=flags["fsync"],
     )
-    if not flags["quiet"]:
-        files = ", ".join(str(f) for f in result.files)
-        click.echo(
-            f"wrote {files}: {result.tensors} tensors, {format_size(result.bytes_written)}"
-            f" in {result.seconds:.1f} s"
-        )
+    _summary(result, flags["quiet"])
+
+
+def _notes(notes: list[str], quiet: bool) -> None:
+    """What the user should know, said before the merge starts."""
+    for note in [] if quiet else notes:
+        click.echo(f"weightmix: note: {note}", err=True)
+
+
+def _summary(result: api.MergeResult, quiet: bool) -> None:
+    if quiet:
+        return
+    files = ", ".join(str(f) for f in result.files)
+    click.echo(
+        f"wrote {files}: {result.tensors} tensors, {format_size(result.bytes_written)}"
+        f" in {result.seconds:.1f} s"
+    )
 
 
 def _recipe_from(inputs: tuple[str, ...], flags: dict[str, Any]) -> Recipe:
@@ -222,6 +231,25 @@ def _value(text: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dtype", help="Output dtype of float tensors (default: as they are).")
+@click.option("--rounding", type=click.Choice(["nearest", "stochastic"]))
+@click.option("--max-shard-size", help="Write a sharded set, e.g. 5GB.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or summary.")
+def convert(source: str, output: Path, **flags: Any) -> None:
+    """Convert SOURCE (a pickle such as .ckpt/.pt/.bin, read safely, or any checkpoint
+    weightmix reads) to OUTPUT .safetensors, streamed where the format allows."""
+    data: dict[str, Any] = {"models": {"source": source}, "merge": "source"}
+    data.update({k: flags[k] for k in ("dtype", "rounding", "max_shard_size") if flags[k]})
+    recipe = parse_recipe(data, "command line")
+    planned = api.make_plan(recipe, output, flags["overwrite"])
+    _notes(planned.notes, flags["quiet"])
+    _summary(api.execute(planned, progress=not flags["quiet"]), flags["quiet"])
 
 
 @cli.command()

@@ -112,6 +112,7 @@ def build_plan(
     checkpoints = _open_inputs(recipe)
     try:
         keys, notes = _plan_keys(recipe, root, checkpoints, out_dtype)
+        notes += [f"model {name}: {note}" for name, c in checkpoints.items() for note in c.notes]
         plan = Plan(recipe, checkpoints, root, keys, compute_dtype, device, None, max_shard, notes)
         if recipe.rounding == "stochastic" and not any(plan.narrows(k) for k in keys):
             plan.notes.append("rounding: stochastic changes nothing: no key is narrowed on output")

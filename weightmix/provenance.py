@@ -10,6 +10,7 @@ from pathlib import Path
 
 from weightmix import __version__
 from weightmix.io import Checkpoint
+from weightmix.io.reader import SafetensorsCheckpoint
 from weightmix.modelspec import modelspec_metadata
 from weightmix.plan import Plan
 
@@ -19,7 +20,8 @@ FINGERPRINTS = {
     "sampled": (
         f"sha256 over each file's 8-byte length and JSON header, then {SAMPLES} blocks of"
         f" {SAMPLE_BYTES // 1024} KiB at evenly spaced offsets of its data section (all of it"
-        f" when smaller than {SAMPLES * SAMPLE_BYTES // 1024} KiB); files in index order"
+        f" when smaller than {SAMPLES * SAMPLE_BYTES // 1024} KiB; for a pickle, of the whole"
+        " file); files in index order"
     ),
     "full": "sha256 over every byte of each file, files in index order",
 }
@@ -32,24 +34,32 @@ KEY_FINGERPRINT = "weightmix.fingerprint"
 def fingerprint(checkpoint: Checkpoint, how: str = "sampled") -> str:
     """A content fingerprint of a checkpoint's files (see FINGERPRINTS for the bytes covered)."""
     digest = hashlib.sha256()
-    for header, raw in checkpoint.headers:
-        with open(header.path, "rb") as handle:
+    for path, prefix, data_start in _parts(checkpoint):
+        with open(path, "rb") as handle:
             if how == "full":
                 while block := handle.read(16 * 2**20):
                     digest.update(block)
                 continue
-            digest.update(raw)
-            data_size = header.file_size - header.data_start
+            digest.update(prefix)
+            data_size = os.fstat(handle.fileno()).st_size - data_start
             if data_size <= SAMPLES * SAMPLE_BYTES:
-                offsets = [header.data_start]
+                offsets = [data_start]
                 length = data_size
             else:
                 span = data_size - SAMPLE_BYTES  # first block at the start, last at the end
-                offsets = [header.data_start + i * span // (SAMPLES - 1) for i in range(SAMPLES)]
+                offsets = [data_start + i * span // (SAMPLES - 1) for i in range(SAMPLES)]
                 length = SAMPLE_BYTES
             for offset in offsets:
                 digest.update(os.pread(handle.fileno(), length, offset))
     return digest.hexdigest()
+
+
+def _parts(checkpoint: Checkpoint) -> list[tuple[Path, bytes, int]]:
+    """(file, bytes hashed whole, where sampling starts): safetensors headers are hashed whole
+    and their data sections sampled; other formats are sampled over the whole file."""
+    if isinstance(checkpoint, SafetensorsCheckpoint):
+        return [(h.path, raw, h.data_start) for h, raw in checkpoint.headers]
+    return [(Path(file), b"", 0) for file in checkpoint.files]
 
 
 def build_metadata(plan: Plan, how: str = "sampled") -> dict[str, str]:

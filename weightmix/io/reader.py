@@ -35,20 +35,58 @@ class TensorInfo:
 
 
 class Checkpoint:
+    """An opened checkpoint: every tensor's dtype, shape and size known, no tensor data read.
+    Subclasses say how bytes are read (read_range); everything else is shared."""
+
+    def __init__(self, path: Path, tensors: dict[str, TensorInfo], files: list[Path]):
+        self.path = path
+        self.tensors = tensors
+        self.files = files
+        self.notes: list[str] = []  # what the user should know about how it was read
+
+    @property
+    def size(self) -> int:
+        return sum(file.stat().st_size for file in self.files)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def read(self, info: TensorInfo, device: torch.device | str = "cpu") -> torch.Tensor:
+        """One whole tensor, as a new tensor of its dtype and shape."""
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            self.read_range(info, 0, buffer.numpy())
+        tensor = buffer.view(info.dtype.torch).reshape(info.shape)
+        return tensor if str(device) == "cpu" else tensor.to(device)
+
+    def read_range(self, info: TensorInfo, start: int, out) -> None:
+        """Fill the buffer `out` with the tensor's bytes from byte `start` on."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SafetensorsCheckpoint(Checkpoint):
     """A single safetensors file or a sharded set, opened by header only."""
 
     def __init__(
         self, path: Path, headers: list[tuple[Header, bytes]], tensors: dict[str, TensorInfo]
     ):
-        self.path = path
+        super().__init__(path, tensors, [header.path for header, _ in headers])
         self.headers = headers
-        self.tensors = tensors
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
-
-    @property
-    def files(self) -> list[Path]:
-        return [header.path for header, _ in self.headers]
 
     @property
     def size(self) -> int:
@@ -58,19 +96,7 @@ class Checkpoint:
     def metadata(self) -> dict[str, str]:
         return dict(self.headers[0][0].metadata) if self.headers else {}
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.tensors
-
-    def read(self, info: TensorInfo, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Read one tensor's bytes from disk into a new tensor of its dtype and shape."""
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-        if info.nbytes:
-            _read_exact(self._fd(info.file), buffer.numpy(), info.offset, info.file)
-        tensor = buffer.view(info.dtype.torch).reshape(info.shape)
-        return tensor if str(device) == "cpu" else tensor.to(device)
-
     def read_range(self, info: TensorInfo, start: int, out) -> None:
-        """Fill the buffer `out` with the tensor's bytes from byte `start` on."""
         _read_exact(self._fd(info.file), out, info.offset + start, info.file)
 
     def _fd(self, file: Path) -> int:
@@ -93,12 +119,6 @@ class Checkpoint:
                 os.close(fd)
             self._fds.clear()
 
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def _read_exact(fd: int, view, offset: int, file: Path) -> None:
     """Fill `view` from `fd` at `offset`; a short file is a user error, not a crash."""
@@ -114,7 +134,8 @@ def _read_exact(fd: int, view, offset: int, file: Path) -> None:
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Open a .safetensors file, a *.safetensors.index.json, or a folder holding one index."""
+    """Open a .safetensors file, a *.safetensors.index.json, a folder holding one index, or a
+    pickled checkpoint (.ckpt, .pt, .pth, .bin; read safely, see io/pickled.py)."""
     path = Path(path)
     if not path.exists():
         raise WeightmixError(f"{path}: no such file or folder")
@@ -123,11 +144,11 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if path.name.endswith(INDEX_SUFFIX):
         return _open_index(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise WeightmixError(
-            f"{path}: pickled checkpoints are not read yet; convert it to .safetensors first"
-        )
+        from weightmix.io.pickled import open_pickle  # torch.load only when a pickle is given
+
+        return open_pickle(path)
     header, raw = read_header(path)
-    return Checkpoint(path, [(header, raw)], _tensors_of(header))
+    return SafetensorsCheckpoint(path, [(header, raw)], _tensors_of(header))
 
 
 def _tensors_of(header: Header, keys: set[str] | None = None) -> dict[str, TensorInfo]:
@@ -186,4 +207,4 @@ def _open_index(index: Path) -> Checkpoint:
                 f" ({len(unlisted)} such keys): the index does not match its shards"
             )
         tensors.update(_tensors_of(header, keys))
-    return Checkpoint(index, headers, tensors)
+    return SafetensorsCheckpoint(index, headers, tensors)
