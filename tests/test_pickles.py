@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import POSITION_IDS, folder_listing, load, random_state, save
+from helpers import POSITION_IDS, folder_listing, load, random_state
 
 import weightmix
 
