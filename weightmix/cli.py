@@ -76,6 +76,11 @@ def cli() -> None:
     type=click.Choice(["nearest", "stochastic"]),
     help="How results are cast to a narrower output dtype (default nearest; stochastic is seeded).",
 )
+@click.option(
+    "--components",
+    help="Keep only these components of a single-file model, e.g. unet,text_encoder (also vae,"
+    " text_encoder_2, clip_l ...).",
+)
 @click.option("--title", help="Title written as modelspec.title (default: the output file name).")
 @click.option("--compute-dtype", help="Dtype the merge is computed in (default fp32).")
 @click.option("--device", help="cpu or cuda (default cpu).")
@@ -200,6 +205,8 @@ def _recipe_from(inputs: tuple[str, ...], flags: dict[str, Any]) -> Recipe:
     for name in (*settings, "max_shard_size", "title"):
         if flags[name] is not None:
             data[name] = flags[name]
+    if flags["components"]:
+        data["components"] = [c.strip() for c in flags["components"].split(",") if c.strip()]
     return parse_recipe(data, "command line", base_dir)
 
 

@@ -9,12 +9,15 @@ import re
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from weightmix.arch import ARCHITECTURES, detect_architecture
+from weightmix.arch.components import ComponentMap, component_map
 from weightmix.errors import WeightmixError, closest
 from weightmix.expression import Leaf, Node, Op, compile_expression, leaves, ops, with_overrides
 from weightmix.io import (
@@ -185,15 +188,24 @@ def _open_inputs(recipe: Recipe) -> dict[str, Checkpoint]:
 
 
 class _RuleMatcher:
-    def __init__(self, rules: list[Rule]):
+    def __init__(self, rules: list[Rule], components: ComponentMap | None):
         self.rules = rules
         self.patterns = [
-            re.compile(fnmatch.translate(r.keys)).match
-            if r.keys is not None
-            else re.compile(r.regex).search
-            for r in rules
+            self._pattern(number, rule, components) for number, rule in enumerate(rules, 1)
         ]
         self.hits = Counter()
+
+    @staticmethod
+    def _pattern(
+        number: int, rule: Rule, components: ComponentMap | None
+    ) -> Callable[[str], object]:
+        if rule.keys is not None:
+            return re.compile(fnmatch.translate(rule.keys)).match
+        if rule.regex is not None:
+            return re.compile(rule.regex).search
+        assert components is not None  # _component_map requires it for component rules
+        wanted = components.resolve(rule.component, f"recipe rule {number}")
+        return lambda key: components.component_of(key) == wanted
 
     def matching(self, key: str) -> tuple[int, ...]:
         found = tuple(i for i, match in enumerate(self.patterns) if match(key))
@@ -201,11 +213,32 @@ class _RuleMatcher:
         return found
 
 
+def _component_map(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> ComponentMap | None:
+    """The component map of the first model's layout, when the recipe names components."""
+    if not recipe.components and not any(r.component for r in recipe.rules):
+        return None
+    name, first = next(iter(checkpoints.items()))
+    architecture = detect_architecture(first.tensors)
+    if architecture is None:
+        raise WeightmixError(
+            f"recipe: components are named, but the keys of model {name} match no single-file"
+            f" layout weightmix knows ({', '.join(ARCHITECTURES)}); select keys with rules instead"
+        )
+    return component_map(architecture)
+
+
 def _plan_keys(
     recipe: Recipe, root: Node, checkpoints: dict[str, Checkpoint], out_dtype: DType | None
 ) -> tuple[list[KeyPlan], list[str]]:
-    matcher = _RuleMatcher(recipe.rules)
+    components = _component_map(recipe, checkpoints)
+    matcher = _RuleMatcher(recipe.rules, components)
     all_keys = dict.fromkeys(key for ckpt in checkpoints.values() for key in ckpt.tensors)
+    left_out = 0
+    if recipe.components:
+        assert components is not None
+        kept = {components.resolve(name, "recipe components") for name in recipe.components}
+        selected = {k: None for k in all_keys if components.component_of(k) in kept}
+        left_out, all_keys = len(all_keys) - len(selected), selected
     variants: dict[tuple, tuple[str, Node | str | None, str]] = {}
     planned: list[KeyPlan] = []
     missing: list[tuple[str, list[str], list[str]]] = []
@@ -249,7 +282,8 @@ def _plan_keys(
         raise WeightmixError(f"{mismatched[0]}{more}")
     if missing and recipe.on_missing == "error":
         raise WeightmixError(_missing_message(missing))
-    notes = [
+    notes = [f"{left_out} keys of other components left out"] if left_out else []
+    notes += [
         f"rule {i + 1} ({rule.pattern}) matches no key"
         for i, rule in enumerate(recipe.rules)
         if not matcher.hits[i]

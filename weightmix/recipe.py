@@ -76,14 +76,15 @@ class Rule(_Strict):
 
     keys: str | None = None
     regex: str | None = None
+    component: str | None = None  # unet, vae, text_encoder ... of a known single-file layout
     take: str | None = None
     drop: bool = False
     params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_pattern_one_action(self) -> Rule:
-        if (self.keys is None) == (self.regex is None):
-            raise ValueError("a rule needs exactly one of 'keys' (a glob) or 'regex'")
+        if sum(p is not None for p in (self.keys, self.regex, self.component)) != 1:
+            raise ValueError("a rule needs exactly one of 'keys' (a glob), 'regex' or 'component'")
         if self.regex is not None:
             try:
                 re.compile(self.regex)
@@ -96,6 +97,8 @@ class Rule(_Strict):
 
     @property
     def pattern(self) -> str:
+        if self.component is not None:
+            return f"component {self.component}"
         return self.keys if self.keys is not None else f"regex {self.regex}"
 
 
@@ -112,6 +115,7 @@ class Recipe(_Strict):
     on_missing: OnMissing = "error"
     rounding: Literal["nearest", "stochastic"] = "nearest"  # casts to a narrower output dtype
     title: str | None = None  # modelspec.title of the output; default: the output's file name
+    components: list[str] | None = None  # keep only these components (unet, vae ...)
     max_shard_size: str | None = None
     _base_dir: Path = PrivateAttr(default=Path("."))
 

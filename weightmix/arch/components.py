@@ -1,0 +1,65 @@
+"""Components of single-file checkpoints (UNet/transformer, VAE, text encoders), from the
+architecture data: which component a key belongs to, and the names users call them by."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from weightmix.arch import load_architecture
+from weightmix.errors import WeightmixError, closest
+
+# diffusers' names for the text encoders, per architecture (the data says clip_l, clip_g, t5xxl)
+_TEXT_ENCODERS = {
+    "sd1-ldm": ("clip_l",),
+    "sdxl-sgm": ("clip_l", "clip_g"),
+    "sd3-comfyui": ("clip_l", "clip_g", "t5xxl"),
+    "flux-flux": ("clip_l", "t5xxl"),
+}
+_DIFFUSER = ("unet", "transformer", "diffuser", "model")
+PREFIX_DEPTH = 3  # dotted segments that tell components apart (conditioner.embedders.1 ...)
+
+
+class ComponentMap:
+    """Which component each key of an architecture belongs to, and user-facing names."""
+
+    def __init__(self, architecture: str):
+        self.architecture = architecture
+        specs = load_architecture(architecture)
+        self.by_key = {s.key: s.component for s in specs}
+        prefixes: dict[str, set[str]] = {}
+        for spec in specs:
+            for depth in range(1, PREFIX_DEPTH + 1):
+                prefix = ".".join(spec.key.split(".")[:depth])
+                prefixes.setdefault(prefix, set()).add(spec.component)
+        self.by_prefix = {p: c.pop() for p, c in prefixes.items() if len(c) == 1}
+        components = sorted({s.component for s in specs})
+        self.names = {c: c for c in components}
+        self.names.update(dict.fromkeys(_DIFFUSER, "diffuser"))
+        for number, encoder in enumerate(_TEXT_ENCODERS.get(architecture, ()), 1):
+            self.names["text_encoder" if number == 1 else f"text_encoder_{number}"] = encoder
+
+    def component_of(self, key: str) -> str | None:
+        """The key's component: from the data, else from its longest known prefix."""
+        if key in self.by_key:
+            return self.by_key[key]
+        parts = key.split(".")
+        for depth in range(min(PREFIX_DEPTH, len(parts) - 1), 0, -1):
+            component = self.by_prefix.get(".".join(parts[:depth]))
+            if component is not None:
+                return component
+        return None
+
+    def resolve(self, name: str, where: str) -> str:
+        """The data's component for a user-typed name (unet, vae, text_encoder_2 ...)."""
+        component = self.names.get(name.strip().lower())
+        if component is None:
+            raise WeightmixError(
+                f"{where}: '{name}' is not a component of {self.architecture}"
+                f"{closest(name, self.names)}; components: {', '.join(sorted(self.names))}"
+            )
+        return component
+
+
+@cache
+def component_map(architecture: str) -> ComponentMap:
+    return ComponentMap(architecture)
