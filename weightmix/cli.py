@@ -34,8 +34,8 @@ def cli() -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Output .safetensors path.",
+    type=click.Path(path_type=Path),
+    help="Output .safetensors path; a folder when the first model is a model folder.",
 )
 @click.option(
     "-m", "--method", help="Merge method for model files given directly (default weighted_sum)."

@@ -23,6 +23,7 @@ import torch
 
 from weightmix.expression import evaluate, is_elementwise
 from weightmix.io import open_output
+from weightmix.io.folder_output import FolderOutput
 from weightmix.io.writer import SafetensorsOutput, tensor_bytes
 from weightmix.plan import KeyPlan, Plan
 from weightmix.progress import Progress
@@ -105,9 +106,11 @@ def run(
     progress = progress or Progress()
     workers = threads or default_threads()
     began = time.monotonic()
-    writer = open_output(
-        plan.output, plan.output_tensors(), metadata, plan.max_shard_bytes, fsync=fsync
-    )
+    tensors, base = plan.output_tensors(), plan.base_folder
+    if base is not None:  # the output mirrors the base model folder
+        writer = FolderOutput(plan.output, base, tensors, metadata, plan.max_shard_bytes, fsync)
+    else:
+        writer = open_output(plan.output, tensors, metadata, plan.max_shard_bytes, fsync=fsync)
     try:
         progress.start(len(plan.keys), plan.output_bytes)
         # closing(): on any error the pool has stopped before the output is removed

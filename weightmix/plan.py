@@ -29,6 +29,7 @@ from weightmix.io import (
     open_checkpoint,
 )
 from weightmix.io.dtypes import COMPUTE_DTYPES, OUTPUT_DTYPES
+from weightmix.io.folders import FolderCheckpoint
 from weightmix.io.writer import output_paths, split_shards
 from weightmix.recipe import Recipe, Rule
 from weightmix.units import format_size, parse_size
@@ -70,6 +71,12 @@ class Plan:
     output: Path | None
     max_shard_bytes: int | None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def base_folder(self) -> FolderCheckpoint | None:
+        """The first model when it is a model folder: the output then mirrors it."""
+        first = next(iter(self.checkpoints.values()))
+        return first if isinstance(first, FolderCheckpoint) else None
 
     def narrows(self, key: KeyPlan) -> bool:
         """Whether writing this key rounds a float to fewer bits than it was computed in."""
@@ -114,6 +121,7 @@ def build_plan(
     _check_rules(recipe, root)
     checkpoints = _open_inputs(recipe)
     try:
+        _check_same_kind(checkpoints)
         keys, notes = _plan_keys(recipe, root, checkpoints, out_dtype)
         notes += [f"model {name}: {note}" for name, c in checkpoints.items() for note in c.notes]
         plan = Plan(recipe, checkpoints, root, keys, compute_dtype, device, None, max_shard, notes)
@@ -374,22 +382,36 @@ def _missing_message(missing: list[tuple[str, list[str], list[str]]]) -> str:
     )
 
 
+def _check_same_kind(checkpoints: dict[str, Checkpoint]) -> None:
+    """Model folders name keys their own way: they merge with folders of the same kind only."""
+    kinds = {
+        name: ("pipeline" if c.pipeline else "component")
+        if isinstance(c, FolderCheckpoint)
+        else "file"
+        for name, c in checkpoints.items()
+    }
+    (first, kind), *others = kinds.items()
+    for name, other in others:
+        if other != kind and "pipeline" in (kind, other):
+            raise WeightmixError(
+                f"model {first} is a {_KIND_TEXT[kind]} but model {name} is a {_KIND_TEXT[other]}:"
+                " their key names differ; merge pipelines with pipelines, or give the component"
+                " folders (e.g. .../unet) of each"
+            )
+
+
+_KIND_TEXT = {"pipeline": "diffusers pipeline folder", "component": "model folder", "file": "file"}
+
+
 def _check_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
+    base = plan.base_folder
+    if base is not None:
+        return _check_folder_output(dest, plan, overwrite)
     if not dest.name.endswith(".safetensors"):
         raise WeightmixError(f"output {dest}: name it *.safetensors (the only format written)")
     if dest.is_dir():
         raise WeightmixError(f"output {dest}: is a folder; give a file path ending in .safetensors")
-    folder = dest.parent if str(dest.parent) else Path(".")
-    if not folder.is_dir():
-        raise WeightmixError(f"output {dest}: folder {folder} does not exist; create it first")
-    try:  # a real probe: permissions, read-only mounts and pseudo file systems all show here
-        with tempfile.TemporaryFile(dir=folder, prefix=".weightmix-probe-"):
-            pass
-    except OSError as error:
-        raise WeightmixError(
-            f"output {dest}: folder {folder} is not writable ({error.strerror});"
-            " choose another folder"
-        ) from None
+    folder = _check_writable(dest)
     shards, index = output_paths(dest, plan.shard_count)
     targets = [*shards, *([index] if index else [])]
     inputs = {
@@ -407,10 +429,55 @@ def _check_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
     existing = [t for t in targets if t.exists()]
     if existing and not overwrite:
         raise WeightmixError(f"output {existing[0]} exists: pass --overwrite to replace it")
+    _check_space(dest, folder, plan)
+    return dest
+
+
+def _check_writable(dest: Path) -> Path:
+    folder = dest.parent if str(dest.parent) else Path(".")
+    if not folder.is_dir():
+        raise WeightmixError(f"output {dest}: folder {folder} does not exist; create it first")
+    try:  # a real probe: permissions, read-only mounts and pseudo file systems all show here
+        with tempfile.TemporaryFile(dir=folder, prefix=".weightmix-probe-"):
+            pass
+    except OSError as error:
+        raise WeightmixError(
+            f"output {dest}: folder {folder} is not writable ({error.strerror});"
+            " choose another folder"
+        ) from None
+    return folder
+
+
+def _check_folder_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
+    """A folder output: not a .safetensors name, not over or inside or around an input."""
+    if dest.name.endswith(".safetensors"):
+        first = next(iter(plan.checkpoints))
+        raise WeightmixError(
+            f"output {dest}: model {first} is a model folder, so the output is a folder that"
+            " mirrors it: give a folder path"
+        )
+    folder = _check_writable(dest)
+    target = Path(os.path.realpath(dest))
+    for name, ckpt in plan.checkpoints.items():
+        for path in [ckpt.path, *ckpt.files]:
+            source = Path(os.path.realpath(path))
+            if target == source or target in source.parents or source in target.parents:
+                raise WeightmixError(
+                    f"output {dest} overlaps input '{name}' ({path}): inputs are never written"
+                    " or replaced; choose a folder outside the inputs"
+                )
+    if dest.exists() and not overwrite:
+        raise WeightmixError(f"output {dest} exists: pass --overwrite to replace it")
+    if dest.exists() and not dest.is_dir():
+        raise WeightmixError(f"output {dest} is a file; a model folder output needs a folder path")
+    _check_space(dest, folder, plan)
+    return dest
+
+
+def _check_space(dest: Path, folder: Path, plan: Plan) -> None:
     free = shutil.disk_usage(folder).free
     if plan.output_bytes > free:
         raise WeightmixError(
             f"output {dest}: needs {format_size(plan.output_bytes)} but {folder} has"
             f" {format_size(free)} free"
         )
-    return dest

@@ -140,6 +140,10 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not path.exists():
         raise WeightmixError(f"{path}: no such file or folder")
     if path.is_dir():
+        from weightmix.io.folders import is_model_folder, open_folder
+
+        if is_model_folder(path):
+            return open_folder(path, open_checkpoint)
         return _open_index(_find_index(path))
     if path.name.endswith(INDEX_SUFFIX):
         return _open_index(path)
@@ -167,8 +171,8 @@ def _find_index(folder: Path) -> Path:
         return indexes[0]
     if not indexes:
         raise WeightmixError(
-            f"{folder}: folder has no *{INDEX_SUFFIX}: give the .safetensors file itself,"
-            " or the index of a sharded set"
+            f"{folder}: folder is neither a diffusers pipeline (model_index.json), nor a model"
+            f" folder (config.json), nor a sharded set (*{INDEX_SUFFIX}): give a file instead"
         )
     names = ", ".join(p.name for p in indexes)
     raise WeightmixError(f"{folder}: folder has several indexes ({names}): give one of them")

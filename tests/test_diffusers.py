@@ -1,0 +1,209 @@
+"""diffusers and transformers folders: tiny models built from configs here (no download), two
+variants each, merged by weightmix, loaded back with from_pretrained and compared with a
+reference merged in torch, through a forward pass."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
+from helpers import folder_listing, save
+from transformers import CLIPTextConfig, CLIPTextModel
+
+ALPHA = 0.3
+
+
+def make_unet():
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+        attention_head_dim=2, norm_num_groups=4,
+    )  # fmt: skip
+
+
+def make_vae():
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+        latent_channels=4, norm_num_groups=4, sample_size=16,
+    )  # fmt: skip
+
+
+def make_flux():
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+        guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+    )  # fmt: skip
+
+
+def make_clip():
+    config = CLIPTextConfig(
+        vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1,
+    )  # fmt: skip
+    return CLIPTextModel(config)
+
+
+def forward_unet(model):
+    g = torch.Generator().manual_seed(0)
+    sample, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 3, 8, generator=g)
+    return model(sample, 10, encoder_hidden_states=context).sample
+
+
+def forward_vae(model):
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    return model(x, sample_posterior=False).sample
+
+
+def forward_flux(model):
+    g = torch.Generator().manual_seed(0)
+    return model(
+        hidden_states=torch.randn(1, 6, 4, generator=g),
+        encoder_hidden_states=torch.randn(1, 3, 16, generator=g),
+        pooled_projections=torch.randn(1, 8, generator=g),
+        timestep=torch.tensor([0.5]), img_ids=torch.zeros(6, 3), txt_ids=torch.zeros(3, 3),
+        guidance=torch.tensor([3.5]),
+    ).sample  # fmt: skip
+
+
+def forward_clip(model):
+    return model(input_ids=torch.tensor([[0, 5, 7, 9, 1]])).last_hidden_state
+
+
+MODELS = {
+    "unet": (make_unet, UNet2DConditionModel, forward_unet),
+    "vae": (make_vae, AutoencoderKL, forward_vae),
+    "flux": (make_flux, FluxTransformer2DModel, forward_flux),
+    "clip": (make_clip, CLIPTextModel, forward_clip),
+}
+
+
+def variants(make, seeds=(1, 2)):
+    models = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        models.append(make().eval())
+    return models
+
+
+def reference(make, a, b):
+    """The merge done directly in torch: (1 − α)·A + α·B for every float tensor."""
+    model = make().eval()
+    sa, sb = a.state_dict(), b.state_dict()
+    merged = {
+        k: (1 - ALPHA) * sa[k] + ALPHA * sb[k] if sa[k].is_floating_point() else sa[k] for k in sa
+    }
+    model.load_state_dict(merged)
+    return model
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("storage", ["safetensors", "sharded", "bin"])
+def test_component_folders_merge_and_load(run, tmp_path, name, storage):
+    make, cls, forward = MODELS[name]
+    a, b = variants(make)
+    options = {
+        "safetensors": {},
+        "sharded": {"max_shard_size": "20KB"},
+        "bin": {"safe_serialization": False},
+    }[storage]
+    for model, folder in ((a, "A"), (b, "B")):
+        model.save_pretrained(tmp_path / folder, **options)
+    out = tmp_path / "merged"
+    result = run("merge", tmp_path / "A", tmp_path / "B", "--alpha", ALPHA, "-o", out, "-q")
+    assert result.code == 0, result.err
+    loaded = cls.from_pretrained(out).eval()
+    expected = reference(make, a, b)
+    for key, tensor in expected.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], tensor, msg=key)
+    with torch.no_grad():
+        torch.testing.assert_close(forward(loaded), forward(expected))
+    names = folder_listing(out)
+    assert "config.json" in names
+    assert not any(n.endswith(".bin") for n in names)
+    if storage == "sharded":
+        assert any(n.endswith(".safetensors.index.json") for n in names)
+
+
+def write_pipeline(folder, seed):
+    """A tiny Stable Diffusion pipeline folder, laid out as save_pretrained lays it out."""
+    torch.manual_seed(seed)
+    make_unet().save_pretrained(folder / "unet")
+    make_vae().save_pretrained(folder / "vae")
+    make_clip().save_pretrained(folder / "text_encoder")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "PNDMScheduler"}')
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "vocab.json").write_text('{"a": 0}')
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "safety_checker": [None, None],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
+def test_pipeline_folders_merge_component_by_component(run, tmp_path):
+    for folder, seed in (("A", 1), ("B", 2)):
+        write_pipeline(tmp_path / folder, seed)
+    out = tmp_path / "merged"
+    args = ("merge", tmp_path / "A", tmp_path / "B", "--alpha", ALPHA, "--take", "vae/*=A")
+    result = run(*args, "-o", out, "--dry-run")
+    assert result.code == 0 and "copied from A: taken by rule 1 (vae/*)" in result.out
+    assert run(*args, "-o", out, "-q").code == 0
+    assert (out / "model_index.json").read_text() == (
+        tmp_path / "A" / "model_index.json"
+    ).read_text()
+    assert (out / "tokenizer" / "vocab.json").is_file()
+    assert (out / "scheduler" / "scheduler_config.json").is_file()
+    for subfolder, (make, cls, forward) in (
+        ("unet", MODELS["unet"]),
+        ("text_encoder", MODELS["clip"]),
+        ("vae", MODELS["vae"]),
+    ):
+        loaded = cls.from_pretrained(out, subfolder=subfolder).eval()
+        a = cls.from_pretrained(tmp_path / "A", subfolder=subfolder).eval()
+        b = cls.from_pretrained(tmp_path / "B", subfolder=subfolder).eval()
+        expected = a if subfolder == "vae" else reference(make, a, b)
+        with torch.no_grad():
+            torch.testing.assert_close(forward(loaded), forward(expected), msg=subfolder)
+
+
+def test_folder_errors_and_overwrite(run, tmp_path):
+    make_unet().save_pretrained(tmp_path / "A")
+    make_unet().save_pretrained(tmp_path / "B")
+    single = save(tmp_path / "single.safetensors", {"w": torch.ones(2)})
+    write_pipeline(tmp_path / "P", 3)
+    out = tmp_path / "merged"
+
+    def error(*args):
+        result = run("merge", *args)
+        assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+        return result.err
+
+    assert "mirrors it: give a folder path" in error(
+        tmp_path / "A", tmp_path / "B", "-o", tmp_path / "x.safetensors"
+    )
+    assert "overlaps input" in error(tmp_path / "A", tmp_path / "B", "-o", tmp_path / "A" / "sub")
+    assert "overlaps input" in error(tmp_path / "A", tmp_path / "B", "-o", tmp_path, "--overwrite")
+    assert "diffusers pipeline folder" in error(tmp_path / "P", single, "-o", out)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    assert "no weights" in error(tmp_path / "A", empty, "-o", out)
+    assert not out.exists()
+    # an existing output folder is replaced only with --overwrite, and only when complete
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    assert "exists" in error(tmp_path / "A", tmp_path / "B", "-o", out)
+    assert run("merge", tmp_path / "A", tmp_path / "B", "-o", out, "--overwrite", "-q").code == 0
+    assert not (out / "old.txt").exists() and (out / "config.json").is_file()
