@@ -12,6 +12,8 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionMode
 from helpers import folder_listing, save
 from transformers import CLIPTextConfig, CLIPTextModel
 
+import weightmix
+
 ALPHA = 0.3
 
 
@@ -159,6 +161,14 @@ def test_pipeline_folders_merge_component_by_component(run, tmp_path):
     args = ("merge", tmp_path / "A", tmp_path / "B", "--alpha", ALPHA, "--take", "vae/*=A")
     result = run(*args, "-o", out, "--dry-run")
     assert result.code == 0 and "copied from A: taken by rule 1 (vae/*)" in result.out
+    recipe = {
+        "models": {"A": str(tmp_path / "A"), "B": str(tmp_path / "B")},
+        "merge": {"method": "weighted_sum", "inputs": ["A", "B"]},
+        "rules": [{"component": "vae", "take": "A"}],
+        "components": ["unet", "vae"],
+    }
+    text = weightmix.dry_run(recipe, tmp_path / "other")
+    assert "taken by rule 1 (component vae)" in text and "keys of other components left out" in text
     assert run(*args, "-o", out, "-q").code == 0
     assert (out / "model_index.json").read_text() == (
         tmp_path / "A" / "model_index.json"

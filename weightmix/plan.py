@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from weightmix.arch import ARCHITECTURES, detect_architecture
-from weightmix.arch.components import ComponentMap, component_map
+from weightmix.arch.components import ComponentMap, PipelineComponents, component_map
 from weightmix.errors import WeightmixError, closest
 from weightmix.expression import Leaf, Node, Op, compile_expression, leaves, ops, with_overrides
 from weightmix.io import (
@@ -196,7 +196,7 @@ def _open_inputs(recipe: Recipe) -> dict[str, Checkpoint]:
 
 
 class _RuleMatcher:
-    def __init__(self, rules: list[Rule], components: ComponentMap | None):
+    def __init__(self, rules: list[Rule], components: ComponentMap | PipelineComponents | None):
         self.rules = rules
         self.patterns = [
             self._pattern(number, rule, components) for number, rule in enumerate(rules, 1)
@@ -205,7 +205,7 @@ class _RuleMatcher:
 
     @staticmethod
     def _pattern(
-        number: int, rule: Rule, components: ComponentMap | None
+        number: int, rule: Rule, components: ComponentMap | PipelineComponents | None
     ) -> Callable[[str], object]:
         if rule.keys is not None:
             return re.compile(fnmatch.translate(rule.keys)).match
@@ -221,11 +221,15 @@ class _RuleMatcher:
         return found
 
 
-def _component_map(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> ComponentMap | None:
+def _component_map(
+    recipe: Recipe, checkpoints: dict[str, Checkpoint]
+) -> ComponentMap | PipelineComponents | None:
     """The component map of the first model's layout, when the recipe names components."""
     if not recipe.components and not any(r.component for r in recipe.rules):
         return None
     name, first = next(iter(checkpoints.items()))
+    if isinstance(first, FolderCheckpoint) and first.pipeline:
+        return PipelineComponents([c.name for c in first.components])
     architecture = detect_architecture(first.tensors)
     if architecture is None:
         raise WeightmixError(

@@ -60,6 +60,26 @@ class ComponentMap:
         return component
 
 
+class PipelineComponents:
+    """The components of a diffusers pipeline folder: its subfolders (unet, vae, text_encoder
+    ...), keys prefixed 'component/'."""
+
+    def __init__(self, names: list[str]):
+        self.architecture = "this pipeline"
+        self.names = {name: name for name in names}
+
+    def component_of(self, key: str) -> str | None:
+        return key.split("/", 1)[0] if "/" in key else None
+
+    def resolve(self, name: str, where: str) -> str:
+        if name in self.names:
+            return name
+        raise WeightmixError(
+            f"{where}: '{name}' is not a component of this pipeline{closest(name, self.names)};"
+            f" components: {', '.join(self.names)}"
+        )
+
+
 @cache
 def component_map(architecture: str) -> ComponentMap:
     return ComponentMap(architecture)
