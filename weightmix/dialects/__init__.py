@@ -1,0 +1,70 @@
+"""Key dialects: the single-file names of LDM/SGM/BFL checkpoints against diffusers' names, for
+SD1.x/2.x, SDXL and Flux (UNet or transformer, VAE, text encoders). See links.py for how one
+side is rebuilt from the other as byte ranges, so conversions stream."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from weightmix.arch import detect_architecture
+from weightmix.dialects.flux import flux_links, prefix_links
+from weightmix.dialects.links import ConvertedCheckpoint, Link, converted, to_diffusers, to_single
+from weightmix.dialects.stable_diffusion import clip_links, open_clip_links, unet_links, vae_links
+from weightmix.io.reader import Checkpoint
+
+
+def _has_text_model(pipeline_keys: set[str], component: str) -> bool:
+    return any(k.startswith(f"{component}/text_model.") for k in pipeline_keys)
+
+
+def layout_links(single_keys: Iterable[str], pipeline_keys: Iterable[str]) -> list[Link] | None:
+    """Links between a single file with these keys and a diffusers pipeline with those keys,
+    or None when the single file's layout is not one weightmix can convert."""
+    single, pipeline = set(single_keys), set(pipeline_keys)
+    architecture = detect_architecture(single)
+    if architecture == "sd1-ldm":
+        return (
+            unet_links(single, "model.diffusion_model.", "unet/")
+            + vae_links(single, "first_stage_model.", "vae/")
+            + clip_links(single, "cond_stage_model.transformer.", "text_encoder/",
+                         _has_text_model(pipeline, "text_encoder"))
+        )  # fmt: skip
+    if architecture == "sdxl-sgm":
+        return (
+            unet_links(single, "model.diffusion_model.", "unet/")
+            + vae_links(single, "first_stage_model.", "vae/")
+            + clip_links(single, "conditioner.embedders.0.transformer.", "text_encoder/",
+                         _has_text_model(pipeline, "text_encoder"))
+            + open_clip_links(single, "conditioner.embedders.1.model.", "text_encoder_2/",
+                              _has_text_model(pipeline, "text_encoder_2"))
+        )  # fmt: skip
+    if architecture == "flux-flux":
+        return (
+            flux_links(single, "model.diffusion_model.", "transformer/")
+            + vae_links(single, "vae.", "vae/")
+            + clip_links(single, "text_encoders.clip_l.transformer.", "text_encoder/",
+                         _has_text_model(pipeline, "text_encoder"))
+            + prefix_links(single, "text_encoders.t5xxl.transformer.", "text_encoder_2/")
+        )  # fmt: skip
+    return None
+
+
+def as_pipeline(
+    single_file: Checkpoint, pipeline_keys: Iterable[str]
+) -> ConvertedCheckpoint | None:
+    """A single-file checkpoint seen with diffusers pipeline keys ('unet/conv_in.weight' ...)."""
+    links = layout_links(single_file.tensors, pipeline_keys)
+    if links is None:
+        return None
+    return converted(single_file, to_diffusers(links, single_file.tensors))
+
+
+def as_single_file(pipeline: Checkpoint, single_keys: Iterable[str]) -> ConvertedCheckpoint | None:
+    """A pipeline folder seen with single-file keys, for a single file holding `single_keys`."""
+    links = layout_links(single_keys, pipeline.tensors)
+    if links is None:
+        return None
+    return converted(pipeline, to_single(links, pipeline.tensors))
+
+
+__all__ = ["Link", "as_pipeline", "as_single_file", "layout_links"]
