@@ -164,3 +164,78 @@ def test_streamed_reads_of_converted_tensors_match_whole_reads():
             bytes(out)
             == whole.view(torch.uint8).reshape(-1)[start : start + length].numpy().tobytes()
         )
+
+
+def sd1_pipeline(folder: Path, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    """A tiny pipeline folder with SD1.5's structure; returns each component's state dict."""
+    import json
+
+    torch.manual_seed(seed)
+    models = {
+        "unet": UNet2DConditionModel(
+            block_out_channels=(8, 16, 32, 32), layers_per_block=2, cross_attention_dim=16,
+            attention_head_dim=2, norm_num_groups=4, sample_size=8,
+        ),
+        "vae": AutoencoderKL(
+            block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=4,
+        ),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(
+            vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=12,
+            num_attention_heads=2, max_position_embeddings=77,
+        )),
+    }  # fmt: skip
+    for name, model in models.items():
+        model.save_pretrained(folder / name)
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "PNDMScheduler"}')
+    index = {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "PNDMScheduler"]}
+    index.update({name: ["diffusers", type(model).__name__] for name, model in models.items()})
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return {name: model.state_dict() for name, model in models.items()}
+
+
+def test_pipelines_and_single_files_merge_and_convert_both_ways(run, tmp_path):
+    from helpers import load
+
+    a = sd1_pipeline(tmp_path / "A", 1)
+    b = sd1_pipeline(tmp_path / "B", 2)
+    unet_config = UNet2DConditionModel.load_config(tmp_path / "A" / "unet")
+    single_b = tmp_path / "b.safetensors"
+    result = run("convert", tmp_path / "B", single_b, "--single-file", "-q")
+    assert result.code == 0, result.err
+    as_ldm = load(single_b)
+    assert all(
+        k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))
+        for k in as_ldm
+    )
+    assert_same(reference.convert_ldm_unet_checkpoint(as_ldm, unet_config), b["unet"])
+
+    # a pipeline merged with a single file: the output mirrors the pipeline
+    merged = tmp_path / "merged"
+    result = run("merge", tmp_path / "A", single_b, "--alpha", 0.3, "-o", merged)
+    assert result.code == 0, result.err
+    assert "read with the key names of model A" in result.err
+    unet = UNet2DConditionModel.from_pretrained(merged, subfolder="unet").state_dict()
+    expected = {k: 0.7 * v + 0.3 * b["unet"][k] for k, v in a["unet"].items()}
+    for key, tensor in expected.items():
+        torch.testing.assert_close(unet[key], tensor, msg=key)
+
+    # the single file first: the output is a single file with single-file names
+    merged_file = tmp_path / "merged.safetensors"
+    assert run("merge", single_b, tmp_path / "A", "--alpha", 0.7, "-o", merged_file, "-q").code == 0
+    unet_again = reference.convert_ldm_unet_checkpoint(load(merged_file), unet_config)
+    for key, tensor in expected.items():
+        torch.testing.assert_close(unet_again[key], tensor, msg=key)
+
+    # and back to a folder like A, loadable by diffusers
+    folder_b = tmp_path / "b_folder"
+    assert run("convert", single_b, folder_b, "--like", tmp_path / "A", "-q").code == 0
+    assert (folder_b / "scheduler" / "scheduler_config.json").is_file()
+    for name, cls in (
+        ("unet", UNet2DConditionModel),
+        ("vae", AutoencoderKL),
+        ("text_encoder", CLIPTextModel),
+    ):
+        loaded = cls.from_pretrained(folder_b, subfolder=name).state_dict()
+        assert_same({k: loaded[k] for k in b[name]}, b[name])

@@ -257,7 +257,7 @@ def test_rules_later_wins_and_scoped_parameters(tmp_path):
 
 def test_on_missing_keep_and_skip(run, tmp_path, models):
     state = random_state(2)
-    dropped = sorted(state)[:3]
+    dropped = sorted(k for k in state if k != POSITION_IDS)[:3]
     for key in dropped:
         del state[key]
     partial = save(tmp_path / "partial.safetensors", state)
@@ -269,6 +269,17 @@ def test_on_missing_keep_and_skip(run, tmp_path, models):
     assert set(merged) == set(a) and all(merged[k].equal(a[k]) for k in dropped)
     assert run("merge", models["A"], partial, "--on-missing", "skip", "-o", skipped).code == 0
     assert set(load(skipped)) == set(a) - set(dropped)
+
+
+def test_integer_buffers_some_models_lack_are_kept_without_asking(run, tmp_path, models):
+    state = random_state(2)
+    del state[POSITION_IDS]  # diffusers folders do not save this buffer; LDM files do
+    partial = save(tmp_path / "partial.safetensors", state)
+    out = tmp_path / "out.safetensors"
+    result = run("merge", partial, models["A"], "-o", out)
+    assert result.code == 0, result.err
+    assert "1 integer keys some models lack are copied from one that has them" in result.err
+    assert load(out)[POSITION_IDS].equal(load(models["A"])[POSITION_IDS])
 
 
 def test_rule_matching_nothing_is_reported(run, tmp_path, models):

@@ -81,6 +81,11 @@ def cli() -> None:
     help="Keep only these components of a single-file model, e.g. unet,text_encoder (also vae,"
     " text_encoder_2, clip_l ...).",
 )
+@click.option(
+    "--layout",
+    help="Whose layout the output takes: a model name (default: the first model), or"
+    " single_file for one file with single-file key names even from diffusers pipelines.",
+)
 @click.option("--title", help="Title written as modelspec.title (default: the output file name).")
 @click.option("--compute-dtype", help="Dtype the merge is computed in (default fp32).")
 @click.option("--device", help="cpu or cuda (default cpu).")
@@ -202,7 +207,7 @@ def _recipe_from(inputs: tuple[str, ...], flags: dict[str, Any]) -> Recipe:
         pairs = (_pair(a, "--rule") for a in assignments.split(","))
         rules.append({"keys": pattern, "params": {n: _value(v) for n, v in pairs}})
     settings = ("dtype", "compute_dtype", "rounding", "device", "seed", "on_missing")
-    for name in (*settings, "max_shard_size", "title"):
+    for name in (*settings, "max_shard_size", "title", "layout"):
         if flags[name] is not None:
             data[name] = flags[name]
     if flags["components"]:
@@ -246,13 +251,31 @@ def _value(text: str) -> Any:
 @click.option("--dtype", help="Output dtype of float tensors (default: as they are).")
 @click.option("--rounding", type=click.Choice(["nearest", "stochastic"]))
 @click.option("--max-shard-size", help="Write a sharded set, e.g. 5GB.")
+@click.option(
+    "--like",
+    help="A diffusers pipeline folder to mirror: SOURCE (a single file) is written as such a"
+    " folder, OUTPUT, with diffusers key names and LIKE's configs.",
+)
+@click.option(
+    "--single-file",
+    is_flag=True,
+    help="SOURCE is a diffusers pipeline: write one file with single-file (LDM/SGM/BFL) names.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary.")
 def convert(source: str, output: Path, **flags: Any) -> None:
-    """Convert SOURCE (a pickle such as .ckpt/.pt/.bin, read safely, or any checkpoint
-    weightmix reads) to OUTPUT .safetensors, streamed where the format allows."""
+    """Convert SOURCE (a pickle such as .ckpt/.pt/.bin, read safely, a single file, a sharded
+    set or a model folder) to OUTPUT, streamed where the format allows: .safetensors, or a
+    diffusers folder with --like, or a single file from a pipeline with --single-file."""
     data: dict[str, Any] = {"models": {"source": source}, "merge": "source"}
     data.update({k: flags[k] for k in ("dtype", "rounding", "max_shard_size") if flags[k]})
+    if flags["like"] and flags["single_file"]:
+        raise WeightmixError("--like writes a folder, --single-file a file: give one of them")
+    if flags["like"]:
+        data["models"]["like"] = flags["like"]
+        data["layout"] = "like"
+    if flags["single_file"]:
+        data["layout"] = "single_file"
     recipe = parse_recipe(data, "command line")
     planned = api.make_plan(recipe, output, flags["overwrite"])
     _notes(planned.notes, flags["quiet"])

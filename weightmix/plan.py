@@ -18,6 +18,7 @@ import torch
 
 from weightmix.arch import ARCHITECTURES, detect_architecture
 from weightmix.arch.components import ComponentMap, PipelineComponents, component_map
+from weightmix.dialects import as_pipeline, as_single_file, single_file_view
 from weightmix.errors import WeightmixError, closest
 from weightmix.expression import Leaf, Node, Op, compile_expression, leaves, ops, with_overrides
 from weightmix.io import (
@@ -35,6 +36,7 @@ from weightmix.recipe import Recipe, Rule
 from weightmix.units import format_size, parse_size
 
 SHOWN = 3  # how many offending keys an error names before '(N in all)'
+SINGLE_FILE = "single_file"  # the layout value for one file with single-file key names
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,10 @@ class Plan:
 
     @property
     def base_folder(self) -> FolderCheckpoint | None:
-        """The first model when it is a model folder: the output then mirrors it."""
-        first = next(iter(self.checkpoints.values()))
-        return first if isinstance(first, FolderCheckpoint) else None
+        """The layout model when it is a model folder: the output then mirrors it."""
+        layout = self.recipe.layout or next(iter(self.checkpoints))
+        base = self.checkpoints.get(layout)
+        return base if isinstance(base, FolderCheckpoint) else None
 
     def narrows(self, key: KeyPlan) -> bool:
         """Whether writing this key rounds a float to fewer bits than it was computed in."""
@@ -121,7 +124,7 @@ def build_plan(
     _check_rules(recipe, root)
     checkpoints = _open_inputs(recipe)
     try:
-        _check_same_kind(checkpoints)
+        _align_layouts(checkpoints, recipe.layout)
         keys, notes = _plan_keys(recipe, root, checkpoints, out_dtype)
         notes += [f"model {name}: {note}" for name, c in checkpoints.items() for note in c.notes]
         plan = Plan(recipe, checkpoints, root, keys, compute_dtype, device, None, max_shard, notes)
@@ -166,7 +169,13 @@ def _check_rules(recipe: Recipe, root: Node) -> None:
                     f"{closest(name.rsplit('.', 1)[-1], known)};"
                     f" parameters: {', '.join(known) or 'none'}"
                 )
+    if recipe.layout not in (None, SINGLE_FILE, *recipe.models):
+        raise WeightmixError(
+            f"recipe: layout '{recipe.layout}' is neither a model of this recipe nor"
+            f" '{SINGLE_FILE}'{closest(recipe.layout, [*recipe.models, SINGLE_FILE])}"
+        )
     used = set(leaves(root)) | {rule.take for rule in recipe.rules if rule.take}
+    used.add(recipe.layout)
     unused = [name for name in recipe.models if name not in used]
     if unused:
         raise WeightmixError(
@@ -255,6 +264,7 @@ def _plan_keys(
     planned: list[KeyPlan] = []
     missing: list[tuple[str, list[str], list[str]]] = []
     mismatched: list[str] = []
+    buffers: list[str] = []
     for key in all_keys:
         signature = matcher.matching(key)
         if signature not in variants:
@@ -266,6 +276,13 @@ def _plan_keys(
         lacking = [m for m in reads if key not in checkpoints[m]]
         if lacking:
             holders = [m for m in checkpoints if key in checkpoints[m]]
+            if not any(checkpoints[m].tensors[key].dtype.is_float for m in holders):
+                # integer buffers (position_ids) are never merged: keep the one there is
+                planned.append(
+                    _copy(key, checkpoints, holders[0], None, "integer, some models lack it")
+                )
+                buffers.append(key)
+                continue
             missing.append((key, holders, lacking))
             if recipe.on_missing == "keep":
                 planned.append(
@@ -295,6 +312,11 @@ def _plan_keys(
     if missing and recipe.on_missing == "error":
         raise WeightmixError(_missing_message(missing))
     notes = [f"{left_out} keys of other components left out"] if left_out else []
+    if buffers:
+        notes.append(
+            f"{len(buffers)} integer keys some models lack are copied from one that has them:"
+            f" {', '.join(buffers[:3])}{' ...' if len(buffers) > 3 else ''}"
+        )
     notes += [
         f"rule {i + 1} ({rule.pattern}) matches no key"
         for i, rule in enumerate(recipe.rules)
@@ -386,22 +408,49 @@ def _missing_message(missing: list[tuple[str, list[str], list[str]]]) -> str:
     )
 
 
-def _check_same_kind(checkpoints: dict[str, Checkpoint]) -> None:
-    """Model folders name keys their own way: they merge with folders of the same kind only."""
-    kinds = {
-        name: ("pipeline" if c.pipeline else "component")
-        if isinstance(c, FolderCheckpoint)
-        else "file"
-        for name, c in checkpoints.items()
-    }
-    (first, kind), *others = kinds.items()
-    for name, other in others:
-        if other != kind and "pipeline" in (kind, other):
+def _align_layouts(checkpoints: dict[str, Checkpoint], layout: str | None) -> None:
+    """Give every model the key names of the layout model (default: the first): a diffusers
+    pipeline folder and a single file of SD1.x, SDXL or Flux are converted into each other's
+    names (see dialects/). With layout single_file, pipelines take single-file names."""
+    if layout == SINGLE_FILE:
+        for name, checkpoint in list(checkpoints.items()):
+            if _kind(checkpoint) == "pipeline":
+                view = single_file_view(checkpoint)
+                if view is None:
+                    raise WeightmixError(
+                        f"model {name}: a pipeline whose names weightmix cannot convert to a"
+                        " single file (it converts SD1.x, SDXL and Flux pipelines)"
+                    )
+                view.notes.insert(0, "read with single-file key names")
+                checkpoints[name] = view
+        return
+    first = layout or next(iter(checkpoints))
+    kind = _kind(checkpoints[first])
+    base = checkpoints[first]
+    for name, other in ((n, _kind(c)) for n, c in checkpoints.items() if n != first):
+        if other == kind or "pipeline" not in (kind, other):
+            continue
+        source = checkpoints[name]
+        if kind == "pipeline" and other == "file":
+            view = as_pipeline(source, base.tensors)
+        elif kind == "file" and other == "pipeline":
+            view = as_single_file(source, base.tensors)
+        else:
+            view = None
+        if view is None:
             raise WeightmixError(
-                f"model {first} is a {_KIND_TEXT[kind]} but model {name} is a {_KIND_TEXT[other]}:"
-                " their key names differ; merge pipelines with pipelines, or give the component"
-                " folders (e.g. .../unet) of each"
+                f"model {first} is a {_KIND_TEXT[kind]} but model {name} is a {_KIND_TEXT[other]}"
+                " whose names weightmix cannot convert (it converts SD1.x, SDXL and Flux single"
+                " files and pipelines); give models of the same kind"
             )
+        view.notes.insert(0, f"read with the key names of model {first} ({_KIND_TEXT[kind]})")
+        checkpoints[name] = view
+
+
+def _kind(checkpoint: Checkpoint) -> str:
+    if isinstance(checkpoint, FolderCheckpoint):
+        return "pipeline" if checkpoint.pipeline else "component"
+    return "file"
 
 
 _KIND_TEXT = {"pipeline": "diffusers pipeline folder", "component": "model folder", "file": "file"}

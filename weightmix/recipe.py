@@ -116,6 +116,9 @@ class Recipe(_Strict):
     rounding: Literal["nearest", "stochastic"] = "nearest"  # casts to a narrower output dtype
     title: str | None = None  # modelspec.title of the output; default: the output's file name
     components: list[str] | None = None  # keep only these components (unet, vae ...)
+    # whose layout the output takes: a model's name (default: the first model), or
+    # "single_file" for one file with LDM/SGM/BFL key names even from diffusers pipelines
+    layout: str | None = None
     max_shard_size: str | None = None
     _base_dir: Path = PrivateAttr(default=Path("."))
 

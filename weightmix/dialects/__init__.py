@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from weightmix.arch import detect_architecture
+from weightmix.arch import architecture_keys, detect_architecture
 from weightmix.dialects.flux import flux_links, prefix_links
 from weightmix.dialects.links import ConvertedCheckpoint, Link, converted, to_diffusers, to_single
 from weightmix.dialects.stable_diffusion import clip_links, open_clip_links, unet_links, vae_links
@@ -67,4 +67,19 @@ def as_single_file(pipeline: Checkpoint, single_keys: Iterable[str]) -> Converte
     return converted(pipeline, to_single(links, pipeline.tensors))
 
 
-__all__ = ["Link", "as_pipeline", "as_single_file", "layout_links"]
+def single_file_view(pipeline: Checkpoint) -> ConvertedCheckpoint | None:
+    """A pipeline seen with the single-file names of the architecture it matches best (the
+    canonical key names of sd1-ldm, sdxl-sgm or flux-flux), or None when none fits."""
+    best: tuple[int, list[str]] | None = None
+    for architecture in ("sd1-ldm", "sdxl-sgm", "flux-flux"):
+        names = [s.key for s in architecture_keys(architecture, optional=True)]
+        links = layout_links(names, pipeline.tensors) or []
+        covered = len({link.diffusers for link in links} & pipeline.tensors.keys())
+        if best is None or covered > best[0]:
+            best = (covered, names)
+    if best is None or best[0] < 0.95 * len(pipeline.tensors):
+        return None
+    return as_single_file(pipeline, best[1])
+
+
+__all__ = ["Link", "as_pipeline", "as_single_file", "layout_links", "single_file_view"]
