@@ -239,3 +239,16 @@ def test_pipelines_and_single_files_merge_and_convert_both_ways(run, tmp_path):
     ):
         loaded = cls.from_pretrained(folder_b, subfolder=name).state_dict()
         assert_same({k: loaded[k] for k in b[name]}, b[name])
+
+
+def test_diffusers_from_single_file_loads_our_single_file(run, tmp_path, monkeypatch):
+    """diffusers' own single-file loader, given the local config, reads what we wrote."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    states = sd1_pipeline(tmp_path / "P", 4)
+    single = tmp_path / "single.safetensors"
+    assert run("convert", tmp_path / "P", single, "--single-file", "-q").code == 0
+    for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+        model = cls.from_single_file(
+            str(single), config=str(tmp_path / "P"), subfolder=name, local_files_only=True
+        )
+        assert_same(model.state_dict(), states[name])
