@@ -217,3 +217,28 @@ def test_folder_errors_and_overwrite(run, tmp_path):
     assert "exists" in error(tmp_path / "A", tmp_path / "B", "-o", out)
     assert run("merge", tmp_path / "A", tmp_path / "B", "-o", out, "--overwrite", "-q").code == 0
     assert not (out / "old.txt").exists() and (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("name", "field", "value", "says"),
+    [
+        ("unet", "in_channels", 9, "in_channels is 9 but conv_in.weight has 4"),
+        ("vae", "latent_channels", 16, "latent_channels is 16"),
+        ("flux", "num_layers", 2, "num_layers is 2 but the weights hold 1 transformer_blocks"),
+        ("clip", "hidden_size", 32, "hidden_size is 32"),
+        ("clip", "num_hidden_layers", 3, "num_hidden_layers is 3 but the weights hold 2 layers"),
+    ],
+)
+def test_config_that_disagrees_with_the_weights(run, tmp_path, name, field, value, says):
+    make = MODELS[name][0]
+    for folder, model in zip(("A", "B"), variants(make)):
+        model.save_pretrained(tmp_path / folder)
+    config_path = tmp_path / "B" / "config.json"
+    config = json.loads(config_path.read_text())
+    config[field] = value
+    config_path.write_text(json.dumps(config))
+    out = tmp_path / "merged"
+    result = run("merge", tmp_path / "A", tmp_path / "B", "-o", out)
+    assert result.code == 2, result.err
+    assert says in result.err and "does not match the weights" in result.err
+    assert str(config_path) in result.err and not out.exists()

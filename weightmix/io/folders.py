@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from weightmix.errors import WeightmixError
+from weightmix.io.configs import check_config
 from weightmix.io.reader import INDEX_SUFFIX, Checkpoint, TensorInfo
 
 # weight file stems diffusers and transformers write, in the order their loaders prefer
@@ -137,7 +138,13 @@ def _component(folder: Path, name: str) -> Component | None:
 
 def _open_part(component: Component, open_part) -> Checkpoint:
     try:
-        return open_part(component.weights)
+        checkpoint = open_part(component.weights)
     except WeightmixError as error:
         where = f"component {component.name}: " if component.name else ""
         raise WeightmixError(f"{where}{error}") from None
+    try:
+        check_config(component.folder, checkpoint.tensors)
+    except BaseException:
+        checkpoint.close()
+        raise
+    return checkpoint
