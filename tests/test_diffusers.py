@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
 from helpers import folder_listing, save
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaForCausalLM
 
 import weightmix
 
@@ -51,6 +51,19 @@ def make_clip():
     return CLIPTextModel(config)
 
 
+def make_llama():
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def forward_llama(model):
+    return model(input_ids=torch.tensor([[1, 5, 7, 9, 3]])).logits
+
+
 def forward_unet(model):
     g = torch.Generator().manual_seed(0)
     sample, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 3, 8, generator=g)
@@ -82,6 +95,7 @@ MODELS = {
     "vae": (make_vae, AutoencoderKL, forward_vae),
     "flux": (make_flux, FluxTransformer2DModel, forward_flux),
     "clip": (make_clip, CLIPTextModel, forward_clip),
+    "llama": (make_llama, LlamaForCausalLM, forward_llama),  # an LLM folder, as transformers saves it
 }
 
 
