@@ -95,7 +95,7 @@ MODELS = {
     "vae": (make_vae, AutoencoderKL, forward_vae),
     "flux": (make_flux, FluxTransformer2DModel, forward_flux),
     "clip": (make_clip, CLIPTextModel, forward_clip),
-    "llama": (make_llama, LlamaForCausalLM, forward_llama),  # an LLM folder, as transformers saves it
+    "llama": (make_llama, LlamaForCausalLM, forward_llama),  # an LLM folder
 }
 
 
