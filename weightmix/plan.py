@@ -6,8 +6,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +16,6 @@ import torch
 
 from weightmix.arch import ARCHITECTURES, detect_architecture
 from weightmix.arch.components import ComponentMap, PipelineComponents, component_map
-from weightmix.dialects import as_pipeline, as_single_file, single_file_view
 from weightmix.errors import WeightmixError, closest
 from weightmix.expression import Leaf, Node, Op, compile_expression, leaves, ops, with_overrides
 from weightmix.io import (
@@ -31,12 +28,13 @@ from weightmix.io import (
 )
 from weightmix.io.dtypes import COMPUTE_DTYPES, OUTPUT_DTYPES
 from weightmix.io.folders import FolderCheckpoint
-from weightmix.io.writer import output_paths, split_shards
+from weightmix.io.writer import split_shards
+from weightmix.layouts import SINGLE_FILE, align_layouts
+from weightmix.output_checks import check_output
 from weightmix.recipe import Recipe, Rule
-from weightmix.units import format_size, parse_size
+from weightmix.units import parse_size
 
 SHOWN = 3  # how many offending keys an error names before '(N in all)'
-SINGLE_FILE = "single_file"  # the layout value for one file with single-file key names
 
 
 @dataclass(frozen=True)
@@ -124,14 +122,14 @@ def build_plan(
     _check_rules(recipe, root)
     checkpoints = _open_inputs(recipe)
     try:
-        _align_layouts(checkpoints, recipe.layout)
+        align_layouts(checkpoints, recipe.layout)
         keys, notes = _plan_keys(recipe, root, checkpoints, out_dtype)
         notes += [f"model {name}: {note}" for name, c in checkpoints.items() for note in c.notes]
         plan = Plan(recipe, checkpoints, root, keys, compute_dtype, device, None, max_shard, notes)
         if recipe.rounding == "stochastic" and not any(plan.narrows(k) for k in keys):
             plan.notes.append("rounding: stochastic changes nothing: no key is narrowed on output")
         if output is not None:
-            plan.output = _check_output(Path(output), plan, overwrite)
+            plan.output = check_output(Path(output), plan, overwrite)
         return plan
     except BaseException:
         for checkpoint in checkpoints.values():
@@ -406,131 +404,3 @@ def _missing_message(missing: list[tuple[str, list[str], list[str]]]) -> str:
         f"keys differ between models: {shown}{more}. Pass --on-missing keep to copy such keys"
         " from the model that has them, or --on-missing skip to leave them out"
     )
-
-
-def _align_layouts(checkpoints: dict[str, Checkpoint], layout: str | None) -> None:
-    """Give every model the key names of the layout model (default: the first): a diffusers
-    pipeline folder and a single file of SD1.x, SDXL or Flux are converted into each other's
-    names (see dialects/). With layout single_file, pipelines take single-file names."""
-    if layout == SINGLE_FILE:
-        for name, checkpoint in list(checkpoints.items()):
-            if _kind(checkpoint) == "pipeline":
-                view = single_file_view(checkpoint)
-                if view is None:
-                    raise WeightmixError(
-                        f"model {name}: a pipeline whose names weightmix cannot convert to a"
-                        " single file (it converts SD1.x, SDXL and Flux pipelines)"
-                    )
-                view.notes.insert(0, "read with single-file key names")
-                checkpoints[name] = view
-        return
-    first = layout or next(iter(checkpoints))
-    kind = _kind(checkpoints[first])
-    base = checkpoints[first]
-    for name, other in ((n, _kind(c)) for n, c in checkpoints.items() if n != first):
-        if other == kind or "pipeline" not in (kind, other):
-            continue
-        source = checkpoints[name]
-        if kind == "pipeline" and other == "file":
-            view = as_pipeline(source, base.tensors)
-        elif kind == "file" and other == "pipeline":
-            view = as_single_file(source, base.tensors)
-        else:
-            view = None
-        if view is None:
-            raise WeightmixError(
-                f"model {first} is a {_KIND_TEXT[kind]} but model {name} is a {_KIND_TEXT[other]}"
-                " whose names weightmix cannot convert (it converts SD1.x, SDXL and Flux single"
-                " files and pipelines); give models of the same kind"
-            )
-        view.notes.insert(0, f"read with the key names of model {first} ({_KIND_TEXT[kind]})")
-        checkpoints[name] = view
-
-
-def _kind(checkpoint: Checkpoint) -> str:
-    if isinstance(checkpoint, FolderCheckpoint):
-        return "pipeline" if checkpoint.pipeline else "component"
-    return "file"
-
-
-_KIND_TEXT = {"pipeline": "diffusers pipeline folder", "component": "model folder", "file": "file"}
-
-
-def _check_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
-    base = plan.base_folder
-    if base is not None:
-        return _check_folder_output(dest, plan, overwrite)
-    if not dest.name.endswith(".safetensors"):
-        raise WeightmixError(f"output {dest}: name it *.safetensors (the only format written)")
-    if dest.is_dir():
-        raise WeightmixError(f"output {dest}: is a folder; give a file path ending in .safetensors")
-    folder = _check_writable(dest)
-    shards, index = output_paths(dest, plan.shard_count)
-    targets = [*shards, *([index] if index else [])]
-    inputs = {
-        os.path.realpath(path): name
-        for name, ckpt in plan.checkpoints.items()
-        for path in [ckpt.path, *ckpt.files]
-    }
-    for target in targets:
-        owner = inputs.get(os.path.realpath(target))
-        if owner is not None:
-            raise WeightmixError(
-                f"output {target} is an input (model '{owner}'): inputs are never overwritten;"
-                " choose another output path"
-            )
-    existing = [t for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise WeightmixError(f"output {existing[0]} exists: pass --overwrite to replace it")
-    _check_space(dest, folder, plan)
-    return dest
-
-
-def _check_writable(dest: Path) -> Path:
-    folder = dest.parent if str(dest.parent) else Path(".")
-    if not folder.is_dir():
-        raise WeightmixError(f"output {dest}: folder {folder} does not exist; create it first")
-    try:  # a real probe: permissions, read-only mounts and pseudo file systems all show here
-        with tempfile.TemporaryFile(dir=folder, prefix=".weightmix-probe-"):
-            pass
-    except OSError as error:
-        raise WeightmixError(
-            f"output {dest}: folder {folder} is not writable ({error.strerror});"
-            " choose another folder"
-        ) from None
-    return folder
-
-
-def _check_folder_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
-    """A folder output: not a .safetensors name, not over or inside or around an input."""
-    if dest.name.endswith(".safetensors"):
-        first = next(iter(plan.checkpoints))
-        raise WeightmixError(
-            f"output {dest}: model {first} is a model folder, so the output is a folder that"
-            " mirrors it: give a folder path"
-        )
-    folder = _check_writable(dest)
-    target = Path(os.path.realpath(dest))
-    for name, ckpt in plan.checkpoints.items():
-        for path in [ckpt.path, *ckpt.files]:
-            source = Path(os.path.realpath(path))
-            if target == source or target in source.parents or source in target.parents:
-                raise WeightmixError(
-                    f"output {dest} overlaps input '{name}' ({path}): inputs are never written"
-                    " or replaced; choose a folder outside the inputs"
-                )
-    if dest.exists() and not overwrite:
-        raise WeightmixError(f"output {dest} exists: pass --overwrite to replace it")
-    if dest.exists() and not dest.is_dir():
-        raise WeightmixError(f"output {dest} is a file; a model folder output needs a folder path")
-    _check_space(dest, folder, plan)
-    return dest
-
-
-def _check_space(dest: Path, folder: Path, plan: Plan) -> None:
-    free = shutil.disk_usage(folder).free
-    if plan.output_bytes > free:
-        raise WeightmixError(
-            f"output {dest}: needs {format_size(plan.output_bytes)} but {folder} has"
-            f" {format_size(free)} free"
-        )

@@ -12,41 +12,44 @@ from weightmix.dialects.links import ConvertedCheckpoint, Link, converted, to_di
 from weightmix.dialects.stable_diffusion import clip_links, open_clip_links, unet_links, vae_links
 from weightmix.io.reader import Checkpoint
 
-
-def _has_text_model(pipeline_keys: set[str], component: str) -> bool:
-    return any(k.startswith(f"{component}/text_model.") for k in pipeline_keys)
+# per architecture: (link builder, single-file prefix, pipeline component)
+LAYOUTS = {
+    "sd1-ldm": [
+        (unet_links, "model.diffusion_model.", "unet"),
+        (vae_links, "first_stage_model.", "vae"),
+        (clip_links, "cond_stage_model.transformer.", "text_encoder"),
+    ],
+    "sdxl-sgm": [
+        (unet_links, "model.diffusion_model.", "unet"),
+        (vae_links, "first_stage_model.", "vae"),
+        (clip_links, "conditioner.embedders.0.transformer.", "text_encoder"),
+        (open_clip_links, "conditioner.embedders.1.model.", "text_encoder_2"),
+    ],
+    "flux-flux": [
+        (flux_links, "model.diffusion_model.", "transformer"),
+        (vae_links, "vae.", "vae"),
+        (clip_links, "text_encoders.clip_l.transformer.", "text_encoder"),
+        (prefix_links, "text_encoders.t5xxl.transformer.", "text_encoder_2"),
+    ],
+}
+TEXT_ENCODERS = (clip_links, open_clip_links)  # their names depend on the saved 'text_model.'
 
 
 def layout_links(single_keys: Iterable[str], pipeline_keys: Iterable[str]) -> list[Link] | None:
     """Links between a single file with these keys and a diffusers pipeline with those keys,
     or None when the single file's layout is not one weightmix can convert."""
     single, pipeline = set(single_keys), set(pipeline_keys)
-    architecture = detect_architecture(single)
-    if architecture == "sd1-ldm":
-        return (
-            unet_links(single, "model.diffusion_model.", "unet/")
-            + vae_links(single, "first_stage_model.", "vae/")
-            + clip_links(single, "cond_stage_model.transformer.", "text_encoder/",
-                         _has_text_model(pipeline, "text_encoder"))
-        )  # fmt: skip
-    if architecture == "sdxl-sgm":
-        return (
-            unet_links(single, "model.diffusion_model.", "unet/")
-            + vae_links(single, "first_stage_model.", "vae/")
-            + clip_links(single, "conditioner.embedders.0.transformer.", "text_encoder/",
-                         _has_text_model(pipeline, "text_encoder"))
-            + open_clip_links(single, "conditioner.embedders.1.model.", "text_encoder_2/",
-                              _has_text_model(pipeline, "text_encoder_2"))
-        )  # fmt: skip
-    if architecture == "flux-flux":
-        return (
-            flux_links(single, "model.diffusion_model.", "transformer/")
-            + vae_links(single, "vae.", "vae/")
-            + clip_links(single, "text_encoders.clip_l.transformer.", "text_encoder/",
-                         _has_text_model(pipeline, "text_encoder"))
-            + prefix_links(single, "text_encoders.t5xxl.transformer.", "text_encoder_2/")
-        )  # fmt: skip
-    return None
+    parts = LAYOUTS.get(detect_architecture(single) or "")
+    if parts is None:
+        return None
+    links = []
+    for build, prefix, component in parts:
+        if build in TEXT_ENCODERS:
+            text_model = any(k.startswith(f"{component}/text_model.") for k in pipeline)
+            links += build(single, prefix, f"{component}/", text_model)
+        else:
+            links += build(single, prefix, f"{component}/")
+    return links
 
 
 def as_pipeline(
@@ -71,7 +74,7 @@ def single_file_view(pipeline: Checkpoint) -> ConvertedCheckpoint | None:
     """A pipeline seen with the single-file names of the architecture it matches best (the
     canonical key names of sd1-ldm, sdxl-sgm or flux-flux), or None when none fits."""
     best: tuple[int, list[str]] | None = None
-    for architecture in ("sd1-ldm", "sdxl-sgm", "flux-flux"):
+    for architecture in LAYOUTS:
         names = [s.key for s in architecture_keys(architecture, optional=True)]
         links = layout_links(names, pipeline.tensors) or []
         covered = len({link.diffusers for link in links} & pipeline.tensors.keys())

@@ -1,0 +1,97 @@
+"""Checks of the output path, done with the plan before anything is written: a writable
+folder, no overlap with any input, no silent overwrite, enough free space."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from weightmix.errors import WeightmixError
+from weightmix.io.writer import output_paths
+from weightmix.units import format_size
+
+if TYPE_CHECKING:
+    from weightmix.plan import Plan
+
+
+def check_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
+    base = plan.base_folder
+    if base is not None:
+        return _check_folder_output(dest, plan, overwrite)
+    if not dest.name.endswith(".safetensors"):
+        raise WeightmixError(f"output {dest}: name it *.safetensors (the only format written)")
+    if dest.is_dir():
+        raise WeightmixError(f"output {dest}: is a folder; give a file path ending in .safetensors")
+    folder = _check_writable(dest)
+    shards, index = output_paths(dest, plan.shard_count)
+    targets = [*shards, *([index] if index else [])]
+    inputs = {
+        os.path.realpath(path): name
+        for name, ckpt in plan.checkpoints.items()
+        for path in [ckpt.path, *ckpt.files]
+    }
+    for target in targets:
+        owner = inputs.get(os.path.realpath(target))
+        if owner is not None:
+            raise WeightmixError(
+                f"output {target} is an input (model '{owner}'): inputs are never overwritten;"
+                " choose another output path"
+            )
+    existing = [t for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise WeightmixError(f"output {existing[0]} exists: pass --overwrite to replace it")
+    _check_space(dest, folder, plan)
+    return dest
+
+
+def _check_writable(dest: Path) -> Path:
+    folder = dest.parent if str(dest.parent) else Path(".")
+    if not folder.is_dir():
+        raise WeightmixError(f"output {dest}: folder {folder} does not exist; create it first")
+    try:  # a real probe: permissions, read-only mounts and pseudo file systems all show here
+        with tempfile.TemporaryFile(dir=folder, prefix=".weightmix-probe-"):
+            pass
+    except OSError as error:
+        raise WeightmixError(
+            f"output {dest}: folder {folder} is not writable ({error.strerror});"
+            " choose another folder"
+        ) from None
+    return folder
+
+
+def _check_folder_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
+    """A folder output: not a .safetensors name, not over or inside or around an input."""
+    if dest.name.endswith(".safetensors"):
+        first = next(iter(plan.checkpoints))
+        raise WeightmixError(
+            f"output {dest}: model {first} is a model folder, so the output is a folder that"
+            " mirrors it: give a folder path"
+        )
+    folder = _check_writable(dest)
+    target = Path(os.path.realpath(dest))
+    for name, ckpt in plan.checkpoints.items():
+        for path in [ckpt.path, *ckpt.files]:
+            source = Path(os.path.realpath(path))
+            if target == source or target in source.parents or source in target.parents:
+                raise WeightmixError(
+                    f"output {dest} overlaps input '{name}' ({path}): inputs are never written"
+                    " or replaced; choose a folder outside the inputs"
+                )
+    if dest.exists() and not overwrite:
+        raise WeightmixError(f"output {dest} exists: pass --overwrite to replace it")
+    if dest.exists() and not dest.is_dir():
+        raise WeightmixError(f"output {dest} is a file; a model folder output needs a folder path")
+    _check_space(dest, folder, plan)
+    return dest
+
+
+def _check_space(dest: Path, folder: Path, plan: Plan) -> None:
+    free = shutil.disk_usage(folder).free
+    if plan.output_bytes > free:
+        raise WeightmixError(
+            f"output {dest}: needs {format_size(plan.output_bytes)} but {folder} has"
+            f" {format_size(free)} free"
+        )
