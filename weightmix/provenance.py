@@ -10,7 +10,6 @@ from pathlib import Path
 
 from weightmix import __version__
 from weightmix.io import Checkpoint
-from weightmix.io.reader import SafetensorsCheckpoint
 from weightmix.modelspec import modelspec_metadata
 from weightmix.plan import Plan
 
@@ -34,7 +33,7 @@ KEY_FINGERPRINT = "weightmix.fingerprint"
 def fingerprint(checkpoint: Checkpoint, how: str = "sampled") -> str:
     """A content fingerprint of a checkpoint's files (see FINGERPRINTS for the bytes covered)."""
     digest = hashlib.sha256()
-    for path, prefix, data_start in _parts(checkpoint):
+    for path, prefix, data_start in checkpoint.fingerprint_parts():
         with open(path, "rb") as handle:
             if how == "full":
                 while block := handle.read(16 * 2**20):
@@ -52,14 +51,6 @@ def fingerprint(checkpoint: Checkpoint, how: str = "sampled") -> str:
             for offset in offsets:
                 digest.update(os.pread(handle.fileno(), length, offset))
     return digest.hexdigest()
-
-
-def _parts(checkpoint: Checkpoint) -> list[tuple[Path, bytes, int]]:
-    """(file, bytes hashed whole, where sampling starts): safetensors headers are hashed whole
-    and their data sections sampled; other formats are sampled over the whole file."""
-    if isinstance(checkpoint, SafetensorsCheckpoint):
-        return [(h.path, raw, h.data_start) for h, raw in checkpoint.headers]
-    return [(Path(file), b"", 0) for file in checkpoint.files]
 
 
 def build_metadata(plan: Plan, how: str = "sampled") -> dict[str, str]:

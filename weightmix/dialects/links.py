@@ -172,6 +172,9 @@ class ConvertedCheckpoint(Checkpoint):
             if offset >= stop:
                 break
 
+    def fingerprint_parts(self):
+        return self.source.fingerprint_parts()
+
     def close(self) -> None:
         self.source.close()
 

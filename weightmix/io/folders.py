@@ -82,6 +82,9 @@ class FolderCheckpoint(Checkpoint):
         checkpoint, inner = self._sources[info.key]
         checkpoint.read_range(inner, start, out)
 
+    def fingerprint_parts(self) -> list[tuple[Path, bytes, int]]:
+        return [part for checkpoint in self._parts for part in checkpoint.fingerprint_parts()]
+
     def component_of(self, key: str) -> str:
         return key.split(SEPARATOR, 1)[0] if self.pipeline else ""
 

@@ -67,6 +67,11 @@ class Checkpoint:
         """Fill the buffer `out` with the tensor's bytes from byte `start` on."""
         raise NotImplementedError
 
+    def fingerprint_parts(self) -> list[tuple[Path, bytes, int]]:
+        """For fingerprints: (file, bytes hashed whole, where sampling of the file starts).
+        By default every file is sampled from its start."""
+        return [(Path(file), b"", 0) for file in self.files]
+
     def close(self) -> None:
         pass
 
@@ -98,6 +103,10 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def read_range(self, info: TensorInfo, start: int, out) -> None:
         _read_exact(self._fd(info.file), out, info.offset + start, info.file)
+
+    def fingerprint_parts(self) -> list[tuple[Path, bytes, int]]:
+        """Headers are hashed whole; data sections are sampled."""
+        return [(header.path, raw, header.data_start) for header, raw in self.headers]
 
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)
