@@ -225,12 +225,18 @@ def test_folder_errors_and_overwrite(run, tmp_path):
     (empty / "config.json").write_text("{}")
     assert "no weights" in error(tmp_path / "A", empty, "-o", out)
     assert not out.exists()
-    # an existing output folder is replaced only with --overwrite, and only when complete
+    # an existing output folder is replaced only with --overwrite, and only a model folder
     out.mkdir()
-    (out / "old.txt").write_text("old")
+    (out / "thesis.tex").write_text("not a model")
     assert "exists" in error(tmp_path / "A", tmp_path / "B", "-o", out)
+    assert "not a model folder" in error(tmp_path / "A", tmp_path / "B", "-o", out, "--overwrite")
+    assert (out / "thesis.tex").is_file()
+    (out / "config.json").write_text("{}")  # an earlier output
+    (out / "old.txt").write_text("old")
     assert run("merge", tmp_path / "A", tmp_path / "B", "-o", out, "--overwrite", "-q").code == 0
-    assert not (out / "old.txt").exists() and (out / "config.json").is_file()
+    assert (
+        not (out / "old.txt").exists() and (out / "diffusion_pytorch_model.safetensors").is_file()
+    )
 
 
 @pytest.mark.parametrize(

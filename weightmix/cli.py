@@ -247,7 +247,7 @@ def _value(text: str) -> Any:
 
 @cli.command()
 @click.argument("source")
-@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path))
 @click.option("--dtype", help="Output dtype of float tensors (default: as they are).")
 @click.option("--rounding", type=click.Choice(["nearest", "stochastic"]))
 @click.option("--max-shard-size", help="Write a sharded set, e.g. 5GB.")
@@ -325,6 +325,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("weightmix: interrupted; nothing was written at the output", err=True)
         return 130
+    except OSError as error:  # disk full, too many open files ... while writing
+        where = f": {error.filename}" if error.filename else ""
+        click.echo(
+            f"weightmix: error: {error.strerror or error}{where};"
+            " nothing was written at the output",
+            err=True,
+        )
+        return 1
     return 0
 
 

@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from weightmix.errors import WeightmixError
-from weightmix.io.writer import output_paths
+from weightmix.io.folders import is_model_folder
+from weightmix.io.writer import existing_outputs, output_paths
 from weightmix.units import format_size
 
 if TYPE_CHECKING:
     from weightmix.plan import Plan
+
+MAX_SHARDS = 1000  # every shard is an open file while it is written
 
 
 def check_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
@@ -26,8 +29,13 @@ def check_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
     if dest.is_dir():
         raise WeightmixError(f"output {dest}: is a folder; give a file path ending in .safetensors")
     folder = _check_writable(dest)
+    if plan.shard_count > MAX_SHARDS:
+        raise WeightmixError(
+            f"output {dest}: max_shard_size {plan.recipe.max_shard_size} cuts the output into"
+            f" {plan.shard_count} shards (at most {MAX_SHARDS}); give a larger size"
+        )
     shards, index = output_paths(dest, plan.shard_count)
-    targets = [*shards, *([index] if index else [])]
+    targets = [*shards, *([index] if index else []), *existing_outputs(dest)]
     inputs = {
         os.path.realpath(path): name
         for name, ckpt in plan.checkpoints.items()
@@ -84,6 +92,21 @@ def _check_folder_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
         raise WeightmixError(f"output {dest} exists: pass --overwrite to replace it")
     if dest.exists() and not dest.is_dir():
         raise WeightmixError(f"output {dest} is a file; a model folder output needs a folder path")
+    if dest.exists() and (target in Path.cwd().resolve().parents or target == Path.cwd().resolve()):
+        raise WeightmixError(f"output {dest} holds the current folder; it is never replaced")
+    if dest.exists() and not is_model_folder(dest):
+        raise WeightmixError(
+            f"output {dest} exists and is not a model folder (no model_index.json or config.json);"
+            " --overwrite only replaces model folders: choose another path"
+        )
+    components = {c.name for c in plan.base_folder.components}
+    for key in plan.keys:
+        if plan.base_folder.component_of(key.key) not in components:
+            raise WeightmixError(
+                f"key '{key.key}' belongs to a component that the layout model"
+                f" ({plan.base_folder.path}) does not have: drop it (a drop rule or"
+                " --on-missing skip) or give a layout model that has it"
+            )
     _check_space(dest, folder, plan)
     return dest
 

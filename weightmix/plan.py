@@ -80,9 +80,11 @@ class Plan:
         return base if isinstance(base, FolderCheckpoint) else None
 
     def narrows(self, key: KeyPlan) -> bool:
-        """Whether writing this key rounds a float to fewer bits than it was computed in."""
+        """Whether writing this key rounds a float to 8 or 16 bits from more: the casts that
+        stochastic rounding applies to."""
         source = self.compute_dtype if key.expr is not None else key.sources[key.copy_from].dtype
-        return key.out_dtype.is_float and key.out_dtype.itemsize < source.itemsize
+        out = key.out_dtype
+        return out.is_float and out.itemsize <= 2 and out.itemsize < source.itemsize
 
     def output_tensors(self) -> list[OutputTensor]:
         return [OutputTensor(k.key, k.out_dtype, k.shape) for k in self.keys]
@@ -127,7 +129,9 @@ def build_plan(
         notes += [f"model {name}: {note}" for name, c in checkpoints.items() for note in c.notes]
         plan = Plan(recipe, checkpoints, root, keys, compute_dtype, device, None, max_shard, notes)
         if recipe.rounding == "stochastic" and not any(plan.narrows(k) for k in keys):
-            plan.notes.append("rounding: stochastic changes nothing: no key is narrowed on output")
+            plan.notes.append(
+                "rounding: stochastic changes nothing: no key is cast to an 8- or 16-bit output"
+            )
         if output is not None:
             plan.output = check_output(Path(output), plan, overwrite)
         return plan
@@ -234,7 +238,8 @@ def _component_map(
     """The component map of the first model's layout, when the recipe names components."""
     if not recipe.components and not any(r.component for r in recipe.rules):
         return None
-    name, first = next(iter(checkpoints.items()))
+    name = recipe.layout if recipe.layout in checkpoints else next(iter(checkpoints))
+    first = checkpoints[name]
     if isinstance(first, FolderCheckpoint) and first.pipeline:
         return PipelineComponents([c.name for c in first.components])
     architecture = detect_architecture(first.tensors)

@@ -52,6 +52,17 @@ class Target:
     transpose_of: str | None = None
 
 
+def _check_alike(key: str, parts: list[TensorInfo]) -> None:
+    """Tensors joined into one must share dtype and row shape, or the bytes would not line up."""
+    first = parts[0]
+    for other in parts[1:]:
+        if other.dtype != first.dtype or other.shape[1:] != first.shape[1:]:
+            raise WeightmixError(
+                f"'{key}' is made of '{first.key}' ({first.dtype}, {list(first.shape)}) and"
+                f" '{other.key}' ({other.dtype}, {list(other.shape)}), which do not fit together"
+            )
+
+
 def _rows(shape: tuple[int, ...]) -> int:
     return shape[0] if shape else 1
 
@@ -112,6 +123,7 @@ def to_single(links: list[Link], source: dict[str, TensorInfo]) -> list[Target]:
         if group[0].transpose:
             targets.append(Target(key, tuple(reversed(first.shape)), (), group[0].diffusers))
             continue
+        _check_alike(key, [source[link.diffusers] for link in group])
         pieces, rows = [], 0
         for link in group:
             info = source[link.diffusers]

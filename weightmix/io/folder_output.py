@@ -68,14 +68,23 @@ class FolderOutput:
     def commit(self) -> list[Path]:
         for output in self.outputs.values():
             output.commit()
-        _copy_other_files(self.base.path, self.temp)
+        left_out = {c.folder for c in self.base.components if c.name not in self.outputs}
+        for component in self.base.components:  # a component left without weights is left out
+            if component.name and component.name not in self.outputs:
+                shutil.rmtree(self.temp / component.name, ignore_errors=True)
+        _copy_other_files(self.base.path, self.temp, left_out - {self.base.path})
         old = None
-        if self.dest.exists():  # --overwrite was given (the plan checked)
-            old = Path(
-                tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".old", dir=self.dest.parent)
-            )
+        if self.dest.exists():  # --overwrite was given (the plan checked it is a model folder)
+            parent = self.dest.parent
+            old = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".old", dir=parent))
             os.replace(self.dest, old / "previous")
-        os.replace(self.temp, self.dest)
+        try:
+            os.replace(self.temp, self.dest)
+        except BaseException:
+            if old is not None:  # put the previous output back where it was
+                os.replace(old / "previous", self.dest)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return [self.dest]
@@ -86,7 +95,7 @@ class FolderOutput:
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
-def _copy_other_files(source: Path, target: Path) -> None:
+def _copy_other_files(source: Path, target: Path, left_out: set[Path]) -> None:
     """Every file of the base folder except weights: configs, tokenizers, schedulers, indexes
     of the pipeline (model_index.json), README ... (symlinks, as in the hub cache, followed)."""
     for path in sorted(source.rglob("*")):
@@ -94,6 +103,8 @@ def _copy_other_files(source: Path, target: Path) -> None:
         if any(part.startswith(".") for part in relative.parts) or not path.is_file():
             continue
         if path.name.endswith(WEIGHT_SUFFIXES) or path.name.endswith(INDEX_SUFFIX):
+            continue
+        if any(folder in path.parents for folder in left_out):
             continue
         destination = target / relative
         if destination.exists():

@@ -49,7 +49,15 @@ def find_weights(folder: Path) -> tuple[Path, str] | None:
     for name, stem in PICKLED_WEIGHTS.items():
         if (folder / name).is_file():
             return folder / name, stem
+    for stem in WEIGHT_STEMS:  # a hub 'variant' download: diffusion_pytorch_model.fp16.safetensors
+        variants = sorted(folder.glob(f"{stem}.*.safetensors"))
+        if len(variants) == 1:
+            return variants[0], variants[0].name.removesuffix(".safetensors")
     return None
+
+
+def _weight_like(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
 
 
 class FolderCheckpoint(Checkpoint):
@@ -121,6 +129,8 @@ def _open_pipeline(folder: Path, open_part) -> FolderCheckpoint:
         component = _component(sub, name)
         if component is not None:
             parts.append((component, _open_part(component, open_part)))
+        elif (sub / "config.json").is_file():
+            raise WeightmixError(f"{sub}: component {name} has config.json but no weights")
     if not parts:
         raise WeightmixError(f"{folder}: a pipeline folder whose components hold no weights")
     return FolderCheckpoint(folder, True, parts)
@@ -129,6 +139,13 @@ def _open_pipeline(folder: Path, open_part) -> FolderCheckpoint:
 def _component(folder: Path, name: str) -> Component | None:
     found = find_weights(folder)
     if found is None:
+        files = _weight_like(folder)
+        if files and name:  # weights there, but none we can read: never drop them silently
+            raise WeightmixError(
+                f"{folder}: component {name} has weights weightmix does not read"
+                f" ({', '.join(files[:3])}): give diffusion_pytorch_model.safetensors,"
+                " model.safetensors, a sharded set or a .bin (one variant file at most)"
+            )
         return None
     weights, stem = found
     shard_bytes = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -77,6 +78,18 @@ def output_paths(dest: Path, shard_count: int) -> tuple[list[Path], Path | None]
         for i in range(1, shard_count + 1)
     ]
     return shards, dest.with_name(stem + INDEX_SUFFIX)
+
+
+def existing_outputs(dest: Path) -> list[Path]:
+    """Files that are, or were, a write to `dest` in any shard layout: dest itself, its shards
+    (stem-NNNNN-of-NNNNN.safetensors) and its index. A new output replaces all of them, so
+    that no earlier result is left to be read by mistake."""
+    stem = dest.name.removesuffix(".safetensors")
+    shard = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.safetensors$")
+    found = [dest, dest.with_name(stem + INDEX_SUFFIX)]
+    if dest.parent.is_dir():
+        found += sorted(p for p in dest.parent.iterdir() if shard.match(p.name))
+    return [p for p in found if p.exists()]
 
 
 def _umask() -> int:
@@ -198,11 +211,14 @@ class SafetensorsOutput:
             self._files.append(index)
             index.write_at(json.dumps(self._index_document(), indent=2).encode("utf-8"), 0)
             index.close(self.fsync)
+        stale = [p for p in existing_outputs(self.dest) if p not in {f.dest for f in self._files}]
         written = []
         for file in self._files:
             os.replace(file.temp, file.dest)
             written.append(file.dest)
         self._files = []
+        for path in stale:  # an earlier output in another shard layout (the plan allowed it)
+            path.unlink(missing_ok=True)
         return written
 
     def _index_document(self) -> dict[str, object]:

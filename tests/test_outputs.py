@@ -1,0 +1,136 @@
+"""Outputs replace earlier outputs whole, never leave stale shards, and refuse what they
+cannot write; folder outputs keep to the layout model's components."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import folder_listing, load, save
+
+from weightmix.dialects.links import Link, converted, to_single
+from weightmix.errors import WeightmixError
+from weightmix.io.pickled import PickleCheckpoint
+
+
+def test_new_shard_layout_replaces_every_earlier_output_file(run, tmp_path, models):
+    out = tmp_path / "out" / "model.safetensors"
+    out.parent.mkdir()
+    args = ("merge", models["A"], models["B"], "-o", out, "-q")
+    assert run(*args).code == 0
+    assert run(*args, "--max-shard-size", "20KB").code == 2  # the single file exists
+    assert run(*args, "--max-shard-size", "20KB", "--overwrite").code == 0
+    sharded = folder_listing(out.parent)
+    assert "model.safetensors" not in sharded and "model.safetensors.index.json" in sharded
+    assert run(*args, "--max-shard-size", "200KB", "--overwrite").code == 0  # fewer shards
+    fewer = folder_listing(out.parent)
+    assert len(fewer) < len(sharded) and all(f"-of-{len(fewer) - 1:05d}" in n for n in fewer[:-1])
+    assert run(*args, "--overwrite").code == 0
+    assert folder_listing(out.parent) == ["model.safetensors"]
+
+
+def test_too_many_shards_is_refused(run, tmp_path):
+    from weightmix.arch.synthetic import write_synthetic
+
+    for name in "AB":  # 1132 tensors: one shard each at a 10-byte limit
+        write_synthetic(tmp_path / f"{name}.safetensors", "sd1-ldm", seed=1, divisor=64)
+    out = tmp_path / "o.safetensors"
+    args = ("merge", tmp_path / "A.safetensors", tmp_path / "B.safetensors", "-o", out)
+    result = run(*args, "--max-shard-size", "10")
+    assert result.code == 2 and "shards (at most 1000)" in result.err
+
+
+def test_stochastic_rounding_only_applies_to_8_and_16_bit_outputs(tmp_path):
+    import weightmix
+
+    state = {"w": torch.randn(64, dtype=torch.float64)}
+    paths = {n: str(save(tmp_path / f"{n}.safetensors", state)) for n in "AB"}
+    recipe = {
+        "models": paths,
+        "merge": {"method": "weighted_sum", "inputs": ["A", "B"]},
+        "compute_dtype": "fp64",
+        "dtype": "fp32",
+        "rounding": "stochastic",
+    }
+    result = weightmix.merge(recipe, tmp_path / "out.safetensors")
+    assert any("stochastic changes nothing" in note for note in result.notes)
+    assert torch.equal(load(tmp_path / "out.safetensors")["w"], state["w"].float())
+
+
+def test_joined_tensors_must_fit_together():
+    state = {
+        "q": torch.zeros(2, 2, dtype=torch.float16),
+        "k": torch.zeros(2, 2),
+        "v": torch.zeros(2, 2),
+    }
+    links = [Link("qkv", name, part=i, parts=(1, 1, 1)) for i, name in enumerate("qkv")]
+    checkpoint = PickleCheckpoint(Path("memory"), state, [])
+    with pytest.raises(WeightmixError, match="do not fit together"):
+        converted(checkpoint, to_single(links, checkpoint.tensors))
+
+
+def pipeline(folder: Path, components: dict[str, dict[str, torch.Tensor]]) -> Path:
+    index = {"_class_name": "StableDiffusionPipeline"}
+    for name, state in components.items():
+        (folder / name).mkdir(parents=True)
+        (folder / name / "config.json").write_text("{}")
+        save(folder / name / "diffusion_pytorch_model.safetensors", state)
+        index[name] = ["diffusers", "Whatever"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_keys_of_a_component_the_layout_lacks_are_refused(run, tmp_path):
+    a = pipeline(tmp_path / "A", {"unet": {"w": torch.ones(2)}})
+    b = pipeline(tmp_path / "B", {"unet": {"w": torch.ones(2)}, "vae": {"v": torch.ones(2)}})
+    result = run("merge", a, b, "--on-missing", "keep", "-o", tmp_path / "out")
+    assert result.code == 2 and "'vae/v' belongs to a component" in result.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_variant_weights_are_read_and_unreadable_ones_refused(run, tmp_path):
+    a = pipeline(tmp_path / "A", {"unet": {"w": torch.ones(2)}})
+    b = pipeline(tmp_path / "B", {"unet": {"w": torch.zeros(2)}})
+    for folder in (a, b):  # as a hub download of the fp16 variant names them
+        plain = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        plain.rename(plain.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    out = tmp_path / "out"
+    assert run("merge", a, b, "-o", out, "-q").code == 0
+    merged = load(out / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    assert torch.equal(merged["w"], torch.full((2,), 0.5))
+    (b / "unet" / "diffusion_pytorch_model.bf16.safetensors").write_bytes(b"")
+    result = run("merge", a, b, "-o", tmp_path / "other")
+    assert result.code == 2 and "weights weightmix does not read" in result.err
+
+
+def test_components_left_without_weights_are_left_out_of_the_folder(run, tmp_path):
+    a = pipeline(tmp_path / "A", {"unet": {"w": torch.ones(2)}, "vae": {"v": torch.ones(2)}})
+    b = pipeline(tmp_path / "B", {"unet": {"w": torch.ones(2)}, "vae": {"v": torch.ones(2)}})
+    out = tmp_path / "out"
+    assert run("merge", a, b, "--drop", "vae/*", "-o", out, "-q").code == 0
+    assert folder_listing(out) == ["model_index.json", "unet"]
+
+
+def test_convert_like_overwrites_an_earlier_folder(run, tmp_path, models):
+    a = pipeline(tmp_path / "A", {"unet": {"w": torch.ones(2)}})
+    out = tmp_path / "out"
+    for _ in range(2):
+        result = run("convert", a, out, "--overwrite", "-q")
+        assert result.code == 0, result.err
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_write_failure_is_one_line(run, tmp_path, models, monkeypatch):
+    from weightmix.io import writer
+
+    def full(self, data, offset):
+        raise OSError(28, "No space left on device", str(self.temp))
+
+    monkeypatch.setattr(writer._TempFile, "write_at", full)
+    before = folder_listing(tmp_path)
+    result = run("merge", models["A"], models["B"], "-o", tmp_path / "out.safetensors")
+    assert result.code == 1 and len(result.err.strip().splitlines()) == 1
+    assert "No space left on device" in result.err and "nothing was written" in result.err
+    assert folder_listing(tmp_path) == before
