@@ -228,6 +228,12 @@ def test_pipelines_and_single_files_merge_and_convert_both_ways(run, tmp_path):
     for key, tensor in expected.items():
         torch.testing.assert_close(unet_again[key], tensor, msg=key)
 
+    # the layout model need not come first; its components are the ones named
+    unet_only = tmp_path / "unet_only"
+    args = ("merge", single_b, tmp_path / "A", "--layout", "B", "--components", "unet")
+    assert run(*args, "-o", unet_only, "-q").code == 0
+    assert sorted(p.name for p in unet_only.iterdir()) == ["model_index.json", "scheduler", "unet"]
+
     # and back to a folder like A, loadable by diffusers
     folder_b = tmp_path / "b_folder"
     assert run("convert", single_b, folder_b, "--like", tmp_path / "A", "-q").code == 0
