@@ -25,10 +25,12 @@ from weightmix.expression import evaluate, is_elementwise
 from weightmix.io import open_output
 from weightmix.io.folder_output import FolderOutput
 from weightmix.io.writer import SafetensorsOutput, tensor_bytes
+
 from weightmix.plan import KeyPlan, Plan
 from weightmix.progress import Progress
 from weightmix.rounding import key_stream, stochastic_round, uniform
 
+Output = SafetensorsOutput | FolderOutput  # a file or sharded set, or a model folder
 DEFAULT_BUDGET = 512 * 2**20  # bytes of whole-tensor work in flight
 CHUNK_ELEMENTS = 1 << 18  # elements per compute step: a few MB, stays in cache
 TASK_ELEMENTS = 1 << 24  # elements per task: big tensors are shared out between workers
@@ -127,7 +129,7 @@ def run(
     return RunStats(files, len(plan.keys), plan.output_bytes, time.monotonic() - began)
 
 
-def _run_tasks(plan: Plan, writer: SafetensorsOutput, workers: int, budget: int) -> Iterator[Task]:
+def _run_tasks(plan: Plan, writer: Output, workers: int, budget: int) -> Iterator[Task]:
     """Run tasks on a pool, at most `budget` bytes of whole-tensor work in flight; yield each
     task as it completes, in plan order (so errors surface in order too)."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="weightmix")
@@ -175,7 +177,7 @@ class _Buffers(threading.local):
         return typed[:count], raw[: count * typed.element_size()]
 
 
-def run_task(plan: Plan, writer: SafetensorsOutput, task: Task, buffers: _Buffers) -> None:
+def run_task(plan: Plan, writer: Output, task: Task, buffers: _Buffers) -> None:
     """Compute one task and write its result into the output."""
     key = task.key
     if not task.chunked:
@@ -214,13 +216,11 @@ def run_task(plan: Plan, writer: SafetensorsOutput, task: Task, buffers: _Buffer
 
 
 def compute_key(plan: Plan, key: KeyPlan) -> torch.Tensor:
-    """A whole key's output tensor (for methods that need whole tensors, or on a GPU)."""
+    """A merged key's whole output tensor, for methods that need whole tensors or on a GPU
+    (copies always stream in chunks: see chunked())."""
     out_dtype = key.out_dtype.torch
     stream = _rounding_stream(plan, key)
     raw = {m: plan.checkpoints[m].read(info) for m, info in key.sources.items()}
-    if key.expr is None:
-        tensor = raw[key.copy_from]
-        return tensor if tensor.dtype == out_dtype else _rounded(tensor, out_dtype, stream, 0)
     inputs = {m: t.to(plan.device, plan.compute_dtype.torch) for m, t in raw.items()}
     result = evaluate(key.expr, inputs)
     for model, tensor in inputs.items():

@@ -55,13 +55,12 @@ class Checkpoint:
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
 
-    def read(self, info: TensorInfo, device: torch.device | str = "cpu") -> torch.Tensor:
-        """One whole tensor, as a new tensor of its dtype and shape."""
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        """One whole tensor, as a new CPU tensor of its dtype and shape."""
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
             self.read_range(info, 0, buffer.numpy())
-        tensor = buffer.view(info.dtype.torch).reshape(info.shape)
-        return tensor if str(device) == "cpu" else tensor.to(device)
+        return buffer.view(info.dtype.torch).reshape(info.shape)
 
     def read_range(self, info: TensorInfo, start: int, out) -> None:
         """Fill the buffer `out` with the tensor's bytes from byte `start` on."""
