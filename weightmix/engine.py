@@ -25,7 +25,6 @@ from weightmix.expression import evaluate, is_elementwise
 from weightmix.io import open_output
 from weightmix.io.folder_output import FolderOutput
 from weightmix.io.writer import SafetensorsOutput, tensor_bytes
-
 from weightmix.plan import KeyPlan, Plan
 from weightmix.progress import Progress
 from weightmix.rounding import key_stream, stochastic_round, uniform
