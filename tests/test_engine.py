@@ -278,7 +278,7 @@ def test_integer_buffers_some_models_lack_are_kept_without_asking(run, tmp_path,
     out = tmp_path / "out.safetensors"
     result = run("merge", partial, models["A"], "-o", out)
     assert result.code == 0, result.err
-    assert "1 integer keys some models lack are copied from one that has them" in result.err
+    assert "1 integer key that some models lack is copied from a model that has it" in result.err
     assert load(out)[POSITION_IDS].equal(load(models["A"])[POSITION_IDS])
 
 

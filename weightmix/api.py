@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from weightmix import engine
+from weightmix.io.writer import write_file
 from weightmix.plan import Plan, build_plan
 from weightmix.progress import make_progress
 from weightmix.provenance import build_metadata
@@ -35,11 +36,26 @@ def as_recipe(source: RecipeLike) -> Recipe:
 
 
 def make_plan(
-    recipe: RecipeLike, output: str | os.PathLike | None = None, overwrite: bool = False
+    recipe: RecipeLike,
+    output: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    *,
+    save_recipe: str | os.PathLike | None = None,
+    protected: list[Path] | tuple[Path, ...] = (),
 ) -> Plan:
     """Validate a recipe against its inputs' headers and plan every key; reads no tensor data.
+    `save_recipe` is a path the recipe will be saved to (see save_recipe()), checked now like
+    an output; `protected` names more input files (a recipe file) that must not be written.
     Close the returned plan (plan.close()) when done with it."""
-    return build_plan(as_recipe(recipe), output, overwrite)
+    return build_plan(as_recipe(recipe), output, overwrite, save_recipe, protected)
+
+
+def save_recipe(recipe: Recipe, path: str | os.PathLike) -> Path:
+    """Write `recipe` as a YAML file that re-runs from where it is: relative model paths are
+    rewritten relative to the file's folder. Written whole or not at all."""
+    path = Path(path)
+    write_file(path, recipe.to_yaml(relative_to=path.parent).encode("utf-8"))
+    return path
 
 
 def dry_run(

@@ -14,10 +14,10 @@ import yaml
 from weightmix import __version__, api
 from weightmix.errors import WeightmixError
 from weightmix.io import open_checkpoint
-from weightmix.methods import METHODS
-from weightmix.recipe import Recipe, load_recipe, parse_recipe
-from weightmix.report import describe_checkpoint, describe_plan
-from weightmix.units import format_size
+from weightmix.methods import METHODS, describe_method
+from weightmix.recipe import MODEL_NAME, Recipe, parse_recipe, read_recipe_data
+from weightmix.report import describe_checkpoint, describe_plan, recorded_recipe
+from weightmix.units import count, format_size
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 BUILDING_FLAGS = ("method", "alpha", "weights", "param")
@@ -89,7 +89,12 @@ def cli() -> None:
 @click.option("--title", help="Title written as modelspec.title (default: the output file name).")
 @click.option("--compute-dtype", help="Dtype the merge is computed in (default fp32).")
 @click.option("--device", help="cpu or cuda (default cpu).")
-@click.option("--seed", type=int, help="Seed for methods that draw random numbers (default 0).")
+@click.option(
+    "--seed",
+    type=int,
+    help="Seed of every random choice: today stochastic rounding (default 0). The same recipe"
+    " and seed give the same bytes.",
+)
 @click.option(
     "--on-missing",
     type=click.Choice(["error", "keep", "skip"]),
@@ -130,19 +135,24 @@ def merge(inputs: tuple[str, ...], output: Path | None, **flags: Any) -> None:
     weightmix merge A.safetensors B.safetensors C.safetensors -m add_difference -o out.safetensors
     weightmix merge recipe.yaml -o out.safetensors
     """
-    recipe = _recipe_from(inputs, flags)
-    if flags["save_recipe"]:
-        flags["save_recipe"].write_text(recipe.to_yaml(), encoding="utf-8")
+    recipe, recipe_file = _recipe_from(inputs, flags)
+    save_to = flags["save_recipe"]
+    if not flags["dry_run"] and output is None:
+        raise WeightmixError("no output path: pass -o OUT.safetensors (or --dry-run)")
+    planned = api.make_plan(
+        recipe,
+        output,
+        flags["overwrite"],
+        save_recipe=save_to,
+        protected=[recipe_file] if recipe_file else [],
+    )
     if flags["dry_run"]:
-        planned = api.make_plan(recipe, output, flags["overwrite"])
         try:
             click.echo(describe_plan(planned, threads=flags["threads"]))
         finally:
             planned.close()
+        _save_recipe(recipe, save_to, flags["quiet"])
         return
-    if output is None:
-        raise WeightmixError("no output path: pass -o OUT.safetensors (or --dry-run)")
-    planned = api.make_plan(recipe, output, flags["overwrite"])
     _notes(planned.notes, flags["quiet"])
     result = api.execute(
         planned,
@@ -152,6 +162,15 @@ def merge(inputs: tuple[str, ...], output: Path | None, **flags: Any) -> None:
         fsync=flags["fsync"],
     )
     _summary(result, flags["quiet"])
+    _save_recipe(recipe, save_to, flags["quiet"])
+
+
+def _save_recipe(recipe: Recipe, path: Path | None, quiet: bool) -> None:
+    """--save-recipe: written once the merge (or the dry run) has succeeded."""
+    if path is not None:
+        api.save_recipe(recipe, path)
+        if not quiet:
+            click.echo(f"wrote the recipe to {path}")
 
 
 def _notes(notes: list[str], quiet: bool) -> None:
@@ -165,63 +184,110 @@ def _summary(result: api.MergeResult, quiet: bool) -> None:
         return
     files = ", ".join(str(f) for f in result.files)
     click.echo(
-        f"wrote {files}: {result.tensors} tensors, {format_size(result.bytes_written)}"
+        f"wrote {files}: {count(result.tensors, 'tensor')}, {format_size(result.bytes_written)}"
         f" in {result.seconds:.1f} s"
     )
 
 
-def _recipe_from(inputs: tuple[str, ...], flags: dict[str, Any]) -> Recipe:
-    """The recipe the command line describes: a file plus overrides, or one built from flags."""
+def _recipe_from(inputs: tuple[str, ...], flags: dict[str, Any]) -> tuple[Recipe, Path | None]:
+    """The recipe the command line describes: a file plus overrides, or one built from flags;
+    and the recipe file when there is one. The file's data reaches the schema as written."""
+    recipe_file = None
     if len(inputs) == 1 and inputs[0].lower().endswith(RECIPE_SUFFIXES):
-        given = [f"--{name.replace('_', '-')}" for name in BUILDING_FLAGS if flags[name]]
+        given = [
+            f"--{name.replace('_', '-')}"
+            for name in BUILDING_FLAGS
+            if flags[name] not in (None, ())
+        ]
         if given:
             raise WeightmixError(
                 f"{given[0]} builds a recipe from model files; with a recipe file, set it there"
             )
-        recipe = load_recipe(inputs[0])
-        data = recipe.model_dump(mode="json", exclude_none=True)
-        base_dir = Path(inputs[0]).parent
+        recipe_file = Path(inputs[0])
+        data = read_recipe_data(recipe_file)
+        parse_recipe(data, str(recipe_file), recipe_file.parent)  # its own problems name it
+        base_dir, source = recipe_file.parent, f"{recipe_file} with the command line's flags"
     else:
         if any(i.lower().endswith(RECIPE_SUFFIXES) for i in inputs):
             raise WeightmixError("give one recipe file on its own, or model files only")
-        models = _model_names(inputs)
-        params = {
-            name: _value(text) for name, text in (_pair(p, "--param") for p in flags["param"])
-        }
-        if flags["alpha"] is not None:
-            params["alpha"] = flags["alpha"]
-        if flags["weights"]:
-            params["weights"] = _value(f"[{flags['weights']}]")
-        node = {"method": flags["method"] or "weighted_sum", "inputs": list(models), **params}
-        data = {"models": models, "merge": node}
-        base_dir = Path(".")
-    rules = data.setdefault("rules", [])
-    for text in flags["take"]:
-        pattern, model = _pair(text, "--take", separator="=", from_right=True)
-        rules.append({"keys": pattern, "take": model})
-    rules.extend({"keys": pattern, "drop": True} for pattern in flags["drop"])
-    for text in flags["param_rules"]:
-        pattern, _, assignments = text.rpartition(":")
-        if not pattern or "=" not in assignments:
-            raise WeightmixError(f"--rule '{text}': write PATTERN:NAME=VALUE[,NAME=VALUE]")
-        pairs = (_pair(a, "--rule") for a in assignments.split(","))
-        rules.append({"keys": pattern, "params": {n: _value(v) for n, v in pairs}})
+        data = {"models": _model_names(inputs), "merge": _merge_node(inputs, flags)}
+        base_dir, source = Path("."), "command line"
+    rules = _flag_rules(flags)
+    if rules:
+        data["rules"] = [*data.get("rules", []), *rules]
     settings = ("dtype", "compute_dtype", "rounding", "device", "seed", "on_missing")
     for name in (*settings, "max_shard_size", "title", "layout"):
         if flags[name] is not None:
             data[name] = flags[name]
-    if flags["components"]:
+    if flags["components"] is not None:
         data["components"] = [c.strip() for c in flags["components"].split(",") if c.strip()]
-    return parse_recipe(data, "command line", base_dir)
+        if not data["components"]:
+            raise WeightmixError("--components is empty: name components, e.g. unet,vae")
+    return parse_recipe(data, source, base_dir), recipe_file
+
+
+def _merge_node(inputs: tuple[str, ...], flags: dict[str, Any]) -> dict[str, Any] | str:
+    """The merge expression that -m/--alpha/--weights/-p describe over the models given."""
+    params = {name: _value(text) for name, text in (_pair(p, "--param") for p in flags["param"])}
+    if flags["alpha"] is not None:
+        params["alpha"] = flags["alpha"]
+    if flags["weights"] is not None:
+        if not flags["weights"].strip():
+            raise WeightmixError("--weights is empty: give one weight per model, e.g. 1,2,1")
+        params["weights"] = _value(f"[{flags['weights']}]")
+    models = list(_model_names(inputs))
+    if len(models) == 1 and not params and not flags["method"]:
+        return models[0]  # one model: rewritten (dtype, rules, components), as convert does
+    return {"method": flags["method"] or "weighted_sum", "inputs": models, **params}
+
+
+def _flag_rules(flags: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rules from --take, --drop and --rule, in that order (later rules win)."""
+    rules: list[dict[str, Any]] = []
+    for text in flags["take"]:
+        pattern, model = _pair(text, "--take", "PATTERN=MODEL", from_right=True)
+        rules.append({"keys": pattern, "take": model})
+    rules.extend({"keys": pattern, "drop": True} for pattern in flags["drop"])
+    for text in flags["param_rules"]:
+        rules.append(_param_rule(text))
+    return rules
+
+
+def _param_rule(text: str) -> dict[str, Any]:
+    """--rule PATTERN:NAME=VALUE[,NAME=VALUE]; a value may be a list: weights=[1,2,3]."""
+    form = "PATTERN:NAME=VALUE[,NAME=VALUE]"
+    head, equals, _ = text.partition("=")
+    pattern, colon, first_name = head.rpartition(":")
+    if not equals or not colon or not pattern or not first_name.strip():
+        raise WeightmixError(f"--rule '{text}': write it as {form}")
+    assignments = _split_top_level(text[len(pattern) + 1 :])
+    pairs = (_pair(a, "--rule", form) for a in assignments)
+    return {"keys": pattern, "params": {name: _value(value) for name, value in pairs}}
+
+
+def _split_top_level(text: str) -> list[str]:
+    """'a=1,w=[1,2]' -> ['a=1', 'w=[1,2]']: commas inside brackets or braces stay."""
+    parts, depth, current = [], 0, []
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
 
 
 def _model_names(inputs: tuple[str, ...]) -> dict[str, str]:
-    """NAME=PATH pairs keep their names; plain paths become A, B, C ..."""
+    """NAME=PATH pairs keep their names (the same rule as model names in recipe files);
+    plain paths become A, B, C ..."""
     models: dict[str, str] = {}
     letters = iter(string.ascii_uppercase)
     for text in inputs:
         name, sep, path = text.partition("=")
-        if sep and name.isidentifier() and not Path(text).exists():
+        if sep and MODEL_NAME.match(name) and not Path(text).exists():
             models[name] = path
         else:
             models[next(letters, f"M{len(models) + 1}")] = text
@@ -230,10 +296,12 @@ def _model_names(inputs: tuple[str, ...]) -> dict[str, str]:
     return models
 
 
-def _pair(text: str, flag: str, separator: str = "=", from_right: bool = False) -> tuple[str, str]:
-    left, sep, right = text.rpartition(separator) if from_right else text.partition(separator)
-    if not sep or not left or not right:
-        raise WeightmixError(f"{flag} '{text}': write it as NAME{separator}VALUE")
+def _pair(
+    text: str, flag: str, form: str = "NAME=VALUE", from_right: bool = False
+) -> tuple[str, str]:
+    left, sep, right = text.rpartition("=") if from_right else text.partition("=")
+    if not sep or not left.strip() or not right.strip():
+        raise WeightmixError(f"{flag} '{text}': write it as {form}")
     return left.strip(), right.strip()
 
 
@@ -285,20 +353,27 @@ def convert(source: str, output: Path, **flags: Any) -> None:
 @cli.command()
 @click.argument("path")
 @click.option("--keys", is_flag=True, help="Also list every tensor with dtype and shape.")
-def inspect(path: str, keys: bool) -> None:
+@click.option(
+    "--recipe",
+    "recipe_only",
+    is_flag=True,
+    help="Print only the recipe recorded in a weightmix output (YAML; its model paths are"
+    " relative to the folder that holds the output: save it there to re-run it).",
+)
+def inspect(path: str, keys: bool, recipe_only: bool) -> None:
     """Print a checkpoint's key count, dtypes, size, metadata and weightmix recipe."""
     with open_checkpoint(path) as checkpoint:
-        click.echo(describe_checkpoint(checkpoint, keys))
+        if recipe_only:
+            click.echo(recorded_recipe(checkpoint), nl=False)
+        else:
+            click.echo(describe_checkpoint(checkpoint, keys))
 
 
 @cli.command()
 def methods() -> None:
     """List the merge methods with their inputs and parameters."""
     for name, spec in sorted(METHODS.items()):
-        params = ", ".join(
-            f"{p.name}" + ("" if p.required else f"={p.default!r}") for p in spec.params.values()
-        )
-        click.echo(f"{name}({spec.arity_text()} inputs{'; ' + params if params else ''})")
+        click.echo(f"{name}: {describe_method(spec)}")
         click.echo(f"    {spec.summary}")
 
 
@@ -314,10 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(error.ctx.get_help() if error.ctx else str(error), err=True)
         return 2
     except click.ClickException as error:
-        command = f" {error.ctx.command.name}" if getattr(error, "ctx", None) and error.ctx else ""
-        click.echo(
-            f"weightmix: error: {error.format_message()} (see weightmix{command} --help)", err=True
-        )
+        context = getattr(error, "ctx", None)
+        command = context.command_path if context is not None else "weightmix"
+        click.echo(f"weightmix: error: {error.format_message()} (see {command} --help)", err=True)
         return 2
     except click.exceptions.Abort:
         click.echo("weightmix: interrupted; nothing was written at the output", err=True)

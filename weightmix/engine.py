@@ -232,7 +232,7 @@ def compute_key(plan: Plan, key: KeyPlan) -> torch.Tensor:
 
 def _rounding_stream(plan: Plan, key: KeyPlan) -> int | None:
     """The key's random stream when its output is stochastically rounded, else None."""
-    if plan.recipe.rounding == "stochastic" and plan.narrows(key):
+    if plan.recipe.rounding == "stochastic" and plan.rounds(key):
         return key_stream(plan.recipe.seed, key.key)
     return None
 

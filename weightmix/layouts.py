@@ -16,6 +16,12 @@ def align_layouts(checkpoints: dict[str, Checkpoint], layout: str | None) -> Non
     pipeline folder and a single file of SD1.x, SDXL or Flux are converted into each other's
     names (see dialects/). With layout single_file, pipelines take single-file names."""
     if layout == SINGLE_FILE:
+        if not any(_kind(c) == "pipeline" for c in checkpoints.values()):
+            first = next(iter(checkpoints.values()))
+            first.notes.append(
+                "already has single-file key names (no model is a diffusers pipeline):"
+                " --single-file (layout single_file) renames nothing"
+            )
         for name, checkpoint in list(checkpoints.items()):
             if _kind(checkpoint) == "pipeline":
                 view = single_file_view(checkpoint)

@@ -55,16 +55,56 @@ def check_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
     return dest
 
 
-def _check_writable(dest: Path) -> Path:
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+def check_recipe_output(dest: Path, plan: Plan, overwrite: bool, protected: list[Path]) -> Path:
+    """Where --save-recipe writes: checked like an output, before anything is written. Not an
+    input (model files, folders, the recipe being run), not the merge's output, not an
+    existing file unless overwrite is given, in a folder that exists and is writable."""
+    if not dest.name.lower().endswith(RECIPE_SUFFIXES):
+        raise WeightmixError(
+            f"recipe output {dest}: name it *.yaml (weightmix reads recipes from .yaml files)"
+        )
+    if dest.is_dir():
+        raise WeightmixError(f"recipe output {dest}: is a folder; give a file path ending in .yaml")
+    _check_writable(dest, "recipe output")
+    target = Path(os.path.realpath(dest))
+    inputs = [
+        (name, Path(path))
+        for name, ckpt in plan.checkpoints.items()
+        for path in [ckpt.path, *ckpt.files]
+    ]
+    inputs += [("the recipe being run", path) for path in protected]
+    for name, path in inputs:
+        source = Path(os.path.realpath(path))
+        if target == source or source in target.parents:
+            owner = name if name == "the recipe being run" else f"model '{name}'"
+            raise WeightmixError(
+                f"recipe output {dest} is an input ({owner}: {path}): inputs are never"
+                " written; choose another path for --save-recipe"
+            )
+    if plan.output is not None:
+        output = Path(os.path.realpath(plan.output))
+        if target == output or output in target.parents:
+            raise WeightmixError(
+                f"recipe output {dest} is the merge's output ({plan.output}); choose another path"
+            )
+    if dest.exists() and not overwrite:
+        raise WeightmixError(f"recipe output {dest} exists: pass --overwrite to replace it")
+    return dest
+
+
+def _check_writable(dest: Path, what: str = "output") -> Path:
     folder = dest.parent if str(dest.parent) else Path(".")
     if not folder.is_dir():
-        raise WeightmixError(f"output {dest}: folder {folder} does not exist; create it first")
+        raise WeightmixError(f"{what} {dest}: folder {folder} does not exist; create it first")
     try:  # a real probe: permissions, read-only mounts and pseudo file systems all show here
         with tempfile.TemporaryFile(dir=folder, prefix=".weightmix-probe-"):
             pass
     except OSError as error:
         raise WeightmixError(
-            f"output {dest}: folder {folder} is not writable ({error.strerror});"
+            f"{what} {dest}: folder {folder} is not writable ({error.strerror});"
             " choose another folder"
         ) from None
     return folder

@@ -26,13 +26,13 @@ from weightmix.io import (
     dtype_from_name,
     open_checkpoint,
 )
-from weightmix.io.dtypes import COMPUTE_DTYPES, OUTPUT_DTYPES
+from weightmix.io.dtypes import COMPUTE_DTYPES, OUTPUT_DTYPES, holds_every_value
 from weightmix.io.folders import FolderCheckpoint
 from weightmix.io.writer import split_shards
 from weightmix.layouts import SINGLE_FILE, align_layouts
-from weightmix.output_checks import check_output
+from weightmix.output_checks import check_output, check_recipe_output
 from weightmix.recipe import Recipe, Rule
-from weightmix.units import parse_size
+from weightmix.units import count, parse_size
 
 SHOWN = 3  # how many offending keys an error names before '(N in all)'
 
@@ -79,12 +79,18 @@ class Plan:
         base = self.checkpoints.get(layout)
         return base if isinstance(base, FolderCheckpoint) else None
 
-    def narrows(self, key: KeyPlan) -> bool:
-        """Whether writing this key rounds a float to 8 or 16 bits from more: the casts that
-        stochastic rounding applies to."""
+    def rounds(self, key: KeyPlan) -> bool:
+        """Whether writing this key casts floats to an 8- or 16-bit dtype that cannot hold
+        every value they may take (fp32 -> fp16, fp16 <-> bf16, fp16 -> fp8 ...): the casts
+        that `rounding` (nearest or stochastic) applies to."""
         source = self.compute_dtype if key.expr is not None else key.sources[key.copy_from].dtype
         out = key.out_dtype
-        return out.is_float and out.itemsize <= 2 and out.itemsize < source.itemsize
+        return (
+            out.is_float
+            and source.is_float
+            and out.itemsize <= 2
+            and not holds_every_value(source, out)
+        )
 
     def output_tensors(self) -> list[OutputTensor]:
         return [OutputTensor(k.key, k.out_dtype, k.shape) for k in self.keys]
@@ -111,9 +117,15 @@ class Plan:
 
 
 def build_plan(
-    recipe: Recipe, output: str | os.PathLike | None = None, overwrite: bool = False
+    recipe: Recipe,
+    output: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    save_recipe: str | os.PathLike | None = None,
+    protected: list[Path] | tuple[Path, ...] = (),
 ) -> Plan:
-    """Validate `recipe` against its inputs' headers (and the output path) and plan every key."""
+    """Validate `recipe` against its inputs' headers (and the output path) and plan every key.
+    `save_recipe`: where the recipe will be saved, checked like an output; `protected`: more
+    files that are inputs (the recipe file being run)."""
     compute_dtype = dtype_from_name(recipe.compute_dtype, COMPUTE_DTYPES)
     out_dtype = dtype_from_name(recipe.dtype, OUTPUT_DTYPES) if recipe.dtype else None
     device = _device(recipe.device)
@@ -128,12 +140,15 @@ def build_plan(
         keys, notes = _plan_keys(recipe, root, checkpoints, out_dtype)
         notes += [f"model {name}: {note}" for name, c in checkpoints.items() for note in c.notes]
         plan = Plan(recipe, checkpoints, root, keys, compute_dtype, device, None, max_shard, notes)
-        if recipe.rounding == "stochastic" and not any(plan.narrows(k) for k in keys):
+        if recipe.rounding == "stochastic" and not any(plan.rounds(k) for k in keys):
             plan.notes.append(
-                "rounding: stochastic changes nothing: no key is cast to an 8- or 16-bit output"
+                "rounding: stochastic changes nothing: no key is cast to an 8- or 16-bit dtype"
+                " that cannot hold its values exactly"
             )
         if output is not None:
             plan.output = check_output(Path(output), plan, overwrite)
+        if save_recipe is not None:
+            check_recipe_output(Path(save_recipe), plan, overwrite, [Path(p) for p in protected])
         return plan
     except BaseException:
         for checkpoint in checkpoints.values():
@@ -265,7 +280,7 @@ def _plan_keys(
         left_out, all_keys = len(all_keys) - len(selected), selected
     variants: dict[tuple, tuple[str, Node | str | None, str]] = {}
     planned: list[KeyPlan] = []
-    missing: list[tuple[str, list[str], list[str]]] = []
+    missing: list[Missing] = []
     mismatched: list[str] = []
     buffers: list[str] = []
     for key in all_keys:
@@ -279,18 +294,19 @@ def _plan_keys(
         lacking = [m for m in reads if key not in checkpoints[m]]
         if lacking:
             holders = [m for m in checkpoints if key in checkpoints[m]]
-            if not any(checkpoints[m].tensors[key].dtype.is_float for m in holders):
+            integer = not any(checkpoints[m].tensors[key].dtype.is_float for m in holders)
+            rule = label.removeprefix("taken by ") if action == "take" else None
+            if integer and rule is None and recipe.on_missing == "error":
                 # integer buffers (position_ids) are never merged: keep the one there is
                 planned.append(
                     _copy(key, checkpoints, holders[0], None, "integer, some models lack it")
                 )
                 buffers.append(key)
                 continue
-            missing.append((key, holders, lacking))
+            missing.append(Missing(key, holders, lacking, rule))
             if recipe.on_missing == "keep":
-                planned.append(
-                    _copy(key, checkpoints, holders[0], out_dtype, "missing elsewhere, kept")
-                )
+                why = f"not in {', '.join(lacking)}, kept"
+                planned.append(_copy(key, checkpoints, holders[0], out_dtype, why))
             continue
         sources = {m: checkpoints[m].tensors[key] for m in reads}
         problem = _mismatch(key, sources, checkpoints)
@@ -313,12 +329,15 @@ def _plan_keys(
         more = f" ({len(mismatched)} keys differ)" if len(mismatched) > 1 else ""
         raise WeightmixError(f"{mismatched[0]}{more}")
     if missing and recipe.on_missing == "error":
-        raise WeightmixError(_missing_message(missing))
-    notes = [f"{left_out} keys of other components left out"] if left_out else []
+        raise WeightmixError(_missing_message(missing, hint=True))
+    notes = [f"{count(left_out, 'key')} of other components left out"] if left_out else []
     if buffers:
         notes.append(
-            f"{len(buffers)} integer keys some models lack are copied from one that has them:"
-            f" {', '.join(buffers[:3])}{' ...' if len(buffers) > 3 else ''}"
+            f"{count(len(buffers), 'integer key')} that some models lack"
+            f" {'is' if len(buffers) == 1 else 'are'} copied from a model that has"
+            f" {'it' if len(buffers) == 1 else 'them'} (integer tensors are never merged;"
+            f" --on-missing skip leaves them out): {', '.join(buffers[:SHOWN])}"
+            f"{' ...' if len(buffers) > SHOWN else ''}"
         )
     notes += [
         f"rule {i + 1} ({rule.pattern}) matches no key"
@@ -326,9 +345,11 @@ def _plan_keys(
         if not matcher.hits[i]
     ]
     if missing:
-        verb = "copied from the model that has it" if recipe.on_missing == "keep" else "left out"
+        how = "copied from the model that has them" if recipe.on_missing == "keep" else "left out"
+        were = "was" if len(missing) == 1 else "were"
         notes.append(
-            f"{len(missing)} keys missing from some models were {verb}: {_missing_message(missing)}"
+            f"{count(len(missing), 'key')} missing from some models {were} {how}"
+            f" (--on-missing {recipe.on_missing}): {_missing_message(missing, hint=False)}"
         )
     if not planned:
         raise WeightmixError(
@@ -399,13 +420,30 @@ def _mismatch(
     return None
 
 
-def _missing_message(missing: list[tuple[str, list[str], list[str]]]) -> str:
-    shown = "; ".join(
-        f"'{key}' is in {', '.join(holders) or 'no model'} but not in {', '.join(lacking)}"
-        for key, holders, lacking in missing[:SHOWN]
-    )
+@dataclass(frozen=True)
+class Missing:
+    """A key that some models the merge (or a take rule) reads do not have."""
+
+    key: str
+    holders: list[str]  # the models that have it
+    lacking: list[str]  # the models read for it that do not
+    rule: str | None  # 'rule N (pattern)' when a take rule names a model that lacks it
+
+    def text(self) -> str:
+        found = ", ".join(self.holders) or "no model"
+        if self.rule is not None:
+            source = self.lacking[0]
+            return f"{self.rule} takes '{self.key}' from {source}, which lacks it ({found} has it)"
+        return f"'{self.key}' is in {found} but not in {', '.join(self.lacking)}"
+
+
+def _missing_message(missing: list[Missing], hint: bool) -> str:
+    shown = "; ".join(m.text() for m in missing[:SHOWN])
     more = f" ({len(missing)} keys in all)" if len(missing) > SHOWN else ""
+    if not hint:
+        return f"{shown}{more}"
     return (
         f"keys differ between models: {shown}{more}. Pass --on-missing keep to copy such keys"
         " from the model that has them, or --on-missing skip to leave them out"
+        + ("; or take them from a model that has them" if any(m.rule for m in missing) else "")
     )

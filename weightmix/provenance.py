@@ -72,7 +72,9 @@ def build_metadata(plan: Plan, how: str = "sampled") -> dict[str, str]:
         "format": "pt",
         **modelspec_metadata([k.key for k in plan.keys], title, sources),
         KEY_VERSION: __version__,
-        KEY_RECIPE: plan.recipe.to_yaml(),
+        # model paths as seen from the folder that holds the output, so the recipe re-runs
+        # from there (README: "Re-running a merge")
+        KEY_RECIPE: plan.recipe.to_yaml(relative_to=plan.output.parent if plan.output else None),
         KEY_INPUTS: json.dumps(inputs),
         KEY_FINGERPRINT: FINGERPRINTS[how],
     }

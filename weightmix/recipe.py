@@ -6,6 +6,8 @@ output/compute settings. Everything a merge needs to be reproduced is in it.
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -25,6 +27,7 @@ from pydantic import (
 from weightmix.errors import WeightmixError, closest
 
 MODEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+MODEL_NAME_RULE = "a letter or _ first, then letters, digits, _, - or ."
 OnMissing = Literal["error", "keep", "skip"]
 
 
@@ -128,9 +131,10 @@ class Recipe(_Strict):
             raise ValueError("models: name at least one input model")
         for name in self.models:
             if not MODEL_NAME.match(name):
-                raise ValueError(
-                    f"model name '{name}' must be a plain identifier (letters, digits, _)"
-                )
+                raise ValueError(f"model name '{name}' is not a valid name: {MODEL_NAME_RULE}")
+        problem = _non_finite_parameter(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
     def model_path(self, name: str) -> Path:
@@ -142,12 +146,33 @@ class Recipe(_Strict):
         self._base_dir = folder
         return self
 
-    def to_yaml(self) -> str:
-        data = self.model_dump(mode="json", exclude_none=True)
-        data["rules"] = [rule.model_dump(mode="json", exclude_defaults=True) for rule in self.rules]
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative model paths are taken from (a recipe file's folder, or '.')."""
+        return self._base_dir
+
+    def to_yaml(self, relative_to: Path | None = None) -> str:
+        """The recipe as YAML. With `relative_to`, relative model paths are rewritten relative
+        to that folder, so that a file saved there finds the same models; absolute paths and
+        paths that cannot be made relative (another drive) are written absolute."""
+        data = self.model_dump(mode="python", exclude_none=True)
+        data["rules"] = [rule.model_dump(exclude_defaults=True) for rule in self.rules]
         if not data["rules"]:
             del data["rules"]
+        if relative_to is not None:
+            data["models"] = {name: self.path_from(name, relative_to) for name in self.models}
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+    def path_from(self, name: str, folder: Path) -> str:
+        """Model `name`'s path as seen from `folder` (relative when the recipe's was)."""
+        written = self.models[name]
+        path = self.model_path(name)
+        if Path(written).expanduser().is_absolute():
+            return written
+        try:
+            return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(folder))).as_posix()
+        except ValueError:  # another drive (Windows): only an absolute path reaches it
+            return os.path.abspath(path)
 
 
 def parse_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
@@ -162,17 +187,86 @@ def parse_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None
 def load_recipe(path: str | Path) -> Recipe:
     """Read a recipe YAML file; model paths in it are relative to the file's folder."""
     path = Path(path)
+    return parse_recipe(read_recipe_data(path), str(path), path.parent)
+
+
+def read_recipe_data(path: Path) -> dict[str, Any]:
+    """A recipe file's YAML as plain data, exactly as written (a key given twice is an error,
+    not silently the last value)."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader)
     except OSError as error:
         raise WeightmixError(f"{path}: cannot read recipe: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise WeightmixError(f"{path}: is not a text file; a recipe is UTF-8 YAML") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise WeightmixError(f"{path}: not valid YAML{where}: fix the recipe's syntax") from None
+        problem = getattr(error, "problem", None)
+        detail = f" ({problem})" if problem and "given twice" in problem else ""
+        raise WeightmixError(
+            f"{path}: not valid YAML{where}{detail}: fix the recipe's syntax"
+        ) from None
     if not isinstance(data, dict):
         raise WeightmixError(f"{path}: a recipe is a YAML mapping with 'models' and 'merge'")
-    return parse_recipe(data, str(path), path.parent)
+    return data
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping key given twice (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # unhashable keys: the schema refuses them later
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'{key}' is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _non_finite_parameter(recipe: Recipe) -> str | None:
+    """The first parameter (of a merge node or a rule) whose value holds NaN or ±inf."""
+    found = _find_non_finite(recipe.merge, "merge")
+    if found:
+        return found
+    for number, rule in enumerate(recipe.rules, 1):
+        for name, value in rule.params.items():
+            if holds_non_finite(value):
+                return _non_finite_message(f"rule {number} params.{name}", value)
+    return None
+
+
+def _find_non_finite(expression: Any, label: str) -> str | None:
+    if not isinstance(expression, MergeNode):
+        return None
+    for name, value in expression.params.items():
+        if holds_non_finite(value):
+            return _non_finite_message(f"{label}.{name}", value)
+    for index, child in enumerate(expression.inputs):
+        found = _find_non_finite(child, f"{label}.inputs[{index}]")
+        if found:
+            return found
+    return None
+
+
+def holds_non_finite(value: Any) -> bool:
+    """Whether a parameter value is, or contains, a NaN or an infinity."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(holds_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(holds_non_finite(v) for v in value.values())
+    return False
+
+
+def _non_finite_message(where: str, value: Any) -> str:
+    return f"{where} = {value!r}: NaN and infinity are not allowed; give a finite number"
 
 
 def _first_problem(error: ValidationError) -> str:

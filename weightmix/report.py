@@ -6,10 +6,11 @@ import json
 from collections import Counter
 
 from weightmix.engine import DEFAULT_BUDGET, chunked, default_threads, estimate_peak
+from weightmix.errors import WeightmixError
 from weightmix.io import Checkpoint
 from weightmix.plan import Plan
 from weightmix.provenance import KEY_INPUTS, KEY_RECIPE
-from weightmix.units import format_size
+from weightmix.units import count, format_size
 
 
 def describe_plan(plan: Plan, budget: int = DEFAULT_BUDGET, threads: int | None = None) -> str:
@@ -18,7 +19,7 @@ def describe_plan(plan: Plan, budget: int = DEFAULT_BUDGET, threads: int | None 
     target = str(plan.output) if plan.output else "(no output path given)"
     dtypes = Counter(k.out_dtype.short for k in plan.keys)
     dtype_text = ", ".join(f"{n} {d}" for d, n in dtypes.most_common())
-    lines.append(f"plan: {len(plan.keys)} tensors -> {target}")
+    lines.append(f"plan: {count(len(plan.keys), 'tensor')} -> {target}")
     shards = plan.shard_count
     shard_text = f" in {shards} shards" if shards > 1 else ""
     lines.append(f"  output: {format_size(plan.output_bytes)}{shard_text} ({dtype_text})")
@@ -32,16 +33,15 @@ def describe_plan(plan: Plan, budget: int = DEFAULT_BUDGET, threads: int | None 
         lines.append(f"    {len(keys):6d}  {group}  (reads {reads})")
     lines.append("  inputs:")
     for name, ckpt in plan.checkpoints.items():
-        lines.append(
-            f"    {name} = {ckpt.path} ({format_size(ckpt.size)}, {len(ckpt.tensors)} tensors)"
-        )
+        tensors = count(len(ckpt.tensors), "tensor")
+        lines.append(f"    {name} = {ckpt.path} ({format_size(ckpt.size)}, {tensors})")
     workers = threads or default_threads()
     whole = [k for k in plan.keys if not chunked(plan, k)]
     how = f"chunk buffers of {workers} worker threads"
     if whole:
         largest = max(whole, key=plan.working_set)
         how += (
-            f", {len(whole)} keys computed whole (largest {largest.key}:"
+            f", {count(len(whole), 'key')} computed whole (largest {largest.key}:"
             f" {format_size(plan.working_set(largest))})"
         )
     peak = estimate_peak(plan, budget, workers)
@@ -79,6 +79,17 @@ def describe_checkpoint(checkpoint: Checkpoint, list_keys: bool = False) -> str:
             for t in sorted(tensors, key=lambda t: t.key)
         )
     return "\n".join(lines)
+
+
+def recorded_recipe(checkpoint: Checkpoint) -> str:
+    """The recipe YAML a weightmix output records, or a one-line error when it has none."""
+    text = checkpoint.metadata.get(KEY_RECIPE)
+    if text is None:
+        raise WeightmixError(
+            f"{checkpoint.path}: has no weightmix recipe in its metadata (it was not written by"
+            " weightmix, or its metadata was stripped)"
+        )
+    return text
 
 
 def _inputs_lines(text: str) -> list[str]:

@@ -43,21 +43,26 @@ def uniform(
 
 
 def stochastic_round(values: torch.Tensor, dtype: torch.dtype, noise: torch.Tensor) -> torch.Tensor:
-    """Round float32 `values` to `dtype` (8 or 16 bits): to one of its two neighbours in
-    `dtype`, the upper one with probability proportional to closeness. Values beyond the
-    dtype's range saturate to its largest finite value; NaN stays NaN."""
+    """Round `values` to `dtype` (8 or 16 bits): to one of its two neighbours in `dtype`, the
+    upper one with probability proportional to closeness. Values beyond the dtype's largest
+    finite value, ±inf and NaN are cast as round-to-nearest casts them (torch's cast: inf for
+    fp16, bf16 and fp8_e5m2; ±448 for fp8_e4m3fn, which has no infinity), so the two roundings
+    differ only between representable values."""
     limit = torch.finfo(dtype).max
-    values = values.float().clamp(-limit, limit)
-    nearest = values.to(dtype)
+    values = values.float()
     pattern_dtype = _PATTERN[torch.finfo(dtype).bits // 8]
+    inside = values.abs() <= limit  # False for NaN and out-of-range values
+    clamped = values.clamp(-limit, limit)
+    nearest = clamped.to(dtype)
     pattern = nearest.view(pattern_dtype).to(torch.int32)
     near = nearest.float()
     # the other neighbour: one step of the bit pattern away from or toward zero (sign-magnitude)
-    away = values.abs() > near.abs()
+    away = clamped.abs() > near.abs()
     other_pattern = torch.where(away, pattern + 1, pattern - 1)
-    other_pattern = torch.where(values == near, pattern, other_pattern)
+    other_pattern = torch.where(clamped == near, pattern, other_pattern)
     other = other_pattern.to(pattern_dtype).view(dtype).float()
     gap = other - near
-    chance = torch.where(gap != 0, (values - near) / gap, torch.zeros_like(values))
+    chance = torch.where(gap != 0, (clamped - near) / gap, torch.zeros_like(clamped))
     chosen = torch.where(noise < chance, other_pattern, pattern)
-    return chosen.to(pattern_dtype).view(dtype)
+    as_nearest = values.to(dtype).view(pattern_dtype).to(torch.int32)
+    return torch.where(inside, chosen, as_nearest).to(pattern_dtype).view(dtype)

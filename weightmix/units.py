@@ -43,3 +43,8 @@ def format_size(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
         size /= 1000
     return f"{size:.2f} TB"
+
+
+def count(number: int, noun: str, plural: str | None = None) -> str:
+    """'1 key', '2 keys', '3 entries' (plural given when it is not noun + s)."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from weightmix.errors import WeightmixError
 from weightmix.io.reader import Checkpoint, TensorInfo
 from weightmix.io.writer import tensor_bytes
+from weightmix.units import count
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ class ConvertedCheckpoint(Checkpoint):
         if dropped:
             shown = ", ".join(dropped[:3]) + (" ..." if len(dropped) > 3 else "")
             self.notes.append(
-                f"{len(dropped)} keys have no counterpart in the other layout: {shown}"
+                f"{count(len(dropped), 'key')} without a counterpart in the other layout: {shown}"
             )
 
     @property

@@ -79,6 +79,16 @@ def dtype_from_name(name: str, allowed: tuple[str, ...] | None = None) -> DType:
     return dtype
 
 
+def holds_every_value(source: DType, target: DType) -> bool:
+    """Whether every value of float dtype `source` is also a value of float dtype `target`, so
+    that casting to `target` loses nothing (bf16 -> fp32, fp8 -> fp16; not fp16 <-> bf16)."""
+    if source == target:
+        return True
+    s, t = torch.finfo(source.torch), torch.finfo(target.torch)
+    smallest_s, smallest_t = s.smallest_normal * s.eps, t.smallest_normal * t.eps  # subnormals
+    return t.eps <= s.eps and t.max >= s.max and smallest_t <= smallest_s
+
+
 def dtype_of(tensor: torch.Tensor) -> DType:
     """The DType of a torch tensor."""
     return _BY_TORCH[tensor.dtype]

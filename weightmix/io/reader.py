@@ -13,6 +13,7 @@ import torch
 from weightmix.errors import WeightmixError
 from weightmix.io.dtypes import DType
 from weightmix.io.header import Header, read_header
+from weightmix.units import count
 
 INDEX_SUFFIX = ".safetensors.index.json"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -210,13 +211,13 @@ def _open_index(index: Path) -> Checkpoint:
         if unknown:
             raise WeightmixError(
                 f"{index}: says '{unknown[0]}' is in {shard}, but that shard has no such tensor"
-                f" ({len(unknown)} such keys): the index does not match its shards"
+                f" ({count(len(unknown), 'such key')}): the index does not match its shards"
             )
         unlisted = sorted(header.entries.keys() - keys)
         if unlisted:
             raise WeightmixError(
                 f"{shard_path}: holds '{unlisted[0]}', which the index does not list"
-                f" ({len(unlisted)} such keys): the index does not match its shards"
+                f" ({count(len(unlisted), 'such key')}): the index does not match its shards"
             )
         tensors.update(_tensors_of(header, keys))
     return SafetensorsCheckpoint(index, headers, tensors)

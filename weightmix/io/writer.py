@@ -127,6 +127,19 @@ class _TempFile:
         self.temp.unlink(missing_ok=True)
 
 
+def write_file(dest: Path, data: bytes) -> None:
+    """Write a small file (e.g. a recipe) under a hidden temporary name and move it into place:
+    the destination holds the old file or the whole new one, never part of it."""
+    file = _TempFile(dest)
+    try:
+        file.write_at(data, 0)
+        file.close(fsync=False)
+        os.replace(file.temp, dest)
+    except BaseException:
+        file.discard()
+        raise
+
+
 def tensor_bytes(tensor: torch.Tensor):
     """A CPU tensor's bytes as a buffer (no copy when it is already contiguous on the CPU)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)

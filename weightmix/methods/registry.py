@@ -17,6 +17,7 @@ import torch
 from pydantic import Field, TypeAdapter, ValidationError
 
 from weightmix.errors import WeightmixError, closest
+from weightmix.recipe import holds_non_finite
 
 Tensor = torch.Tensor
 # Parameter types shared by methods: finite floats, and fractions in [0, 1].
@@ -82,6 +83,11 @@ class MethodSpec:
                 raise WeightmixError(
                     f"{where}: {self.name} parameter {name}={value!r}: {message}"
                 ) from None
+            if holds_non_finite(resolved[name]):  # e.g. the string 'nan' read as a float
+                raise WeightmixError(
+                    f"{where}: {self.name} parameter {name}={value!r}: NaN and infinity are"
+                    " not allowed; give a finite number"
+                )
         for name, spec in self.params.items():
             if name not in resolved:
                 if spec.required:
@@ -155,3 +161,19 @@ def get_method(name: str, where: str = "recipe") -> MethodSpec:
             f" known methods: {', '.join(sorted(METHODS))}"
         )
     return spec
+
+
+def describe_method(spec: MethodSpec) -> str:
+    """One line for `weightmix methods`: how many inputs, each parameter and its default."""
+    arity = spec.arity_text()
+    text = f"{arity} {'input' if arity == '1' else 'inputs'}"
+    params = [_describe_param(p) for p in spec.params.values()]
+    return text + (f"; parameters: {', '.join(params)}" if params else "")
+
+
+def _describe_param(param: ParamSpec) -> str:
+    if param.required:
+        return f"{param.name} (required)"
+    if param.default is None:
+        return f"{param.name} (optional)"
+    return f"{param.name}={param.default!r}"
