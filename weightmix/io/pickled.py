@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from weightmix.io.writer import tensor_bytes
 class PickleCheckpoint(Checkpoint):
     """A state dict loaded by torch's safe unpickler (memory-mapped when the format allows)."""
 
-    def __init__(self, path: Path, state: dict[str, torch.Tensor], skipped: list[str]):
+    def __init__(self, path: Path, state: dict[str, torch.Tensor], notes: list[str]):
         tensors = {
             key: TensorInfo(
                 key, dtype_of(t), tuple(t.shape), path, -1, t.numel() * t.element_size()
@@ -32,9 +33,7 @@ class PickleCheckpoint(Checkpoint):
             for key, t in state.items()
         }
         super().__init__(path, tensors, [path])
-        if skipped:
-            shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-            self.notes.append(f"{len(skipped)} entries of the pickle are not weights: {shown}")
+        self.notes.extend(notes)
         self._state = state
 
     def read_range(self, info: TensorInfo, start: int, out) -> None:
@@ -47,36 +46,113 @@ class PickleCheckpoint(Checkpoint):
         self._state = {}
 
 
+WRAPPERS = ("state_dict", "model_state_dict", "model", "module")
+"""Entries that training code wraps a state dict in (Lightning, DeepSpeed, plain scripts)."""
+
+_MAX_NESTING = 3  # {"model": {"state_dict": ...}} is 2; a cap also stops a self-holding dict
+
+
 def open_pickle(path: Path) -> PickleCheckpoint:
-    """Load a pickled state dict safely, unwrapping {'state_dict': ...} when present."""
-    loaded = _safe_load(path)
-    state, skipped = {}, []
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        skipped = [str(k) for k in loaded if k != "state_dict"]  # global_step, epoch ...
-        loaded = loaded["state_dict"]
+    """Load a pickled state dict safely, unwrapping it from the WRAPPERS entries it may sit in
+    (also nested, e.g. {'model': {'state_dict': ...}}) when the outer dict holds no tensors."""
+    loaded, notes = _safe_load(path)
     if not isinstance(loaded, dict):
         raise WeightmixError(
             f"{path}: holds a {type(loaded).__name__}, not a state dict of named tensors"
         )
-    for key, value in loaded.items():
-        if not isinstance(value, torch.Tensor):
+    chain = _find_weights(loaded, _MAX_NESTING)
+    if chain is None:
+        raise WeightmixError(_no_tensors_message(path, loaded))
+    state, skipped = _read_state(path, loaded, chain)
+    return PickleCheckpoint(path, state, [*_reading_notes(chain, skipped), *notes])
+
+
+def _find_weights(entries: dict, depth: int) -> list[str] | None:
+    """The wrapper keys leading from `entries` to the dict of tensors ([] when `entries` holds
+    tensors itself), or None when no tensors are found."""
+    if any(isinstance(value, torch.Tensor) for value in entries.values()):
+        return []
+    if depth == 0:
+        return None
+    for key in WRAPPERS:
+        inner = entries.get(key)
+        if isinstance(inner, dict):
+            chain = _find_weights(inner, depth - 1)
+            if chain is not None:
+                return [key, *chain]
+    return None
+
+
+def _read_state(
+    path: Path, loaded: dict, chain: list[str]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors found by following `chain`, and the names of the entries that are not."""
+    skipped: list[str] = []
+    entries = loaded
+    for wrapper in chain:
+        skipped += [str(key) for key in entries if key != wrapper]  # global_step, epoch ...
+        entries = entries[wrapper]
+    state: dict[str, torch.Tensor] = {}
+    for key, value in entries.items():
+        if isinstance(value, torch.Tensor):
+            _check_storable(path, key, value)
+            state[str(key)] = value
+        else:
             skipped.append(str(key))
-            continue
-        if value.dtype not in _STORABLE:
-            raise WeightmixError(
-                f"{path}: tensor '{key}' has dtype {value.dtype}, which safetensors cannot hold;"
-                " convert or drop it with torch first"
-            )
-        if value.layout != torch.strided or value.is_quantized:
-            raise WeightmixError(f"{path}: tensor '{key}' is sparse or quantized; not supported")
-        state[str(key)] = value
-    return PickleCheckpoint(path, state, skipped)
+    return state, skipped
 
 
-def _safe_load(path: Path) -> object:
+def _check_storable(path: Path, key: object, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in _STORABLE:
+        raise WeightmixError(
+            f"{path}: tensor '{key}' has dtype {tensor.dtype}, which safetensors cannot hold;"
+            " convert or drop it with torch first"
+        )
+    if tensor.layout != torch.strided or tensor.is_quantized:
+        raise WeightmixError(f"{path}: tensor '{key}' is sparse or quantized; not supported")
+
+
+def _reading_notes(chain: list[str], skipped: list[str]) -> list[str]:
+    """One note saying where the weights were found and which entries were left out."""
+    parts = []
+    if chain:
+        where = " -> ".join(f"'{key}'" for key in chain)
+        parts.append(f"weights read from the pickle's {where} entry")
+    if skipped:
+        count = len(skipped)
+        entries = "1 entry of the pickle is" if count == 1 else f"{count} entries of the pickle are"
+        parts.append(f"{entries} not weights: {_shortlist(skipped)}")
+    return ["; ".join(parts)] if parts else []
+
+
+def _no_tensors_message(path: Path, loaded: dict) -> str:
+    """One line naming what the pickle holds instead, with each entry's kind."""
+    listing = _shortlist([f"{key} ({_kind(value)})" for key, value in loaded.items()])
+    wrappers = ", ".join(f"'{key}'" for key in WRAPPERS[:-1]) + f" or '{WRAPPERS[-1]}'"
+    return (
+        f"{path}: holds no tensors; its entries: {listing or 'none'}; weightmix reads a state"
+        f" dict of named tensors (at the top of the pickle or under {wrappers})"
+    )
+
+
+def _kind(value: object) -> str:
+    """'dict, 3 tensors' for a dict, else the type's name ('int', 'list' ...)."""
+    if isinstance(value, dict):
+        count = sum(isinstance(v, torch.Tensor) for v in value.values())
+        return f"dict, {count} tensor" + ("" if count == 1 else "s")
+    return type(value).__name__
+
+
+def _shortlist(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
+
+
+def _safe_load(path: Path) -> tuple[object, list[str]]:
+    """torch.load with weights_only, and a note for each warning torch raised that matters."""
     mmap = zipfile.is_zipfile(path)  # torch's zip format can be memory-mapped, the old one not
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings(record=True) as caught:  # those that would be shown
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         culprit = re.search(r"GLOBAL ([\w.]+)", str(error))
         if culprit is None:
@@ -90,9 +166,29 @@ def _safe_load(path: Path) -> object:
             " Do not use this file"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        detail = lines[0] if lines else type(error).__name__
-        raise WeightmixError(f"{path}: cannot read the pickled checkpoint: {detail}") from None
+        raise WeightmixError(
+            f"{path}: cannot read the pickled checkpoint: {_first_line(error)}"
+        ) from None
+    return loaded, _warning_notes(caught)
+
+
+def _warning_notes(caught: list[warnings.WarningMessage]) -> list[str]:
+    """torch's warnings as one note line each, minus those that say nothing about the file:
+    torch < 2.2 warns that TypedStorage is deprecated when it reads the old (pre-zip) format."""
+    notes = []
+    for warning in caught:
+        text = _first_line(warning.message)
+        if not text.startswith(_NOISE) and f"torch: {text}" not in notes:
+            notes.append(f"torch: {text}")
+    return notes
+
+
+def _first_line(error: BaseException | Warning | str) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+_NOISE = ("TypedStorage is deprecated",)
 
 
 _STORABLE = {d.torch for d in SAFETENSORS_DTYPES.values()}
