@@ -169,6 +169,12 @@ def _safe_load(path: Path) -> tuple[object, list[str]]:
         raise WeightmixError(
             f"{path}: cannot read the pickled checkpoint: {_first_line(error)}"
         ) from None
+    except (AttributeError, TypeError, KeyError) as error:  # torch's legacy loader, e.g. fp8
+        raise WeightmixError(
+            f"{path}: torch cannot read this pickle in its old (pre-zip) format"
+            f" ({type(error).__name__}: {_first_line(error)}); re-save it with a current"
+            " torch.save, or convert it where it was made"
+        ) from None
     return loaded, _warning_notes(caught)
 
 
