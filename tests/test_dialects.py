@@ -228,11 +228,13 @@ def test_pipelines_and_single_files_merge_and_convert_both_ways(run, tmp_path):
     for key, tensor in expected.items():
         torch.testing.assert_close(unet_again[key], tensor, msg=key)
 
-    # the layout model need not come first; its components are the ones named
+    # the layout model need not come first; its components are the ones named (the rest would
+    # be left out, which a StableDiffusionPipeline does not load without: refused)
     unet_only = tmp_path / "unet_only"
     args = ("merge", single_b, tmp_path / "A", "--layout", "B", "--components", "unet")
-    assert run(*args, "-o", unet_only, "-q").code == 0
-    assert sorted(p.name for p in unet_only.iterdir()) == ["model_index.json", "scheduler", "unet"]
+    result = run(*args, "-o", unet_only, "-q")
+    assert result.code == 2 and "leaves text_encoder, vae without weights" in result.err
+    assert not unet_only.exists()
 
     # and back to a folder like A, loadable by diffusers
     folder_b = tmp_path / "b_folder"

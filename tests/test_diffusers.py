@@ -5,12 +5,28 @@ reference merged in torch, through a forward pass."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    FluxTransformer2DModel,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from helpers import folder_listing, save
-from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import weightmix
 
@@ -49,6 +65,14 @@ def make_clip():
         pad_token_id=1,
     )  # fmt: skip
     return CLIPTextModel(config)
+
+
+def make_image_encoder():
+    config = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        image_size=8, patch_size=4, projection_dim=8,
+    )  # fmt: skip
+    return CLIPVisionModelWithProjection(config)
 
 
 def make_llama():
@@ -166,6 +190,89 @@ def write_pipeline(folder, seed):
         "safety_checker": [None, None],
     }
     (folder / "model_index.json").write_text(json.dumps(index))
+
+
+def make_tokenizer(folder):
+    """A real CLIP tokenizer over a small vocabulary (letters, ids below make_clip's 100)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for letter in "abcdefghijklmnopqrstuvwxyz":
+        vocab.update({letter: len(vocab), f"{letter}</w>": len(vocab) + 1})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16
+    )
+
+
+@pytest.fixture(scope="module")
+def loadable_pipelines(tmp_path_factory):
+    """Two tiny Stable Diffusion pipelines that DiffusionPipeline.from_pretrained loads whole:
+    a real tokenizer and scheduler, and an image encoder, a component diffusers lets be absent."""
+    root = tmp_path_factory.mktemp("pipelines")
+    folders = []
+    for name, seed in (("A", 1), ("B", 2)):
+        torch.manual_seed(seed)
+        pipeline = StableDiffusionPipeline(
+            unet=make_unet(), vae=make_vae(), text_encoder=make_clip(),
+            tokenizer=make_tokenizer(root / "vocabulary"), scheduler=PNDMScheduler(steps_offset=1),
+            safety_checker=None, feature_extractor=None, image_encoder=make_image_encoder(),
+            requires_safety_checker=False,
+        )  # fmt: skip
+        pipeline.save_pretrained(root / name)
+        folders.append(root / name)
+    return folders
+
+
+@pytest.mark.parametrize(
+    "leave_out", [("--drop", "image_encoder/*"), ("--components", "unet,vae,text_encoder")]
+)
+def test_pipeline_without_a_component_loads_with_it_absent(
+    run, tmp_path, loadable_pipelines, leave_out
+):
+    a, b = loadable_pipelines
+    out = tmp_path / "merged"
+    result = run("merge", a, b, "--alpha", ALPHA, *leave_out, "-o", out, "-q")
+    assert result.code == 0, result.err
+    assert "image_encoder" not in folder_listing(out)
+    base = json.loads((a / "model_index.json").read_text())
+    index = json.loads((out / "model_index.json").read_text())
+    assert base["image_encoder"] == ["transformers", "CLIPVisionModelWithProjection"]
+    expected = {**base, "image_encoder": [None, None]}  # as save_pretrained writes None
+    assert list(index.items()) == list(expected.items())  # same fields, in the same order
+    pipeline = DiffusionPipeline.from_pretrained(out)
+    assert isinstance(pipeline, StableDiffusionPipeline) and pipeline.image_encoder is None
+    assert pipeline.tokenizer("a b").input_ids == [0, 3, 5, 1]  # a</w> b</w>
+    inputs = [DiffusionPipeline.from_pretrained(folder) for folder in (a, b)]
+    for name, make in (("unet", make_unet), ("vae", make_vae), ("text_encoder", make_clip)):
+        expected = reference(make, *(getattr(p, name) for p in inputs)).state_dict()
+        loaded = getattr(pipeline, name).state_dict()
+        for key, tensor in expected.items():
+            torch.testing.assert_close(loaded[key], tensor, msg=f"{name}/{key}")
+    unet = reference(make_unet, inputs[0].unet, inputs[1].unet)
+    with torch.no_grad():
+        torch.testing.assert_close(forward_unet(pipeline.unet.eval()), forward_unet(unet))
+
+
+@pytest.mark.parametrize("leave_out", [("--components", "unet"), ("--drop", "vae/*")])
+def test_pipeline_that_does_not_load_without_a_component_is_refused(
+    run, tmp_path, loadable_pipelines, leave_out
+):
+    a, b = loadable_pipelines
+    # what diffusers itself does with a folder whose vae is marked absent, [null, null]
+    absent = tmp_path / "absent"
+    shutil.copytree(a, absent)
+    shutil.rmtree(absent / "vae")
+    index = json.loads((absent / "model_index.json").read_text())
+    (absent / "model_index.json").write_text(json.dumps({**index, "vae": [None, None]}))
+    with pytest.raises(ValueError, match="expected"):
+        DiffusionPipeline.from_pretrained(absent)
+    before = folder_listing(tmp_path)
+    result = run("merge", a, b, *leave_out, "-o", tmp_path / "merged", "-q")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert "leaves vae without weights" in result.err or "text_encoder, vae" in result.err
+    assert "StableDiffusionPipeline does not load without" in result.err
+    assert folder_listing(tmp_path) == before  # nothing written, no partial folder
 
 
 def test_pipeline_folders_merge_component_by_component(run, tmp_path):

@@ -4,6 +4,7 @@ cannot write; folder outputs keep to the layout model's components."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,11 +107,40 @@ def test_variant_weights_are_read_and_unreadable_ones_refused(run, tmp_path):
 
 
 def test_components_left_without_weights_are_left_out_of_the_folder(run, tmp_path):
-    a = pipeline(tmp_path / "A", {"unet": {"w": torch.ones(2)}, "vae": {"v": torch.ones(2)}})
-    b = pipeline(tmp_path / "B", {"unet": {"w": torch.ones(2)}, "vae": {"v": torch.ones(2)}})
+    state = {"unet": {"w": torch.ones(2)}, "safety_checker": {"v": torch.ones(2)}}
+    a, b = pipeline(tmp_path / "A", state), pipeline(tmp_path / "B", state)
+    index = json.loads((a / "model_index.json").read_text())  # keys in an unsorted order
+    index.update(requires_safety_checker=True, tokenizer=["transformers", "CLIPTokenizer"])
+    (a / "model_index.json").write_text(json.dumps(index))
     out = tmp_path / "out"
-    assert run("merge", a, b, "--drop", "vae/*", "-o", out, "-q").code == 0
+    assert run("merge", a, b, "--drop", "safety_checker/*", "-o", out, "-q").code == 0
     assert folder_listing(out) == ["model_index.json", "unet"]
+    written = json.loads((out / "model_index.json").read_text())
+    # marked absent as diffusers marks a component saved as None; the rest as it was
+    assert list(written.items()) == list({**index, "safety_checker": [None, None]}.items())
+
+
+@pytest.mark.parametrize(
+    ("class_name", "diffusers_installed", "says"),
+    [
+        ("StableDiffusionPipeline", True, "StableDiffusionPipeline does not load without it"),
+        ("MyPipeline", True, "has no pipeline class MyPipeline"),
+        ("StableDiffusionPipeline", False, "cannot be checked (diffusers is not installed)"),
+    ],
+)
+def test_components_a_pipeline_needs_are_never_left_out(
+    run, tmp_path, monkeypatch, class_name, diffusers_installed, says
+):
+    state = {"unet": {"w": torch.ones(2)}, "vae": {"v": torch.ones(2)}}
+    a, b = pipeline(tmp_path / "A", state), pipeline(tmp_path / "B", state)
+    index = json.loads((a / "model_index.json").read_text())
+    (a / "model_index.json").write_text(json.dumps({**index, "_class_name": class_name}))
+    if not diffusers_installed:
+        monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers fails
+    result = run("merge", a, b, "--drop", "vae/*", "-o", tmp_path / "out", "-q")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert "leaves vae without weights" in result.err and says in result.err
+    assert folder_listing(tmp_path) == ["A", "B"]
 
 
 def test_convert_like_overwrites_an_earlier_folder(run, tmp_path, models):

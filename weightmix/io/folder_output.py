@@ -1,20 +1,27 @@
 """Write a model folder that mirrors the base input folder: one safetensors file (or sharded
 set) per component, named as the base names its weights, plus every config, tokenizer and
-scheduler file copied, so that diffusers' or transformers' from_pretrained loads it. All of it
-is built in a hidden folder beside the destination and renamed into place when complete."""
+scheduler file copied, so that diffusers' or transformers' from_pretrained loads it. A component
+left without weights is left out, and model_index.json marks it absent. All of it is built in a
+hidden folder beside the destination and renamed into place when complete."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
+from weightmix.errors import WeightmixError
 from weightmix.io.folders import WEIGHT_SUFFIXES, FolderCheckpoint
 from weightmix.io.reader import INDEX_SUFFIX
 from weightmix.io.writer import OutputTensor, SafetensorsOutput
+
+MODEL_INDEX = "model_index.json"
 
 
 class FolderOutput:
@@ -30,18 +37,20 @@ class FolderOutput:
         fsync: bool = False,
     ):
         self.dest, self.base = dest, base
+        self._route: dict[str, tuple[str, str]] = {}
+        self.outputs: dict[str, SafetensorsOutput] = {}
+        groups: dict[str, list[OutputTensor]] = {c.name: [] for c in base.components}
+        for tensor in tensors:
+            component = base.component_of(tensor.key)
+            inner = tensor.key[len(component) + 1 :] if base.pipeline else tensor.key
+            groups[component].append(OutputTensor(inner, tensor.dtype, tensor.shape))
+            self._route[tensor.key] = (component, inner)
+        left_out = [c.name for c in base.components if c.name and not groups[c.name]]
+        self.index = pipeline_index(dest, base, left_out)  # refused before anything is written
         self.temp = Path(
             tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
         )
-        self._route: dict[str, tuple[str, str]] = {}
-        self.outputs: dict[str, SafetensorsOutput] = {}
         try:
-            groups: dict[str, list[OutputTensor]] = {c.name: [] for c in base.components}
-            for tensor in tensors:
-                component = base.component_of(tensor.key)
-                inner = tensor.key[len(component) + 1 :] if base.pipeline else tensor.key
-                groups[component].append(OutputTensor(inner, tensor.dtype, tensor.shape))
-                self._route[tensor.key] = (component, inner)
             for component in base.components:
                 folder = self.temp / component.name
                 folder.mkdir(parents=True, exist_ok=True)
@@ -72,6 +81,8 @@ class FolderOutput:
         for component in self.base.components:  # a component left without weights is left out
             if component.name and component.name not in self.outputs:
                 shutil.rmtree(self.temp / component.name, ignore_errors=True)
+        if self.index is not None:  # the entries of the components left out say so
+            (self.temp / MODEL_INDEX).write_text(self.index, encoding="utf-8")
         _copy_other_files(self.base.path, self.temp, left_out - {self.base.path})
         old = None
         if self.dest.exists():  # --overwrite was given (the plan checked it is a model folder)
@@ -93,6 +104,68 @@ class FolderOutput:
         for output in self.outputs.values():
             output.abort()
         shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def pipeline_index(dest: Path, base: FolderCheckpoint, left_out: list[str]) -> str | None:
+    """The model_index.json of an output whose `left_out` components were left without
+    weights: their entries become [null, null], as diffusers' save_pretrained writes a component
+    that is None, every other field and the key order stay the base's. None when nothing is left
+    out: the base's file is copied as it is. Refused when the pipeline class does not load
+    without those components (StableDiffusionPipeline needs its vae and text_encoder)."""
+    if not base.pipeline or not left_out:
+        return None
+    path = base.path / MODEL_INDEX
+    try:  # read once already, when the folder was opened
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise WeightmixError(f"{path}: cannot read: {error}") from None
+    class_name = index.get("_class_name")
+    optional, reason = _optional_components(class_name)
+    required = [name for name in left_out if optional is None or name not in optional]
+    if required:
+        them = "it" if len(required) == 1 else "them"
+        kept = [c.name for c in base.components if c.name not in left_out] or left_out
+        example = next((n for n in ("unet", "transformer") if n in kept), kept[0])
+        if optional is None:
+            pipeline = class_name if isinstance(class_name, str) else "the pipeline"
+            why = f"whether {pipeline} loads without {them} cannot be checked ({reason})"
+        else:
+            absent = ", ".join(sorted(optional)) or "none of its components"
+            why = f"{class_name} does not load without {them} (diffusers lets {absent} be absent)"
+        raise WeightmixError(
+            f"output {dest}: the merge leaves {', '.join(required)} without weights, and {why}:"
+            f" keep {them}, or merge the kept components' own folders (e.g. {base.path / example})"
+            " one at a time"
+        )
+    for name in left_out:
+        index[name] = [None, None]
+    return json.dumps(index, indent=2) + "\n"
+
+
+def _optional_components(class_name: object) -> tuple[set[str] | None, str]:
+    """The components diffusers loads a pipeline class without (it refuses any other that
+    model_index.json marks absent), or None and why they are unknown."""
+    if not isinstance(class_name, str) or not class_name.isidentifier():
+        return None, "model_index.json names no pipeline class"
+    # importing pipelines logs warnings about optional backends: keep them off the terminal
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                import diffusers
+            except Exception:
+                return None, "diffusers is not installed"
+            try:
+                cls = getattr(diffusers, class_name)
+            except Exception:
+                cls = None
+    finally:
+        logging.disable(previous)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
+        return None, f"diffusers {diffusers.__version__} has no pipeline class {class_name}"
+    return set(cls._optional_components), ""
 
 
 def _copy_other_files(source: Path, target: Path, left_out: set[Path]) -> None:
