@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import yaml
 from helpers import POSITION_IDS, load
 
 import weightmix
@@ -30,20 +31,29 @@ def test_readme_python_example(tmp_path, models):
     torch.testing.assert_close(merged[key], (0.7 * a[key].float() + 0.3 * b[key].float()).half())
 
 
-def test_recipe_dict_and_yaml_file_give_the_same_bytes(tmp_path, models):
-    data = {"models": {"A": str(models["A"]), "B": str(models["B"])}, "merge": "B", "dtype": "bf16"}
+def test_recipe_dict_and_yaml_file_give_the_same_bytes(tmp_path, models, run):
+    """The same recipe as a dict through the API and as a YAML file through the CLI, the file
+    run as written: the same bytes, and both match the formula."""
+    data = {
+        "models": {"A": str(models["A"]), "B": str(models["B"])},
+        "merge": {"method": "weighted_sum", "inputs": ["A", "B"], "alpha": 0.35},
+        "rules": [{"keys": "*.bias", "params": {"alpha": 0.8}}],
+        "dtype": "bf16",
+    }
     yaml_path = tmp_path / "r.yaml"
-    yaml_path.write_text(weightmix.parse_recipe(data).to_yaml())
-    weightmix.merge(
-        data | {"merge": {"method": "weighted_sum", "inputs": ["A", "B"]}},
-        tmp_path / "out.safetensors",
-    )
-    recipe = load_recipe(yaml_path)
-    recipe.merge = weightmix.node("weighted_sum", "A", "B")
+    yaml_path.write_text(yaml.safe_dump(data))
+    weightmix.merge(data, tmp_path / "out.safetensors")
     (tmp_path / "again").mkdir()
-    weightmix.merge(recipe, tmp_path / "again" / "out.safetensors")  # same name: same title
-    again = (tmp_path / "again" / "out.safetensors").read_bytes()
-    assert (tmp_path / "out.safetensors").read_bytes() == again
+    again = tmp_path / "again" / "out.safetensors"  # same name: same title
+    result = run("merge", yaml_path, "-o", again, "-q")
+    assert result.code == 0, result.err
+    assert (tmp_path / "out.safetensors").read_bytes() == again.read_bytes()
+    a, b, merged = load(models["A"]), load(models["B"]), load(again)
+    for key, tensor in merged.items():
+        if tensor.is_floating_point():
+            alpha = 0.8 if key.endswith(".bias") else 0.35
+            expected = ((1 - alpha) * a[key].float() + alpha * b[key].float()).bfloat16()
+            torch.testing.assert_close(tensor, expected, msg=key)
 
 
 def test_demo_recipe_on_the_example_models(tmp_path, run):

@@ -260,3 +260,27 @@ def test_diffusers_from_single_file_loads_our_single_file(run, tmp_path, monkeyp
             str(single), config=str(tmp_path / "P"), subfolder=name, local_files_only=True
         )
         assert_same(model.state_dict(), states[name])
+
+
+def test_convert_like_overwrites_an_earlier_folder_with_the_new_contents(run, tmp_path):
+    states = {name: sd1_pipeline(tmp_path / name, seed) for name, seed in (("A", 5), ("B", 6))}
+    singles = {}
+    for name in "AB":
+        singles[name] = tmp_path / f"{name}.safetensors"
+        assert run("convert", tmp_path / name, singles[name], "--single-file", "-q").code == 0
+    out = tmp_path / "out"
+    (out / "stale").mkdir(parents=True)
+    (out / "config.json").write_text("{}")  # an earlier model folder at the destination
+    for name in "BA":  # B first, then A over it: the folder holds A's tensors only
+        result = run("convert", singles[name], out, "--like", tmp_path / "A", "--overwrite", "-q")
+        assert result.code == 0, result.err
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        p.name for p in (tmp_path / "A").iterdir()
+    )
+    for component, cls in (
+        ("unet", UNet2DConditionModel),
+        ("vae", AutoencoderKL),
+        ("text_encoder", CLIPTextModel),
+    ):
+        loaded = cls.from_pretrained(out, subfolder=component).state_dict()
+        assert_same({k: loaded[k] for k in states["A"][component]}, states["A"][component])

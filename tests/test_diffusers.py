@@ -286,10 +286,12 @@ def test_pipeline_folders_merge_component_by_component(run, tmp_path):
         "models": {"A": str(tmp_path / "A"), "B": str(tmp_path / "B")},
         "merge": {"method": "weighted_sum", "inputs": ["A", "B"]},
         "rules": [{"component": "vae", "take": "A"}],
-        "components": ["unet", "vae"],
+        "components": ["unet", "vae", "text_encoder"],
     }
     text = weightmix.dry_run(recipe, tmp_path / "other")
-    assert "taken by rule 1 (component vae)" in text and "keys of other components left out" in text
+    assert "taken by rule 1 (component vae)" in text
+    with pytest.raises(weightmix.WeightmixError, match="leaves text_encoder without weights"):
+        weightmix.dry_run({**recipe, "components": ["unet", "vae"]}, tmp_path / "other")
     assert run(*args, "-o", out, "-q").code == 0
     assert (out / "model_index.json").read_text() == (
         tmp_path / "A" / "model_index.json"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import POSITION_IDS, digest, load, random_state, save
@@ -128,3 +130,90 @@ def test_fp8_file_on_a_torch_without_fp8_is_a_clear_error(tmp_path, monkeypatch)
     monkeypatch.setattr(dtypes, "UNSUPPORTED_HERE", {"F8_E4M3", "F8_E5M2"})
     with pytest.raises(WeightmixError, match="F8_E4M3 needs a newer torch"):
         open_checkpoint(path)
+
+
+def _neighbours(values: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest value of `dtype` at or below each value, and the smallest at or above."""
+    grid = _all_finite_values(dtype)
+    upper_index = torch.searchsorted(grid, values).clamp(max=len(grid) - 1)
+    upper = grid[upper_index]
+    lower = torch.where(upper == values, upper, grid[(upper_index - 1).clamp(min=0)])
+    return lower, upper
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "name", "scale"),
+    # bf16 -> fp16 loses bits where fp16 has fewer: its subnormals (|x| < 6e-5) and beyond 65504
+    [(torch.float16, torch.bfloat16, "bf16", 3.0), (torch.bfloat16, torch.float16, "fp16", 1e-6)],
+    ids=["fp16-to-bf16", "bf16-to-fp16"],
+)
+@pytest.mark.parametrize("how", ["copied", "taken"])
+def test_stochastic_rounding_applies_to_casts_of_the_same_width(
+    run, tmp_path, source, target, name, scale, how
+):
+    """fp16 <-> bf16 loses bits although both are 16-bit: stochastic rounding applies, for a
+    model rewritten alone and for keys a rule takes unchanged from one model."""
+    a = {
+        k: (v * scale).to(source) if v.is_floating_point() else v
+        for k, v in random_state(1, torch.float32).items()
+    }
+    b = {k: v.to(source) if v.is_floating_point() else v for k, v in random_state(2).items()}
+    paths = [save(tmp_path / "A.safetensors", a), save(tmp_path / "B.safetensors", b)]
+    args = paths[:1] if how == "copied" else (*paths, "--take", "*=A")
+    stochastic, nearest = tmp_path / "s.safetensors", tmp_path / "n.safetensors"
+    result = run("merge", *args, "--dtype", name, "--rounding", "stochastic", "-o", stochastic)
+    assert result.code == 0, result.err
+    assert "changes nothing" not in result.err
+    assert run("merge", *args, "--dtype", name, "-o", nearest, "-q").code == 0
+    got, near = load(stochastic), load(nearest)
+    changed = total = 0
+    for key, tensor in a.items():
+        if not tensor.is_floating_point():
+            assert torch.equal(got[key], tensor)
+            continue
+        values = tensor.float().reshape(-1)
+        assert torch.equal(near[key].float().reshape(-1), values.to(target).float())
+        lower, upper = _neighbours(values, target)
+        rounded = got[key].float().reshape(-1)
+        assert bool(((rounded == lower) | (rounded == upper)).all()), key
+        changed += int((rounded != near[key].float().reshape(-1)).sum())
+        total += values.numel()
+    assert changed > total // 10  # many values fall between two values of the target
+
+
+def test_stochastic_rounding_is_noted_only_when_no_cast_loses_precision(tmp_path):
+    state = {k: v.to(torch.bfloat16) for k, v in random_state(1, torch.float32).items()}
+    path = save(tmp_path / "A.safetensors", state)
+    for dtype, lossless in (("fp32", True), ("bf16", True), ("fp16", False)):
+        planned = weightmix.make_plan(
+            {"models": {"A": str(path)}, "merge": "A", "dtype": dtype, "rounding": "stochastic"}
+        )
+        planned.close()
+        noted = any("stochastic changes nothing" in note for note in planned.notes)
+        assert noted == lossless, dtype
+
+
+@pytest.mark.parametrize("dtype", [*FP8, torch.bfloat16, torch.float16], ids=str)
+def test_stochastic_rounding_casts_infinities_and_overflow_as_nearest_does(dtype):
+    """Beyond the largest finite value the two roundings agree: inf stays inf where the dtype
+    has one (fp16, bf16, fp8_e5m2); fp8_e4m3fn, which has none, saturates at ±448 in both."""
+    limit = torch.finfo(dtype).max
+    values = torch.tensor([math.inf, -math.inf, math.nan, limit * 4, -limit * 4, 1e30, 1.0])
+    rounded = stochastic_round(values, dtype, uniform(3, 0, values.numel())).float()
+    nearest = values.to(dtype).float()
+    assert torch.equal(rounded.nan_to_num(7.0), nearest.nan_to_num(7.0))
+    if dtype != torch.float8_e4m3fn:
+        assert rounded[0] == math.inf and rounded[1] == -math.inf
+    else:
+        assert rounded[0] == 448 and rounded[1] == -448
+
+
+def test_lossless_casts_are_known():
+    fp16, bf16, fp32 = (dtypes.dtype_from_name(n) for n in ("fp16", "bf16", "fp32"))
+    e4m3, e5m2 = (dtypes.dtype_from_name(n) for n in ("fp8_e4m3fn", "fp8_e5m2"))
+    for source, target in ((bf16, fp32), (fp16, fp32), (e4m3, fp16), (e5m2, fp16), (e4m3, bf16)):
+        values = _all_finite_values(source.torch)
+        assert torch.equal(values.to(target.torch).float(), values)  # brute force: exact
+        assert dtypes.holds_every_value(source, target)
+    for source, target in ((fp16, bf16), (bf16, fp16), (e4m3, e5m2), (e5m2, e4m3), (fp32, fp16)):
+        assert not dtypes.holds_every_value(source, target)

@@ -120,15 +120,29 @@ def test_components_left_without_weights_are_left_out_of_the_folder(run, tmp_pat
     assert list(written.items()) == list({**index, "safety_checker": [None, None]}.items())
 
 
+def test_components_a_pipeline_needs_are_never_left_out(run, tmp_path):
+    state = {"unet": {"w": torch.ones(2)}, "vae": {"v": torch.ones(2)}}
+    a, b = pipeline(tmp_path / "A", state), pipeline(tmp_path / "B", state)
+    index = json.loads((a / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionPipeline"
+    (a / "model_index.json").write_text(json.dumps(index))
+    for extra in ((), ("--dry-run",)):  # refused while planning: the dry run says it too
+        result = run("merge", a, b, "--drop", "vae/*", "-o", tmp_path / "out", *extra)
+        assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+        assert "leaves vae without weights" in result.err
+        assert "StableDiffusionPipeline does not load without it" in result.err
+        assert "--take 'vae/*=MODEL'" in result.err
+    assert folder_listing(tmp_path) == ["A", "B"]
+
+
 @pytest.mark.parametrize(
     ("class_name", "diffusers_installed", "says"),
     [
-        ("StableDiffusionPipeline", True, "StableDiffusionPipeline does not load without it"),
         ("MyPipeline", True, "has no pipeline class MyPipeline"),
-        ("StableDiffusionPipeline", False, "cannot be checked (diffusers is not installed)"),
+        ("StableDiffusionPipeline", False, "could not be checked (diffusers is not installed)"),
     ],
 )
-def test_components_a_pipeline_needs_are_never_left_out(
+def test_components_left_out_of_an_unknown_pipeline_are_noted(
     run, tmp_path, monkeypatch, class_name, diffusers_installed, says
 ):
     state = {"unet": {"w": torch.ones(2)}, "vae": {"v": torch.ones(2)}}
@@ -137,19 +151,12 @@ def test_components_a_pipeline_needs_are_never_left_out(
     (a / "model_index.json").write_text(json.dumps({**index, "_class_name": class_name}))
     if not diffusers_installed:
         monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers fails
-    result = run("merge", a, b, "--drop", "vae/*", "-o", tmp_path / "out", "-q")
-    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
-    assert "leaves vae without weights" in result.err and says in result.err
-    assert folder_listing(tmp_path) == ["A", "B"]
-
-
-def test_convert_like_overwrites_an_earlier_folder(run, tmp_path, models):
-    a = pipeline(tmp_path / "A", {"unet": {"w": torch.ones(2)}})
     out = tmp_path / "out"
-    for _ in range(2):
-        result = run("convert", a, out, "--overwrite", "-q")
-        assert result.code == 0, result.err
-    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    result = run("merge", a, b, "--drop", "vae/*", "-o", out)
+    assert result.code == 0, result.err
+    assert "model_index.json marks vae absent ([null, null])" in result.err and says in result.err
+    assert folder_listing(out) == ["model_index.json", "unet"]
+    assert json.loads((out / "model_index.json").read_text())["vae"] == [None, None]
 
 
 def test_write_failure_is_one_line(run, tmp_path, models, monkeypatch):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from weightmix.errors import WeightmixError
+from weightmix.io.folder_output import check_left_out, left_out_components
 from weightmix.io.folders import is_model_folder
 from weightmix.io.writer import existing_outputs, output_paths
 from weightmix.units import format_size
@@ -147,6 +148,10 @@ def _check_folder_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
                 f" ({plan.base_folder.path}) does not have: drop it (a drop rule or"
                 " --on-missing skip) or give a layout model that has it"
             )
+    base = plan.base_folder
+    note = check_left_out(dest, base, left_out_components(base, [k.key for k in plan.keys]))
+    if note is not None:
+        plan.notes.append(note)
     _check_space(dest, folder, plan)
     return dest
 

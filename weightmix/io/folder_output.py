@@ -46,7 +46,7 @@ class FolderOutput:
             groups[component].append(OutputTensor(inner, tensor.dtype, tensor.shape))
             self._route[tensor.key] = (component, inner)
         left_out = [c.name for c in base.components if c.name and not groups[c.name]]
-        self.index = pipeline_index(dest, base, left_out)  # refused before anything is written
+        self.index = pipeline_index(base, left_out)  # the plan checked that it loads
         self.temp = Path(
             tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
         )
@@ -106,40 +106,64 @@ class FolderOutput:
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
-def pipeline_index(dest: Path, base: FolderCheckpoint, left_out: list[str]) -> str | None:
-    """The model_index.json of an output whose `left_out` components were left without
-    weights: their entries become [null, null], as diffusers' save_pretrained writes a component
-    that is None, every other field and the key order stay the base's. None when nothing is left
-    out: the base's file is copied as it is. Refused when the pipeline class does not load
-    without those components (StableDiffusionPipeline needs its vae and text_encoder)."""
+def left_out_components(base: FolderCheckpoint, keys: list[str]) -> list[str]:
+    """The pipeline components of `base` that none of the output's `keys` belongs to."""
+    if not base.pipeline:
+        return []
+    written = {base.component_of(key) for key in keys}
+    return [c.name for c in base.components if c.name and c.name not in written]
+
+
+def check_left_out(dest: Path, base: FolderCheckpoint, left_out: list[str]) -> str | None:
+    """Refuse an output whose pipeline class does not load without the components left out
+    (StableDiffusionPipeline needs its vae and text_encoder); say so in a note (returned) when
+    the installed diffusers cannot tell."""
     if not base.pipeline or not left_out:
         return None
+    class_name = _read_index(base).get("_class_name")
+    optional, reason = _optional_components(class_name)
+    if optional is None:
+        return (
+            f"model_index.json marks {', '.join(left_out)} absent ([null, null]); whether"
+            f" {class_name or 'the pipeline'} loads without them could not be checked ({reason})"
+        )
+    required = [name for name in left_out if name not in optional]
+    if not required:
+        return None
+    them = "it" if len(required) == 1 else "them"
+    kept = [c.name for c in base.components if c.name not in left_out] or left_out
+    example = next((n for n in ("unet", "transformer") if n in kept), kept[0])
+    absent = ", ".join(sorted(optional)) or "none of its components"
+    raise WeightmixError(
+        f"output {dest}: the merge leaves {', '.join(required)} without weights, and"
+        f" {class_name} does not load without {them} (diffusers lets {absent} be absent):"
+        f" keep {them} (e.g. --take '{required[0]}/*=MODEL'), or merge the kept components'"
+        f" own folders (e.g. {base.path / example}) one at a time"
+    )
+
+
+def pipeline_index(base: FolderCheckpoint, left_out: list[str]) -> str | None:
+    """The model_index.json of an output whose `left_out` components were left without
+    weights: their entries become [null, null], as diffusers' save_pretrained writes a component
+    that is None; every other field and the key order stay the base's. None when nothing is
+    left out: the base's file is copied as it is."""
+    if not base.pipeline or not left_out:
+        return None
+    index = _read_index(base)
+    for name in left_out:
+        index[name] = [None, None]
+    return json.dumps(index, indent=2) + "\n"
+
+
+def _read_index(base: FolderCheckpoint) -> dict:
     path = base.path / MODEL_INDEX
     try:  # read once already, when the folder was opened
         index = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise WeightmixError(f"{path}: cannot read: {error}") from None
-    class_name = index.get("_class_name")
-    optional, reason = _optional_components(class_name)
-    required = [name for name in left_out if optional is None or name not in optional]
-    if required:
-        them = "it" if len(required) == 1 else "them"
-        kept = [c.name for c in base.components if c.name not in left_out] or left_out
-        example = next((n for n in ("unet", "transformer") if n in kept), kept[0])
-        if optional is None:
-            pipeline = class_name if isinstance(class_name, str) else "the pipeline"
-            why = f"whether {pipeline} loads without {them} cannot be checked ({reason})"
-        else:
-            absent = ", ".join(sorted(optional)) or "none of its components"
-            why = f"{class_name} does not load without {them} (diffusers lets {absent} be absent)"
-        raise WeightmixError(
-            f"output {dest}: the merge leaves {', '.join(required)} without weights, and {why}:"
-            f" keep {them}, or merge the kept components' own folders (e.g. {base.path / example})"
-            " one at a time"
-        )
-    for name in left_out:
-        index[name] = [None, None]
-    return json.dumps(index, indent=2) + "\n"
+    if not isinstance(index, dict):
+        raise WeightmixError(f"{path}: is not a JSON object")
+    return index
 
 
 def _optional_components(class_name: object) -> tuple[set[str] | None, str]:
