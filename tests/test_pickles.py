@@ -206,3 +206,16 @@ def test_other_torch_warnings_become_one_note_line(run, tmp_path, monkeypatch):
     assert result.code == 0, result.err
     assert "weightmix: note: model source: torch: checkpoint saved by a newer torch\n" in result.err
     assert "second line" not in result.err
+
+
+def test_old_format_pickle_torch_cannot_read_is_one_line(run, tmp_path):
+    """torch's legacy (pre-zip) loader fails inside torch on fp8 storages: a user error."""
+    old = tmp_path / "f8.ckpt"
+    torch.save(
+        {"w": torch.ones(3).to(torch.float8_e4m3fn)}, old, _use_new_zipfile_serialization=False
+    )
+    out = tmp_path / "out.safetensors"
+    result = run("convert", old, out)
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert "old (pre-zip) format" in result.err and "re-save it" in result.err
+    assert not out.exists()

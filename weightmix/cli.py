@@ -336,7 +336,9 @@ def convert(source: str, output: Path, **flags: Any) -> None:
     set or a model folder) to OUTPUT, streamed where the format allows: .safetensors, or a
     diffusers folder with --like, or a single file from a pipeline with --single-file."""
     data: dict[str, Any] = {"models": {"source": source}, "merge": "source"}
-    data.update({k: flags[k] for k in ("dtype", "rounding", "max_shard_size") if flags[k]})
+    data.update(
+        {k: flags[k] for k in ("dtype", "rounding", "max_shard_size") if flags[k] is not None}
+    )
     if flags["like"] and flags["single_file"]:
         raise WeightmixError("--like writes a folder, --single-file a file: give one of them")
     if flags["like"]:
