@@ -270,7 +270,7 @@ def test_pipeline_that_does_not_load_without_a_component_is_refused(
     before = folder_listing(tmp_path)
     result = run("merge", a, b, *leave_out, "-o", tmp_path / "merged", "-q")
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
-    assert "leaves vae without weights" in result.err or "text_encoder, vae" in result.err
+    assert "leaves vae of" in result.err or "leaves text_encoder, vae of" in result.err
     assert "StableDiffusionPipeline does not load without" in result.err
     assert folder_listing(tmp_path) == before  # nothing written, no partial folder
 
@@ -290,7 +290,9 @@ def test_pipeline_folders_merge_component_by_component(run, tmp_path):
     }
     text = weightmix.dry_run(recipe, tmp_path / "other")
     assert "taken by rule 1 (component vae)" in text
-    with pytest.raises(weightmix.WeightmixError, match="leaves text_encoder without weights"):
+    with pytest.raises(
+        weightmix.WeightmixError, match=r"leaves text_encoder of .* without weights"
+    ):
         weightmix.dry_run({**recipe, "components": ["unet", "vae"]}, tmp_path / "other")
     assert run(*args, "-o", out, "-q").code == 0
     assert (out / "model_index.json").read_text() == (

@@ -126,12 +126,15 @@ def test_components_a_pipeline_needs_are_never_left_out(run, tmp_path):
     index = json.loads((a / "model_index.json").read_text())
     index["_class_name"] = "StableDiffusionPipeline"
     (a / "model_index.json").write_text(json.dumps(index))
-    for extra in ((), ("--dry-run",)):  # refused while planning: the dry run says it too
-        result = run("merge", a, b, "--drop", "vae/*", "-o", tmp_path / "out", *extra)
+    out = ("-o", tmp_path / "out")
+    for extra in (out, (*out, "--dry-run"), ("--dry-run",)):  # refused while planning
+        result = run("merge", a, b, "--drop", "vae/*", *extra)
         assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
-        assert "leaves vae without weights" in result.err
-        assert "StableDiffusionPipeline does not load without it" in result.err
-        assert "--take 'vae/*=MODEL'" in result.err
+        assert "leaves vae of" in result.err and "without weights" in result.err
+        assert "StableDiffusionPipeline" in result.err and "does not load without it" in result.err
+        assert "remove the drop rule (--drop) that matches vae keys" in result.err
+    result = run("merge", a, b, "--components", "unet", "--dry-run")
+    assert result.code == 2 and "keep them: components unet,vae" in result.err
     assert folder_listing(tmp_path) == ["A", "B"]
 
 

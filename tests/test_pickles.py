@@ -119,6 +119,10 @@ WRAPPED = {
         lambda state: {"model": {"state_dict": state, "config": {"width": 8}}, "epoch": 2},
         "'model' -> 'state_dict'",
     ),
+    "beside-a-tensor": (  # a step counter saved as a tensor is not the model
+        lambda state: {"state_dict": state, "global_step": torch.tensor(1000)},
+        "'state_dict'",
+    ),
 }
 
 
@@ -219,3 +223,11 @@ def test_old_format_pickle_torch_cannot_read_is_one_line(run, tmp_path):
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
     assert "old (pre-zip) format" in result.err and "re-save it" in result.err
     assert not out.exists()
+
+
+def test_keys_that_read_the_same_as_text_are_refused(run, tmp_path):
+    path = tmp_path / "clash.ckpt"
+    torch.save({1: torch.ones(2), "1": torch.zeros(2)}, path)
+    result = run("convert", path, tmp_path / "out.safetensors")
+    assert result.code == 2 and "two tensors are named '1'" in result.err
+    assert not (tmp_path / "out.safetensors").exists()

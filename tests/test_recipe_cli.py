@@ -435,3 +435,129 @@ def test_single_file_flag_on_a_single_file_says_so(run, tmp_path, models):
     result = run("convert", models["A"], tmp_path / "o.safetensors", "--single-file")
     assert result.code == 0, result.err
     assert "already has single-file key names" in result.err
+
+
+# --- what a review found: values that must not change between what is written and what runs ---
+
+
+def test_yaml_merge_keys_work_and_explicit_keys_override_them(run, tmp_path, models):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"models: {{A: {models['A']}, B: {models['B']}}}\n"
+        "defaults: &d {method: weighted_sum, inputs: [A, B], alpha: 0.5}\n"
+        "merge:\n  <<: *d\n  alpha: 0.25\n".replace("defaults: &d", "x-defaults: &d")
+    )
+    # an unknown top-level field is refused; a recipe uses anchors inside its own fields
+    assert "unknown recipe field 'x-defaults'" in run("merge", recipe, "--dry-run").err
+    recipe.write_text(
+        f"models: {{A: {models['A']}, B: {models['B']}}}\n"
+        "merge:\n  <<: {method: weighted_sum, inputs: [A, B], alpha: 0.5}\n  alpha: 0.25\n"
+        "dtype: fp32\n"
+    )
+    out = tmp_path / "out.safetensors"
+    assert run("merge", recipe, "-o", out, "-q").code == 0
+    a, b, merged = load(models["A"]), load(models["B"]), load(out)
+    key = next(k for k in merged if k.endswith("weight"))
+    torch.testing.assert_close(merged[key], 0.75 * a[key].float() + 0.25 * b[key].float())
+
+
+def test_a_value_that_holds_itself_is_one_line(run, tmp_path, models):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"models: {{A: {models['A']}, B: {models['B']}}}\n"
+        "merge: {method: weighted_sum, inputs: [A, B], weights: &w [1, *w]}\n"
+    )
+    one_line_error(run("merge", recipe, "--dry-run"), "refers to the value that holds it")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("models: {A: a}\nmerge: " + "[" * 3000 + "]" * 3000 + "\n")
+    one_line_error(run("merge", deep, "--dry-run"), "nested too deeply")
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (("-p", "alpha=yes"), "True is a boolean, not a number"),
+        (("--weights", "true,1"), "True is a boolean, not a number"),
+        (("-p", "alpha=~"), "null is not a value"),
+        (("-p", "alpha=0.3", "-p", "alpha=0.4"), "'alpha' is given twice"),
+        (("-p", "alpha=0.3", "--alpha", "0.4"), "alpha is given twice"),
+        (("--rule", "*:alpha=0.2,alpha=0.3"), "'alpha' is given twice"),
+        (("--rule", "*:alpha=0.2,"), "'' is not NAME=VALUE"),
+        (("-p", "method=add_difference"), "'method' is not a parameter"),
+        (("-m", ""), "merge.method: is empty"),
+        (("--dtype", ""), "dtype: is empty"),
+        (("--max-shard-size", ""), "max_shard_size: is empty"),
+        (("--title", ""), "title: is empty"),
+    ],
+)
+def test_flags_that_would_silently_change_the_merge_are_refused(run, tmp_path, models, flags, says):
+    args = ("merge", models["A"], models["B"], *flags, "-o", tmp_path / "out.safetensors")
+    one_line_error(run(*args), says)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_parameters_that_overflow_the_compute_dtype_are_refused_before_reading(
+    run, tmp_path, models
+):
+    args = ("merge", models["A"], models["B"], models["C"], "-m", "add_difference")
+    one_line_error(run(*args, "--alpha", "1e300", "--dry-run"), "alpha=1e+300", "fp32")
+    result = run(*args, "--alpha", "1e300", "--compute-dtype", "fp64", "--dry-run")
+    assert result.code == 0, result.err
+    one_line_error(
+        run("merge", models["A"], models["B"], "--weights", "1e308,1e308", "--dry-run"),
+        "their sum overflows",
+    )
+
+
+def test_automatic_names_skip_the_names_given(run, tmp_path, models):
+    out = tmp_path / "out.safetensors"
+    assert run("merge", models["A"], f"A={models['B']}", "-o", out, "-q").code == 0
+    with open_checkpoint(out) as ckpt:
+        recorded = yaml.safe_load(ckpt.metadata[KEY_RECIPE])["models"]
+    assert recorded == {"B": str(models["A"]), "A": str(models["B"])}
+    one_line_error(run("merge", f"X={models['A']}", f"X={models['B']}", "--dry-run"), "named 'X'")
+
+
+def test_saved_paths_follow_symlinked_folders_as_the_system_does(run, tmp_path, models):
+    """lnk -> real/deep: 'lnk/../m/x' opens real/m/x, and the saved recipe must say so."""
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "real" / "m").mkdir()
+    os.link(models["A"], tmp_path / "real" / "m" / "x.safetensors")
+    (tmp_path / "m").mkdir()  # a decoy with the same name where lexical '..' would land
+    os.link(models["B"], tmp_path / "m" / "x.safetensors")
+    (tmp_path / "lnk").symlink_to(tmp_path / "real" / "deep")
+    recipe = write_yaml(
+        tmp_path / "lnk" / "r.yaml", {"models": {"A": "../m/x.safetensors"}, "merge": "A"}
+    )
+    saved = tmp_path / "saved.yaml"
+    assert run("merge", recipe, "--dry-run", "--save-recipe", saved).code == 0
+    path = yaml.safe_load(saved.read_text())["models"]["A"]
+    assert (tmp_path / path).resolve() == (tmp_path / "real" / "m" / "x.safetensors").resolve()
+
+
+def test_recipe_that_cannot_be_saved_after_the_merge_says_the_output_was_written(
+    run, tmp_path, models, monkeypatch
+):
+    from weightmix import api
+
+    def full(recipe, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(api, "save_recipe", full)
+    out, saved = tmp_path / "out.safetensors", tmp_path / "r.yaml"
+    result = run("merge", models["A"], models["B"], "-o", out, "--save-recipe", saved, "-q")
+    assert result.code == 1 and len(result.err.strip().splitlines()) == 1
+    assert f"the merge was written to {out}, but the recipe could not be saved" in result.err
+    assert out.exists() and not saved.exists()
+
+
+def test_numpy_numbers_in_an_api_recipe_are_recorded(tmp_path, models):
+    np = pytest.importorskip("numpy")
+    recipe = weightmix.Recipe(
+        models={"a": str(models["A"]), "b": str(models["B"])},
+        merge=weightmix.node("weighted_sum", "a", "b", weights=[np.float32(1), np.int64(3)]),
+    )
+    out = tmp_path / "out.safetensors"
+    weightmix.merge(recipe, out)
+    with open_checkpoint(out) as ckpt:
+        assert yaml.safe_load(ckpt.metadata[KEY_RECIPE])["merge"]["weights"] == [1.0, 3]

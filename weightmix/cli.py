@@ -151,7 +151,7 @@ def merge(inputs: tuple[str, ...], output: Path | None, **flags: Any) -> None:
             click.echo(describe_plan(planned, threads=flags["threads"]))
         finally:
             planned.close()
-        _save_recipe(recipe, save_to, flags["quiet"])
+        _save_recipe(recipe, save_to, flags["quiet"], None)
         return
     _notes(planned.notes, flags["quiet"])
     result = api.execute(
@@ -162,15 +162,25 @@ def merge(inputs: tuple[str, ...], output: Path | None, **flags: Any) -> None:
         fsync=flags["fsync"],
     )
     _summary(result, flags["quiet"])
-    _save_recipe(recipe, save_to, flags["quiet"])
+    _save_recipe(recipe, save_to, flags["quiet"], output)
 
 
-def _save_recipe(recipe: Recipe, path: Path | None, quiet: bool) -> None:
+def _save_recipe(recipe: Recipe, path: Path | None, quiet: bool, output: Path | None) -> None:
     """--save-recipe: written once the merge (or the dry run) has succeeded."""
-    if path is not None:
+    if path is None:
+        return
+    try:
         api.save_recipe(recipe, path)
-        if not quiet:
-            click.echo(f"wrote the recipe to {path}")
+    except OSError as error:
+        done = f"the merge was written to {output}, but " if output is not None else ""
+        failure = WeightmixError(
+            f"{done}the recipe could not be saved to {path} ({error.strerror or error});"
+            f" nothing was written at {path}"
+        )
+        failure.exit_code = 1
+        raise failure from None
+    if not quiet:
+        click.echo(f"wrote the recipe to {path}")
 
 
 def _notes(notes: list[str], quiet: bool) -> None:
@@ -228,17 +238,41 @@ def _recipe_from(inputs: tuple[str, ...], flags: dict[str, Any]) -> tuple[Recipe
 
 def _merge_node(inputs: tuple[str, ...], flags: dict[str, Any]) -> dict[str, Any] | str:
     """The merge expression that -m/--alpha/--weights/-p describe over the models given."""
-    params = {name: _value(text) for name, text in (_pair(p, "--param") for p in flags["param"])}
+    params = _assignments([_pair(p, "--param") for p in flags["param"]], "--param")
+    reserved = sorted(set(params) & {"method", "inputs", "name"})
+    if reserved:
+        raise WeightmixError(
+            f"--param {reserved[0]}=...: '{reserved[0]}' is not a parameter; the method is -m,"
+            " the inputs are the models given"
+        )
+    for name, value in (("alpha", flags["alpha"]), ("weights", flags["weights"])):
+        if value is not None and name in params:
+            raise WeightmixError(f"{name} is given twice (--{name} and --param {name}=...)")
     if flags["alpha"] is not None:
         params["alpha"] = flags["alpha"]
     if flags["weights"] is not None:
         if not flags["weights"].strip():
             raise WeightmixError("--weights is empty: give one weight per model, e.g. 1,2,1")
-        params["weights"] = _value(f"[{flags['weights']}]")
+        params["weights"] = _value(f"[{flags['weights']}]", "--weights")
     models = list(_model_names(inputs))
-    if len(models) == 1 and not params and not flags["method"]:
+    method = flags["method"]
+    if len(models) == 1 and not params and method is None:
         return models[0]  # one model: rewritten (dtype, rules, components), as convert does
-    return {"method": flags["method"] or "weighted_sum", "inputs": models, **params}
+    return {"method": "weighted_sum" if method is None else method, "inputs": models, **params}
+
+
+def _assignments(pairs: list[tuple[str, str]], flag: str) -> dict[str, Any]:
+    """NAME=VALUE pairs as parameters: each name once, each value a value (not null)."""
+    params: dict[str, Any] = {}
+    for name, text in pairs:
+        if name in params:
+            raise WeightmixError(f"{flag}: '{name}' is given twice; give each parameter once")
+        params[name] = _value(text, f"{flag} {name}")
+        if params[name] is None:
+            raise WeightmixError(
+                f"{flag} {name}={text}: null is not a value; leave the parameter out instead"
+            )
+    return params
 
 
 def _flag_rules(flags: dict[str, Any]) -> list[dict[str, Any]]:
@@ -261,8 +295,8 @@ def _param_rule(text: str) -> dict[str, Any]:
     if not equals or not colon or not pattern or not first_name.strip():
         raise WeightmixError(f"--rule '{text}': write it as {form}")
     assignments = _split_top_level(text[len(pattern) + 1 :])
-    pairs = (_pair(a, "--rule", form) for a in assignments)
-    return {"keys": pattern, "params": {name: _value(value) for name, value in pairs}}
+    pairs = [_pair(a, f"--rule '{text}':", form, whole=text) for a in assignments]
+    return {"keys": pattern, "params": _assignments(pairs, f"--rule '{text}'")}
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -282,35 +316,48 @@ def _split_top_level(text: str) -> list[str]:
 
 def _model_names(inputs: tuple[str, ...]) -> dict[str, str]:
     """NAME=PATH pairs keep their names (the same rule as model names in recipe files);
-    plain paths become A, B, C ..."""
-    models: dict[str, str] = {}
-    letters = iter(string.ascii_uppercase)
+    plain paths become A, B, C ... (skipping names given)."""
+    named: list[tuple[str | None, str]] = []
     for text in inputs:
         name, sep, path = text.partition("=")
-        if sep and MODEL_NAME.match(name) and not Path(text).exists():
-            models[name] = path
-        else:
-            models[next(letters, f"M{len(models) + 1}")] = text
-    if len(models) != len(inputs):
-        raise WeightmixError("two models are given the same name: name each NAME=PATH once")
-    return models
+        named.append(
+            (name, path)
+            if sep and MODEL_NAME.match(name) and not Path(text).exists()
+            else (None, text)
+        )
+    given = [name for name, _ in named if name is not None]
+    twice = next((name for name in given if given.count(name) > 1), None)
+    if twice is not None:
+        raise WeightmixError(f"two models are named '{twice}': name each model once")
+    letters = (
+        c for c in [*string.ascii_uppercase, *(f"M{i}" for i in range(27, 10**4))] if c not in given
+    )
+    return {name if name is not None else next(letters): path for name, path in named}
 
 
 def _pair(
-    text: str, flag: str, form: str = "NAME=VALUE", from_right: bool = False
+    text: str,
+    flag: str,
+    form: str = "NAME=VALUE",
+    from_right: bool = False,
+    whole: str | None = None,
 ) -> tuple[str, str]:
     left, sep, right = text.rpartition("=") if from_right else text.partition("=")
     if not sep or not left.strip() or not right.strip():
+        if whole is not None:  # a part of a longer flag value: quote all of it
+            raise WeightmixError(f"{flag} '{text}' is not NAME=VALUE: write it as {form}")
         raise WeightmixError(f"{flag} '{text}': write it as {form}")
     return left.strip(), right.strip()
 
 
-def _value(text: str) -> Any:
+def _value(text: str, where: str) -> Any:
     """A flag value as YAML reads it: 0.3 -> float, [1, 2] -> list, true -> bool."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    except RecursionError:
+        raise WeightmixError(f"{where}: nested too deeply") from None
 
 
 @cli.command()
@@ -385,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="weightmix", standalone_mode=False)
     except WeightmixError as error:
-        click.echo(f"weightmix: error: {error}", err=True)
+        one_line = str(error).replace("\r", "\\r").replace("\n", "\\n")  # names may hold newlines
+        click.echo(f"weightmix: error: {one_line}", err=True)
         return error.exit_code
     except click.exceptions.NoArgsIsHelpError as error:  # bare `weightmix merge`
         click.echo(error.ctx.get_help() if error.ctx else str(error), err=True)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from weightmix.errors import WeightmixError
-from weightmix.io.folder_output import check_left_out, left_out_components
 from weightmix.io.folders import is_model_folder
 from weightmix.io.writer import existing_outputs, output_paths
 from weightmix.units import format_size
@@ -98,6 +97,8 @@ def check_recipe_output(dest: Path, plan: Plan, overwrite: bool, protected: list
 
 def _check_writable(dest: Path, what: str = "output") -> Path:
     folder = dest.parent if str(dest.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise WeightmixError(f"{what} {dest}: {folder} is a file, not a folder")
     if not folder.is_dir():
         raise WeightmixError(f"{what} {dest}: folder {folder} does not exist; create it first")
     try:  # a real probe: permissions, read-only mounts and pseudo file systems all show here
@@ -148,10 +149,6 @@ def _check_folder_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
                 f" ({plan.base_folder.path}) does not have: drop it (a drop rule or"
                 " --on-missing skip) or give a layout model that has it"
             )
-    base = plan.base_folder
-    note = check_left_out(dest, base, left_out_components(base, [k.key for k in plan.keys]))
-    if note is not None:
-        plan.notes.append(note)
     _check_space(dest, folder, plan)
     return dest
 

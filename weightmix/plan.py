@@ -27,6 +27,7 @@ from weightmix.io import (
     open_checkpoint,
 )
 from weightmix.io.dtypes import COMPUTE_DTYPES, OUTPUT_DTYPES, holds_every_value
+from weightmix.io.folder_output import check_left_out, left_out_components
 from weightmix.io.folders import FolderCheckpoint
 from weightmix.io.writer import split_shards
 from weightmix.layouts import SINGLE_FILE, align_layouts
@@ -134,6 +135,7 @@ def build_plan(
     )
     root = compile_expression(recipe.merge, recipe.models)
     _check_rules(recipe, root)
+    _check_param_range(recipe, root, compute_dtype)
     checkpoints = _open_inputs(recipe)
     try:
         align_layouts(checkpoints, recipe.layout)
@@ -145,6 +147,7 @@ def build_plan(
                 "rounding: stochastic changes nothing: no key is cast to an 8- or 16-bit dtype"
                 " that cannot hold its values exactly"
             )
+        _check_pipeline_components(plan)
         if output is not None:
             plan.output = check_output(Path(output), plan, overwrite)
         if save_recipe is not None:
@@ -154,6 +157,20 @@ def build_plan(
         for checkpoint in checkpoints.values():
             checkpoint.close()
         raise
+
+
+def _check_pipeline_components(plan: Plan) -> None:
+    """A pipeline output without some components must still load (see check_left_out)."""
+    base = plan.base_folder
+    if base is None:
+        return
+    if plan.recipe.components:
+        keep = f"keep them: components {','.join(plan.recipe.components)},{{}}"
+    else:
+        keep = "keep them: remove the drop rule (--drop) that matches {} keys"
+    note = check_left_out(base, left_out_components(base, [k.key for k in plan.keys]), keep)
+    if note is not None:
+        plan.notes.append(note)
 
 
 def _device(name: str) -> torch.device:
@@ -198,6 +215,37 @@ def _check_rules(recipe: Recipe, root: Node) -> None:
         raise WeightmixError(
             f"recipe: model '{unused[0]}' is never used by the merge or a rule: remove it or use it"
         )
+
+
+def _check_param_range(recipe: Recipe, root: Node, compute_dtype: DType) -> None:
+    """Numbers in parameters must fit the compute dtype (alpha 1e300 overflows fp32): refused
+    here rather than failing inside torch halfway through the merge."""
+    limit = torch.finfo(compute_dtype.torch).max
+    given = [
+        (f"recipe {op.label}", name, value) for op in ops(root) for name, value in op.params.items()
+    ]
+    given += [
+        (f"recipe rule {number}", name, value)
+        for number, rule in enumerate(recipe.rules, 1)
+        for name, value in rule.params.items()
+    ]
+    for where, name, value in given:
+        if any(abs(number) > limit for number in _numbers(value)):
+            raise WeightmixError(
+                f"{where}: parameter {name}={value!r} is beyond what the compute dtype"
+                f" {compute_dtype.short} holds (±{limit:.3g}); give a smaller value, or"
+                " --compute-dtype fp64"
+            )
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [number for item in value for number in _numbers(item)]
+    return []
 
 
 def _rule_param_applies(name: str, op: Op) -> bool:
@@ -433,7 +481,10 @@ class Missing:
         found = ", ".join(self.holders) or "no model"
         if self.rule is not None:
             source = self.lacking[0]
-            return f"{self.rule} takes '{self.key}' from {source}, which lacks it ({found} has it)"
+            verb = "has" if len(self.holders) == 1 else "have"
+            return (
+                f"{self.rule} takes '{self.key}' from {source}, which lacks it ({found} {verb} it)"
+            )
         return f"'{self.key}' is in {found} but not in {', '.join(self.lacking)}"
 
 

@@ -7,6 +7,7 @@ output/compute settings. Everything a merge needs to be reproduced is in it.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -25,6 +27,18 @@ from pydantic import (
 )
 
 from weightmix.errors import WeightmixError, closest
+
+
+def not_a_bool(value: Any) -> Any:
+    """YAML reads yes/no/on/off/true as booleans: a number (or seed) must not be one."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is a boolean, not a number (YAML reads yes/no/on/off so)")
+    return value
+
+
+# strings that mean something when set: empty is an error, not "unset"
+Text = Annotated[str, Field(min_length=1)]
+Integer = Annotated[int, BeforeValidator(not_a_bool)]
 
 MODEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 MODEL_NAME_RULE = "a letter or _ first, then letters, digits, _, - or ."
@@ -64,9 +78,9 @@ class MergeNode(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    method: str
+    method: Text
     inputs: list[Expression]
-    name: str | None = None
+    name: Text | None = None
 
     @property
     def params(self) -> dict[str, Any]:
@@ -77,10 +91,10 @@ class Rule(_Strict):
     """Per-key override: keys matching `keys` (glob) or `regex` take a tensor from one model,
     are dropped, or get other parameters. Precedence: see README (later rules win)."""
 
-    keys: str | None = None
-    regex: str | None = None
-    component: str | None = None  # unet, vae, text_encoder ... of a known single-file layout
-    take: str | None = None
+    keys: Text | None = None
+    regex: Text | None = None
+    component: Text | None = None  # unet, vae, text_encoder ... of a known single-file layout
+    take: Text | None = None
     drop: bool = False
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -108,21 +122,21 @@ class Rule(_Strict):
 class Recipe(_Strict):
     """A whole merge, as written in a YAML file, built from CLI flags, or made in Python."""
 
-    models: dict[str, str]
+    models: dict[str, Text]
     merge: Expression
     rules: list[Rule] = Field(default_factory=list)
-    dtype: str | None = None  # output dtype of float tensors; None: each key as its first input
-    compute_dtype: str = "fp32"
-    device: str = "cpu"
-    seed: int = 0
+    dtype: Text | None = None  # output dtype of float tensors; None: each key as its first input
+    compute_dtype: Text = "fp32"
+    device: Text = "cpu"
+    seed: Integer = 0
     on_missing: OnMissing = "error"
     rounding: Literal["nearest", "stochastic"] = "nearest"  # casts to a narrower output dtype
-    title: str | None = None  # modelspec.title of the output; default: the output's file name
-    components: list[str] | None = None  # keep only these components (unet, vae ...)
+    title: Text | None = None  # modelspec.title of the output; default: the output's file name
+    components: list[Text] | None = None  # keep only these components (unet, vae ...)
     # whose layout the output takes: a model's name (default: the first model), or
     # "single_file" for one file with LDM/SGM/BFL key names even from diffusers pipelines
-    layout: str | None = None
-    max_shard_size: str | None = None
+    layout: Text | None = None
+    max_shard_size: Text | None = None
     _base_dir: Path = PrivateAttr(default=Path("."))
 
     @model_validator(mode="after")
@@ -155,8 +169,8 @@ class Recipe(_Strict):
         """The recipe as YAML. With `relative_to`, relative model paths are rewritten relative
         to that folder, so that a file saved there finds the same models; absolute paths and
         paths that cannot be made relative (another drive) are written absolute."""
-        data = self.model_dump(mode="python", exclude_none=True)
-        data["rules"] = [rule.model_dump(exclude_defaults=True) for rule in self.rules]
+        data = _plain(self.model_dump(mode="python", exclude_none=True))
+        data["rules"] = [_plain(rule.model_dump(exclude_defaults=True)) for rule in self.rules]
         if not data["rules"]:
             del data["rules"]
         if relative_to is not None:
@@ -166,13 +180,37 @@ class Recipe(_Strict):
     def path_from(self, name: str, folder: Path) -> str:
         """Model `name`'s path as seen from `folder` (relative when the recipe's was)."""
         written = self.models[name]
-        path = self.model_path(name)
         if Path(written).expanduser().is_absolute():
             return written
+        path = _physical(self.model_path(name))
         try:
-            return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(folder))).as_posix()
+            return Path(os.path.relpath(path, os.path.realpath(folder))).as_posix()
         except ValueError:  # another drive (Windows): only an absolute path reaches it
-            return os.path.abspath(path)
+            return path
+
+
+def _plain(value: Any) -> Any:
+    """Numbers as YAML writes them (numpy's float64, float32 and int64 become float and int)."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
+def _physical(path: Path) -> str:
+    """The absolute path the system opens for `path`: its folders' symlinks and '..' resolved
+    as the kernel resolves them (lnk/../m is not m when lnk is a link), the file's own name
+    kept (a model that is a link, as in the hub cache, stays that link)."""
+    if path.name in ("", ".", ".."):
+        return os.path.realpath(path)
+    return os.path.join(os.path.realpath(path.parent), path.name)
 
 
 def parse_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
@@ -181,6 +219,8 @@ def parse_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None
         recipe = Recipe.model_validate(data)
     except ValidationError as error:
         raise WeightmixError(f"{source}: {_first_problem(error)}") from None
+    except RecursionError:
+        raise WeightmixError(f"{source}: a value is nested too deeply or holds itself") from None
     return recipe.with_base_dir(base_dir or Path("."))
 
 
@@ -199,6 +239,8 @@ def read_recipe_data(path: Path) -> dict[str, Any]:
         raise WeightmixError(f"{path}: cannot read recipe: {error.strerror}") from None
     except UnicodeDecodeError:
         raise WeightmixError(f"{path}: is not a text file; a recipe is UTF-8 YAML") from None
+    except RecursionError:
+        raise WeightmixError(f"{path}: nested too deeply to be a recipe") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -209,23 +251,43 @@ def read_recipe_data(path: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(data, dict):
         raise WeightmixError(f"{path}: a recipe is a YAML mapping with 'models' and 'merge'")
+    if _refers_to_itself(data, set()):
+        raise WeightmixError(
+            f"{path}: a YAML alias refers to the value that holds it (e.g. &w [1, *w]);"
+            " write the value out"
+        )
     return data
+
+
+def _refers_to_itself(value: Any, holders: set[int]) -> bool:
+    """Whether a list or mapping holds itself (YAML aliases can build such values)."""
+    if not isinstance(value, (dict, list)):
+        return False
+    if id(value) in holders:
+        return True
+    holders.add(id(value))
+    items = value.values() if isinstance(value, dict) else value
+    found = any(_refers_to_itself(item, holders) for item in items)
+    holders.discard(id(value))
+    return found
 
 
 class _RecipeLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a mapping key given twice (PyYAML keeps the last)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set[Any] = set()
+        seen: set[tuple[type, Any]] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<: *defaults': explicit keys may override merged ones
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, (str, int, float, bool)):
                 continue  # unhashable keys: the schema refuses them later
-            if key in seen:
+            if (type(key), key) in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"'{key}' is given twice", key_node.start_mark
                 )
-            seen.add(key)
+            seen.add((type(key), key))
         return super().construct_mapping(node, deep)
 
 
@@ -274,7 +336,10 @@ def _first_problem(error: ValidationError) -> str:
     first = problems[0]
     location = ".".join(str(part) for part in first["loc"] if part not in ("node", "model"))
     message = str(first["msg"]).removeprefix("Value error, ")
-    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    if first["type"] == "string_too_short":
+        message = "is empty: give a value, or leave the field out"
+    others = len(problems) - 1
+    more = f" (and {others} more problem{'s' if others > 1 else ''})" if others else ""
     return f"{location + ': ' if location else ''}{message}{more}"
 
 

@@ -114,10 +114,10 @@ def left_out_components(base: FolderCheckpoint, keys: list[str]) -> list[str]:
     return [c.name for c in base.components if c.name and c.name not in written]
 
 
-def check_left_out(dest: Path, base: FolderCheckpoint, left_out: list[str]) -> str | None:
+def check_left_out(base: FolderCheckpoint, left_out: list[str], keep: str) -> str | None:
     """Refuse an output whose pipeline class does not load without the components left out
-    (StableDiffusionPipeline needs its vae and text_encoder); say so in a note (returned) when
-    the installed diffusers cannot tell."""
+    (StableDiffusionPipeline needs its vae and text_encoder), `keep` saying how to keep them
+    ({} is where their names go); say so in a note (returned) when diffusers cannot tell."""
     if not base.pipeline or not left_out:
         return None
     class_name = _read_index(base).get("_class_name")
@@ -135,10 +135,10 @@ def check_left_out(dest: Path, base: FolderCheckpoint, left_out: list[str]) -> s
     example = next((n for n in ("unet", "transformer") if n in kept), kept[0])
     absent = ", ".join(sorted(optional)) or "none of its components"
     raise WeightmixError(
-        f"output {dest}: the merge leaves {', '.join(required)} without weights, and"
+        f"the merge leaves {', '.join(required)} of {base.path} without weights, and"
         f" {class_name} does not load without {them} (diffusers lets {absent} be absent):"
-        f" keep {them} (e.g. --take '{required[0]}/*=MODEL'), or merge the kept components'"
-        f" own folders (e.g. {base.path / example}) one at a time"
+        f" {keep.format(','.join(required))}; or merge the kept components' own folders"
+        f" (e.g. {base.path / example}) one at a time"
     )
 
 

@@ -54,7 +54,8 @@ _MAX_NESTING = 3  # {"model": {"state_dict": ...}} is 2; a cap also stops a self
 
 def open_pickle(path: Path) -> PickleCheckpoint:
     """Load a pickled state dict safely, unwrapping it from the WRAPPERS entries it may sit in
-    (also nested, e.g. {'model': {'state_dict': ...}}) when the outer dict holds no tensors."""
+    (also nested, e.g. {'model': {'state_dict': ...}}): a wrapper that holds tensors wins over
+    tensors beside it (a `global_step` tensor next to `state_dict` is not the model)."""
     loaded, notes = _safe_load(path)
     if not isinstance(loaded, dict):
         raise WeightmixError(
@@ -69,17 +70,15 @@ def open_pickle(path: Path) -> PickleCheckpoint:
 
 def _find_weights(entries: dict, depth: int) -> list[str] | None:
     """The wrapper keys leading from `entries` to the dict of tensors ([] when `entries` holds
-    tensors itself), or None when no tensors are found."""
-    if any(isinstance(value, torch.Tensor) for value in entries.values()):
-        return []
-    if depth == 0:
-        return None
-    for key in WRAPPERS:
+    the tensors itself), or None when no tensors are found. Wrappers are looked into first."""
+    for key in WRAPPERS if depth > 0 else ():
         inner = entries.get(key)
         if isinstance(inner, dict):
             chain = _find_weights(inner, depth - 1)
             if chain is not None:
                 return [key, *chain]
+    if any(isinstance(value, torch.Tensor) for value in entries.values()):
+        return []
     return None
 
 
@@ -96,6 +95,11 @@ def _read_state(
     for key, value in entries.items():
         if isinstance(value, torch.Tensor):
             _check_storable(path, key, value)
+            if str(key) in state:
+                raise WeightmixError(
+                    f"{path}: two tensors are named '{key}' once read as text (keys {key!r} and"
+                    f" '{key}'); rename one with torch first"
+                )
             state[str(key)] = value
         else:
             skipped.append(str(key))

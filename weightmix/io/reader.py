@@ -147,6 +147,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     pickled checkpoint (.ckpt, .pt, .pth, .bin; read safely, see io/pickled.py)."""
     path = Path(path)
     if not path.exists():
+        index = path.with_name(path.name.removesuffix(".safetensors") + INDEX_SUFFIX)
+        if index.is_file():  # a sharded output named as it was written: -o model.safetensors
+            raise WeightmixError(f"{path}: no such file; it was written sharded: give {index}")
         raise WeightmixError(f"{path}: no such file or folder")
     if path.is_dir():
         from weightmix.io.folders import is_model_folder, open_folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,6 +58,8 @@ def _check_weighted_sum(count: int, params: dict[str, Any]) -> str | None:
         return f"{len(weights)} weights given for {count} models: give one weight per model"
     if weights is not None and params["normalize"] and sum(weights) == 0:
         return "weights sum to 0 and cannot be normalised: set normalize: false or change them"
+    if weights is not None and params["normalize"] and not math.isfinite(sum(weights)):
+        return "weights are too large to add up (their sum overflows): scale them down"
     return None
 
 

@@ -14,15 +14,15 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import torch
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 
 from weightmix.errors import WeightmixError, closest
-from weightmix.recipe import holds_non_finite
+from weightmix.recipe import holds_non_finite, not_a_bool
 
 Tensor = torch.Tensor
 # Parameter types shared by methods: finite floats, and fractions in [0, 1].
-Finite = Annotated[float, Field(allow_inf_nan=False)]
-Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Finite = Annotated[float, BeforeValidator(not_a_bool), Field(allow_inf_nan=False)]
+Fraction = Annotated[float, BeforeValidator(not_a_bool), Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 WEIGHT, DELTA, ANY = "weight", "delta", "any"
 SAME = "same"  # output space: the (common) space of the inputs
@@ -79,7 +79,7 @@ class MethodSpec:
             try:
                 resolved[name] = spec.adapter.validate_python(value)
             except ValidationError as error:
-                message = error.errors()[0]["msg"]
+                message = str(error.errors()[0]["msg"]).removeprefix("Value error, ")
                 raise WeightmixError(
                     f"{where}: {self.name} parameter {name}={value!r}: {message}"
                 ) from None
