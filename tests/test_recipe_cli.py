@@ -561,3 +561,47 @@ def test_numpy_numbers_in_an_api_recipe_are_recorded(tmp_path, models):
     weightmix.merge(recipe, out)
     with open_checkpoint(out) as ckpt:
         assert yaml.safe_load(ckpt.metadata[KEY_RECIPE])["merge"]["weights"] == [1.0, 3]
+
+
+def test_rule_parameters_beyond_the_compute_dtype_are_refused(run, tmp_path, models):
+    """PyYAML reads 1e39 as a string; the rule's value is checked once it is a number."""
+    args = ("merge", models["A"], models["B"], models["C"], "-m", "add_difference")
+    result = run(*args, "--rule", "model.*:alpha=1e39", "-o", tmp_path / "o.safetensors")
+    one_line_error(result, "recipe rule 1", "alpha=1e+39", "beyond what the compute dtype fp32")
+    data = two_models(models, normalize=False, weights=[1, 1])
+    data["rules"] = [{"keys": "*", "params": {"weights": ["1e39", 1]}}]
+    result = run("merge", write_yaml(tmp_path / "r.yaml", data), "-o", tmp_path / "o.safetensors")
+    one_line_error(result, "weights=[1e+39, 1.0]", "beyond what the compute dtype")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_shared_aliases_are_checked_quickly(run, tmp_path, models):
+    """Ten levels of ten aliases each expand to 10^10 items; each value is walked once."""
+    lines = ["x0: &a0 [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]"]
+    lines += [f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("\n".join(lines) + f"\nmodels: {{A: {models['A']}}}\nmerge: A\n")
+    one_line_error(run("merge", recipe, "--dry-run"), "unknown recipe field 'x0'")
+
+
+def test_rule_patterns_may_hold_equals_signs(run, tmp_path, models):
+    out = tmp_path / "out.safetensors"
+    args = ("merge", models["A"], models["B"], "--rule", "*[=]*:alpha=0.5", "-o", out)
+    result = run(*args)
+    assert result.code == 0 and "rule 1 (*[=]*) matches no key" in result.err
+
+
+def test_repeated_building_flags_are_refused(run, tmp_path, models):
+    args = ("merge", models["A"], models["B"], "--dry-run")
+    one_line_error(run(*args, "--alpha", "0.3", "--alpha", "0.4"), "--alpha is given 2 times")
+    one_line_error(run(*args, "-m", "add", "-m", "weighted_sum"), "--method is given 2 times")
+
+
+def test_sizes_too_large_are_one_line(run, tmp_path, models):
+    args = ("merge", models["A"], models["B"], "--max-shard-size", "1e400GB", "--dry-run")
+    one_line_error(run(*args), "max_shard_size '1e400GB' is too large")
+
+
+def test_convert_like_given_empty_is_refused(run, tmp_path, models):
+    result = run("convert", models["A"], tmp_path / "o.safetensors", "--like", "")
+    one_line_error(result, "models.like: is empty")

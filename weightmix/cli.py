@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import string
 import sys
@@ -21,6 +22,7 @@ from weightmix.units import count, format_size
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 BUILDING_FLAGS = ("method", "alpha", "weights", "param")
+RULE_TEXT = re.compile(r"^(?P<pattern>.+):(?P<assignments>\s*[A-Za-z_][\w.]*\s*=.*)$", re.DOTALL)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,11 +40,16 @@ def cli() -> None:
     help="Output .safetensors path; a folder when the first model is a model folder.",
 )
 @click.option(
-    "-m", "--method", help="Merge method for model files given directly (default weighted_sum)."
+    "-m",
+    "--method",
+    multiple=True,
+    help="Merge method for model files given directly (default weighted_sum).",
 )
-@click.option("--alpha", type=float, help="The method's alpha parameter.")
+@click.option("--alpha", type=float, multiple=True, help="The method's alpha parameter.")
 @click.option(
-    "--weights", help="Comma-separated weights, one per model (weighted_sum of N models)."
+    "--weights",
+    multiple=True,
+    help="Comma-separated weights, one per model (weighted_sum of N models).",
 )
 @click.option(
     "-p", "--param", multiple=True, metavar="NAME=VALUE", help="Any other method parameter."
@@ -135,6 +142,10 @@ def merge(inputs: tuple[str, ...], output: Path | None, **flags: Any) -> None:
     weightmix merge A.safetensors B.safetensors C.safetensors -m add_difference -o out.safetensors
     weightmix merge recipe.yaml -o out.safetensors
     """
+    for name in ("method", "alpha", "weights"):  # each once: a repeat would win silently
+        if len(flags[name]) > 1:
+            raise WeightmixError(f"--{name} is given {len(flags[name])} times; give it once")
+        flags[name] = flags[name][0] if flags[name] else None
     recipe, recipe_file = _recipe_from(inputs, flags)
     save_to = flags["save_recipe"]
     if not flags["dry_run"] and output is None:
@@ -290,11 +301,11 @@ def _flag_rules(flags: dict[str, Any]) -> list[dict[str, Any]]:
 def _param_rule(text: str) -> dict[str, Any]:
     """--rule PATTERN:NAME=VALUE[,NAME=VALUE]; a value may be a list: weights=[1,2,3]."""
     form = "PATTERN:NAME=VALUE[,NAME=VALUE]"
-    head, equals, _ = text.partition("=")
-    pattern, colon, first_name = head.rpartition(":")
-    if not equals or not colon or not pattern or not first_name.strip():
+    split = RULE_TEXT.match(text)  # the last ':' that a NAME= follows ends the pattern
+    if split is None:
         raise WeightmixError(f"--rule '{text}': write it as {form}")
-    assignments = _split_top_level(text[len(pattern) + 1 :])
+    pattern = split.group("pattern")
+    assignments = _split_top_level(split.group("assignments"))
     pairs = [_pair(a, f"--rule '{text}':", form, whole=text) for a in assignments]
     return {"keys": pattern, "params": _assignments(pairs, f"--rule '{text}'")}
 
@@ -386,9 +397,9 @@ def convert(source: str, output: Path, **flags: Any) -> None:
     data.update(
         {k: flags[k] for k in ("dtype", "rounding", "max_shard_size") if flags[k] is not None}
     )
-    if flags["like"] and flags["single_file"]:
+    if flags["like"] is not None and flags["single_file"]:
         raise WeightmixError("--like writes a folder, --single-file a file: give one of them")
-    if flags["like"]:
+    if flags["like"] is not None:
         data["models"]["like"] = flags["like"]
         data["layout"] = "like"
     if flags["single_file"]:

@@ -135,11 +135,11 @@ def build_plan(
     )
     root = compile_expression(recipe.merge, recipe.models)
     _check_rules(recipe, root)
-    _check_param_range(recipe, root, compute_dtype)
+    _check_param_range(root, compute_dtype, "recipe")
     checkpoints = _open_inputs(recipe)
     try:
         align_layouts(checkpoints, recipe.layout)
-        keys, notes = _plan_keys(recipe, root, checkpoints, out_dtype)
+        keys, notes = _plan_keys(recipe, root, checkpoints, out_dtype, compute_dtype)
         notes += [f"model {name}: {note}" for name, c in checkpoints.items() for note in c.notes]
         plan = Plan(recipe, checkpoints, root, keys, compute_dtype, device, None, max_shard, notes)
         if recipe.rounding == "stochastic" and not any(plan.rounds(k) for k in keys):
@@ -217,25 +217,19 @@ def _check_rules(recipe: Recipe, root: Node) -> None:
         )
 
 
-def _check_param_range(recipe: Recipe, root: Node, compute_dtype: DType) -> None:
+def _check_param_range(tree: Node, compute_dtype: DType, where: str) -> None:
     """Numbers in parameters must fit the compute dtype (alpha 1e300 overflows fp32): refused
-    here rather than failing inside torch halfway through the merge."""
+    while planning rather than failing inside torch halfway through the merge. Checked on the
+    resolved values of each tree the plan uses (the recipe's, and each rule's variant)."""
     limit = torch.finfo(compute_dtype.torch).max
-    given = [
-        (f"recipe {op.label}", name, value) for op in ops(root) for name, value in op.params.items()
-    ]
-    given += [
-        (f"recipe rule {number}", name, value)
-        for number, rule in enumerate(recipe.rules, 1)
-        for name, value in rule.params.items()
-    ]
-    for where, name, value in given:
-        if any(abs(number) > limit for number in _numbers(value)):
-            raise WeightmixError(
-                f"{where}: parameter {name}={value!r} is beyond what the compute dtype"
-                f" {compute_dtype.short} holds (±{limit:.3g}); give a smaller value, or"
-                " --compute-dtype fp64"
-            )
+    for op in ops(tree):
+        for name, value in op.params.items():
+            if any(abs(number) > limit for number in _numbers(value)):
+                raise WeightmixError(
+                    f"{where} at {op.label}: parameter {name}={value!r} is beyond what the"
+                    f" compute dtype {compute_dtype.short} holds (±{limit:.3g}); give a smaller"
+                    " value, or --compute-dtype fp64"
+                )
 
 
 def _numbers(value: Any) -> list[float]:
@@ -315,7 +309,11 @@ def _component_map(
 
 
 def _plan_keys(
-    recipe: Recipe, root: Node, checkpoints: dict[str, Checkpoint], out_dtype: DType | None
+    recipe: Recipe,
+    root: Node,
+    checkpoints: dict[str, Checkpoint],
+    out_dtype: DType | None,
+    compute_dtype: DType,
 ) -> tuple[list[KeyPlan], list[str]]:
     components = _component_map(recipe, checkpoints)
     matcher = _RuleMatcher(recipe.rules, components)
@@ -334,7 +332,7 @@ def _plan_keys(
     for key in all_keys:
         signature = matcher.matching(key)
         if signature not in variants:
-            variants[signature] = _variant(recipe, root, signature)
+            variants[signature] = _variant(recipe, root, signature, compute_dtype)
         action, target, label = variants[signature]
         if action == "drop":
             continue
@@ -407,7 +405,9 @@ def _plan_keys(
     return planned, notes
 
 
-def _variant(recipe: Recipe, root: Node, signature: tuple[int, ...]) -> tuple[str, Any, str]:
+def _variant(
+    recipe: Recipe, root: Node, signature: tuple[int, ...], compute_dtype: DType
+) -> tuple[str, Any, str]:
     """For a set of matching rules: ('drop'|'take'|'merge', model or tree, group label)."""
     action: tuple[str, Any, str] | None = None
     param_rules = []
@@ -434,6 +434,7 @@ def _variant(recipe: Recipe, root: Node, signature: tuple[int, ...]) -> tuple[st
 
     numbers = ", ".join(str(i + 1) for i in param_rules)
     tree = with_overrides(root, overrides, f"recipe rule {numbers}")
+    _check_param_range(tree, compute_dtype, f"recipe rule {numbers}")
     return ("merge", tree, f"{root.text()} with rule {numbers}")
 
 

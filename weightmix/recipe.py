@@ -201,6 +201,8 @@ def _plain(value: Any) -> Any:
         return int(value)
     if isinstance(value, numbers.Real):
         return float(value)
+    if callable(getattr(value, "tolist", None)):  # numpy's bool_, arrays ...
+        return _plain(value.tolist())
     return value
 
 
@@ -251,7 +253,7 @@ def read_recipe_data(path: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(data, dict):
         raise WeightmixError(f"{path}: a recipe is a YAML mapping with 'models' and 'merge'")
-    if _refers_to_itself(data, set()):
+    if _refers_to_itself(data):
         raise WeightmixError(
             f"{path}: a YAML alias refers to the value that holds it (e.g. &w [1, *w]);"
             " write the value out"
@@ -259,17 +261,28 @@ def read_recipe_data(path: Path) -> dict[str, Any]:
     return data
 
 
-def _refers_to_itself(value: Any, holders: set[int]) -> bool:
-    """Whether a list or mapping holds itself (YAML aliases can build such values)."""
-    if not isinstance(value, (dict, list)):
-        return False
-    if id(value) in holders:
-        return True
-    holders.add(id(value))
-    items = value.values() if isinstance(value, dict) else value
-    found = any(_refers_to_itself(item, holders) for item in items)
-    holders.discard(id(value))
-    return found
+def _refers_to_itself(value: Any) -> bool:
+    """Whether a list or mapping holds itself (YAML aliases can build such values). Iterative,
+    and each shared value is walked once, however often aliases repeat it."""
+    done: set[int] = set()
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    while stack:
+        item, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(item))
+            done.add(id(item))
+            continue
+        if not isinstance(item, (dict, list)) or id(item) in done:
+            continue
+        if id(item) in on_path:
+            return True
+        on_path.add(id(item))
+        stack.append((item, True))
+        stack.extend(
+            (child, False) for child in (item.values() if isinstance(item, dict) else item)
+        )
+    return False
 
 
 class _RecipeLoader(yaml.SafeLoader):

@@ -30,7 +30,10 @@ def parse_size(text: str | int, what: str = "size") -> int:
         unit = match.group(2).lower() if match else None
         if not match or unit not in _UNITS:
             raise WeightmixError(f"{what} '{text}' is not a size: write e.g. 5GB, 500MB or 2GiB")
-        size = int(float(match.group(1)) * _UNITS[unit])
+        number = float(match.group(1)) * _UNITS[unit]
+        if number > 2**63:
+            raise WeightmixError(f"{what} '{text}' is too large: write e.g. 5GB, 500MB or 2GiB")
+        size = int(number)
     if size <= 0:
         raise WeightmixError(f"{what} '{text}' must be more than 0 bytes")
     return size

@@ -92,15 +92,17 @@ def _read_state(
         skipped += [str(key) for key in entries if key != wrapper]  # global_step, epoch ...
         entries = entries[wrapper]
     state: dict[str, torch.Tensor] = {}
+    written: dict[str, object] = {}  # each name as the pickle wrote it (1 or '1')
     for key, value in entries.items():
         if isinstance(value, torch.Tensor):
             _check_storable(path, key, value)
             if str(key) in state:
                 raise WeightmixError(
-                    f"{path}: two tensors are named '{key}' once read as text (keys {key!r} and"
-                    f" '{key}'); rename one with torch first"
+                    f"{path}: two tensors are named '{key}' once read as text (keys"
+                    f" {written[str(key)]!r} and {key!r}); rename one with torch first"
                 )
             state[str(key)] = value
+            written[str(key)] = key
         else:
             skipped.append(str(key))
     return state, skipped
