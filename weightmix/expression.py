@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from weightmix.blocks import BlockValue
 from weightmix.errors import WeightmixError, closest
 from weightmix.methods.registry import ANY, DELTA, SAME, WEIGHT, MethodSpec, get_method
 from weightmix.recipe import Expression, MergeNode
@@ -138,6 +139,24 @@ def with_overrides(node: Node, overrides: Callable[[Op], dict[str, Any]], where:
     given = {**node.given, **extra}
     params = node.method.resolve_params(given, len(inputs), f"{where} at {node.label}")
     return Op(node.method, inputs, given, params, node.label, node.name)
+
+
+def block_dependent(node: Node) -> bool:
+    """Whether some parameter of the tree is given per block (see blocks.py)."""
+    return any(isinstance(v, BlockValue) for op in ops(node) for v in op.params.values())
+
+
+def specialize(node: Node, choose: Callable[[Op, str, BlockValue], Any]) -> Node:
+    """A copy of the tree whose per-block parameters are replaced by `choose(op, name, value)`:
+    the number of one block."""
+    if isinstance(node, Leaf):
+        return node
+    inputs = tuple(specialize(child, choose) for child in node.inputs)
+    params = {
+        name: choose(node, name, value) if isinstance(value, BlockValue) else value
+        for name, value in node.params.items()
+    }
+    return Op(node.method, inputs, node.given, params, node.label, node.name)
 
 
 def is_elementwise(node: Node) -> bool:

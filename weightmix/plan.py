@@ -3,19 +3,16 @@ before a single tensor byte is read."""
 
 from __future__ import annotations
 
-import fnmatch
 import os
-import re
-from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from weightmix.arch import ARCHITECTURES, detect_architecture
-from weightmix.arch.components import ComponentMap, PipelineComponents, component_map
+from weightmix.arch.families import Architecture, Unknown, detect
+from weightmix.block_plan import BlockValues
+from weightmix.blocks import BlockValue
 from weightmix.errors import WeightmixError, closest
 from weightmix.expression import Leaf, Node, Op, compile_expression, leaves, ops, with_overrides
 from weightmix.io import (
@@ -32,7 +29,8 @@ from weightmix.io.folders import FolderCheckpoint
 from weightmix.io.writer import split_shards
 from weightmix.layouts import SINGLE_FILE, align_layouts
 from weightmix.output_checks import check_output, check_recipe_output
-from weightmix.recipe import Recipe, Rule
+from weightmix.recipe import Recipe
+from weightmix.selectors import RuleMatcher, component_map
 from weightmix.units import count, parse_size
 
 SHOWN = 3  # how many offending keys an error names before '(N in all)'
@@ -72,6 +70,8 @@ class Plan:
     output: Path | None
     max_shard_bytes: int | None
     notes: list[str] = field(default_factory=list)
+    architecture: Architecture | Unknown | None = None  # of the layout model
+    block_values: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
 
     @property
     def base_folder(self) -> FolderCheckpoint | None:
@@ -139,9 +139,18 @@ def build_plan(
     checkpoints = _open_inputs(recipe)
     try:
         align_layouts(checkpoints, recipe.layout)
-        keys, notes = _plan_keys(recipe, root, checkpoints, out_dtype, compute_dtype)
+        layout = recipe.layout if recipe.layout in checkpoints else next(iter(checkpoints))
+        shapes = {key: info.shape for key, info in checkpoints[layout].tensors.items()}
+        architecture = detect(shapes)
+        block_values = BlockValues(architecture, layout)
+        keys, notes = _plan_keys(
+            recipe, root, checkpoints, out_dtype, compute_dtype, architecture, block_values
+        )
+        notes += block_values.notes
         notes += [f"model {name}: {note}" for name, c in checkpoints.items() for note in c.notes]
         plan = Plan(recipe, checkpoints, root, keys, compute_dtype, device, None, max_shard, notes)
+        plan.architecture = architecture
+        plan.block_values = block_values.shown
         if recipe.rounding == "stochastic" and not any(plan.rounds(k) for k in keys):
             plan.notes.append(
                 "rounding: stochastic changes nothing: no key is cast to an 8- or 16-bit dtype"
@@ -233,6 +242,8 @@ def _check_param_range(tree: Node, compute_dtype: DType, where: str) -> None:
 
 
 def _numbers(value: Any) -> list[float]:
+    if isinstance(value, BlockValue):
+        return value.numbers()
     if isinstance(value, bool):
         return []
     if isinstance(value, (int, float)):
@@ -263,60 +274,18 @@ def _open_inputs(recipe: Recipe) -> dict[str, Checkpoint]:
     return opened
 
 
-class _RuleMatcher:
-    def __init__(self, rules: list[Rule], components: ComponentMap | PipelineComponents | None):
-        self.rules = rules
-        self.patterns = [
-            self._pattern(number, rule, components) for number, rule in enumerate(rules, 1)
-        ]
-        self.hits = Counter()
-
-    @staticmethod
-    def _pattern(
-        number: int, rule: Rule, components: ComponentMap | PipelineComponents | None
-    ) -> Callable[[str], object]:
-        if rule.keys is not None:
-            return re.compile(fnmatch.translate(rule.keys)).match
-        if rule.regex is not None:
-            return re.compile(rule.regex).search
-        assert components is not None  # _component_map requires it for component rules
-        wanted = components.resolve(rule.component, f"recipe rule {number}")
-        return lambda key: components.component_of(key) == wanted
-
-    def matching(self, key: str) -> tuple[int, ...]:
-        found = tuple(i for i, match in enumerate(self.patterns) if match(key))
-        self.hits.update(found)
-        return found
-
-
-def _component_map(
-    recipe: Recipe, checkpoints: dict[str, Checkpoint]
-) -> ComponentMap | PipelineComponents | None:
-    """The component map of the first model's layout, when the recipe names components."""
-    if not recipe.components and not any(r.component for r in recipe.rules):
-        return None
-    name = recipe.layout if recipe.layout in checkpoints else next(iter(checkpoints))
-    first = checkpoints[name]
-    if isinstance(first, FolderCheckpoint) and first.pipeline:
-        return PipelineComponents([c.name for c in first.components])
-    architecture = detect_architecture(first.tensors)
-    if architecture is None:
-        raise WeightmixError(
-            f"recipe: components are named, but the keys of model {name} match no single-file"
-            f" layout weightmix knows ({', '.join(ARCHITECTURES)}); select keys with rules instead"
-        )
-    return component_map(architecture)
-
-
 def _plan_keys(
     recipe: Recipe,
     root: Node,
     checkpoints: dict[str, Checkpoint],
     out_dtype: DType | None,
     compute_dtype: DType,
+    architecture: Architecture | Unknown,
+    block_values: BlockValues,
 ) -> tuple[list[KeyPlan], list[str]]:
-    components = _component_map(recipe, checkpoints)
-    matcher = _RuleMatcher(recipe.rules, components)
+    layout = block_values.layout_name
+    components = component_map(recipe, (layout, checkpoints[layout]), architecture)
+    matcher = RuleMatcher(recipe.rules, components, architecture, layout)
     all_keys = dict.fromkeys(key for ckpt in checkpoints.values() for key in ckpt.tensors)
     left_out = 0
     if recipe.components:
@@ -336,6 +305,8 @@ def _plan_keys(
         action, target, label = variants[signature]
         if action == "drop":
             continue
+        if action == "merge":
+            target = block_values.tree_for(target, key)
         reads = [target] if action == "take" else leaves(target)
         lacking = [m for m in reads if key not in checkpoints[m]]
         if lacking:

@@ -87,21 +87,30 @@ class MergeNode(BaseModel):
         return dict(self.model_extra or {})
 
 
+SELECTORS = ("keys", "regex", "component", "blocks", "layer")
+
+
 class Rule(_Strict):
-    """Per-key override: keys matching `keys` (glob) or `regex` take a tensor from one model,
-    are dropped, or get other parameters. Precedence: see README (later rules win)."""
+    """Per-key override: keys that every selector given matches (`keys` glob, `regex`,
+    `component`, `blocks`, `layer` kinds) take a tensor from one model, are dropped, or get
+    other parameters. Precedence: see README (later rules win)."""
 
     keys: Text | None = None
     regex: Text | None = None
-    component: Text | None = None  # unet, vae, text_encoder ... of a known single-file layout
+    component: Text | None = None  # unet, vae, text_encoder ... of a known layout
+    blocks: Text | list[Text] | None = None  # OUT03-OUT05, IN07, D00-D18 ...
+    layer: Text | list[Text] | None = None  # self_attention, cross_attention, norm ...
     take: Text | None = None
     drop: bool = False
     params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_pattern_one_action(self) -> Rule:
-        if sum(p is not None for p in (self.keys, self.regex, self.component)) != 1:
-            raise ValueError("a rule needs exactly one of 'keys' (a glob), 'regex' or 'component'")
+        if all(getattr(self, name) is None for name in SELECTORS):
+            raise ValueError(
+                "a rule needs a selector: 'keys' (a glob), 'regex', 'component', 'blocks' or"
+                " 'layer' (several combine: a key must match all)"
+            )
         if self.regex is not None:
             try:
                 re.compile(self.regex)
@@ -114,9 +123,15 @@ class Rule(_Strict):
 
     @property
     def pattern(self) -> str:
-        if self.component is not None:
-            return f"component {self.component}"
-        return self.keys if self.keys is not None else f"regex {self.regex}"
+        """The selectors as messages show them: '*.bias', 'component vae, layer norm' ..."""
+        parts = []
+        for name in SELECTORS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            text = ",".join(value) if isinstance(value, list) else value
+            parts.append(text if name == "keys" else f"{name} {text}")
+        return ", ".join(parts)
 
 
 class Recipe(_Strict):

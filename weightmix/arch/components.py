@@ -6,6 +6,7 @@ from __future__ import annotations
 from functools import cache
 
 from weightmix.arch import load_architecture
+from weightmix.arch.families import Architecture
 from weightmix.errors import WeightmixError, closest
 
 # diffusers' names for the text encoders, per architecture (the data says clip_l, clip_g, t5xxl)
@@ -83,3 +84,38 @@ class PipelineComponents:
 @cache
 def component_map(architecture: str) -> ComponentMap:
     return ComponentMap(architecture)
+
+
+class FamilyComponents:
+    """The components of a single file of a detected family (arch/families.yaml): the data's
+    names (diffuser, clip_l, clip_g, t5xxl, vae ...) and diffusers' (unet, text_encoder_2 ...).
+    Naming one the checkpoint does not hold is an error."""
+
+    def __init__(self, architecture: Architecture):
+        self.architecture = architecture.name
+        self._of = architecture.component_of
+        present = {c.component for c in architecture.classes.values() if c.component}
+        self.present = sorted(present)
+        known = {component for _, component, _ in architecture.family.components}
+        self.names = {c: c for c in known}
+        self.names.update(dict.fromkeys(_DIFFUSER, "diffuser"))
+        for folder, (component, _) in architecture.family.pipeline.items():
+            if component in known:
+                self.names.setdefault(folder, component)
+
+    def component_of(self, key: str) -> str | None:
+        return self._of(key)
+
+    def resolve(self, name: str, where: str) -> str:
+        component = self.names.get(name.strip().lower())
+        if component is None:
+            raise WeightmixError(
+                f"{where}: '{name}' is not a component of {self.architecture}"
+                f"{closest(name, self.names)}; components: {', '.join(sorted(self.names))}"
+            )
+        if component not in self.present:
+            raise WeightmixError(
+                f"{where}: component '{name}' ({component}) is not in this {self.architecture}"
+                f" checkpoint; it holds: {', '.join(self.present)}"
+            )
+        return component

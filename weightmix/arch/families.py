@@ -221,7 +221,7 @@ def _family_name(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
         if any(".attn2." in k for k in names):
             return "sd3.5-medium"
         return "sd3.5-large" if len(joint) >= 38 else "sd3-medium"
-    if any(re.match(r"(model\.)?layers\.\d+\.self_attn\.", k) for k in names):
+    if any(re.match(r"(model\.)?layers\.\d+\.(self_attn|mlp)\.", k) for k in names):
         return "llama"
     ldm = _indices(names, r"input_blocks\.(\d+)\.")
     diffusers = _indices(names, r"down_blocks\.(\d+)\.") if "conv_in.weight" in names else set()

@@ -8,6 +8,7 @@ tensors, keyword-only parameters are the user-settable parameters, typed by thei
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Annotated, Any
 import torch
 from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 
+from weightmix.blocks import parse_block_value
 from weightmix.errors import WeightmixError, closest
 from weightmix.recipe import holds_non_finite, not_a_bool
 
@@ -38,6 +40,36 @@ class ParamSpec:
     @property
     def required(self) -> bool:
         return self.default is inspect.Parameter.empty
+
+    @property
+    def numeric(self) -> bool:
+        """A single number (float or int, maybe optional): such a parameter may vary by block."""
+        return _scalar_number(self.annotation)
+
+    def check_value(self, value: Any, where: str, shown: Any = None) -> Any:
+        """The value as the annotation reads it, or a one-line error naming it."""
+        try:
+            checked = self.adapter.validate_python(value)
+        except ValidationError as error:
+            message = str(error.errors()[0]["msg"]).removeprefix("Value error, ")
+            raise WeightmixError(
+                f"{where} {self.name}={value if shown is None else shown!r}: {message}"
+            ) from None
+        if holds_non_finite(checked):  # e.g. the string 'nan' read as a float
+            raise WeightmixError(
+                f"{where} {self.name}={value!r}: NaN and infinity are not allowed; give a"
+                " finite number"
+            )
+        return checked
+
+
+def _scalar_number(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _scalar_number(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return any(_scalar_number(a) for a in typing.get_args(annotation) if a is not type(None))
+    return annotation in (float, int)
 
 
 @dataclass(frozen=True)
@@ -76,18 +108,14 @@ class MethodSpec:
                 raise WeightmixError(
                     f"{where}: {self.name} has no parameter '{name}'{hint}; its parameters: {known}"
                 )
-            try:
-                resolved[name] = spec.adapter.validate_python(value)
-            except ValidationError as error:
-                message = str(error.errors()[0]["msg"]).removeprefix("Value error, ")
-                raise WeightmixError(
-                    f"{where}: {self.name} parameter {name}={value!r}: {message}"
-                ) from None
-            if holds_non_finite(resolved[name]):  # e.g. the string 'nan' read as a float
-                raise WeightmixError(
-                    f"{where}: {self.name} parameter {name}={value!r}: NaN and infinity are"
-                    " not allowed; give a finite number"
-                )
+            label = f"{where}: {self.name} parameter"
+            block_value = parse_block_value(value, f"{label} {name}") if spec.numeric else None
+            if block_value is not None:  # one value per block: each checked as the type says
+                for number in block_value.numbers():
+                    spec.check_value(number, label, shown=f"{value!r} (value {number!r})")
+                resolved[name] = block_value
+                continue
+            resolved[name] = spec.check_value(value, label)
         for name, spec in self.params.items():
             if name not in resolved:
                 if spec.required:

@@ -1,0 +1,88 @@
+"""Block-valued parameters resolved for one merge: each BlockValue of the merge trees becomes
+one number per block of the layout model's architecture (checked against the parameter's
+type), and each key's tree gets the numbers of the key's block. Methods see plain numbers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from weightmix.arch.families import Architecture, Unknown
+from weightmix.blocks import BlockValue, per_block
+from weightmix.errors import WeightmixError
+from weightmix.expression import Node, Op, block_dependent, ops, specialize
+from weightmix.selectors import unknown_text
+
+
+class BlockValues:
+    """Resolves the BlockValues of merge trees once each and specialises trees per block."""
+
+    def __init__(self, architecture: Architecture | Unknown, layout_name: str):
+        self.architecture = architecture
+        self.layout_name = layout_name
+        self._values: dict[int, list[float]] = {}
+        self._trees: dict[tuple[int, str], Node] = {}
+        self.shown: dict[str, list[tuple[str, float]]] = {}  # for the dry run
+        self.notes: list[str] = []
+
+    def tree_for(self, tree: Node, key: str) -> Node:
+        """`tree` with every block value replaced by the number of `key`'s block."""
+        if not block_dependent(tree):
+            return tree
+        architecture = self._architecture(tree)
+        block = architecture.block_of(key)
+        if block is None:
+            raise WeightmixError(
+                f"key '{key}' belongs to no block of {architecture.name}, so a parameter given"
+                " per block has no value for it: give it one number with a rule for such keys"
+            )
+        found = self._trees.get((id(tree), block))
+        if found is None:
+            index = architecture.blocks.index(block)
+            found = specialize(
+                tree, lambda op, name, value: self._values_of(op, name, value)[index]
+            )
+            self._trees[(id(tree), block)] = found
+        return found
+
+    def _architecture(self, tree: Node) -> Architecture:
+        if isinstance(self.architecture, Unknown):
+            op, name, value = _first_block_value(tree)
+            raise WeightmixError(
+                f"recipe {op.label}: {op.method.name} parameter {name} is given per block"
+                f" ({value.describe()}), but {unknown_text(self.layout_name, self.architecture)}:"
+                " give it one number"
+            )
+        return self.architecture
+
+    def _values_of(self, op: Op, name: str, value: BlockValue) -> list[float]:
+        known = self._values.get(id(value))
+        if known is not None:
+            return known
+        architecture = self._architecture(op)
+        where = f"recipe {op.label}: {op.method.name} parameter {name}"
+        values, note = per_block(value, architecture.blocks, architecture.name, where)
+        spec = op.method.params[name]
+        values = [
+            spec.check_value(v, f"recipe {op.label}: {op.method.name} parameter", v) for v in values
+        ]
+        if note:
+            self.notes.append(note)
+        self._values[id(value)] = values
+        self.shown[f"{op.label}.{name} = {_written(value)}"] = list(
+            zip(architecture.blocks, values)
+        )
+        return values
+
+
+def _first_block_value(tree: Node) -> tuple[Op, str, BlockValue]:
+    for op in ops(tree):
+        for name, value in op.params.items():
+            if isinstance(value, BlockValue):
+                return op, name, value
+    raise AssertionError("no block value in a block-dependent tree")
+
+
+def _written(value: BlockValue) -> str:
+    text: Any = value.written
+    shown = text if isinstance(text, str) else repr(text)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
