@@ -328,11 +328,14 @@ def test_take_from_a_model_that_lacks_the_key_is_said(run, tmp_path, models):
     partial = save(tmp_path / "partial.safetensors", state)
     out = tmp_path / "out.safetensors"
     args = ("merge", models["A"], partial, "--take", "*position_ids=B", "-o", out)
-    one_line_error(run(*args), "rule 1 (*position_ids) takes", POSITION_IDS, "from B", "A has it")
+    says = f"rule 1 (*position_ids) takes 1 key ('{POSITION_IDS}') from B, which has none of them"
+    one_line_error(run(*args), says, "take them from A (--take '*position_ids=A')")
     assert not out.exists()
     result = run(*args, "--on-missing", "keep")
     assert result.code == 0, result.err
+    assert says in result.err
     assert f"takes '{POSITION_IDS}' from B, which lacks it (A has it)" in result.err
+    one_line_error(run(*args, "--on-missing", "keep", "--strict-rules"), says, "--strict-rules")
     assert load(out)[POSITION_IDS].equal(load(models["A"])[POSITION_IDS])
     result = run(*args, "--on-missing", "skip", "--overwrite")
     assert result.code == 0 and POSITION_IDS not in load(out)
@@ -343,10 +346,11 @@ def test_float_key_taken_from_a_model_that_lacks_it_is_an_error(run, tmp_path, m
     key = next(k for k in state if k.endswith(".bias"))
     del state[key]
     partial = save(tmp_path / "partial.safetensors", state)
-    result = run(
-        "merge", models["A"], partial, "--take", f"{key}=B", "-o", tmp_path / "o.safetensors"
-    )
+    out = tmp_path / "o.safetensors"
+    result = run("merge", models["A"], partial, "--take", "*.bias=B", "-o", out)  # B has others
     one_line_error(result, f"takes '{key}' from B, which lacks it", "take them from a model")
+    result = run("merge", models["A"], partial, "--take", f"{key}=B", "-o", out)  # B has none
+    one_line_error(result, f"takes 1 key ('{key}') from B, which has none of them")
 
 
 # --- 8. model names: one rule on the command line and in recipe files ---

@@ -62,8 +62,10 @@ class BlockValues:
         where = f"recipe {op.label}: {op.method.name} parameter {name}"
         values, note = per_block(value, architecture.blocks, architecture.name, where)
         spec = op.method.params[name]
+        label = f"recipe {op.label}: {op.method.name} parameter"
         values = [
-            spec.check_value(v, f"recipe {op.label}: {op.method.name} parameter", v) for v in values
+            spec.check_value(v, label, f"{value.written!r} (block {b}: {v:g})")
+            for b, v in zip(architecture.blocks, values)
         ]
         if note:
             self.notes.append(note)

@@ -88,8 +88,13 @@ def parse_block_value(value: Any, name: str) -> BlockValue | None:
                 f"{name}='{value}': write named blocks as BLOCK=VALUE or FIRST-LAST=VALUE,"
                 " separated by commas (default=VALUE for the rest)"
             )
-        mapping = {p.strip(): v.strip() for p, _, v in pairs}
-        return parse_block_value(mapping, name)
+        named = [
+            (p.strip(), _number(v.strip(), name)) for p, _, v in pairs if p.strip() != "default"
+        ]
+        default = next(
+            (_number(v.strip(), name) for p, _, v in pairs if p.strip() == "default"), None
+        )
+        return BlockValue(value, "named", named=tuple(named), default=default)
     if "," in text:
         return BlockValue(value, "list", values=tuple(_number(v, name) for v in text.split(",")))
     found = {p.lower(): p for p in presets()}.get(text.lower())

@@ -13,6 +13,7 @@ import click
 import yaml
 
 from weightmix import __version__, api
+from weightmix.blocks import presets as block_presets
 from weightmix.errors import WeightmixError
 from weightmix.io import open_checkpoint
 from weightmix.methods import METHODS, describe_method
@@ -45,7 +46,13 @@ def cli() -> None:
     multiple=True,
     help="Merge method for model files given directly (default weighted_sum).",
 )
-@click.option("--alpha", type=float, multiple=True, help="The method's alpha parameter.")
+@click.option(
+    "--alpha",
+    multiple=True,
+    help="The method's alpha: a number, or one per block: '0,1,1,...' in the architecture's"
+    " block order, 'IN00-IN05=0.2,M00=1,default=0.5', '{gradient: [0, 1]}' or a preset"
+    " (weightmix presets).",
+)
 @click.option(
     "--weights",
     multiple=True,
@@ -101,6 +108,13 @@ def cli() -> None:
     type=int,
     help="Seed of every random choice: today stochastic rounding (default 0). The same recipe"
     " and seed give the same bytes.",
+)
+@click.option(
+    "--strict-rules",
+    is_flag=True,
+    default=None,
+    help="Refuse rules that match no key, and take rules whose model has none of the keys"
+    " (notes otherwise).",
 )
 @click.option(
     "--on-missing",
@@ -236,7 +250,15 @@ def _recipe_from(inputs: tuple[str, ...], flags: dict[str, Any]) -> tuple[Recipe
     rules = _flag_rules(flags)
     if rules:
         data["rules"] = [*data.get("rules", []), *rules]
-    settings = ("dtype", "compute_dtype", "rounding", "device", "seed", "on_missing")
+    settings = (
+        "dtype",
+        "compute_dtype",
+        "rounding",
+        "device",
+        "seed",
+        "on_missing",
+        "strict_rules",
+    )
     for name in (*settings, "max_shard_size", "title", "layout"):
         if flags[name] is not None:
             data[name] = flags[name]
@@ -260,7 +282,7 @@ def _merge_node(inputs: tuple[str, ...], flags: dict[str, Any]) -> dict[str, Any
         if value is not None and name in params:
             raise WeightmixError(f"{name} is given twice (--{name} and --param {name}=...)")
     if flags["alpha"] is not None:
-        params["alpha"] = flags["alpha"]
+        params["alpha"] = _number_or_value(flags["alpha"], "--alpha")
     if flags["weights"] is not None:
         if not flags["weights"].strip():
             raise WeightmixError("--weights is empty: give one weight per model, e.g. 1,2,1")
@@ -361,6 +383,14 @@ def _pair(
     return left.strip(), right.strip()
 
 
+def _number_or_value(text: str, where: str) -> Any:
+    """A number as Python reads it ('nan' too, refused later with its name), else as YAML."""
+    try:
+        return float(text)
+    except ValueError:
+        return _value(text, where)
+
+
 def _value(text: str, where: str) -> Any:
     """A flag value as YAML reads it: 0.3 -> float, [1, 2] -> list, true -> bool."""
     try:
@@ -427,6 +457,13 @@ def inspect(path: str, keys: bool, recipe_only: bool) -> None:
             click.echo(recorded_recipe(checkpoint), nl=False)
         else:
             click.echo(describe_checkpoint(checkpoint, keys))
+
+
+@cli.command()
+def presets() -> None:
+    """List the block-weight presets (values in SD1's 26-block order; converted for SDXL)."""
+    for name, values in block_presets().items():
+        click.echo(f"{name}: {','.join(f'{v:g}' for v in values)}")
 
 
 @cli.command()

@@ -320,7 +320,10 @@ def _plan_keys(
                 )
                 buffers.append(key)
                 continue
-            missing.append(Missing(key, holders, lacking, rule))
+            taker = None
+            if rule is not None:  # the take rule that decided: the last take or drop matching
+                taker = max(i for i in signature if recipe.rules[i].take or recipe.rules[i].drop)
+            missing.append(Missing(key, holders, lacking, rule, taker))
             if recipe.on_missing == "keep":
                 why = f"not in {', '.join(lacking)}, kept"
                 planned.append(_copy(key, checkpoints, holders[0], out_dtype, why))
@@ -345,9 +348,22 @@ def _plan_keys(
     if mismatched:
         more = f" ({len(mismatched)} keys differ)" if len(mismatched) > 1 else ""
         raise WeightmixError(f"{mismatched[0]}{more}")
+    empty_takes = _empty_takes(recipe, matcher.hits, missing, planned, checkpoints)
+    if empty_takes and (recipe.on_missing == "error" or recipe.strict_rules):
+        raise WeightmixError(empty_takes[0] + (" (--strict-rules)" if recipe.strict_rules else ""))
     if missing and recipe.on_missing == "error":
         raise WeightmixError(_missing_message(missing, hint=True))
+    unmatched = [
+        f"rule {i + 1} ({rule.pattern}) matches no key"
+        for i, rule in enumerate(recipe.rules)
+        if not matcher.hits[i]
+    ]
+    if unmatched and recipe.strict_rules:
+        raise WeightmixError(
+            f"{unmatched[0]} (--strict-rules): fix its selectors for these models, or drop it"
+        )
     notes = [f"{count(left_out, 'key')} of other components left out"] if left_out else []
+    notes += empty_takes
     if buffers:
         notes.append(
             f"{count(len(buffers), 'integer key')} that some models lack"
@@ -356,11 +372,7 @@ def _plan_keys(
             f" --on-missing skip leaves them out): {', '.join(buffers[:SHOWN])}"
             f"{' ...' if len(buffers) > SHOWN else ''}"
         )
-    notes += [
-        f"rule {i + 1} ({rule.pattern}) matches no key"
-        for i, rule in enumerate(recipe.rules)
-        if not matcher.hits[i]
-    ]
+    notes += unmatched
     if missing:
         how = "copied from the model that has them" if recipe.on_missing == "keep" else "left out"
         were = "was" if len(missing) == 1 else "were"
@@ -448,6 +460,7 @@ class Missing:
     holders: list[str]  # the models that have it
     lacking: list[str]  # the models read for it that do not
     rule: str | None  # 'rule N (pattern)' when a take rule names a model that lacks it
+    rule_index: int | None = None  # that rule's index in the recipe
 
     def text(self) -> str:
         found = ", ".join(self.holders) or "no model"
@@ -458,6 +471,51 @@ class Missing:
                 f"{self.rule} takes '{self.key}' from {source}, which lacks it ({found} {verb} it)"
             )
         return f"'{self.key}' is in {found} but not in {', '.join(self.lacking)}"
+
+
+def _empty_takes(
+    recipe: Recipe,
+    hits: dict[int, int],
+    missing: list[Missing],
+    planned: list[KeyPlan],
+    checkpoints: dict[str, Checkpoint],
+) -> list[str]:
+    """For each take rule whose model has none of the keys it matches (FLUX.1-schnell has no
+    guidance embedder): what it means, which architecture the output gets with those keys and
+    without them, and how to choose."""
+    messages = []
+    by_rule: dict[int, list[Missing]] = {}
+    for item in missing:
+        if item.rule_index is not None:
+            by_rule.setdefault(item.rule_index, []).append(item)
+    for index, items in by_rule.items():
+        if len(items) != hits.get(index, 0):
+            continue  # the model has some of the keys: the usual missing-key message
+        rule = recipe.rules[index]
+        model, holder = rule.take, items[0].holders[0]
+        what = _title(checkpoints[model])
+        text = (
+            f"rule {index + 1} ({rule.pattern}) takes {count(len(items), 'key')}"
+            f" ({', '.join(repr(m.key) for m in items[:2])}{' ...' if len(items) > 2 else ''})"
+            f" from {model}, which has none of them{f' ({model} is {what})' if what else ''}"
+        )
+        shapes = {k.key: k.shape for k in planned}
+        shapes.update({m.key: checkpoints[m.holders[0]].tensors[m.key].shape for m in items})
+        with_them = detect(shapes)
+        without = detect({k: v for k, v in shapes.items() if k not in {m.key for m in items}})
+        if with_them.name != without.name:
+            text += f"; with them the output is {with_them.name}, without them {without.name}"
+        pattern = rule.keys or rule.pattern
+        messages.append(
+            f"{text}: take them from {holder} (--take '{pattern}={holder}') or leave them out"
+            f" (--drop '{pattern}')"
+        )
+    return messages
+
+
+def _title(checkpoint: Checkpoint) -> str | None:
+    found = detect({key: info.shape for key, info in checkpoint.tensors.items()})
+    return None if isinstance(found, Unknown) else found.title
 
 
 def _missing_message(missing: list[Missing], hint: bool) -> str:

@@ -145,6 +145,7 @@ class Recipe(_Strict):
     device: Text = "cpu"
     seed: Integer = 0
     on_missing: OnMissing = "error"
+    strict_rules: bool = False  # rules that match nothing (or take nothing) are errors
     rounding: Literal["nearest", "stochastic"] = "nearest"  # casts to a narrower output dtype
     title: Text | None = None  # modelspec.title of the output; default: the output's file name
     components: list[Text] | None = None  # keep only these components (unet, vae ...)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from weightmix.arch.families import Architecture, Unknown, detect
 from weightmix.engine import DEFAULT_BUDGET, chunked, default_threads, estimate_peak
 from weightmix.errors import WeightmixError
 from weightmix.io import Checkpoint
@@ -24,6 +25,11 @@ def describe_plan(plan: Plan, budget: int = DEFAULT_BUDGET, threads: int | None 
     shard_text = f" in {shards} shards" if shards > 1 else ""
     lines.append(f"  output: {format_size(plan.output_bytes)}{shard_text} ({dtype_text})")
     lines.append(f"  compute: {plan.compute_dtype.short} on {plan.device}")
+    if plan.architecture is not None:
+        lines.append(f"  architecture: {_architecture_text(plan.architecture)}")
+    for label, values in plan.block_values.items():
+        lines.append(f"  per block: {label}")
+        lines.extend(f"    {line}" for line in _wrapped([f"{b} {v:g}" for b, v in values]))
     groups: dict[str, list] = {}
     for key in plan.keys:
         groups.setdefault(key.group, []).append(key)
@@ -61,6 +67,7 @@ def describe_checkpoint(checkpoint: Checkpoint, list_keys: bool = False) -> str:
         f"  tensors: {len(checkpoint.tensors)} ({format_size(data)} of tensor data)",
         "  dtypes: " + ", ".join(f"{d} {n}" for d, n in dtypes.most_common()),
     ]
+    lines += _architecture_lines(checkpoint)
     metadata = checkpoint.metadata
     others = {k: v for k, v in metadata.items() if k not in (KEY_RECIPE, KEY_INPUTS)}
     if others:
@@ -79,6 +86,46 @@ def describe_checkpoint(checkpoint: Checkpoint, list_keys: bool = False) -> str:
             for t in sorted(tensors, key=lambda t: t.key)
         )
     return "\n".join(lines)
+
+
+def _architecture_text(architecture: Architecture | Unknown) -> str:
+    if isinstance(architecture, Unknown):
+        nearest = ", ".join(f"{n} {share:.0%}" for n, share in architecture.candidates)
+        unfit = ", ".join(architecture.unfit[:3])
+        return (
+            f"unknown (nearest: {nearest or 'none'}; keys that fit none: {unfit or 'none'});"
+            " merged key by key, without blocks or layer kinds"
+        )
+    return f"{architecture.name} ({architecture.title}), {count(len(architecture.blocks), 'block')}"
+
+
+def _architecture_lines(checkpoint: Checkpoint) -> list[str]:
+    """The detected architecture, its components and its blocks, with keys per each."""
+    architecture = detect({key: info.shape for key, info in checkpoint.tensors.items()})
+    lines = [f"  architecture: {_architecture_text(architecture)}"]
+    if isinstance(architecture, Unknown):
+        return lines
+    components = Counter(c.component for c in architecture.classes.values() if c.component)
+    lines.append("  components: " + ", ".join(f"{c} {n}" for c, n in components.most_common()))
+    blocks = Counter(c.block for c in architecture.classes.values() if c.block)
+    lines.append("  keys per block:")
+    lines.extend(
+        f"    {line}" for line in _wrapped([f"{b} {blocks[b]}" for b in architecture.blocks])
+    )
+    if architecture.unfit:
+        unfit = ", ".join(architecture.unfit[:5])
+        lines.append(f"  keys outside {architecture.name}: {len(architecture.unfit)} ({unfit})")
+    return lines
+
+
+def _wrapped(items: list[str], width: int = 96) -> list[str]:
+    lines, line = [], ""
+    for item in items:
+        if line and len(line) + len(item) + 2 > width:
+            lines.append(line)
+            line = ""
+        line = f"{line}, {item}" if line else item
+    return [*lines, line] if line else lines
 
 
 def recorded_recipe(checkpoint: Checkpoint) -> str:

@@ -52,9 +52,8 @@ class ParamSpec:
             checked = self.adapter.validate_python(value)
         except ValidationError as error:
             message = str(error.errors()[0]["msg"]).removeprefix("Value error, ")
-            raise WeightmixError(
-                f"{where} {self.name}={value if shown is None else shown!r}: {message}"
-            ) from None
+            text = repr(value) if shown is None else shown
+            raise WeightmixError(f"{where} {self.name}={text}: {message}") from None
         if holds_non_finite(checked):  # e.g. the string 'nan' read as a float
             raise WeightmixError(
                 f"{where} {self.name}={value!r}: NaN and infinity are not allowed; give a"
@@ -112,7 +111,7 @@ class MethodSpec:
             block_value = parse_block_value(value, f"{label} {name}") if spec.numeric else None
             if block_value is not None:  # one value per block: each checked as the type says
                 for number in block_value.numbers():
-                    spec.check_value(number, label, shown=f"{value!r} (value {number!r})")
+                    spec.check_value(number, label, shown=f"{value!r} (value {number:g})")
                 resolved[name] = block_value
                 continue
             resolved[name] = spec.check_value(value, label)
