@@ -1,0 +1,87 @@
+"""Key names and shapes of every architecture family, for tiny test checkpoints: the four
+layouts weightmix ships as data, and the variants derived from them the way the real models
+differ (SD2's OpenCLIP-H text encoder and linear projections, the SDXL refiner's twelve input
+blocks and OpenCLIP-G alone, SD3.5's second attention and q/k norms, 38 joint blocks, schnell
+without a guidance embedder)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from weightmix.arch import architecture_keys, scaled_shape
+
+UNET = "model.diffusion_model."
+
+
+def data_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    return {s.key: s.shape for s in architecture_keys(name)}
+
+
+def _open_clip(prefix: str, layers: int) -> dict[str, tuple[int, ...]]:
+    """OpenCLIP text encoder keys (as SDXL's second encoder has them) under `prefix`."""
+    found = {}
+    for key, shape in data_shapes("sdxl-sgm").items():
+        if key.startswith("conditioner.embedders.1.model."):
+            inner = key.removeprefix("conditioner.embedders.1.model.")
+            match = re.match(r"transformer\.resblocks\.(\d+)\.", inner)
+            if match and int(match.group(1)) >= layers:
+                continue
+            found[prefix + inner] = shape
+    return found
+
+
+def shapes_of(family: str) -> dict[str, tuple[int, ...]]:
+    """Every key and shape of a single file of `family` (see families.yaml)."""
+    if family == "sd1":
+        return data_shapes("sd1-ldm")
+    if family == "sd2":
+        shapes = {k: v for k, v in data_shapes("sd1-ldm").items() if not k.startswith("cond_")}
+        for key in [k for k in shapes if re.search(r"\.proj_(in|out)\.weight$", k)]:
+            shapes[key] = shapes[key][:2]  # linear projections, not 1x1 convolutions
+        shapes.update(_open_clip("cond_stage_model.model.", 24))
+        return shapes
+    if family == "sdxl":
+        return data_shapes("sdxl-sgm")
+    if family == "sdxl-refiner":
+        shapes = {
+            k: v for k, v in data_shapes("sd1-ldm").items() if not k.startswith("cond_stage_model")
+        }
+        shapes.update({k: v for k, v in data_shapes("sdxl-sgm").items() if ".label_emb." in k})
+        shapes.update(_open_clip("conditioner.embedders.0.model.", 32))
+        return shapes
+    if family == "sd3-medium":
+        return data_shapes("sd3-comfyui")
+    if family == "sd3.5-medium":
+        shapes = data_shapes("sd3-comfyui")
+        for block in range(13):
+            base = f"{UNET}joint_blocks.{block}.x_block."
+            shapes[base + "attn2.qkv.weight"] = shapes[base + "attn.qkv.weight"]
+            shapes[base + "attn2.proj.weight"] = shapes[base + "attn.proj.weight"]
+            shapes[base + "attn2.ln_q.weight"] = (64,)
+        return shapes
+    if family == "sd3.5-large":
+        shapes = data_shapes("sd3-comfyui")
+        extra = {}
+        for key, shape in shapes.items():
+            match = re.match(rf"{re.escape(UNET)}joint_blocks\.(\d+)\.(.*)", key)
+            if match and match.group(1) == "0":
+                for block in range(24, 38):
+                    extra[f"{UNET}joint_blocks.{block}.{match.group(2)}"] = shape
+        return shapes | extra
+    if family == "flux-dev":
+        return data_shapes("flux-flux")
+    if family == "flux-schnell":
+        return {k: v for k, v in data_shapes("flux-flux").items() if ".guidance_in." not in k}
+    raise ValueError(family)
+
+
+def tiny_state(
+    shapes: dict[str, tuple[int, ...]], seed: int, divisor: int = 64
+) -> dict[str, torch.Tensor]:
+    """Random fp32 tensors for these keys, every dimension divided by `divisor`."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        k: torch.randn(scaled_shape(s, divisor), generator=generator) for k, s in shapes.items()
+    }
