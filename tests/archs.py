@@ -77,6 +77,39 @@ def shapes_of(family: str) -> dict[str, tuple[int, ...]]:
     raise ValueError(family)
 
 
+def hand_sd_block(key: str, last_out: str) -> str:
+    """supermerger's rule, written out: everything outside the UNet is BASE."""
+    if not key.startswith(UNET):
+        return "BASE"
+    head, *rest = key[len(UNET) :].split(".")
+    if head in ("time_embed", "label_emb"):
+        return "IN00"
+    if head == "input_blocks":
+        return "IN" + rest[0].zfill(2)
+    if head == "middle_block":
+        return "M00"
+    if head == "output_blocks":
+        return "OUT" + rest[0].zfill(2)
+    assert head == "out", key
+    return last_out
+
+
+def hand_flux_block(key: str) -> str:
+    if key.startswith("text_encoders.t5xxl."):
+        return "T5"
+    if not key.startswith(UNET):
+        return "CLIP"  # CLIP-L and the VAE of an all-in-one file
+    head, *rest = key[len(UNET) :].split(".")
+    if head == "double_blocks":
+        return "D" + rest[0].zfill(2)
+    if head == "single_blocks":
+        return "S" + rest[0].zfill(2)
+    if head == "final_layer":
+        return "OUT"
+    assert head in ("img_in", "txt_in", "time_in", "vector_in", "guidance_in"), key
+    return "IN"
+
+
 def tiny_state(
     shapes: dict[str, tuple[int, ...]], seed: int, divisor: int = 64
 ) -> dict[str, torch.Tensor]:

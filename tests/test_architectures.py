@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from archs import UNET, shapes_of, tiny_state
+from archs import UNET, hand_flux_block, hand_sd_block, shapes_of, tiny_state
 from helpers import load, save
 
 import weightmix
@@ -43,39 +43,6 @@ def test_block_counts_follow_the_keys():
     assert detect(shapes_of("sd3-medium")).blocks[-2:] == ("J23", "OUT")
     large = detect(shapes_of("sd3.5-large")).blocks
     assert len(large) == 2 + 38 + 1 and large[2] == "J00" and large[-2] == "J37"
-
-
-def hand_sd_block(key: str, last_out: str) -> str:
-    """supermerger's rule, written out: everything outside the UNet is BASE."""
-    if not key.startswith(UNET):
-        return "BASE"
-    head, *rest = key[len(UNET) :].split(".")
-    if head in ("time_embed", "label_emb"):
-        return "IN00"
-    if head == "input_blocks":
-        return "IN" + rest[0].zfill(2)
-    if head == "middle_block":
-        return "M00"
-    if head == "output_blocks":
-        return "OUT" + rest[0].zfill(2)
-    assert head == "out", key
-    return last_out
-
-
-def hand_flux_block(key: str) -> str:
-    if key.startswith("text_encoders.t5xxl."):
-        return "T5"
-    if not key.startswith(UNET):
-        return "CLIP"  # CLIP-L and the VAE of an all-in-one file
-    head, *rest = key[len(UNET) :].split(".")
-    if head == "double_blocks":
-        return "D" + rest[0].zfill(2)
-    if head == "single_blocks":
-        return "S" + rest[0].zfill(2)
-    if head == "final_layer":
-        return "OUT"
-    assert head in ("img_in", "txt_in", "time_in", "vector_in", "guidance_in"), key
-    return "IN"
 
 
 @pytest.mark.parametrize(
