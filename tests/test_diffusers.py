@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -373,3 +374,37 @@ def test_config_that_disagrees_with_the_weights(run, tmp_path, name, field, valu
     assert result.code == 2, result.err
     assert says in result.err and "does not match the weights" in result.err
     assert str(config_path) in result.err and not out.exists()
+
+
+def test_diffusers_flux_folders_detected_and_merged_with_the_guidance_example(run, tmp_path):
+    """FLUX.1-dev and -schnell as diffusers transformer folders: detected apart, and merged by
+    examples/flux-guidance.yaml with the guidance embedder from the dev folder."""
+    from weightmix.arch.families import detect
+    from weightmix.recipe import load_recipe
+
+    torch.manual_seed(1)
+    dev = make_flux().eval()
+    torch.manual_seed(2)
+    schnell = FluxTransformer2DModel(**{**dict(dev.config), "guidance_embeds": False}).eval()
+    dev.save_pretrained(tmp_path / "dev")
+    schnell.save_pretrained(tmp_path / "schnell")
+    for name, expected in (("dev", "flux-dev"), ("schnell", "flux-schnell")):
+        with weightmix.open_checkpoint(tmp_path / name) as ckpt:
+            shapes = {k: i.shape for k, i in ckpt.tensors.items()}
+        found = detect(shapes)
+        assert found.name == expected and found.unfit == []
+        assert found.block_of("transformer_blocks.0.attn.to_q.weight") == "D00"
+        assert found.block_of("single_transformer_blocks.0.proj_out.weight") == "S00"
+    recipe = load_recipe(Path(__file__).parent.parent / "examples" / "flux-guidance.yaml")
+    recipe.models = {"krea": str(tmp_path / "dev"), "schnell": str(tmp_path / "schnell")}
+    recipe.dtype = None
+    saved = tmp_path / "flux.yaml"
+    saved.write_text(recipe.to_yaml())
+    out = tmp_path / "merged"
+    result = run("merge", saved, "-o", out)
+    assert result.code == 0, result.err
+    merged = FluxTransformer2DModel.from_pretrained(out).state_dict()
+    a, b = dev.state_dict(), schnell.state_dict()
+    for key, tensor in merged.items():
+        expected = a[key] if "guidance_embedder" in key else (a[key] + b[key]) / 2
+        torch.testing.assert_close(tensor, expected, msg=key)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
+from archs import shapes_of, tiny_state
 from helpers import save
 
 import weightmix
@@ -77,3 +79,27 @@ def test_merge_date_is_today_without_source_date_epoch(monkeypatch):
     monkeypatch.delenv("SOURCE_DATE_EPOCH")
     before = time.strftime("%Y-%m-%d", time.gmtime())
     assert merge_date() in (before, time.strftime("%Y-%m-%d", time.gmtime()))
+
+
+@pytest.mark.parametrize(
+    ("family", "expected"),
+    [
+        ("sdxl-refiner", "stable-diffusion-xl-v1-refiner"),
+        ("sd3.5-medium", "stable-diffusion-v3.5-medium"),
+        ("sd3.5-large", "stable-diffusion-v3.5-large"),
+        ("flux-schnell", "flux-1-schnell"),
+    ],
+)
+def test_every_family_gets_its_modelspec_name(tmp_path, family, expected):
+    state = {k: v.half() for k, v in tiny_state(shapes_of(family), 1).items()}
+    meta = merged_metadata(tmp_path, {"A": state, "B": state})
+    assert meta["modelspec.architecture"] == expected
+
+
+def test_sd2_keeps_the_base_models_variant_or_says_nothing(tmp_path):
+    state = {k: v.half() for k, v in tiny_state(shapes_of("sd2"), 1).items()}
+    plain = merged_metadata(tmp_path, {"A": state, "B": state})
+    assert "modelspec.architecture" not in plain  # 512 and 768-v look the same
+    told = [{"modelspec.architecture": "stable-diffusion-v2-768-v"}, None]
+    meta = merged_metadata(tmp_path, {"A": state, "B": state}, told)
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v"

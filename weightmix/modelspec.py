@@ -7,18 +7,12 @@ from __future__ import annotations
 import os
 import time
 
-from weightmix.arch import detect_architecture
+from weightmix.arch.families import Unknown, detect
 
 SPEC_VERSION = "1.0.0"
 _SGM = "https://github.com/Stability-AI/generative-models"
 _BFL = "https://github.com/black-forest-labs/flux"
-# our architecture data -> (modelspec.architecture, modelspec.implementation)
-ARCHITECTURE_IDS = {
-    "sd1-ldm": ("stable-diffusion-v1", _SGM),
-    "sdxl-sgm": ("stable-diffusion-xl-v1-base", _SGM),
-    "sd3-comfyui": ("stable-diffusion-v3-medium", _SGM),
-    "flux-flux": ("flux-1-dev", _BFL),
-}
+IMPLEMENTATIONS = {"flux": _BFL}  # by family name prefix; Stability's otherwise
 # keys of an input that stay true of a merge of models of the same architecture
 CARRIED = ("resolution", "prediction_type", "timestep_range", "encoder_layer")
 
@@ -31,16 +25,23 @@ def merge_date() -> str:
 
 
 def modelspec_metadata(
-    output_keys: list[str], title: str, sources: list[tuple[str, dict[str, str]]]
+    output_shapes: dict[str, tuple[int, ...]], title: str, sources: list[tuple[str, dict[str, str]]]
 ) -> dict[str, str]:
-    """modelspec.* keys for a merge whose output holds `output_keys`; `sources` are the inputs'
-    (name, metadata) with the base model first. Empty when the layout is not one we know."""
-    architecture = detect_architecture(output_keys)
-    if architecture is None:
+    """modelspec.* keys for a merge whose output holds these keys (and shapes); `sources` are
+    the inputs' (name, metadata) with the base model first. Empty for layouts the standard has
+    no name for (LLMs, unknown ones). SD2's 512 and 768-v variants share their weights' layout,
+    so the name is carried over from the base model, else left out."""
+    architecture = detect(output_shapes)
+    if isinstance(architecture, Unknown):
         return {}
-    arch_id, implementation = ARCHITECTURE_IDS[architecture]
-    if architecture == "flux-flux" and not any(".guidance_in." in k for k in output_keys):
-        arch_id = "flux-1-schnell"  # schnell has no guidance embedder
+    base = sources[0][1] if sources else {}
+    arch_id = architecture.family.modelspec
+    if architecture.name == "sd2":
+        carried = base.get("modelspec.architecture", "")
+        arch_id = carried if carried.startswith("stable-diffusion-v2") else None
+    if arch_id is None:
+        return {}
+    implementation = IMPLEMENTATIONS.get(architecture.name.split("-")[0], _SGM)
     merged_from = [meta.get("modelspec.title", name) for name, meta in sources]
     spec = {
         "modelspec.sai_model_spec": SPEC_VERSION,
@@ -50,7 +51,6 @@ def modelspec_metadata(
         "modelspec.date": merge_date(),
         "modelspec.merged_from": ", ".join(merged_from),
     }
-    base = sources[0][1] if sources else {}
     if base.get("modelspec.architecture") == arch_id:
         for name in CARRIED:
             if f"modelspec.{name}" in base:

@@ -70,7 +70,7 @@ def build_metadata(plan: Plan, how: str = "sampled") -> dict[str, str]:
     sources = [(name, ckpt.metadata) for name, ckpt in plan.checkpoints.items()]
     return {
         "format": "pt",
-        **modelspec_metadata([k.key for k in plan.keys], title, sources),
+        **modelspec_metadata({k.key: k.shape for k in plan.keys}, title, sources),
         KEY_VERSION: __version__,
         # model paths as seen from the folder that holds the output, so the recipe re-runs
         # from there (README: "Re-running a merge")
