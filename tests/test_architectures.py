@@ -3,7 +3,10 @@ written here by hand, and across key dialects), layer kinds, and `weightmix insp
 
 from __future__ import annotations
 
+import json
 import re
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,3 +229,30 @@ def test_unknown_architecture_still_merges_key_by_key(run, tmp_path):
     out = tmp_path / "out.safetensors"
     assert run("merge", a, b, "--alpha", "0.25", "-o", out, "-q").code == 0
     assert torch.equal(load(out)["my.weird.key"], torch.full((2,), 0.25))
+
+
+DATA = Path(__file__).parent / "data"  # manifests of real files in kohya's and diffusers' names
+
+
+@pytest.mark.parametrize(
+    ("manifest", "data", "family"),
+    [
+        ("sd1-kohya", "sd1-ldm", "sd1"),
+        ("sdxl-kohya", "sdxl-sgm", "sdxl"),
+        ("sdxl-diffusers_unet_only", "sdxl-sgm", "sdxl"),
+    ],
+)
+def test_real_files_in_other_names_have_the_same_blocks(manifest, data, family):
+    """Each block holds as many UNet tensors in kohya's or diffusers' names as in LDM/SGM's."""
+    spec = json.loads((DATA / f"{manifest}.json").read_text())
+    shapes = {k: tuple(v["shape"]) for part in spec["components"].values() for k, v in part.items()}
+    found = detect(shapes)
+    assert found.name == family and found.unfit == []
+    reference = detect({s.key: s.shape for s in architecture_keys(data)})
+
+    def unet_counts(architecture, keys):
+        return Counter(
+            architecture.block_of(k) for k in keys if architecture.component_of(k) == "diffuser"
+        )
+
+    assert unet_counts(found, shapes) == unet_counts(reference, reference.classes)

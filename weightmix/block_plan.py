@@ -21,12 +21,16 @@ class BlockValues:
         self.layout_name = layout_name
         self._values: dict[int, list[float]] = {}
         self._trees: dict[tuple[int, str], Node] = {}
+        self._dependent: dict[int, bool] = {}  # trees are shared by many keys
         self.shown: dict[str, list[tuple[str, float]]] = {}  # for the dry run
         self.notes: list[str] = []
 
     def tree_for(self, tree: Node, key: str) -> Node:
         """`tree` with every block value replaced by the number of `key`'s block."""
-        if not block_dependent(tree):
+        dependent = self._dependent.get(id(tree))
+        if dependent is None:
+            dependent = self._dependent[id(tree)] = block_dependent(tree)
+        if not dependent:
             return tree
         architecture = self._architecture(tree)
         block = architecture.block_of(key)
