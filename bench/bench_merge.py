@@ -83,6 +83,7 @@ def main() -> None:
     threads = ["--threads", str(args.threads)] if args.threads else []
     merges = {
         "weighted_sum": (inputs[:2], ["--alpha", "0.5"]),
+        "weighted_sum GRAD_V": (inputs[:2], ["--alpha", "GRAD_V"]),  # a value per block
         "add_difference": (inputs, ["-m", "add_difference", "--alpha", "1.0"]),
     }
     rows: dict[str, list[tuple[float, int, float]]] = {}
