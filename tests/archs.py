@@ -61,15 +61,19 @@ def shapes_of(family: str) -> dict[str, tuple[int, ...]]:
             shapes[base + "attn2.proj.weight"] = shapes[base + "attn.proj.weight"]
             shapes[base + "attn2.ln_q.weight"] = (64,)
         return shapes
-    if family == "sd3.5-large":
+    if family == "sd3.5-large":  # 38 joint blocks: the last one reduced, as in every SD3
         shapes = data_shapes("sd3-comfyui")
-        extra = {}
+        large = {}
         for key, shape in shapes.items():
             match = re.match(rf"{re.escape(UNET)}joint_blocks\.(\d+)\.(.*)", key)
-            if match and match.group(1) == "0":
-                for block in range(24, 38):
-                    extra[f"{UNET}joint_blocks.{block}.{match.group(2)}"] = shape
-        return shapes | extra
+            if match is None:
+                large[key] = shape
+            elif match.group(1) == "23":  # the final, reduced block becomes block 37
+                large[f"{UNET}joint_blocks.37.{match.group(2)}"] = shape
+            elif match.group(1) == "0":
+                for block in range(37):
+                    large[f"{UNET}joint_blocks.{block}.{match.group(2)}"] = shape
+        return large
     if family == "flux-dev":
         return data_shapes("flux-flux")
     if family == "flux-schnell":

@@ -256,3 +256,40 @@ def test_real_files_in_other_names_have_the_same_blocks(manifest, data, family):
         )
 
     assert unet_counts(found, shapes) == unet_counts(reference, reference.classes)
+
+
+def test_layer_kinds_agree_across_names_for_sd3_embedders_and_t5():
+    sd3 = detect(shapes_of("sd3-medium"))
+    assert sd3.layers_of(UNET + "t_embedder.mlp.0.weight") == ("time_embedding",)
+    assert sd3.layers_of(UNET + "y_embedder.mlp.2.weight") == ("time_embedding",)
+    assert sd3.layers_of(UNET + "joint_blocks.0.x_block.mlp.fc1.weight") == ("feed_forward",)
+    pipeline = {
+        "transformer/transformer_blocks.0.attn.to_q.weight": (4, 4),
+        "transformer/single_transformer_blocks.0.attn.to_q.weight": (4, 4),
+        "transformer/time_text_embed.guidance_embedder.linear_1.weight": (4, 4),
+        "text_encoder_2/shared.weight": (8, 4),
+        "text_encoder_2/encoder.block.0.layer.0.SelfAttention.q.weight": (4, 4),
+    }
+    found = detect(pipeline)
+    assert found.name == "flux-dev"
+    assert found.layers_of("text_encoder_2/shared.weight") == ("embedding",)
+    assert found.block_of("text_encoder_2/shared.weight") == "T5"
+
+
+def test_llama_base_models_without_a_head_are_llama(run, tmp_path):
+    bare = {
+        "embed_tokens.weight": (8, 4),
+        "layers.0.self_attn.q_proj.weight": (4, 4),
+        "layers.0.mlp.up_proj.weight": (8, 4),
+        "layers.0.input_layernorm.weight": (4,),
+        "norm.weight": (4,),
+    }
+    found = detect(bare)
+    assert found.name == "llama" and found.unfit == []
+    assert [found.block_of(k) for k in bare] == ["EMBED", "L00", "L00", "L00", "OUT"]
+    state = {k: torch.ones(s) for k, s in bare.items()}
+    paths = [save(tmp_path / f"{n}.safetensors", state) for n in "ab"]
+    result = run("merge", *paths, "--components", "model", "--dry-run")
+    assert result.code == 0, result.err
+    result = run("merge", *paths, "--components", "unet", "--dry-run")
+    assert result.code == 2 and "'unet' is not a component of llama" in result.err

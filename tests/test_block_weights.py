@@ -340,3 +340,110 @@ def test_guidance_taken_from_schnell_says_what_the_output_becomes(run, tmp_path)
     with weightmix.open_checkpoint(out) as ckpt:
         assert ckpt.metadata["modelspec.architecture"] == "flux-1-schnell"
         assert set(ckpt.tensors) == set(schnell)
+
+
+# --- what a review found ---
+
+
+def test_models_of_other_depths_with_block_values_say_what_differs(run, tmp_path):
+    medium = tiny_state(shapes_of("sd3-medium"), 1)
+    large = tiny_state(shapes_of("sd3.5-large"), 2)
+    a, b = save(tmp_path / "a.safetensors", medium), save(tmp_path / "b.safetensors", large)
+    out = tmp_path / "out.safetensors"
+    result = run("merge", a, b, "--alpha", "J=0.3,default=0.5", "-o", out)
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert "keys differ between models" in result.err or "differ in architecture" in result.err
+    xl, sd1 = tiny_state(shapes_of("sdxl"), 1), tiny_state(shapes_of("sd1"), 2)
+    a, b = save(tmp_path / "xl.safetensors", xl), save(tmp_path / "sd1.safetensors", sd1)
+    result = run("merge", a, b, "--alpha", "GRAD_V", "-o", out)
+    assert result.code == 2 and "the models differ in architecture" in result.err, result.err
+    extra = dict(sd1) | {"extra.weight": torch.ones(2)}
+    b = save(tmp_path / "extra.safetensors", extra)
+    a = save(tmp_path / "plain.safetensors", sd1)
+    result = run("merge", a, b, "--alpha", "GRAD_V", "--on-missing", "skip", "-o", out, "-q")
+    assert result.code == 0, result.err
+    assert "extra.weight" not in load(out)
+
+
+@pytest.mark.parametrize(
+    ("alpha", "says"),
+    [
+        ("IN1=1,default=0", "'IN1' is not a block of sd1"),
+        ("S1=1,default=0", "'S1' is not a block of sd1"),
+    ],
+)
+def test_block_names_with_digits_are_blocks_not_groups(run, tmp_path, alpha, says):
+    zeros, ones, _ = zeros_and_ones(tmp_path, "sd1")
+    result = run("merge", zeros, ones, "--alpha", alpha, "--dry-run")
+    assert result.code == 2 and says in result.err, result.err
+
+
+def test_rule_flags_take_quoted_block_values(run, tmp_path):
+    alphas = [i / 25 for i in range(26)]
+    got, _ = merge_zeros_ones(
+        run, tmp_path, "sd1",
+        "--alpha", "0", "--rule", '*attn2*:alpha="IN=0.25,default=0.75"',
+        "--rule", f"*attn1*:alpha=\"{','.join(map(str, alphas))}\"",
+    )  # fmt: skip
+    for key, value in got.items():
+        block = hand_sd_block(key, "OUT11")
+        if ".attn2." in key:
+            expected = 0.25 if block.startswith("IN") else 0.75
+        elif ".attn1." in key:
+            expected = alphas[SD1_BLOCKS.index(block)]
+        else:
+            expected = 0.0
+        assert value == pytest.approx(expected), key
+
+
+def test_block_values_of_rules_that_match_nothing_are_still_checked(run, tmp_path):
+    zeros, ones, _ = zeros_and_ones(tmp_path, "sd1")
+    for alpha, says in (("0,1", "recipe rule 1 at merge"), ("IN99=1,default=0", "'IN99'")):
+        recipe = {
+            "models": {"A": str(zeros), "B": str(ones)},
+            "merge": {"method": "weighted_sum", "inputs": ["A", "B"], "alpha": 0.5},
+            "rules": [{"keys": "nothing*", "params": {"alpha": alpha}}],
+        }
+        with pytest.raises(weightmix.WeightmixError, match=re.escape(says)):
+            weightmix.dry_run(recipe)
+
+
+def test_empty_alpha_and_empty_selectors_are_refused(run, tmp_path):
+    zeros, ones, _ = zeros_and_ones(tmp_path, "sd1")
+    for empty in ("", "null", "~"):
+        result = run("merge", zeros, ones, "--alpha", empty, "--dry-run")
+        assert result.code == 2 and "is empty: give a number" in result.err, result.err
+    recipe = {"models": {"A": str(zeros)}, "merge": "A", "rules": [{"blocks": [], "drop": True}]}
+    with pytest.raises(weightmix.WeightmixError, match="'blocks' is an empty list"):
+        weightmix.dry_run(recipe)
+
+
+def test_later_defaults_win_and_no_strict_rules_overrides_a_recipe(run, tmp_path):
+    got, _ = merge_zeros_ones(run, tmp_path, "sd1", "--alpha", "default=0.1,M00=1,default=0.7")
+    others = [v for k, v in got.items() if hand_sd_block(k, "OUT11") != "M00"]
+    assert others == pytest.approx([0.7] * len(others))
+    zeros, ones, _ = zeros_and_ones(tmp_path, "sd1")
+    recipe = tmp_path / "strict.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "models": {"A": str(zeros), "B": str(ones)},
+                "merge": "A",
+                "rules": [{"keys": "nothing*", "take": "B"}],
+                "strict_rules": True,
+            }
+        )
+    )
+    assert run("merge", recipe, "--dry-run").code == 2
+    assert run("merge", recipe, "--dry-run", "--no-strict-rules").code == 0
+
+
+def test_a_regex_take_rule_is_told_how_to_change_itself(run, tmp_path):
+    _, _, krea_path, index = flux_inputs(tmp_path)
+    recipe = load_recipe(EXAMPLES / "flux-guidance.yaml")
+    recipe.models = {"krea": str(krea_path), "schnell": str(index)}
+    recipe.rules[0].take = "schnell"
+    with pytest.raises(weightmix.WeightmixError) as error:
+        weightmix.dry_run(recipe)
+    assert "take them from krea (take: krea in rule 1)" in str(error.value)
+    assert "leave them out (drop: true in rule 1)" in str(error.value)

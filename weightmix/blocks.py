@@ -91,9 +91,8 @@ def parse_block_value(value: Any, name: str) -> BlockValue | None:
         named = [
             (p.strip(), _number(v.strip(), name)) for p, _, v in pairs if p.strip() != "default"
         ]
-        default = next(
-            (_number(v.strip(), name) for p, _, v in pairs if p.strip() == "default"), None
-        )
+        defaults = [_number(v.strip(), name) for p, _, v in pairs if p.strip() == "default"]
+        default = defaults[-1] if defaults else None  # later names win
         return BlockValue(value, "named", named=tuple(named), default=default)
     if "," in text:
         return BlockValue(value, "list", values=tuple(_number(v, name) for v in text.split(",")))
@@ -158,7 +157,7 @@ def per_block(
             f"{name}: {what} has SD1's 26 values; for sdxl kept BASE, IN00-IN08, M00 and"
             " OUT00-OUT08 (as supermerger converts them)"
         )
-    accepted = f"{len(blocks)} ({_span(blocks)})"
+    accepted = f"{len(blocks)} ({span(blocks)})"
     if architecture == "sdxl":
         accepted += " or 26 (an SD1 list, converted)"
     raise WeightmixError(
@@ -166,7 +165,7 @@ def per_block(
     )
 
 
-def _span(blocks: tuple[str, ...]) -> str:
+def span(blocks: tuple[str, ...]) -> str:
     """BASE, IN00-IN11, M00, OUT00-OUT11: the block list written short."""
     groups: list[list[str]] = []
     for block in blocks:
@@ -199,8 +198,7 @@ def _named(value: BlockValue, blocks: tuple[str, ...], architecture: str, name: 
     missing = [b for b in blocks if b not in chosen]
     if missing and value.default is None:
         raise WeightmixError(
-            f"{name}: blocks {_span(tuple(missing))} have no value: add default=VALUE"
-            " (or name them)"
+            f"{name}: blocks {span(tuple(missing))} have no value: add default=VALUE (or name them)"
         )
     return [chosen.get(b, value.default) for b in blocks]  # type: ignore[misc]
 
@@ -229,7 +227,7 @@ def select_blocks(text: str, blocks: tuple[str, ...], architecture: str, where: 
             chosen += blocks[start : stop + 1]
             continue
         group = [b for b in blocks if re.fullmatch(rf"{re.escape(upper)}\d+", b)]
-        if not group:
+        if not group or not upper.isalpha():  # IN1 is no group: IN01 or IN10 was meant
             _known(upper, blocks, architecture, where)
         chosen += group
     return chosen
@@ -239,5 +237,5 @@ def _known(block: str, blocks: tuple[str, ...], architecture: str, where: str) -
     if block not in blocks:
         raise WeightmixError(
             f"{where}: '{block}' is not a block of {architecture}{closest(block, blocks)};"
-            f" its blocks: {_span(blocks)}"
+            f" its blocks: {span(blocks)}"
         )

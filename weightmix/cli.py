@@ -110,8 +110,7 @@ def cli() -> None:
     " and seed give the same bytes.",
 )
 @click.option(
-    "--strict-rules",
-    is_flag=True,
+    "--strict-rules/--no-strict-rules",
     default=None,
     help="Refuse rules that match no key, and take rules whose model has none of the keys"
     " (notes otherwise).",
@@ -283,6 +282,10 @@ def _merge_node(inputs: tuple[str, ...], flags: dict[str, Any]) -> dict[str, Any
             raise WeightmixError(f"{name} is given twice (--{name} and --param {name}=...)")
     if flags["alpha"] is not None:
         params["alpha"] = _number_or_value(flags["alpha"], "--alpha")
+        if params["alpha"] in (None, ""):
+            raise WeightmixError(
+                f"--alpha '{flags['alpha']}' is empty: give a number or values per block"
+            )
     if flags["weights"] is not None:
         if not flags["weights"].strip():
             raise WeightmixError("--weights is empty: give one weight per model, e.g. 1,2,1")
@@ -333,12 +336,18 @@ def _param_rule(text: str) -> dict[str, Any]:
 
 
 def _split_top_level(text: str) -> list[str]:
-    """'a=1,w=[1,2]' -> ['a=1', 'w=[1,2]']: commas inside brackets or braces stay."""
-    parts, depth, current = [], 0, []
+    """'a=1,w=[1,2],b="x=1,y"' -> ['a=1', 'w=[1,2]', 'b="x=1,y"']: commas inside brackets,
+    braces or quotes stay."""
+    parts, depth, current, quote = [], 0, [], ""
     for char in text:
-        depth += char in "[{"
-        depth -= char in "]}"
-        if char == "," and depth == 0:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        else:
+            depth += char in "[{"
+            depth -= char in "]}"
+        if char == "," and depth == 0 and not quote:
             parts.append("".join(current))
             current = []
         else:

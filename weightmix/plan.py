@@ -143,6 +143,7 @@ def build_plan(
         shapes = {key: info.shape for key, info in checkpoints[layout].tensors.items()}
         architecture = detect(shapes)
         block_values = BlockValues(architecture, layout)
+        check_block_values(recipe, root, block_values)
         keys, notes = _plan_keys(
             recipe, root, checkpoints, out_dtype, compute_dtype, architecture, block_values
         )
@@ -305,8 +306,6 @@ def _plan_keys(
         action, target, label = variants[signature]
         if action == "drop":
             continue
-        if action == "merge":
-            target = block_values.tree_for(target, key)
         reads = [target] if action == "take" else leaves(target)
         lacking = [m for m in reads if key not in checkpoints[m]]
         if lacking:
@@ -343,8 +342,9 @@ def _plan_keys(
                 _copy(key, checkpoints, target.model, out_dtype, "the merge is one model")
             )
         else:
+            tree = block_values.tree_for(target, key, _rules_text(signature, recipe))
             dtype = out_dtype or first.dtype
-            planned.append(KeyPlan(key, first.shape, dtype, sources, target, None, label))
+            planned.append(KeyPlan(key, first.shape, dtype, sources, tree, None, label))
     if mismatched:
         more = f" ({len(mismatched)} keys differ)" if len(mismatched) > 1 else ""
         raise WeightmixError(f"{mismatched[0]}{more}")
@@ -388,8 +388,24 @@ def _plan_keys(
     return planned, notes
 
 
+def _rules_text(signature: tuple[int, ...], recipe: Recipe) -> str:
+    """'recipe', or 'recipe rule 2, 3' for the rules whose params shape a key's tree."""
+    numbers = [str(i + 1) for i in signature if recipe.rules[i].params]
+    return f"recipe rule {', '.join(numbers)}" if numbers else "recipe"
+
+
+def check_block_values(recipe: Recipe, root: Node, block_values: BlockValues) -> None:
+    """Every value given per block, in the merge and in each rule, resolved against the
+    architecture now: a wrong list is an error even where a rule matches no key."""
+    block_values.check(root, "recipe")
+    for index, rule in enumerate(recipe.rules):
+        if rule.params:
+            tree = _variant(recipe, root, (index,), None)[1]
+            block_values.check(tree, f"recipe rule {index + 1}")
+
+
 def _variant(
-    recipe: Recipe, root: Node, signature: tuple[int, ...], compute_dtype: DType
+    recipe: Recipe, root: Node, signature: tuple[int, ...], compute_dtype: DType | None
 ) -> tuple[str, Any, str]:
     """For a set of matching rules: ('drop'|'take'|'merge', model or tree, group label)."""
     action: tuple[str, Any, str] | None = None
@@ -417,7 +433,8 @@ def _variant(
 
     numbers = ", ".join(str(i + 1) for i in param_rules)
     tree = with_overrides(root, overrides, f"recipe rule {numbers}")
-    _check_param_range(tree, compute_dtype, f"recipe rule {numbers}")
+    if compute_dtype is not None:
+        _check_param_range(tree, compute_dtype, f"recipe rule {numbers}")
     return ("merge", tree, f"{root.text()} with rule {numbers}")
 
 
@@ -505,11 +522,11 @@ def _empty_takes(
         without = detect({k: v for k, v in shapes.items() if k not in {m.key for m in items}})
         if with_them.name != without.name:
             text += f"; with them the output is {with_them.name}, without them {without.name}"
-        pattern = rule.keys or rule.pattern
-        messages.append(
-            f"{text}: take them from {holder} (--take '{pattern}={holder}') or leave them out"
-            f" (--drop '{pattern}')"
-        )
+        if rule.keys is not None and rule.pattern == rule.keys:  # a plain glob: flags say it
+            how = f"--take '{rule.keys}={holder}'", f"--drop '{rule.keys}'"
+        else:
+            how = f"take: {holder} in rule {index + 1}", f"drop: true in rule {index + 1}"
+        messages.append(f"{text}: take them from {holder} ({how[0]}) or leave them out ({how[1]})")
     return messages
 
 

@@ -106,6 +106,9 @@ class Rule(_Strict):
 
     @model_validator(mode="after")
     def _one_pattern_one_action(self) -> Rule:
+        for name in ("blocks", "layer"):
+            if getattr(self, name) == []:
+                raise ValueError(f"'{name}' is an empty list: name at least one, or leave it out")
         if all(getattr(self, name) is None for name in SELECTORS):
             raise ValueError(
                 "a rule needs a selector: 'keys' (a glob), 'regex', 'component', 'blocks' or"

@@ -38,7 +38,14 @@ def component_map(
         return None
     name, checkpoint = layout
     if isinstance(checkpoint, FolderCheckpoint) and checkpoint.pipeline:
-        return PipelineComponents([c.name for c in checkpoint.components])
+        aliases = {}
+        if isinstance(architecture, Architecture):  # clip_l -> text_encoder, diffuser -> unet ...
+            aliases = {c: folder for folder, (c, _) in architecture.family.pipeline.items()}
+            aliases |= {
+                "unet": aliases.get("diffuser", ""),
+                "transformer": aliases.get("diffuser", ""),
+            }
+        return PipelineComponents([c.name for c in checkpoint.components], aliases)
     if isinstance(architecture, Unknown):
         raise WeightmixError(
             f"recipe: components are named, but {unknown_text(name, architecture)}; select"

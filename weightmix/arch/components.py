@@ -63,16 +63,19 @@ class ComponentMap:
 
 class PipelineComponents:
     """The components of a diffusers pipeline folder: its subfolders (unet, vae, text_encoder
-    ...), keys prefixed 'component/'."""
+    ...), keys prefixed 'component/'; also by the names `weightmix inspect` shows for them
+    (diffuser, clip_l, t5xxl ...) when the family is known (`aliases`: name -> folder)."""
 
-    def __init__(self, names: list[str]):
+    def __init__(self, names: list[str], aliases: dict[str, str] | None = None):
         self.architecture = "this pipeline"
         self.names = {name: name for name in names}
+        self.aliases = {k: v for k, v in (aliases or {}).items() if v in self.names}
 
     def component_of(self, key: str) -> str | None:
         return key.split("/", 1)[0] if "/" in key else None
 
     def resolve(self, name: str, where: str) -> str:
+        name = self.aliases.get(name, name) if name not in self.names else name
         if name in self.names:
             return name
         raise WeightmixError(
@@ -98,7 +101,8 @@ class FamilyComponents:
         self.present = sorted(present)
         known = {component for _, component, _ in architecture.family.components}
         self.names = {c: c for c in known}
-        self.names.update(dict.fromkeys(_DIFFUSER, "diffuser"))
+        if "diffuser" in known:
+            self.names.update(dict.fromkeys(("unet", "transformer", "diffuser"), "diffuser"))
         for folder, (component, _) in architecture.family.pipeline.items():
             if component in known:
                 self.names.setdefault(folder, component)
