@@ -27,7 +27,7 @@ from weightmix.io.folder_output import FolderOutput
 from weightmix.io.writer import SafetensorsOutput, tensor_bytes
 from weightmix.plan import KeyPlan, Plan
 from weightmix.progress import Progress
-from weightmix.rounding import key_stream, stochastic_round, uniform
+from weightmix.rounding import Draw, key_stream, stochastic_round, uniform
 
 Output = SafetensorsOutput | FolderOutput  # a file or sharded set, or a model folder
 DEFAULT_BUDGET = 512 * 2**20  # bytes of whole-tensor work in flight
@@ -201,7 +201,8 @@ def run_task(plan: Plan, writer: Output, task: Task, buffers: _Buffers) -> None:
             for model, tensor in inputs.items():
                 if tensor.dtype != compute_dtype:
                     inputs[model] = buffers.get(f"in{model}", compute_dtype, count)[0].copy_(tensor)
-            result = evaluate(key.expr, inputs)
+            draw = Draw(key.stream, start) if key.stream is not None else None
+            result = evaluate(key.expr, inputs, draw)
             if result.numel() != count:
                 raise RuntimeError(
                     f"{key.key}: merge produced {result.numel()} of {count} elements"
@@ -221,7 +222,7 @@ def compute_key(plan: Plan, key: KeyPlan) -> torch.Tensor:
     stream = _rounding_stream(plan, key)
     raw = {m: plan.checkpoints[m].read(info) for m, info in key.sources.items()}
     inputs = {m: t.to(plan.device, plan.compute_dtype.torch) for m, t in raw.items()}
-    result = evaluate(key.expr, inputs)
+    result = evaluate(key.expr, inputs, Draw(key.stream) if key.stream is not None else None)
     for model, tensor in inputs.items():
         if result is tensor and raw[model].dtype == out_dtype:
             return raw[model]  # the merge returned an input unchanged: keep its exact bytes

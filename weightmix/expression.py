@@ -17,6 +17,7 @@ from weightmix.blocks import BlockValue
 from weightmix.errors import WeightmixError, closest
 from weightmix.methods.registry import ANY, DELTA, SAME, WEIGHT, MethodSpec, get_method
 from weightmix.recipe import Expression, MergeNode
+from weightmix.rounding import Draw
 
 
 @dataclass(frozen=True)
@@ -164,8 +165,21 @@ def is_elementwise(node: Node) -> bool:
     return all(op.method.elementwise for op in ops(node))
 
 
-def evaluate(node: Node, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Compute the tree for one key from the models' tensors (already in compute dtype)."""
+def is_random(node: Node) -> bool:
+    """Whether some method of the tree draws random numbers (DARE, DELLA ...)."""
+    return any(op.method.random for op in ops(node))
+
+
+def evaluate(
+    node: Node, tensors: dict[str, torch.Tensor], draw: Draw | None = None
+) -> torch.Tensor:
+    """Compute the tree for one key from the models' tensors (already in compute dtype);
+    `draw` gives the key's random numbers to methods that draw them."""
     if isinstance(node, Leaf):
         return tensors[node.model]
-    return node.method(*(evaluate(child, tensors) for child in node.inputs), **node.params)
+    inputs = [evaluate(child, tensors, draw) for child in node.inputs]
+    if node.method.random:
+        if draw is None:
+            raise RuntimeError(f"{node.method.name} draws random numbers but got no draw")
+        return node.method(*inputs, draw=draw.salted(node.label), **node.params)
+    return node.method(*inputs, **node.params)

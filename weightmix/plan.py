@@ -14,7 +14,16 @@ from weightmix.arch.families import Architecture, Unknown, detect
 from weightmix.block_plan import BlockValues
 from weightmix.blocks import BlockValue
 from weightmix.errors import WeightmixError, closest
-from weightmix.expression import Leaf, Node, Op, compile_expression, leaves, ops, with_overrides
+from weightmix.expression import (
+    Leaf,
+    Node,
+    Op,
+    compile_expression,
+    is_random,
+    leaves,
+    ops,
+    with_overrides,
+)
 from weightmix.io import (
     Checkpoint,
     DType,
@@ -30,6 +39,7 @@ from weightmix.io.writer import split_shards
 from weightmix.layouts import SINGLE_FILE, align_layouts
 from weightmix.output_checks import check_output, check_recipe_output
 from weightmix.recipe import Recipe
+from weightmix.rounding import key_stream
 from weightmix.selectors import RuleMatcher, component_map
 from weightmix.units import count, parse_size
 
@@ -47,6 +57,7 @@ class KeyPlan:
     expr: Node | None  # None: copy sources[copy_from] (cast to out_dtype if needed)
     copy_from: str | None
     group: str  # how the dry run groups keys
+    stream: int | None = None  # the key's random stream, when a method of expr draws numbers
 
     @property
     def numel(self) -> int:
@@ -344,7 +355,8 @@ def _plan_keys(
         else:
             tree = block_values.tree_for(target, key, _rules_text(signature, recipe))
             dtype = out_dtype or first.dtype
-            planned.append(KeyPlan(key, first.shape, dtype, sources, tree, None, label))
+            stream = key_stream(recipe.seed, key) if is_random(tree) else None
+            planned.append(KeyPlan(key, first.shape, dtype, sources, tree, None, label, stream))
     if mismatched:
         more = f" ({len(mismatched)} keys differ)" if len(mismatched) > 1 else ""
         raise WeightmixError(f"{mismatched[0]}{more}")

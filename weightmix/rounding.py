@@ -8,6 +8,8 @@ for a given seed, however the engine splits the work into chunks or threads.
 from __future__ import annotations
 
 import hashlib
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -15,7 +17,9 @@ ROUNDINGS = ("nearest", "stochastic")
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
 _MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
 _MIX2 = -7723592293110705685  # 0x94D049BB133111EB
-_PATTERN = {1: torch.uint8, 2: torch.int16}  # integer views of 8- and 16-bit floats
+_PATTERN = {1: torch.uint8, 2: torch.int16}
+_GOLDEN_INT = 0x9E3779B97F4A7C15
+_MASK = (1 << 64) - 1  # integer views of 8- and 16-bit floats
 
 
 def key_stream(seed: int, key: str) -> int:
@@ -40,6 +44,37 @@ def uniform(
     z = (z ^ _shift_right(z, 27)) * _MIX2
     z = z ^ _shift_right(z, 31)
     return _shift_right(z, 40).to(torch.float32) * (1.0 / (1 << 24))
+
+
+@dataclass(frozen=True)
+class Draw:
+    """Seeded uniform numbers for elements [start, start + n) of one key: the same numbers
+    for the same (seed, key, salt, element index), however the engine splits the work."""
+
+    stream: int  # key_stream(seed, key)
+    start: int = 0  # index of the first element at hand in the whole tensor
+
+    def salted(self, label: str) -> Draw:
+        """The draw of one method call in the merge tree (its label), independent of others."""
+        salt = int.from_bytes(hashlib.sha256(label.encode()).digest()[:8], "little", signed=True)
+        return Draw(_mix(self.stream, salt), self.start)
+
+    def uniform(self, shape: torch.Size | tuple[int, ...], salt: int, device=None) -> torch.Tensor:
+        """Uniform numbers in [0, 1) shaped `shape`, element by flat index; `salt` tells apart
+        the draws of one call (one per model)."""
+        count = math.prod(shape)
+        return uniform(_mix(self.stream, salt + 1), self.start, count, device or "cpu").reshape(
+            shape
+        )
+
+
+def _mix(stream: int, salt: int) -> int:
+    """A new stream from two (splitmix64's finaliser over their sum), as a signed int64."""
+    z = (stream + salt * _GOLDEN_INT) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    z ^= z >> 31
+    return z - (1 << 64) if z >= 1 << 63 else z
 
 
 def stochastic_round(values: torch.Tensor, dtype: torch.dtype, noise: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Merge methods: one small module per family, each method registered by @merge_method."""
 
-from weightmix.methods import arithmetic
+from weightmix.methods import arithmetic, difference, robust, sparsify, spherical
 from weightmix.methods.registry import (
     METHODS,
     MethodSpec,
@@ -9,4 +9,15 @@ from weightmix.methods.registry import (
     merge_method,
 )
 
-__all__ = ["METHODS", "MethodSpec", "arithmetic", "describe_method", "get_method", "merge_method"]
+__all__ = [
+    "METHODS",
+    "MethodSpec",
+    "arithmetic",
+    "difference",
+    "describe_method",
+    "get_method",
+    "merge_method",
+    "robust",
+    "sparsify",
+    "spherical",
+]

@@ -25,6 +25,10 @@ Tensor = torch.Tensor
 # Parameter types shared by methods: finite floats, and fractions in [0, 1].
 Finite = Annotated[float, BeforeValidator(not_a_bool), Field(allow_inf_nan=False)]
 Fraction = Annotated[float, BeforeValidator(not_a_bool), Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Positive = Annotated[float, BeforeValidator(not_a_bool), Field(gt=0.0, allow_inf_nan=False)]
+Iterations = Annotated[int, BeforeValidator(not_a_bool), Field(ge=1)]
+# the share of a tensor's elements kept: in (0, 1]
+Density = Annotated[float, BeforeValidator(not_a_bool), Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 
 WEIGHT, DELTA, ANY = "weight", "delta", "any"
 SAME = "same"  # output space: the (common) space of the inputs
@@ -32,10 +36,11 @@ SAME = "same"  # output space: the (common) space of the inputs
 
 @dataclass(frozen=True)
 class ParamSpec:
-    name: str
+    name: str  # as recipes write it: 'lambda' for the Python argument lambda_
     annotation: Any
     default: Any
     adapter: TypeAdapter
+    argument: str = ""  # the function's argument name, when it differs
 
     @property
     def required(self) -> bool:
@@ -85,6 +90,7 @@ class MethodSpec:
     check: Callable[[int, dict[str, Any]], str | None] | None
     summary: str
     elementwise: bool  # output element i depends only on input elements i: can run in chunks
+    random: bool = False  # takes `draw`: seeded uniform numbers per element (see rounding.Draw)
 
     def input_space(self, position: int) -> str:
         return self.input_spaces[min(position, len(self.input_spaces) - 1)]
@@ -124,8 +130,11 @@ class MethodSpec:
             raise WeightmixError(f"{where}: {self.name}: {problem}")
         return resolved
 
-    def __call__(self, *inputs: Tensor, **params: Any) -> Tensor:
-        return self.func(*inputs, **params)
+    def __call__(self, *inputs: Tensor, draw: Any = None, **params: Any) -> Tensor:
+        arguments = {self.params[k].argument or k: v for k, v in params.items()}
+        if self.random:
+            arguments["draw"] = draw
+        return self.func(*inputs, **arguments)
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -143,7 +152,10 @@ def merge_method(
     """Register a merge method. `inputs` gives the merge space (weight, delta or any) of each
     input (the last repeats), `output` the space of the result (or 'same' as the inputs).
     `elementwise=True` promises that each output element depends only on the input elements
-    at the same position (and the parameters), so the engine may feed the method in chunks."""
+    at the same position (and the parameters), so the engine may feed the method in chunks.
+    A keyword `draw` (not a recipe parameter) asks for seeded random numbers: the engine passes
+    a rounding.Draw for the elements at hand. A trailing _ is dropped from parameter names
+    (lambda_ is written `lambda`)."""
 
     def register(func: Callable[..., Tensor]) -> MethodSpec:
         signature = inspect.signature(func)
@@ -155,9 +167,11 @@ def merge_method(
         ]
         variadic = any(p.kind == p.VAR_POSITIONAL for p in signature.parameters.values())
         params = {
-            p.name: ParamSpec(p.name, hints[p.name], p.default, TypeAdapter(hints[p.name]))
+            p.name.rstrip("_"): ParamSpec(
+                p.name.rstrip("_"), hints[p.name], p.default, TypeAdapter(hints[p.name]), p.name
+            )
             for p in signature.parameters.values()
-            if p.kind == p.KEYWORD_ONLY
+            if p.kind == p.KEYWORD_ONLY and p.name != "draw"
         }
         spec = MethodSpec(
             name=name or func.__name__,
@@ -169,6 +183,7 @@ def merge_method(
             params=params,
             check=check,
             elementwise=elementwise,
+            random="draw" in signature.parameters,
             summary=" ".join((inspect.getdoc(func) or "").split("\n\n")[0].split()),
         )
         if spec.name in METHODS:

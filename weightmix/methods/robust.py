@@ -1,0 +1,106 @@
+"""Averages that resist outliers and noise: model stock (how far to move from the base, from
+the angle between the fine-tunes) and the geometric median (Weiszfeld)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from weightmix.methods.registry import (
+    ANY,
+    SAME,
+    WEIGHT,
+    Finite,
+    Iterations,
+    Positive,
+    Tensor,
+    merge_method,
+)
+
+
+def _mean_offset(tensors: list[Tensor], weights: list[float] | None = None) -> Tensor:
+    """The (weighted) mean of `tensors` as first + Σ w_i·(t_i − first)/Σ w_i, so that equal
+    tensors give the first one bit for bit."""
+    first = tensors[0]
+    weights = weights or [1.0] * len(tensors)
+    total = sum(weights)
+    offset = torch.zeros_like(first)
+    for tensor, weight in zip(tensors[1:], weights[1:]):
+        offset.add_(tensor - first, alpha=weight / total)
+    return first + offset
+
+
+def _check_stock(count: int, params: dict[str, Any]) -> str | None:
+    if count < 3:
+        return (
+            "model_stock needs the base and at least two fine-tuned models (the angle between them)"
+        )
+    return None
+
+
+@merge_method(inputs=WEIGHT, output=WEIGHT, min_inputs=3, check=_check_stock)
+def model_stock(base: Tensor, *models: Tensor, filter_wise: bool = False) -> Tensor:
+    """Model stock (Jang et al. 2024, arXiv:2403.19522): with cos θ the mean cosine over all
+    pairs of task vectors M_i − base (the flattened tensor, or each row with filter_wise),
+    t = N·cos θ / (1 + (N−1)·cos θ) and output t·mean(M_i) + (1−t)·base. t is not clamped (as
+    mergekit); where 1 + (N−1)·cos θ is 0 the base is kept."""
+    count = len(models)
+    deltas = [(m - base).double() for m in models]
+    if filter_wise and base.dim() >= 1:
+        vectors = [d.reshape(d.shape[0], -1) if d.dim() >= 2 else d.reshape(1, -1) for d in deltas]
+    else:
+        vectors = [d.reshape(1, -1) for d in deltas]
+    cosines = []
+    for i in range(count):
+        for j in range(i + 1, count):
+            norms = vectors[i].norm(dim=-1) * vectors[j].norm(dim=-1)
+            dot = (vectors[i] * vectors[j]).sum(-1)
+            cosines.append((dot / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(0)  # one per row with filter_wise, else one
+    denominator = 1 + (count - 1) * cos
+    safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+    t = torch.where(denominator == 0, torch.zeros_like(cos), count * cos / safe)
+    mean = _mean_offset(list(models))
+    if t.numel() == 1:
+        factor = float(t.reshape(()))
+        return mean if factor == 1 else base + (mean - base) * factor
+    rows = t.reshape((-1,) + (1,) * (base.dim() - 1)).to(base.dtype)
+    return base + (mean - base) * rows
+
+
+def _check_median(count: int, params: dict[str, Any]) -> str | None:
+    weights = params.get("weights")
+    if weights is not None and len(weights) != count:
+        return f"{len(weights)} weights given for {count} models: give one weight per model"
+    return None
+
+
+@merge_method(inputs=ANY, output=SAME, min_inputs=2, check=_check_median)
+def geometric_median(
+    *models: Tensor,
+    weights: list[Finite] | None = None,
+    eps: Positive = 1e-6,
+    iterations: Iterations = 100,
+    tol: Positive = 1e-20,
+) -> Tensor:
+    """The geometric median of the models, each tensor one point (Weiszfeld 1937; as in
+    sd-mecha): from the (weighted) mean m, repeat β_i = w_i / max(‖M_i − m‖, eps),
+    m ← Σ β_i M_i / Σ β_i until the objective Σ w_i ‖M_i − m‖ changes by at most tol times
+    itself, or `iterations` steps. Identical models give that model bit for bit."""
+    w = weights or [1.0] * len(models)
+    points = list(models)
+    median = _mean_offset(points, w)
+    objective = _objective(points, median, w)
+    for _ in range(iterations):
+        distances = [float((p - median).double().norm()) for p in points]
+        betas = [wi / max(d, eps) for wi, d in zip(w, distances)]
+        median = _mean_offset(points, betas)
+        previous, objective = objective, _objective(points, median, w)
+        if abs(previous - objective) <= tol * objective:
+            break
+    return median
+
+
+def _objective(points: list[Tensor], median: Tensor, weights: list[float]) -> float:
+    return sum(w * float((p - median).double().norm()) for p, w in zip(points, weights))

@@ -1,0 +1,343 @@
+"""Task arithmetic with sparsified deltas: TIES, DARE, DELLA and breadcrumbs as compositions of
+three parts, not copies: a sparsifier for each model's delta δ_m = M_m − base, a consensus
+(none, or TIES's sign election), and the combination base + λ·Σ.
+
+- sparsifiers: magnitude top-k (TIES), random drop with rescale (DARE), magnitude-ranked drop
+  probabilities (DELLA), dropping the largest and the smallest magnitudes (breadcrumbs);
+- consensus: none (a weighted sum of the deltas), or the sign elected by the sum of the
+  (weighted, sparsified) deltas, or by their count; only deltas of the elected sign are kept
+  and averaged over the weights of the models that agree.
+
+References: TIES-Merging, Yadav et al. 2023 (arXiv:2306.01708); DARE, Yu et al. 2023
+(arXiv:2311.03099); DELLA-Merging, Deep et al. 2024 (arXiv:2406.11617); Model Breadcrumbs,
+Davari & Belilovsky 2023 (arXiv:2312.06795). Parameter names and defaults follow mergekit's
+(normalize on for ties and della, off for the others); where mergekit departs from the papers
+weightmix follows the papers, and says so: DARE and DELLA rescale each kept element by 1/p (the
+papers; mergekit now matches the L1 norm instead), a sign vote summing to exactly 0 elects no
+sign (the paper's sgn(0) = 0; mergekit elects +), and ties at a magnitude cut are broken by
+lower index (mergekit: by argsort's order).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+
+from weightmix.methods.registry import WEIGHT, Density, Finite, Fraction, Tensor, merge_method
+from weightmix.methods.selection import top_magnitude_mask
+from weightmix.rounding import Draw
+
+Sparsifier = Callable[[Tensor, int], Tensor]  # (delta, model index) -> sparsified delta
+Consensus = Literal["sum", "count"]
+
+
+def keep_count(numel: int, density: float) -> int:
+    """How many elements of a tensor a density keeps: ⌊density·n⌋, at least one (mergekit)."""
+    return max(1, math.floor(density * numel))
+
+
+def magnitude_top_k(delta: Tensor, density: float) -> Tensor:
+    """δ with all but its ⌊density·n⌋ largest-magnitude elements set to 0 (TIES's trim; ties
+    at the cut broken by lower index)."""
+    if density >= 1:
+        return delta
+    return delta * top_magnitude_mask(delta, keep_count(delta.numel(), density))
+
+
+def random_drop(delta: Tensor, density: float, uniforms: Tensor) -> Tensor:
+    """DARE: each element kept with probability `density` (uniform < density) and rescaled by
+    1/density, so that the expected delta is unchanged."""
+    if density >= 1:
+        return delta
+    return torch.where(uniforms < density, delta / density, torch.zeros_like(delta))
+
+
+def magnitude_ranked_drop(
+    delta: Tensor, density: float, epsilon: float, uniforms: Tensor
+) -> Tensor:
+    """DELLA's MAGPRUNE: within each row (dim 1; a 1-D tensor is one row) the element of rank
+    r among L (ascending magnitude, ties by lower index) is kept with probability
+    p = density − ε + 2ε·(r − 1)/(L − 1) (density alone when L = 1), and rescaled by 1/p."""
+    if density >= 1:
+        return delta
+    moved = delta.reshape(1, -1) if delta.dim() < 2 else delta.movedim(1, -1)
+    rows = moved.reshape(-1, moved.shape[-1])  # one row per index of the other dims
+    length = rows.shape[1]
+    order = rows.abs().argsort(dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    positions = torch.arange(length, device=delta.device).expand_as(order)
+    ranks.scatter_(1, order, positions)
+    ends = length - 1  # rank 0 -> density - ε, rank L-1 -> density + ε
+    position = ranks.to(delta.dtype) / ends if ends else torch.full_like(rows, 0.5)
+    keep = (density - epsilon + 2 * epsilon * position).reshape(moved.shape)
+    keep = keep.reshape(delta.shape) if delta.dim() < 2 else keep.movedim(-1, 1)
+    return torch.where(uniforms < keep, delta / keep, torch.zeros_like(delta))
+
+
+def middle_band(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """Breadcrumbs: drop the ⌊γ·n⌋ largest magnitudes and then the smallest, keeping the
+    ⌊density·n⌋ (at least 1) in between; when density + γ > 1 fewer large ones are dropped, so
+    the density is met (cuts by magnitude, ties by lower index)."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    kept = keep_count(n, density)
+    top = min(math.floor(gamma * n), n - kept)
+    below_top = top_magnitude_mask(delta, top + kept)
+    band = below_top & ~top_magnitude_mask(delta, top) if top > 0 else below_top
+    return delta * band
+
+
+def combine(
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    consensus: Consensus | None,
+    normalize: bool,
+) -> Tensor:
+    """Σ_m w_m·t_m over the models, or with a consensus only over the models whose weighted
+    delta has the elected sign s = sign(Σ_m w_m·t_m) (by 'sum') or s = sign(Σ_m sign(w_m·t_m))
+    (by 'count'); s = 0 keeps nothing (the paper's sgn(0) = 0). With normalize, divided by the
+    sum of the weights of the models counted (1 where that is 0)."""
+    weighted = [delta * w if w != 1 else delta for delta, w in zip(deltas, weights)]
+    if consensus is None:
+        total = _sum(weighted)
+        scale = sum(weights)
+        return total / scale if normalize and scale not in (0, 1) else total
+    if consensus == "sum":
+        elected = torch.sign(_sum(weighted))
+    else:
+        elected = torch.sign(_sum([torch.sign(t) for t in weighted]))
+    agreeing = [(torch.sign(t) == elected) & (elected != 0) for t in weighted]
+    total = _sum([torch.where(mask, t, torch.zeros_like(t)) for mask, t in zip(agreeing, weighted)])
+    if not normalize:
+        return total
+    divisor = _sum([mask.to(total.dtype) * w for mask, w in zip(agreeing, weights)])
+    return total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+
+
+def _sum(tensors: Sequence[Tensor]) -> Tensor:
+    total = tensors[0].clone()
+    for tensor in tensors[1:]:
+        total.add_(tensor)
+    return total
+
+
+def task_arithmetic_(
+    base: Tensor,
+    models: Sequence[Tensor],
+    sparsify: Sparsifier,
+    consensus: Consensus | None,
+    lambda_: float,
+    weights: Sequence[float] | None,
+    normalize: bool,
+) -> Tensor:
+    """base + λ·combine(sparsify(M_m − base)): every method of this module."""
+    deltas = [sparsify(model - base, index) for index, model in enumerate(models)]
+    merged = combine(deltas, weights or [1.0] * len(models), consensus, normalize)
+    return torch.add(base, merged, alpha=lambda_) if lambda_ != 1 else base + merged
+
+
+def check_weights(count: int, params: dict[str, Any]) -> str | None:
+    """One weight per model after the base; DELLA's probabilities within (0, 1]."""
+    weights = params.get("weights")
+    if weights is not None and len(weights) != count - 1:
+        return (
+            f"{len(weights)} weights given for {count - 1} models after the base:"
+            " give one weight per model (the base has none)"
+        )
+    density, epsilon = params.get("density"), params.get("epsilon")
+    numbers = isinstance(density, float) and isinstance(epsilon, float)
+    if numbers and density < 1 and (density - epsilon <= 0 or density + epsilon > 1):
+        return (
+            f"density {density:g} ± epsilon {epsilon:g} must stay within (0, 1]: keep"
+            " probabilities run from density − epsilon to density + epsilon"
+        )
+    return None
+
+
+@merge_method(inputs=WEIGHT, output=WEIGHT, min_inputs=2, check=check_weights)
+def ties(
+    base: Tensor,
+    *models: Tensor,
+    density: Density,
+    lambda_: Finite = 1.0,
+    weights: list[Finite] | None = None,
+    normalize: bool = True,
+    consensus: Consensus = "sum",
+) -> Tensor:
+    """TIES: base + λ·Σ_m [sign(t_m) = s ≠ 0]·w_m·t_m / Σ_agreeing w_m, t_m = δ_m trimmed to
+    its ⌊density·n⌋ (at least 1) largest magnitudes, s = sign(Σ_m w_m·t_m) (Yadav et al. 2023,
+    arXiv:2306.01708). An element whose trimmed deltas sum to exactly 0 keeps the base."""
+
+    def trim(delta: Tensor, _: int) -> Tensor:
+        return magnitude_top_k(delta, density)
+
+    return task_arithmetic_(base, models, trim, consensus, lambda_, weights, normalize)
+
+
+def _dare(
+    base: Tensor,
+    models: Sequence[Tensor],
+    density: float,
+    draw: Draw,
+    consensus: Consensus | None,
+    lambda_: float,
+    weights: Sequence[float] | None,
+    normalize: bool,
+) -> Tensor:
+    def drop(delta: Tensor, index: int) -> Tensor:
+        return random_drop(delta, density, draw.uniform(delta.shape, index, delta.device))
+
+    return task_arithmetic_(base, models, drop, consensus, lambda_, weights, normalize)
+
+
+@merge_method(inputs=WEIGHT, output=WEIGHT, min_inputs=2, check=check_weights, elementwise=True)
+def dare_linear(
+    base: Tensor,
+    *models: Tensor,
+    density: Density,
+    lambda_: Finite = 1.0,
+    weights: list[Finite] | None = None,
+    normalize: bool = False,
+    draw: Draw,
+) -> Tensor:
+    """DARE: base + λ·Σ_m w_m·(m_m ⊙ δ_m)/density (with normalize: divided by Σ_m w_m),
+    m_m Bernoulli(density) per element from the seed, key and element index (Yu et al. 2023,
+    arXiv:2311.03099)."""
+    return _dare(base, models, density, draw, None, lambda_, weights, normalize)
+
+
+@merge_method(inputs=WEIGHT, output=WEIGHT, min_inputs=2, check=check_weights, elementwise=True)
+def dare_ties(
+    base: Tensor,
+    *models: Tensor,
+    density: Density,
+    lambda_: Finite = 1.0,
+    weights: list[Finite] | None = None,
+    normalize: bool = False,
+    consensus: Consensus = "sum",
+    draw: Draw,
+) -> Tensor:
+    """DARE's random drop and rescale, then TIES's sign election: base + λ·Σ_m [sign(t_m) =
+    s ≠ 0]·w_m·t_m / Σ_agreeing w_m with t_m = (m_m ⊙ δ_m)/density (Yu et al. 2023)."""
+    return _dare(base, models, density, draw, consensus, lambda_, weights, normalize)
+
+
+@merge_method(inputs=WEIGHT, output=WEIGHT, min_inputs=2, check=check_weights, elementwise=True)
+def task_arithmetic(
+    base: Tensor,
+    *models: Tensor,
+    lambda_: Finite = 1.0,
+    weights: list[Finite] | None = None,
+    normalize: bool = False,
+) -> Tensor:
+    """Task arithmetic: base + λ·Σ_m w_m·(M_m − base), divided by Σ_m w_m with normalize
+    (Ilharco et al. 2023, arXiv:2212.04089)."""
+    return task_arithmetic_(base, models, _keep, None, lambda_, weights, normalize)
+
+
+def _keep(delta: Tensor, _: int) -> Tensor:
+    return delta
+
+
+def _della(
+    base: Tensor,
+    models: Sequence[Tensor],
+    density: float,
+    epsilon: float,
+    draw: Draw,
+    consensus: Consensus | None,
+    lambda_: float,
+    weights: Sequence[float] | None,
+    normalize: bool,
+) -> Tensor:
+    def drop(delta: Tensor, index: int) -> Tensor:
+        uniforms = draw.uniform(delta.shape, index, delta.device)
+        return magnitude_ranked_drop(delta, density, epsilon, uniforms)
+
+    return task_arithmetic_(base, models, drop, consensus, lambda_, weights, normalize)
+
+
+@merge_method(inputs=WEIGHT, output=WEIGHT, min_inputs=2, check=check_weights)
+def della(
+    base: Tensor,
+    *models: Tensor,
+    density: Density,
+    epsilon: Fraction = 0.15,
+    lambda_: Finite = 1.0,
+    weights: list[Finite] | None = None,
+    normalize: bool = True,
+    consensus: Consensus = "sum",
+    draw: Draw,
+) -> Tensor:
+    """DELLA: DARE with magnitude-ranked keep probabilities p = density − ε + 2ε·rank within
+    each row, kept elements rescaled by 1/p, then TIES's sign election (Deep et al. 2024,
+    arXiv:2406.11617)."""
+    return _della(base, models, density, epsilon, draw, consensus, lambda_, weights, normalize)
+
+
+@merge_method(inputs=WEIGHT, output=WEIGHT, min_inputs=2, check=check_weights)
+def della_linear(
+    base: Tensor,
+    *models: Tensor,
+    density: Density,
+    epsilon: Fraction = 0.15,
+    lambda_: Finite = 1.0,
+    weights: list[Finite] | None = None,
+    normalize: bool = False,
+    draw: Draw,
+) -> Tensor:
+    """DELLA's magnitude-ranked drop and rescale, combined as a weighted sum without sign
+    election: base + λ·Σ_m w_m·t_m (Deep et al. 2024, arXiv:2406.11617)."""
+    return _della(base, models, density, epsilon, draw, None, lambda_, weights, normalize)
+
+
+def _breadcrumbs(
+    base: Tensor,
+    models: Sequence[Tensor],
+    density: float,
+    gamma: float,
+    consensus: Consensus | None,
+    lambda_: float,
+    weights: Sequence[float] | None,
+    normalize: bool,
+) -> Tensor:
+    def band(delta: Tensor, _: int) -> Tensor:
+        return middle_band(delta, density, gamma)
+
+    return task_arithmetic_(base, models, band, consensus, lambda_, weights, normalize)
+
+
+@merge_method(inputs=WEIGHT, output=WEIGHT, min_inputs=2, check=check_weights)
+def breadcrumbs(
+    base: Tensor,
+    *models: Tensor,
+    density: Density,
+    gamma: Fraction = 0.01,
+    lambda_: Finite = 1.0,
+    weights: list[Finite] | None = None,
+    normalize: bool = False,
+) -> Tensor:
+    """Model breadcrumbs: each delta loses its ⌊γ·n⌋ largest magnitudes (outliers) and its
+    smallest, keeping ⌊density·n⌋; base + λ·Σ_m w_m·t_m (Davari & Belilovsky 2023,
+    arXiv:2312.06795)."""
+    return _breadcrumbs(base, models, density, gamma, None, lambda_, weights, normalize)
+
+
+@merge_method(inputs=WEIGHT, output=WEIGHT, min_inputs=2, check=check_weights)
+def breadcrumbs_ties(
+    base: Tensor,
+    *models: Tensor,
+    density: Density,
+    gamma: Fraction = 0.01,
+    lambda_: Finite = 1.0,
+    weights: list[Finite] | None = None,
+    normalize: bool = False,
+    consensus: Consensus = "sum",
+) -> Tensor:
+    """Breadcrumbs' middle band of each delta, then TIES's sign election (Davari &
+    Belilovsky 2023; Yadav et al. 2023)."""
+    return _breadcrumbs(base, models, density, gamma, consensus, lambda_, weights, normalize)

@@ -1,0 +1,196 @@
+"""Interpolation on the sphere: slerp of two models, nuslerp (slerp with weights), multislerp
+(N models, one tangent-space step) and the Karcher mean (N models, iterated). Each treats a
+whole tensor as one vector (nuslerp can go row by row). With a base, merge task vectors:
+add(base, multislerp(subtract(A, base), subtract(B, base))) — the merge spaces allow it.
+
+References: Shoemake 1985 (slerp); Buss & Fillmore 2001 (spherical averages); Karcher 1977
+(Riemannian centre of mass). Parameter names follow mergekit's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from weightmix.methods.registry import (
+    ANY,
+    SAME,
+    Finite,
+    Fraction,
+    Iterations,
+    Positive,
+    Tensor,
+    merge_method,
+)
+
+COLINEAR = 0.9995  # |cos| above this: the vectors are (anti)parallel, slerp is lerp
+
+
+def _lerp(a: Tensor, b: Tensor, t: float) -> Tensor:
+    return torch.lerp(a, b, t) if a.dtype == b.dtype else a * (1 - t) + b * t
+
+
+def slerp_vectors(a: Tensor, b: Tensor, t: float, threshold: float = COLINEAR) -> Tensor:
+    """sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b with cos Ω = ⟨a, b⟩/(‖a‖‖b‖) over the whole
+    tensors (the raw vectors, not their unit versions); linear when |cos Ω| > threshold or a
+    vector is 0. Endpoints exact: t = 0 gives a, t = 1 gives b."""
+    if t == 0:
+        return a
+    if t == 1:
+        return b
+    flat_a, flat_b = a.reshape(-1).double(), b.reshape(-1).double()
+    norms = flat_a.norm() * flat_b.norm()
+    if norms == 0:
+        return _lerp(a, b, t)
+    cos = float(torch.dot(flat_a, flat_b) / norms)
+    if abs(cos) > threshold:
+        return _lerp(a, b, t)
+    omega = math.acos(max(-1.0, min(1.0, cos)))
+    scale_a = math.sin((1 - t) * omega) / math.sin(omega)
+    scale_b = math.sin(t * omega) / math.sin(omega)
+    return torch.add(a * scale_a, b, alpha=scale_b)
+
+
+def _check_two(count: int, params: dict[str, Any]) -> str | None:
+    if count != 2:
+        return f"it blends two models but {count} are given: use multislerp for N models"
+    return _check_nuslerp(count, params) if "weights" in params else None
+
+
+@merge_method(inputs=ANY, output=SAME, min_inputs=2, check=_check_two)
+def slerp(*models: Tensor, t: Fraction = 0.5) -> Tensor:
+    """Spherical linear interpolation of two models (Shoemake 1985), each tensor flattened:
+    sin((1−t)Ω)/sin Ω·A + sin(tΩ)/sin Ω·B, cos Ω = ⟨A, B⟩/(‖A‖‖B‖); lerp when |cos Ω| >
+    0.9995. t = 0 gives A and t = 1 gives B bit for bit."""
+    a, b = models
+    return slerp_vectors(a, b, t)
+
+
+def _check_nuslerp(count: int, params: dict[str, Any]) -> str | None:
+    weights = params["weights"]
+    if weights is not None and len(weights) != 2:
+        return f"{len(weights)} weights given for 2 models: give two"
+    return None
+
+
+@merge_method(inputs=ANY, output=SAME, min_inputs=2, check=_check_two)
+def nuslerp(
+    *models: Tensor,
+    weights: list[Finite] | None = None,
+    nuslerp_flatten: bool = True,
+    nuslerp_row_wise: bool = False,
+) -> Tensor:
+    """Slerp with t = w_B/(w_A + w_B) (0.5 when the weights sum to 0), over the flattened
+    tensors, or (nuslerp_flatten: false) vector by vector along the last dim, or along dim 0
+    with nuslerp_row_wise; per-vector colinear pairs are interpolated linearly."""
+    a, b = models
+    w_a, w_b = weights or (1.0, 1.0)
+    t = 0.5 if abs(w_a + w_b) < 1e-6 else w_b / (w_a + w_b)
+    if nuslerp_flatten or a.dim() < 2:
+        return slerp_vectors(a, b, t)
+    if t in (0, 1):
+        return a if t == 0 else b
+    dim = 0 if nuslerp_row_wise else -1
+    va, vb = a.movedim(dim, -1).double(), b.movedim(dim, -1).double()
+    norms = va.norm(dim=-1, keepdim=True) * vb.norm(dim=-1, keepdim=True)
+    cos = ((va * vb).sum(-1, keepdim=True) / norms.clamp(min=1e-300)).clamp(-1, 1)
+    omega = torch.acos(cos)
+    sin = torch.sin(omega)
+    spherical = (torch.sin((1 - t) * omega) * va + torch.sin(t * omega) * vb) / sin.clamp(
+        min=1e-300
+    )
+    linear = va * (1 - t) + vb * t
+    flat = (cos.abs() > COLINEAR) | (norms == 0)
+    return torch.where(flat, linear, spherical).movedim(-1, dim).to(a.dtype)
+
+
+def _check_weights(count: int, params: dict[str, Any]) -> str | None:
+    weights = params.get("weights")
+    if weights is not None and len(weights) != count:
+        return f"{len(weights)} weights given for {count} models: give one weight per model"
+    return None
+
+
+def _unit_vectors(models: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    flat = torch.stack([m.reshape(-1).double() for m in models])
+    norms = flat.norm(dim=1, keepdim=True)
+    return flat, norms
+
+
+@merge_method(inputs=ANY, output=SAME, min_inputs=2, check=_check_weights)
+def multislerp(
+    *models: Tensor,
+    weights: list[Finite] | None = None,
+    normalize_weights: bool = True,
+    eps: Positive = 1e-8,
+) -> Tensor:
+    """Barycentric interpolation on the sphere in one tangent-space step (Buss & Fillmore
+    2001): u_i = M_i/‖M_i‖, μ = normalised Σ w_i u_i, τ = Σ w_i (u_i − ⟨u_i, μ⟩μ), result =
+    (Σ w_i ‖M_i‖)·(cos‖τ‖·μ + sin‖τ‖·τ/‖τ‖); weights normalised to sum 1 by default."""
+    count = len(models)
+    w = torch.tensor(weights or [1.0] * count, dtype=torch.float64)
+    if normalize_weights:
+        w = w / w.sum()
+    flat, norms = _unit_vectors(models)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = mean.norm()
+    if mean_norm < eps:  # opposite vectors: no direction to average
+        return _weighted(models, w)
+    mean = mean / mean_norm
+    tangents = units - (units @ mean).view(-1, 1) * mean
+    step = (tangents * w.view(-1, 1)).sum(0)
+    length = step.norm()
+    if length < eps:
+        direction = mean
+    else:
+        direction = mean * torch.cos(length) + step * (torch.sin(length) / length)
+    result = direction * (norms.view(-1) * w).sum()
+    return result.reshape(models[0].shape).to(models[0].dtype)
+
+
+def _weighted(models: tuple[Tensor, ...], w: Tensor) -> Tensor:
+    total = models[0].double() * float(w[0])
+    for model, weight in zip(models[1:], w[1:]):
+        total += model.double() * float(weight)
+    return total.to(models[0].dtype)
+
+
+@merge_method(inputs=ANY, output=SAME, min_inputs=2, check=_check_weights)
+def karcher(
+    *models: Tensor,
+    weights: list[Finite] | None = None,
+    max_iter: Iterations = 10,
+    tol: Positive = 1e-5,
+) -> Tensor:
+    """Karcher (Riemannian) mean on the unit sphere (Karcher 1977), each tensor one vector:
+    from the normalised weighted mean of the unit vectors u_i, repeat u ← exp_u(Σ w_i log_u(u_i))
+    (log_u(v) = θ/sin θ·(v − cos θ·u), θ = arccos⟨u, v⟩) until the step is below tol or max_iter
+    steps; the result is u scaled by Σ w_i ‖M_i‖. Weights equal by default (mergekit has none)."""
+    count = len(models)
+    w = torch.tensor(weights or [1.0] * count, dtype=torch.float64)
+    w = w / w.sum()
+    flat, norms = _unit_vectors(models)
+    scale = float((norms.view(-1) * w).sum())
+    valid = norms.view(-1) > tol
+    if not bool(valid.any()):
+        return torch.zeros_like(models[0])
+    units = flat[valid] / norms[valid]
+    alphas = w[valid] / w[valid].sum()
+    u = (units * alphas.view(-1, 1)).sum(0)
+    u = u / u.norm() if u.norm() > tol else units[0].clone()
+    for _ in range(max_iter):
+        cos = (units @ u).clamp(-1, 1)
+        theta = torch.acos(cos)
+        factor = torch.where(
+            theta > tol, theta / torch.sin(theta).clamp(min=1e-300), torch.zeros_like(theta)
+        )
+        step = ((units - cos.view(-1, 1) * u) * (alphas * factor).view(-1, 1)).sum(0)
+        length = step.norm()
+        if length < tol:
+            break
+        u = torch.cos(length) * u + torch.sin(length) * step / length
+        u = u / u.norm()
+    return (u * scale).reshape(models[0].shape).to(models[0].dtype)
