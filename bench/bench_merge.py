@@ -72,6 +72,9 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=default_scratch)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--research", action="store_true", help="ties, dare_ties, slerp, model_stock instead"
+    )
     args = parser.parse_args()
 
     folder = args.scratch / args.arch
@@ -86,6 +89,13 @@ def main() -> None:
         "weighted_sum GRAD_V": (inputs[:2], ["--alpha", "GRAD_V"]),  # a value per block
         "add_difference": (inputs, ["-m", "add_difference", "--alpha", "1.0"]),
     }
+    if args.research:  # base A and two fine-tunes B, C (random: far apart, the worst case)
+        merges = {
+            "ties": (inputs, ["-m", "ties", "-p", "density=0.5"]),
+            "dare_ties": (inputs, ["-m", "dare_ties", "-p", "density=0.5"]),
+            "slerp": (inputs[:2], ["-m", "slerp", "-p", "t=0.5"]),
+            "model_stock": (inputs, ["-m", "model_stock"]),
+        }
     rows: dict[str, list[tuple[float, int, float]]] = {}
     for _ in range(args.repeat):
         rows.setdefault("import torch", []).append(measure([sys.executable, "-c", "import torch"]))
