@@ -313,3 +313,19 @@ def test_bad_method_parameters_are_one_line(run, tmp_path, method, params, count
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
     assert says in result.err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_smooth_add_difference_filters_as_scipy_does(tmp_path, monkeypatch):
+    from scipy import ndimage
+
+    states, paths = models(tmp_path, 3, scale=1.0)
+    merged = run_merge(tmp_path, paths, "smooth_add_difference", alpha=0.5)
+    for key in SHAPES:
+        a, b, c = (s[key] for s in states)
+        smoothed = ndimage.gaussian_filter(ndimage.median_filter((b - c).numpy(), size=3), sigma=1)
+        torch.testing.assert_close(merged[key], a + 0.5 * torch.from_numpy(smoothed), msg=key)
+    from weightmix.methods import difference
+
+    monkeypatch.setattr(difference, "_ndimage", lambda: None)
+    with pytest.raises(weightmix.WeightmixError, match=r"pip install 'weightmix\[methods\]'"):
+        run_merge(tmp_path, paths, "smooth_add_difference")
