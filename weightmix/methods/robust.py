@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from weightmix.methods.reductions import distance, dot, norm
 from weightmix.methods.registry import (
     ANY,
     SAME,
@@ -46,18 +47,24 @@ def model_stock(base: Tensor, *models: Tensor, filter_wise: bool = False) -> Ten
     t = N·cos θ / (1 + (N−1)·cos θ) and output t·mean(M_i) + (1−t)·base. t is not clamped (as
     mergekit); where 1 + (N−1)·cos θ is 0 the base is kept."""
     count = len(models)
-    deltas = [(m - base).double() for m in models]
-    if filter_wise and base.dim() >= 1:
-        vectors = [d.reshape(d.shape[0], -1) if d.dim() >= 2 else d.reshape(1, -1) for d in deltas]
-    else:
-        vectors = [d.reshape(1, -1) for d in deltas]
-    cosines = []
-    for i in range(count):
-        for j in range(i + 1, count):
-            norms = vectors[i].norm(dim=-1) * vectors[j].norm(dim=-1)
-            dot = (vectors[i] * vectors[j]).sum(-1)
-            cosines.append((dot / norms.clamp(min=1e-6)).clamp(-1, 1))
-    cos = torch.stack(cosines).mean(0)  # one per row with filter_wise, else one
+    deltas = [m - base for m in models]
+    if filter_wise and base.dim() >= 2:
+        vectors = [d.reshape(d.shape[0], -1).double() for d in deltas]
+        cosines = []
+        for i in range(count):
+            for j in range(i + 1, count):
+                norms = vectors[i].norm(dim=-1) * vectors[j].norm(dim=-1)
+                products = (vectors[i] * vectors[j]).sum(-1)
+                cosines.append((products / norms.clamp(min=1e-6)).clamp(-1, 1))
+        cos = torch.stack(cosines).mean(0)  # one per row
+    else:  # whole tensors, dot products in float64 slice by slice
+        norms = [norm(d) for d in deltas]
+        pairs = [
+            max(-1.0, min(1.0, dot(deltas[i], deltas[j]) / max(norms[i] * norms[j], 1e-6)))
+            for i in range(count)
+            for j in range(i + 1, count)
+        ]
+        cos = torch.tensor([sum(pairs) / len(pairs)], dtype=torch.float64)
     denominator = 1 + (count - 1) * cos
     safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
     t = torch.where(denominator == 0, torch.zeros_like(cos), count * cos / safe)
@@ -93,7 +100,7 @@ def geometric_median(
     median = _mean_offset(points, w)
     objective = _objective(points, median, w)
     for _ in range(iterations):
-        distances = [float((p - median).double().norm()) for p in points]
+        distances = [distance(p, median) for p in points]
         betas = [wi / max(d, eps) for wi, d in zip(w, distances)]
         median = _mean_offset(points, betas)
         previous, objective = objective, _objective(points, median, w)
@@ -103,4 +110,4 @@ def geometric_median(
 
 
 def _objective(points: list[Tensor], median: Tensor, weights: list[float]) -> float:
-    return sum(w * float((p - median).double().norm()) for p, w in zip(points, weights))
+    return sum(w * distance(p, median) for p, w in zip(points, weights))

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from weightmix.methods.reductions import dot, norm
 from weightmix.methods.registry import (
     ANY,
     SAME,
@@ -40,11 +41,10 @@ def slerp_vectors(a: Tensor, b: Tensor, t: float, threshold: float = COLINEAR) -
         return a
     if t == 1:
         return b
-    flat_a, flat_b = a.reshape(-1).double(), b.reshape(-1).double()
-    norms = flat_a.norm() * flat_b.norm()
+    norms = norm(a) * norm(b)
     if norms == 0:
         return _lerp(a, b, t)
-    cos = float(torch.dot(flat_a, flat_b) / norms)
+    cos = dot(a, b) / norms
     if abs(cos) > threshold:
         return _lerp(a, b, t)
     omega = math.acos(max(-1.0, min(1.0, cos)))

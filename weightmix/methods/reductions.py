@@ -1,0 +1,34 @@
+"""Dot products and norms of whole tensors in float64 without a float64 copy of them: summed
+over slices of a million elements, so a method's extra memory stays one slice."""
+
+from __future__ import annotations
+
+import torch
+
+SLICE = 1 << 20
+
+
+def dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Σ a_i·b_i over the flattened tensors, accumulated in float64."""
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    total = 0.0
+    for start in range(0, flat_a.numel(), SLICE):
+        part_a = flat_a[start : start + SLICE].double()
+        part_b = flat_b[start : start + SLICE].double()
+        total += float(torch.dot(part_a, part_b))
+    return total
+
+
+def norm(a: torch.Tensor) -> float:
+    """‖a‖₂ over the flattened tensor, accumulated in float64."""
+    return dot(a, a) ** 0.5
+
+
+def distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖₂, accumulated in float64 slice by slice."""
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    total = 0.0
+    for start in range(0, flat_a.numel(), SLICE):
+        part = flat_a[start : start + SLICE].double() - flat_b[start : start + SLICE].double()
+        total += float(torch.dot(part, part))
+    return total**0.5
