@@ -329,3 +329,23 @@ def test_smooth_add_difference_filters_as_scipy_does(tmp_path, monkeypatch):
     monkeypatch.setattr(difference, "_ndimage", lambda: None)
     with pytest.raises(weightmix.WeightmixError, match=r"pip install 'weightmix\[methods\]'"):
         run_merge(tmp_path, paths, "smooth_add_difference")
+
+
+def test_density_and_t_vary_by_block(tmp_path):
+    from archs import UNET, hand_sd_block, shapes_of, tiny_state
+
+    shapes = {k: v for k, v in shapes_of("sd1").items() if k.startswith(UNET + "input_blocks.1")}
+    shapes |= {k: v for k, v in shapes_of("sd1").items() if k.startswith(UNET + "out.")}
+    base, tuned = tiny_state(shapes, 1), tiny_state(shapes, 2)
+    paths = [save(tmp_path / f"{n}.safetensors", s) for n, s in (("b", base), ("t", tuned))]
+    merged = run_merge(tmp_path, paths, "ties", density="IN01=0.25,default=1")
+    for key, tensor in merged.items():
+        changed = int((tensor != base[key]).sum())
+        if hand_sd_block(key, "OUT11") == "IN01":
+            assert changed == max(1, math.floor(0.25 * tensor.numel())), key
+        else:
+            torch.testing.assert_close(tensor, tuned[key], msg=key)
+    merged = run_merge(tmp_path, paths, "slerp", t="IN01=0,default=1")
+    for key, tensor in merged.items():
+        source = base if hand_sd_block(key, "OUT11") == "IN01" else tuned
+        assert torch.equal(tensor, source[key]), key
