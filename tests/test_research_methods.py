@@ -349,3 +349,13 @@ def test_density_and_t_vary_by_block(tmp_path):
     for key, tensor in merged.items():
         source = base if hand_sd_block(key, "OUT11") == "IN01" else tuned
         assert torch.equal(tensor, source[key]), key
+
+
+def test_method_checks_run_on_each_blocks_numbers(run, tmp_path):
+    from archs import UNET, shapes_of, tiny_state
+
+    shapes = {k: v for k, v in shapes_of("sd1").items() if k.startswith(UNET + "input_blocks.1")}
+    paths = [save(tmp_path / f"{i}.safetensors", tiny_state(shapes, i)) for i in range(3)]
+    args = ("merge", *paths, "-m", "della", "-p", "density=IN=0.1,default=0.5", "--dry-run")
+    result = run(*args)
+    assert result.code == 2 and "block IN01: della: density 0.1 ± epsilon 0.15" in result.err

@@ -46,6 +46,13 @@ class BlockValues:
             found = specialize(
                 tree, lambda op, name, value: self._values_of(op, name, value, where)[index]
             )
+            for op in ops(found):  # the method's own checks, on this block's numbers
+                check = op.method.check
+                problem = check(len(op.inputs), op.params) if check is not None else None
+                if problem:
+                    raise WeightmixError(
+                        f"{where} at {op.label}, block {block}: {op.method.name}: {problem}"
+                    )
             self._trees[(id(tree), block)] = found
         return found
 
