@@ -359,3 +359,15 @@ def test_method_checks_run_on_each_blocks_numbers(run, tmp_path):
     args = ("merge", *paths, "-m", "della", "-p", "density=IN=0.1,default=0.5", "--dry-run")
     result = run(*args)
     assert result.code == 2 and "block IN01: della: density 0.1 ± epsilon 0.15" in result.err
+
+
+@pytest.mark.parametrize(
+    ("method", "weights"),
+    [("karcher", "[1,-1,0]"), ("multislerp", "[0,0,0]"), ("geometric_median", "[1,-1,1]")],
+)
+def test_weights_that_cannot_weigh_are_refused(run, tmp_path, method, weights):
+    _, paths = models(tmp_path, 3)
+    out = tmp_path / "out.safetensors"
+    result = run("merge", *paths, "-m", method, "-p", f"weights={weights}", "-o", out)
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert not out.exists()

@@ -80,6 +80,8 @@ def _check_median(count: int, params: dict[str, Any]) -> str | None:
     weights = params.get("weights")
     if weights is not None and len(weights) != count:
         return f"{len(weights)} weights given for {count} models: give one weight per model"
+    if weights is not None and (min(weights) < 0 or sum(weights) == 0):
+        return "weights must be at least 0 and not all 0 (they weigh each model's distance)"
     return None
 
 

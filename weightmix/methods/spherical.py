@@ -110,6 +110,8 @@ def _check_weights(count: int, params: dict[str, Any]) -> str | None:
     weights = params.get("weights")
     if weights is not None and len(weights) != count:
         return f"{len(weights)} weights given for {count} models: give one weight per model"
+    if weights is not None and sum(weights) == 0 and params.get("normalize_weights", True):
+        return "weights sum to 0 and cannot be normalised: change them"
     return None
 
 
