@@ -21,17 +21,18 @@ from pathlib import Path
 
 import torch
 
-from weightmix.expression import evaluate, is_elementwise
+from weightmix.expression import evaluate, is_elementwise, streamed_ops
 from weightmix.io import open_output
 from weightmix.io.folder_output import FolderOutput
 from weightmix.io.writer import SafetensorsOutput, tensor_bytes
+from weightmix.methods.streaming import CHUNK, Streamer
 from weightmix.plan import KeyPlan, Plan
 from weightmix.progress import Progress
 from weightmix.rounding import Draw, key_stream, stochastic_round, uniform
 
 Output = SafetensorsOutput | FolderOutput  # a file or sharded set, or a model folder
 DEFAULT_BUDGET = 512 * 2**20  # bytes of whole-tensor work in flight
-CHUNK_ELEMENTS = 1 << 18  # elements per compute step: a few MB, stays in cache
+CHUNK_ELEMENTS = CHUNK  # elements per compute step: a few MB, stays in cache
 TASK_ELEMENTS = 1 << 24  # elements per task: big tensors are shared out between workers
 
 
@@ -45,12 +46,14 @@ class RunStats:
 
 @dataclass(frozen=True)
 class Task:
-    """Elements [start, stop) of one key; whole keys for methods that need them."""
+    """Elements [start, stop) of one key; whole keys for methods that need them (in chunks
+    after statistics passes when `streamed`, else as whole tensors)."""
 
     key: KeyPlan
     start: int
     stop: int
     chunked: bool
+    streamed: bool = False
 
 
 def default_threads() -> int:
@@ -58,19 +61,36 @@ def default_threads() -> int:
 
 
 def chunked(plan: Plan, key: KeyPlan) -> bool:
-    """Copies always stream in chunks; merges do on the CPU when every method is elementwise."""
-    return key.expr is None or (plan.device.type == "cpu" and is_elementwise(key.expr))
+    """Copies always stream in chunks; merges do on the CPU when every method is elementwise
+    or streams with statistics passes (see methods/streaming.py)."""
+    return mode(plan, key) != WHOLE
+
+
+CHUNKS, STREAMED, WHOLE = "chunks", "streamed", "whole"
+
+
+def mode(plan: Plan, key: KeyPlan) -> str:
+    """How the engine runs a key: elementwise chunks split between workers, one worker's
+    chunks after statistics passes, or whole tensors."""
+    if key.expr is None:
+        return CHUNKS
+    if plan.device.type != "cpu":
+        return WHOLE
+    if is_elementwise(key.expr):
+        return CHUNKS
+    return STREAMED if streamed_ops(key.expr) is not None else WHOLE
 
 
 def tasks(plan: Plan) -> Iterator[Task]:
-    streams: dict[int, bool] = {}  # keys share a handful of expression trees
+    modes: dict[int, str] = {}  # keys share a handful of expression trees
     for key in plan.keys:
-        mode = id(key.expr)
-        if mode not in streams:
-            streams[mode] = chunked(plan, key)
+        tree = id(key.expr)
+        if tree not in modes:
+            modes[tree] = mode(plan, key)
         numel = key.numel
-        if not streams[mode]:
-            yield Task(key, 0, numel, False)
+        if modes[tree] != CHUNKS:
+            streamed = modes[tree] == STREAMED
+            yield Task(key, 0, numel, streamed, streamed)
             continue
         for start in range(0, max(numel, 1), TASK_ELEMENTS):
             yield Task(key, start, min(start + TASK_ELEMENTS, numel), True)
@@ -182,27 +202,16 @@ def run_task(plan: Plan, writer: Output, task: Task, buffers: _Buffers) -> None:
     if not task.chunked:
         writer.write(key.key, compute_key(plan, key))
         return
-    sources = [
-        (plan.checkpoints[m], m, info, f"raw{n}") for n, (m, info) in enumerate(key.sources.items())
-    ]
-    compute_dtype, out_dtype = plan.compute_dtype.torch, key.out_dtype.torch
+    streamers = _gather_statistics(plan, key, buffers) if task.streamed else None
+    out_dtype = key.out_dtype.torch
     out_size = key.out_dtype.itemsize
     stream = _rounding_stream(plan, key)
-    for start in range(task.start, task.stop, CHUNK_ELEMENTS):
+    for start, raw, inputs in _read_chunks(plan, key, task.start, task.stop, buffers):
         count = min(CHUNK_ELEMENTS, task.stop - start)
-        raw: dict[str, tuple[torch.Tensor, memoryview]] = {}
-        for checkpoint, model, info, name in sources:
-            raw[model] = buffers.get(name, info.dtype.torch, count)
-            checkpoint.read_range(info, start * info.dtype.itemsize, raw[model][1])
-        inputs = {model: tensor for model, (tensor, _) in raw.items()}
         if key.expr is None:
             result = inputs[key.copy_from]
         else:
-            for model, tensor in inputs.items():
-                if tensor.dtype != compute_dtype:
-                    inputs[model] = buffers.get(f"in{model}", compute_dtype, count)[0].copy_(tensor)
-            draw = Draw(key.stream, start) if key.stream is not None else None
-            result = evaluate(key.expr, inputs, draw)
+            result = evaluate(key.expr, inputs, _draw(key, start), streamers)
             if result.numel() != count:
                 raise RuntimeError(
                     f"{key.key}: merge produced {result.numel()} of {count} elements"
@@ -213,6 +222,51 @@ def run_task(plan: Plan, writer: Output, task: Task, buffers: _Buffers) -> None:
             same = buffers.get("out", out_dtype, count)
             same[0].copy_(result if stream is None else _rounded(result, out_dtype, stream, start))
         writer.write_range(key.key, start * out_size, same[1])
+
+
+def _draw(key: KeyPlan, start: int) -> Draw | None:
+    return Draw(key.stream, start) if key.stream is not None else None
+
+
+def _read_chunks(
+    plan: Plan, key: KeyPlan, first: int, stop: int, buffers: _Buffers
+) -> Iterator[tuple[int, dict[str, tuple[torch.Tensor, memoryview]], dict[str, torch.Tensor]]]:
+    """Each chunk of elements [first, stop) of the key's inputs, in order: its start, the raw
+    buffers (typed and bytes) and the tensors in compute dtype (raw ones for copies). The
+    buffers are reused: a chunk is valid until the next is read."""
+    sources = [
+        (plan.checkpoints[m], m, info, f"raw{n}") for n, (m, info) in enumerate(key.sources.items())
+    ]
+    compute_dtype = plan.compute_dtype.torch
+    for start in range(first, stop, CHUNK_ELEMENTS):
+        count = min(CHUNK_ELEMENTS, stop - start)
+        raw: dict[str, tuple[torch.Tensor, memoryview]] = {}
+        for checkpoint, model, info, name in sources:
+            raw[model] = buffers.get(name, info.dtype.torch, count)
+            checkpoint.read_range(info, start * info.dtype.itemsize, raw[model][1])
+        inputs = {model: tensor for model, (tensor, _) in raw.items()}
+        if key.expr is not None:
+            for model, tensor in inputs.items():
+                if tensor.dtype != compute_dtype:
+                    inputs[model] = buffers.get(f"in{model}", compute_dtype, count)[0].copy_(tensor)
+        yield start, raw, inputs
+
+
+def _gather_statistics(plan: Plan, key: KeyPlan, buffers: _Buffers) -> dict[int, Streamer]:
+    """Run the statistics passes of the key's streamed calls over its chunks, in element
+    order; return the streamers, ready to compute the output chunk by chunk."""
+    assert key.expr is not None
+    calls = streamed_ops(key.expr) or []
+    dtype = plan.compute_dtype.torch
+    streamers = {id(op): op.method.streamer(op.params, key.shape, dtype) for op in calls}
+    while pending := [op for op in calls if streamers[id(op)].wants_pass()]:
+        for start, _, inputs in _read_chunks(plan, key, 0, key.numel, buffers):
+            draw = _draw(key, start)
+            for op in pending:
+                streamers[id(op)].observe([evaluate(child, inputs, draw) for child in op.inputs])
+        for op in pending:
+            streamers[id(op)].end_pass()
+    return streamers
 
 
 def compute_key(plan: Plan, key: KeyPlan) -> torch.Tensor:

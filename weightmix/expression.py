@@ -16,6 +16,7 @@ import torch
 from weightmix.blocks import BlockValue
 from weightmix.errors import WeightmixError, closest
 from weightmix.methods.registry import ANY, DELTA, SAME, WEIGHT, MethodSpec, get_method
+from weightmix.methods.streaming import Streamer
 from weightmix.recipe import Expression, MergeNode
 from weightmix.rounding import Draw
 
@@ -165,19 +166,43 @@ def is_elementwise(node: Node) -> bool:
     return all(op.method.elementwise for op in ops(node))
 
 
+def streamed_ops(node: Node) -> list[Op] | None:
+    """The calls of a tree that run with statistics passes (see methods/streaming.py) when the
+    whole tree can run in chunks that way: every other call elementwise, no streamed call
+    inside another's inputs, each call once in the tree. None when it cannot."""
+    found = ops(node)
+    if len({id(op) for op in found}) != len(found):
+        return None
+    streamed = [op for op in found if not op.method.elementwise]
+    for op in streamed:
+        if not op.method.streams(op.params):
+            return None
+        if not all(inner.method.elementwise for child in op.inputs for inner in ops(child)):
+            return None
+    return streamed
+
+
 def is_random(node: Node) -> bool:
     """Whether some method of the tree draws random numbers (DARE, DELLA ...)."""
     return any(op.method.random for op in ops(node))
 
 
 def evaluate(
-    node: Node, tensors: dict[str, torch.Tensor], draw: Draw | None = None
+    node: Node,
+    tensors: dict[str, torch.Tensor],
+    draw: Draw | None = None,
+    streamers: dict[int, Streamer] | None = None,
 ) -> torch.Tensor:
     """Compute the tree for one key from the models' tensors (already in compute dtype);
-    `draw` gives the key's random numbers to methods that draw them."""
+    `draw` gives the key's random numbers to methods that draw them. With `streamers` (by
+    id of the call) the tensors are one chunk and those calls are computed by their streamer."""
     if isinstance(node, Leaf):
         return tensors[node.model]
-    inputs = [evaluate(child, tensors, draw) for child in node.inputs]
+    inputs = [evaluate(child, tensors, draw, streamers) for child in node.inputs]
+    streamer = streamers.get(id(node)) if streamers else None
+    if streamer is not None:
+        salted = draw.salted(node.label) if draw is not None and node.method.random else None
+        return streamer.apply(inputs, salted)
     if node.method.random:
         if draw is None:
             raise RuntimeError(f"{node.method.name} draws random numbers but got no draw")

@@ -1,11 +1,14 @@
 """Dot products and norms of whole tensors in float64 without a float64 copy of them: summed
-over slices of a million elements, so a method's extra memory stays one slice."""
+over slices of the engine's chunk size, so a method's extra memory stays one slice, and a
+streamed method that sums chunk by chunk gets the very same numbers (see streaming.py)."""
 
 from __future__ import annotations
 
 import torch
 
-SLICE = 1 << 20
+from weightmix.methods.streaming import CHUNK
+
+SLICE = CHUNK
 
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -19,6 +19,7 @@ from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 
 from weightmix.blocks import parse_block_value
 from weightmix.errors import WeightmixError, closest
+from weightmix.methods.streaming import Streamer
 from weightmix.recipe import holds_non_finite, not_a_bool
 
 Tensor = torch.Tensor
@@ -91,6 +92,11 @@ class MethodSpec:
     summary: str
     elementwise: bool  # output element i depends only on input elements i: can run in chunks
     random: bool = False  # takes `draw`: seeded uniform numbers per element (see rounding.Draw)
+    streamer: type[Streamer] | None = None  # runs in chunks after statistics passes
+
+    def streams(self, params: dict[str, Any]) -> bool:
+        """Whether a call with these parameters can run in chunks with statistics passes."""
+        return self.streamer is not None and self.streamer.accepts(params)
 
     def input_space(self, position: int) -> str:
         return self.input_spaces[min(position, len(self.input_spaces) - 1)]
@@ -148,11 +154,13 @@ def merge_method(
     check: Callable[[int, dict[str, Any]], str | None] | None = None,
     name: str | None = None,
     elementwise: bool = False,
+    streamer: type[Streamer] | None = None,
 ) -> Callable[[Callable[..., Tensor]], MethodSpec]:
     """Register a merge method. `inputs` gives the merge space (weight, delta or any) of each
     input (the last repeats), `output` the space of the result (or 'same' as the inputs).
     `elementwise=True` promises that each output element depends only on the input elements
     at the same position (and the parameters), so the engine may feed the method in chunks.
+    A `streamer` (see streaming.py) runs a method that needs whole-tensor statistics in chunks.
     A keyword `draw` (not a recipe parameter) asks for seeded random numbers: the engine passes
     a rounding.Draw for the elements at hand. A trailing _ is dropped from parameter names
     (lambda_ is written `lambda`)."""
@@ -184,6 +192,7 @@ def merge_method(
             check=check,
             elementwise=elementwise,
             random="draw" in signature.parameters,
+            streamer=streamer,
             summary=" ".join((inspect.getdoc(func) or "").split("\n\n")[0].split()),
         )
         if spec.name in METHODS:

@@ -3,11 +3,12 @@ the angle between the fine-tunes) and the geometric median (Weiszfeld)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from weightmix.methods.reductions import distance, dot, norm
+from weightmix.methods.reductions import distance, dot
 from weightmix.methods.registry import (
     ANY,
     SAME,
@@ -18,6 +19,7 @@ from weightmix.methods.registry import (
     Tensor,
     merge_method,
 )
+from weightmix.methods.streaming import GramStreamer
 
 
 def _mean_offset(tensors: list[Tensor], weights: list[float] | None = None) -> Tensor:
@@ -40,7 +42,49 @@ def _check_stock(count: int, params: dict[str, Any]) -> str | None:
     return None
 
 
-@merge_method(inputs=WEIGHT, output=WEIGHT, min_inputs=3, check=_check_stock)
+class StockStreamer(GramStreamer):
+    """model_stock over whole tensors in chunks: one pass sums the task vectors' Gram matrix."""
+
+    @classmethod
+    def accepts(cls, params: dict[str, Any]) -> bool:
+        return not params.get("filter_wise", False)
+
+    def vectors(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        base, *models = inputs
+        return [model - base for model in models]
+
+    def apply_with(self, gram: list[list[float]], inputs: Sequence[Tensor]) -> Tensor:
+        base, *models = inputs
+        return _stock_step(base, models, _stock_factor(gram))
+
+
+def _stock_factor(gram: list[list[float]]) -> float:
+    """t = N·cos θ / (1 + (N−1)·cos θ) from the task vectors' Gram matrix, cos θ the mean
+    pairwise cosine (each clamped to [−1, 1], norms below 1e-6 read as 1e-6); 0 where the
+    denominator is 0."""
+    count = len(gram)
+    norms = [gram[i][i] ** 0.5 for i in range(count)]
+    pairs = [
+        max(-1.0, min(1.0, gram[i][j] / max(norms[i] * norms[j], 1e-6)))
+        for i in range(count)
+        for j in range(i + 1, count)
+    ]
+    cos = sum(pairs) / len(pairs)
+    denominator = 1 + (count - 1) * cos
+    return 0.0 if denominator == 0 else count * cos / denominator
+
+
+def _stock_step(base: Tensor, models: Sequence[Tensor], factor: float | Tensor) -> Tensor:
+    """base + t·(mean − base), the mean taken as first + offsets (so equal models give it)."""
+    mean = _mean_offset(list(models))
+    if isinstance(factor, float):
+        return mean if factor == 1 else base + (mean - base) * factor
+    return base + (mean - base) * factor
+
+
+@merge_method(
+    inputs=WEIGHT, output=WEIGHT, min_inputs=3, check=_check_stock, streamer=StockStreamer
+)
 def model_stock(base: Tensor, *models: Tensor, filter_wise: bool = False) -> Tensor:
     """Model stock (Jang et al. 2024, arXiv:2403.19522): with cos θ the mean cosine over all
     pairs of task vectors M_i − base (the flattened tensor, or each row with filter_wise),
@@ -48,32 +92,22 @@ def model_stock(base: Tensor, *models: Tensor, filter_wise: bool = False) -> Ten
     mergekit); where 1 + (N−1)·cos θ is 0 the base is kept."""
     count = len(models)
     deltas = [m - base for m in models]
-    if filter_wise and base.dim() >= 2:
-        vectors = [d.reshape(d.shape[0], -1).double() for d in deltas]
-        cosines = []
-        for i in range(count):
-            for j in range(i + 1, count):
-                norms = vectors[i].norm(dim=-1) * vectors[j].norm(dim=-1)
-                products = (vectors[i] * vectors[j]).sum(-1)
-                cosines.append((products / norms.clamp(min=1e-6)).clamp(-1, 1))
-        cos = torch.stack(cosines).mean(0)  # one per row
-    else:  # whole tensors, dot products in float64 slice by slice
-        norms = [norm(d) for d in deltas]
-        pairs = [
-            max(-1.0, min(1.0, dot(deltas[i], deltas[j]) / max(norms[i] * norms[j], 1e-6)))
-            for i in range(count)
-            for j in range(i + 1, count)
-        ]
-        cos = torch.tensor([sum(pairs) / len(pairs)], dtype=torch.float64)
+    if not filter_wise or base.dim() < 2:  # whole tensors, dot products in float64 by slices
+        sums = {(i, j): dot(deltas[i], deltas[j]) for i in range(count) for j in range(i, count)}
+        gram = [[sums[min(i, j), max(i, j)] for j in range(count)] for i in range(count)]
+        return _stock_step(base, models, _stock_factor(gram))
+    vectors = [d.reshape(d.shape[0], -1).double() for d in deltas]
+    cosines = []
+    for i in range(count):
+        for j in range(i + 1, count):
+            norms = vectors[i].norm(dim=-1) * vectors[j].norm(dim=-1)
+            products = (vectors[i] * vectors[j]).sum(-1)
+            cosines.append((products / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(0)  # one per row
     denominator = 1 + (count - 1) * cos
     safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
     t = torch.where(denominator == 0, torch.zeros_like(cos), count * cos / safe)
-    mean = _mean_offset(list(models))
-    if t.numel() == 1:
-        factor = float(t.reshape(()))
-        return mean if factor == 1 else base + (mean - base) * factor
-    rows = t.reshape((-1,) + (1,) * (base.dim() - 1)).to(base.dtype)
-    return base + (mean - base) * rows
+    return _stock_step(base, models, t.reshape((-1,) + (1,) * (base.dim() - 1)).to(base.dtype))
 
 
 def _check_median(count: int, params: dict[str, Any]) -> str | None:

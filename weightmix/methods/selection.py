@@ -50,3 +50,78 @@ def top_magnitude_mask(values: Tensor, k: int) -> Tensor:
         order = flat.cumsum(0, dtype=torch.int64)
         at_cut = (flat & (order <= need)).reshape(values.shape)
     return keep | at_cut
+
+
+class StreamedTopK:
+    """The k largest magnitudes of a tensor seen chunk by chunk (k >= 1), exactly, with the
+    whole-tensor rule: ties at the cut go to the lower indices.
+
+    Statistics passes run a radix select over the magnitude's bit pattern, 16 bits a pass
+    (two passes for float32, four for float64): each pass counts the next 16 bits of the
+    elements whose higher bits match the cut found so far. After them the cut is the exact k-th
+    largest magnitude, and `mask` (called on the chunks in element order) keeps everything
+    above it and the first `need` elements equal to it."""
+
+    def __init__(self, k: int, numel: int, dtype: torch.dtype) -> None:
+        self.k = k
+        self.keep_all = k >= numel
+        wide = dtype == torch.float64
+        self.float_dtype = torch.float64 if wide else torch.float32
+        self.int_dtype = torch.int64 if wide else torch.int32
+        self.shifts = (48, 32, 16, 0) if wide else (16, 0)
+        self.stage = 0
+        self.prefix = 0  # the cut's bits found so far
+        self.above = 0  # elements known to be above the cut
+        self.counts: Tensor | None = None
+        self.threshold: Tensor | None = None
+        self.need = 0  # elements equal to the cut to keep
+        self.taken = 0  # of those, kept in the chunks seen so far
+
+    def wants_pass(self) -> bool:
+        return not self.keep_all and self.threshold is None
+
+    def _magnitudes(self, values: Tensor) -> Tensor:
+        return values.reshape(-1).to(self.float_dtype).abs()
+
+    def observe(self, values: Tensor) -> None:
+        bits = self._magnitudes(values).view(self.int_dtype)
+        shift = self.shifts[self.stage]
+        if self.stage == 0:
+            fields = bits >> shift  # the sign bit is 0: fields run 0 .. 2^15 - 1
+        else:
+            fields = (bits[(bits >> (shift + 16)) == self.prefix] >> shift) & 0xFFFF
+        counts = torch.bincount(fields, minlength=1 << 16)
+        if self.counts is None:
+            self.counts = counts
+        else:
+            self.counts += counts
+
+    def end_pass(self) -> None:
+        counts = self.counts if self.counts is not None else torch.zeros(1 << 16, dtype=torch.int64)
+        from_top = counts.flip(0).cumsum(0)
+        wanted = torch.tensor(self.k - self.above, dtype=from_top.dtype)
+        position = int(torch.searchsorted(from_top, wanted))
+        self.above += int(from_top[position - 1]) if position > 0 else 0
+        self.prefix = (self.prefix << 16) | ((1 << 16) - 1 - position)
+        self.counts, self.stage = None, self.stage + 1
+        if self.stage == len(self.shifts):
+            pattern = torch.tensor([self.prefix], dtype=self.int_dtype)
+            self.threshold = pattern.view(self.float_dtype)[0]
+            self.need = self.k - self.above
+
+    def mask(self, values: Tensor) -> Tensor | None:
+        """A bool mask of the chunk's elements among the k largest (None: all of them)."""
+        if self.keep_all:
+            return None
+        magnitudes = values.to(self.float_dtype).abs()
+        keep = magnitudes > self.threshold
+        if self.taken >= self.need:
+            return keep
+        at_cut = magnitudes == self.threshold
+        count = int(at_cut.sum())
+        if self.taken + count > self.need:  # the cut ends inside this chunk
+            order = at_cut.reshape(-1).cumsum(0, dtype=torch.int64)
+            at_cut &= (order <= self.need - self.taken).reshape(at_cut.shape)
+            count = self.need - self.taken
+        self.taken += count
+        return keep | at_cut

@@ -27,7 +27,8 @@ from typing import Any, Literal
 import torch
 
 from weightmix.methods.registry import WEIGHT, Density, Finite, Fraction, Tensor, merge_method
-from weightmix.methods.selection import top_magnitude_mask
+from weightmix.methods.selection import StreamedTopK, top_magnitude_mask
+from weightmix.methods.streaming import Streamer
 from weightmix.rounding import Draw
 
 Sparsifier = Callable[[Tensor, int], Tensor]  # (delta, model index) -> sparsified delta
@@ -140,6 +141,70 @@ def task_arithmetic_(
     return torch.add(base, merged, alpha=lambda_) if lambda_ != 1 else base + merged
 
 
+class MagnitudeCutStreamer(Streamer):
+    """TIES and breadcrumbs in chunks: statistics passes find each model's magnitude cuts of
+    its delta exactly (selection.StreamedTopK), then every chunk is trimmed and combined as
+    the whole-tensor function does it."""
+
+    def __init__(self, params: dict[str, Any], shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        super().__init__(params, shape, dtype)
+        self.numel = math.prod(shape)
+        self.cuts: list[list[StreamedTopK]] | None = None  # per model: top, or band ends
+
+    def _model_cuts(self) -> list[StreamedTopK]:
+        density, n = self.params["density"], self.numel
+        if density >= 1:
+            return []
+        kept = keep_count(n, density)
+        if "gamma" not in self.params:  # top-k
+            return [StreamedTopK(kept, n, self.dtype)]
+        top = min(math.floor(self.params["gamma"] * n), n - kept)
+        ends = [top + kept, top] if top > 0 else [top + kept]
+        return [StreamedTopK(end, n, self.dtype) for end in ends]
+
+    def _cuts_for(self, count: int) -> list[list[StreamedTopK]]:
+        if self.cuts is None:
+            self.cuts = [self._model_cuts() for _ in range(count)]
+        return self.cuts
+
+    def wants_pass(self) -> bool:
+        if self.cuts is None:
+            return self.params["density"] < 1
+        return any(cut.wants_pass() for cuts in self.cuts for cut in cuts)
+
+    def observe(self, inputs: Sequence[Tensor]) -> None:
+        base, *models = inputs
+        for model, cuts in zip(models, self._cuts_for(len(models))):
+            if any(cut.wants_pass() for cut in cuts):
+                delta = model - base
+                for cut in cuts:
+                    if cut.wants_pass():
+                        cut.observe(delta)
+
+    def end_pass(self) -> None:
+        for cuts in self.cuts or []:
+            for cut in cuts:
+                if cut.wants_pass():
+                    cut.end_pass()
+
+    def apply(self, inputs: Sequence[Tensor], draw: Draw | None) -> Tensor:
+        base, *models = inputs
+        cuts = self._cuts_for(len(models))
+
+        def trim(delta: Tensor, index: int) -> Tensor:
+            masks = [cut.mask(delta) for cut in cuts[index]]
+            if not masks or masks[0] is None:
+                return delta
+            keep = masks[0] if len(masks) == 1 else masks[0] & ~masks[1]
+            return delta * keep
+
+        p = self.params
+        return task_arithmetic_(
+            base, models, trim, p.get("consensus"),
+            p["lambda"], p["weights"], p["normalize"],
+        )  # fmt: skip
+
+
 def check_weights(count: int, params: dict[str, Any]) -> str | None:
     """One weight per model after the base; DELLA's probabilities within (0, 1]."""
     weights = params.get("weights")
@@ -158,7 +223,9 @@ def check_weights(count: int, params: dict[str, Any]) -> str | None:
     return None
 
 
-@merge_method(inputs=WEIGHT, output=WEIGHT, min_inputs=2, check=check_weights)
+@merge_method(
+    inputs=WEIGHT, output=WEIGHT, min_inputs=2, check=check_weights, streamer=MagnitudeCutStreamer
+)
 def ties(
     base: Tensor,
     *models: Tensor,
@@ -311,7 +378,9 @@ def _breadcrumbs(
     return task_arithmetic_(base, models, band, consensus, lambda_, weights, normalize)
 
 
-@merge_method(inputs=WEIGHT, output=WEIGHT, min_inputs=2, check=check_weights)
+@merge_method(
+    inputs=WEIGHT, output=WEIGHT, min_inputs=2, check=check_weights, streamer=MagnitudeCutStreamer
+)
 def breadcrumbs(
     base: Tensor,
     *models: Tensor,
@@ -327,7 +396,9 @@ def breadcrumbs(
     return _breadcrumbs(base, models, density, gamma, None, lambda_, weights, normalize)
 
 
-@merge_method(inputs=WEIGHT, output=WEIGHT, min_inputs=2, check=check_weights)
+@merge_method(
+    inputs=WEIGHT, output=WEIGHT, min_inputs=2, check=check_weights, streamer=MagnitudeCutStreamer
+)
 def breadcrumbs_ties(
     base: Tensor,
     *models: Tensor,

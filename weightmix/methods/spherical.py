@@ -10,11 +10,12 @@ References: Shoemake 1985 (slerp); Buss & Fillmore 2001 (spherical averages); Ka
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from weightmix.methods.reductions import dot, norm
+from weightmix.methods.reductions import dot
 from weightmix.methods.registry import (
     ANY,
     SAME,
@@ -25,6 +26,7 @@ from weightmix.methods.registry import (
     Tensor,
     merge_method,
 )
+from weightmix.methods.streaming import GramStreamer
 
 COLINEAR = 0.9995  # |cos| above this: the vectors are (anti)parallel, slerp is lerp
 
@@ -37,20 +39,52 @@ def slerp_vectors(a: Tensor, b: Tensor, t: float, threshold: float = COLINEAR) -
     """sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b with cos Ω = ⟨a, b⟩/(‖a‖‖b‖) over the whole
     tensors (the raw vectors, not their unit versions); linear when |cos Ω| > threshold or a
     vector is 0. Endpoints exact: t = 0 gives a, t = 1 gives b."""
-    if t == 0:
-        return a
-    if t == 1:
-        return b
-    norms = norm(a) * norm(b)
+    if t in (0, 1):
+        return a if t == 0 else b
+    return _slerp_with(a, b, t, slerp_scales(dot(a, b), dot(a, a), dot(b, b), t, threshold))
+
+
+def slerp_scales(
+    ab: float, aa: float, bb: float, t: float, threshold: float = COLINEAR
+) -> tuple[float, float] | None:
+    """slerp's two factors from the dot products ⟨a, b⟩, ⟨a, a⟩, ⟨b, b⟩; None for lerp."""
+    norms = aa**0.5 * bb**0.5
     if norms == 0:
-        return _lerp(a, b, t)
-    cos = dot(a, b) / norms
+        return None
+    cos = ab / norms
     if abs(cos) > threshold:
-        return _lerp(a, b, t)
+        return None
     omega = math.acos(max(-1.0, min(1.0, cos)))
-    scale_a = math.sin((1 - t) * omega) / math.sin(omega)
-    scale_b = math.sin(t * omega) / math.sin(omega)
-    return torch.add(a * scale_a, b, alpha=scale_b)
+    return math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+
+
+def _slerp_with(a: Tensor, b: Tensor, t: float, scales: tuple[float, float] | None) -> Tensor:
+    if scales is None:
+        return _lerp(a, b, t)
+    return torch.add(a * scales[0], b, alpha=scales[1])
+
+
+class SlerpStreamer(GramStreamer):
+    """slerp and nuslerp over flattened tensors in chunks: one pass sums the dot products."""
+
+    @classmethod
+    def accepts(cls, params: dict[str, Any]) -> bool:
+        return params.get("nuslerp_flatten", True)
+
+    def needs_statistics(self) -> bool:
+        return self.t() not in (0, 1)
+
+    def t(self) -> float:
+        if "t" in self.params:
+            return self.params["t"]
+        return _nuslerp_t(self.params["weights"])
+
+    def apply_with(self, gram: list[list[float]], inputs: Sequence[Tensor]) -> Tensor:
+        a, b = inputs
+        t = self.t()
+        if t in (0, 1):
+            return a if t == 0 else b
+        return _slerp_with(a, b, t, slerp_scales(gram[0][1], gram[0][0], gram[1][1], t))
 
 
 def _check_two(count: int, params: dict[str, Any]) -> str | None:
@@ -59,13 +93,18 @@ def _check_two(count: int, params: dict[str, Any]) -> str | None:
     return _check_nuslerp(count, params) if "weights" in params else None
 
 
-@merge_method(inputs=ANY, output=SAME, min_inputs=2, check=_check_two)
+@merge_method(inputs=ANY, output=SAME, min_inputs=2, check=_check_two, streamer=SlerpStreamer)
 def slerp(*models: Tensor, t: Fraction = 0.5) -> Tensor:
     """Spherical linear interpolation of two models (Shoemake 1985), each tensor flattened:
     sin((1−t)Ω)/sin Ω·A + sin(tΩ)/sin Ω·B, cos Ω = ⟨A, B⟩/(‖A‖‖B‖); lerp when |cos Ω| >
     0.9995. t = 0 gives A and t = 1 gives B bit for bit."""
     a, b = models
     return slerp_vectors(a, b, t)
+
+
+def _nuslerp_t(weights: list[float] | None) -> float:
+    w_a, w_b = weights or (1.0, 1.0)
+    return 0.5 if abs(w_a + w_b) < 1e-6 else w_b / (w_a + w_b)
 
 
 def _check_nuslerp(count: int, params: dict[str, Any]) -> str | None:
@@ -75,7 +114,7 @@ def _check_nuslerp(count: int, params: dict[str, Any]) -> str | None:
     return None
 
 
-@merge_method(inputs=ANY, output=SAME, min_inputs=2, check=_check_two)
+@merge_method(inputs=ANY, output=SAME, min_inputs=2, check=_check_two, streamer=SlerpStreamer)
 def nuslerp(
     *models: Tensor,
     weights: list[Finite] | None = None,
@@ -86,8 +125,7 @@ def nuslerp(
     tensors, or (nuslerp_flatten: false) vector by vector along the last dim, or along dim 0
     with nuslerp_row_wise; per-vector colinear pairs are interpolated linearly."""
     a, b = models
-    w_a, w_b = weights or (1.0, 1.0)
-    t = 0.5 if abs(w_a + w_b) < 1e-6 else w_b / (w_a + w_b)
+    t = _nuslerp_t(weights)
     if nuslerp_flatten or a.dim() < 2:
         return slerp_vectors(a, b, t)
     if t in (0, 1):

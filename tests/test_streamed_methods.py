@@ -1,0 +1,208 @@
+"""Methods that need whole-tensor statistics (TIES and breadcrumbs' magnitude cuts, slerp's and
+model stock's dot products) run on the CPU in chunks after statistics passes. On tensors of
+several chunks their output must equal, bit for bit, the whole-tensor function (the GPU path)
+and a dense formula written here, and never take the whole-tensor path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import load, save
+
+import weightmix
+from weightmix import engine
+from weightmix.api import make_plan
+from weightmix.methods import METHODS
+from weightmix.methods.selection import StreamedTopK
+
+SHAPES = {"big": (700, 1000), "odd": (3, 262_145), "small": (5, 7)}  # 2.7 and 3.0 chunks
+
+
+def fine_tunes(tmp_path, count: int, dtype, coarse: bool = False):
+    """A base and fine-tunes; `coarse` deltas take four values, so magnitudes tie massively
+    and the cut falls inside a run of equal magnitudes spread over every chunk."""
+    generator = torch.Generator().manual_seed(11)
+    base = {k: torch.randn(s, generator=generator).to(dtype) for k, s in SHAPES.items()}
+    states = [base]
+    for _ in range(count - 1):
+        if coarse:
+            choice = {k: torch.randint(0, 4, s, generator=generator) for k, s in SHAPES.items()}
+            deltas = {k: torch.tensor([-2.0, -1.0, 1.0, 2.0])[c] / 8 for k, c in choice.items()}
+        else:
+            deltas = {k: 0.05 * torch.randn(s, generator=generator) for k, s in SHAPES.items()}
+        states.append({k: (base[k].double() + deltas[k]).to(dtype) for k in SHAPES})
+    paths = [save(tmp_path / f"m{i}.safetensors", s) for i, s in enumerate(states)]
+    return states, paths
+
+
+def merged_streaming(tmp_path, monkeypatch, paths, method, compute="fp32", threads=2, **params):
+    """Merge through the engine with the whole-tensor path switched off."""
+
+    def no_whole_tensors(plan, key):
+        raise AssertionError(f"{key.key} took the whole-tensor path")
+
+    monkeypatch.setattr(engine, "compute_key", no_whole_tensors)
+    names = [f"M{i}" for i in range(len(paths))]
+    recipe = {
+        "models": dict(zip(names, map(str, paths))),
+        "merge": {"method": method, "inputs": names, **params},
+        "compute_dtype": compute,
+    }
+    out = tmp_path / f"{method}-{threads}.safetensors"
+    weightmix.merge(recipe, out, overwrite=True, threads=threads)
+    return load(out)
+
+
+def whole_tensor(states, method, params, key, dtype):
+    """The method's own function on whole tensors (what a GPU merge runs)."""
+    tensors = [s[key].to(dtype) for s in states]
+    return METHODS[method](*tensors, **params)
+
+
+def sorted_trim(delta: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest |δ|, equal magnitudes by lower index: a stable sort."""
+    flat = delta.reshape(-1)
+    order = torch.sort(-flat.abs(), stable=True).indices
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[order[:k]] = True
+    return (flat * mask).reshape(delta.shape)
+
+
+def dense_ties(base, others, density):
+    trimmed = [sorted_trim(m - base, max(1, math.floor(density * base.numel()))) for m in others]
+    sign = torch.sign(sum(trimmed))
+    agree = [(torch.sign(t) == sign) & (sign != 0) for t in trimmed]
+    total = sum(torch.where(a, t, 0) for a, t in zip(agree, trimmed))
+    count = sum(a.to(base.dtype) for a in agree)
+    return base + total / torch.where(count == 0, 1, count)
+
+
+@pytest.mark.parametrize("coarse", [False, True], ids=["spread", "tied"])
+@pytest.mark.parametrize(
+    ("dtype", "compute"),
+    [(torch.float16, "fp32"), (torch.bfloat16, "fp32"), (torch.float32, "fp64")],
+    ids=["fp16", "bf16", "fp32-in-fp64"],
+)
+def test_ties_in_chunks_equals_the_whole_tensor_and_the_sorted_formula(
+    tmp_path, monkeypatch, dtype, compute, coarse
+):
+    states, paths = fine_tunes(tmp_path, 3, dtype, coarse)
+    merged = merged_streaming(tmp_path, monkeypatch, paths, "ties", compute, density=0.3)
+    wide = torch.float64 if compute == "fp64" else torch.float32
+    params = {"density": 0.3, "lambda": 1.0, "weights": None, "normalize": True}
+    for key in SHAPES:
+        whole = whole_tensor(states, "ties", params | {"consensus": "sum"}, key, wide).to(dtype)
+        assert torch.equal(merged[key], whole), key
+        base, *others = (s[key].to(wide) for s in states)
+        assert torch.equal(merged[key], dense_ties(base, others, 0.3).to(dtype)), key
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_in_chunks_equals_the_whole_tensor(tmp_path, monkeypatch, method):
+    states, paths = fine_tunes(tmp_path, 3, torch.float16, coarse=True)
+    merged = merged_streaming(tmp_path, monkeypatch, paths, method, density=0.4, gamma=0.2)
+    params = {"density": 0.4, "gamma": 0.2, "lambda": 1.0, "weights": None, "normalize": False}
+    if method == "breadcrumbs_ties":
+        params["consensus"] = "sum"
+    for key in SHAPES:
+        whole = whole_tensor(states, method, params, key, torch.float32).half()
+        assert torch.equal(merged[key], whole), key
+        base, one = (s[key].float() for s in states[:2])
+        n = base.numel()  # the band of model 1: ranks [⌊0.2n⌋, ⌊0.2n⌋ + ⌊0.4n⌋) by magnitude
+        top, kept = math.floor(0.2 * n), math.floor(0.4 * n)
+        band = sorted_trim(one - base, top + kept) - sorted_trim(one - base, top)
+        assert int((band != 0).sum()) == kept, key
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "count"),
+    [
+        ("slerp", {"t": 0.3}, 2),
+        ("nuslerp", {"weights": [1.0, 3.0]}, 2),
+        ("model_stock", {}, 3),
+        ("model_stock", {}, 4),
+    ],
+)
+def test_dot_product_methods_in_chunks_equal_the_whole_tensor(
+    tmp_path, monkeypatch, method, params, count
+):
+    states, paths = fine_tunes(tmp_path, count, torch.float16)
+    merged = merged_streaming(tmp_path, monkeypatch, paths, method, **params)
+    full = {"t": 0.3} if method == "slerp" else {}
+    if method == "nuslerp":
+        full = params | {"nuslerp_flatten": True, "nuslerp_row_wise": False}
+    if method == "model_stock":
+        full = {"filter_wise": False}
+    for key in SHAPES:
+        whole = whole_tensor(states, method, full, key, torch.float32).half()
+        assert torch.equal(merged[key], whole), key
+
+
+def test_slerp_in_chunks_matches_the_formula_and_keeps_endpoints(tmp_path, monkeypatch):
+    states, paths = fine_tunes(tmp_path, 2, torch.float32)
+    merged = merged_streaming(tmp_path, monkeypatch, paths, "slerp", t=0.7)
+    a, b = (s["big"].double() for s in states)
+    omega = torch.acos((a * b).sum() / (a.norm() * b.norm()))
+    expected = (torch.sin(0.3 * omega) * a + torch.sin(0.7 * omega) * b) / torch.sin(omega)
+    torch.testing.assert_close(merged["big"].double(), expected, rtol=1e-5, atol=1e-6)
+    for t, endpoint in ((0.0, states[0]), (1.0, states[1])):
+        merged = merged_streaming(tmp_path, monkeypatch, paths, "slerp", t=t)
+        assert all(torch.equal(merged[k], endpoint[k]) for k in SHAPES)
+
+
+def test_model_stock_in_chunks_matches_the_papers_formula(tmp_path, monkeypatch):
+    states, paths = fine_tunes(tmp_path, 3, torch.float32)
+    merged = merged_streaming(tmp_path, monkeypatch, paths, "model_stock")
+    base, one, two = (s["odd"].double() for s in states)
+    d1, d2 = one - base, two - base
+    cos = (d1 * d2).sum() / (d1.norm() * d2.norm())
+    t = 2 * cos / (1 + cos)
+    expected = t * (one + two) / 2 + (1 - t) * base
+    torch.testing.assert_close(merged["odd"].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_streamed_results_do_not_depend_on_threads(tmp_path, monkeypatch):
+    _, paths = fine_tunes(tmp_path, 3, torch.float16, coarse=True)
+    one = merged_streaming(tmp_path, monkeypatch, paths, "ties", threads=1, density=0.5)
+    four = merged_streaming(tmp_path, monkeypatch, paths, "ties", threads=4, density=0.5)
+    assert all(torch.equal(one[k], four[k]) for k in SHAPES)
+
+
+def test_row_wise_variants_keep_the_whole_tensor_path(tmp_path):
+    _, paths = fine_tunes(tmp_path, 3, torch.float32)
+    recipe = {
+        "models": {f"M{i}": str(p) for i, p in enumerate(paths)},
+        "merge": {"method": "model_stock", "inputs": ["M0", "M1", "M2"], "filter_wise": True},
+    }
+    planned = make_plan(recipe, tmp_path / "out.safetensors")
+    modes = {engine.mode(planned, key) for key in planned.keys}
+    assert modes == {engine.WHOLE}
+    recipe["merge"]["filter_wise"] = False
+    planned = make_plan(recipe, tmp_path / "out.safetensors")
+    assert {engine.mode(planned, key) for key in planned.keys} == {engine.STREAMED}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_streamed_top_k_finds_the_exact_cut_over_chunks(dtype):
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(10_000, generator=generator).to(dtype)
+    values[::7] = 0.5  # many equal magnitudes
+    values[1::7] = -0.5
+    chunks = values.split(999)
+    for k in (1, 17, 2_857, 5_000, 9_999):
+        top = StreamedTopK(k, values.numel(), dtype)
+        while top.wants_pass():
+            for chunk in chunks:
+                top.observe(chunk)
+            top.end_pass()
+        mask = torch.cat([top.mask(chunk) for chunk in chunks])
+        assert torch.equal(mask, _top(values, k))
+
+
+def _top(values, k):
+    order = torch.sort(-values.abs(), stable=True).indices
+    mask = torch.zeros_like(values, dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask

@@ -1,0 +1,105 @@
+"""Methods that need a statistic of a whole tensor (a magnitude cut, dot products) run in
+chunks too, so their memory stays a chunk buffer whatever the tensor's size.
+
+The engine feeds such a method a key's chunks in element order: first through as many
+statistics passes as the method asks for (`wants_pass`, `observe`, `end_pass`), then once more
+to compute each output chunk (`apply`). A method registers a Streamer class next to its
+whole-tensor function; the function stays the reference and the path for GPUs and row-wise
+variants, and both give the same numbers: dot products are summed over the same slices
+(CHUNK elements, the engine's chunk) and cuts are exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from weightmix.rounding import Draw
+
+Tensor = torch.Tensor
+CHUNK = 1 << 18  # elements per compute step of the engine, and per slice of a float64 sum
+
+
+class Streamer:
+    """One streamed method call on one key: statistics passes, then chunk-by-chunk output.
+    `accepts(params)` says whether a call with these parameters streams at all."""
+
+    takes_draw: ClassVar[bool] = False
+
+    def __init__(self, params: dict[str, Any], shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.params, self.shape, self.dtype = params, shape, dtype
+
+    @classmethod
+    def accepts(cls, params: dict[str, Any]) -> bool:
+        return True
+
+    def wants_pass(self) -> bool:
+        """Whether another statistics pass over the tensor is needed before `apply`."""
+        return False
+
+    def observe(self, inputs: Sequence[Tensor]) -> None:
+        """Take in the next chunk of the inputs (chunks come in element order)."""
+
+    def end_pass(self) -> None:
+        """The pass has seen every element: settle what it measured."""
+
+    def apply(self, inputs: Sequence[Tensor], draw: Draw | None) -> Tensor:
+        """The output for the next chunk of the inputs (chunks come in element order)."""
+        raise NotImplementedError
+
+
+class Gram:
+    """Dot products ⟨v_i, v_j⟩ (i ≤ j) of a few vectors seen chunk by chunk, in float64: each
+    chunk's products summed in a Python float, as reductions.dot sums its slices."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.sums = [[0.0] * count for _ in range(count)]
+
+    def add(self, vectors: Sequence[Tensor]) -> None:
+        wide = [v.reshape(-1).double() for v in vectors]
+        for i in range(self.count):
+            for j in range(i, self.count):
+                self.sums[i][j] += float(torch.dot(wide[i], wide[j]))
+
+    def matrix(self) -> list[list[float]]:
+        """The symmetric matrix of sums."""
+        return [[self.sums[min(i, j)][max(i, j)] for j in range(self.count)]
+                for i in range(self.count)]  # fmt: skip
+
+
+class GramStreamer(Streamer):
+    """A method whose statistic is the Gram matrix of some vectors built from its inputs
+    (`vectors`), computed in one pass; `apply_with(gram, inputs)` then runs elementwise."""
+
+    def __init__(self, params: dict[str, Any], shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        super().__init__(params, shape, dtype)
+        self.gram: Gram | None = None
+        self.done = not self.needs_statistics()
+
+    def needs_statistics(self) -> bool:
+        return True
+
+    def vectors(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        return list(inputs)
+
+    def wants_pass(self) -> bool:
+        return not self.done
+
+    def observe(self, inputs: Sequence[Tensor]) -> None:
+        vectors = self.vectors(inputs)
+        if self.gram is None:
+            self.gram = Gram(len(vectors))
+        self.gram.add(vectors)
+
+    def end_pass(self) -> None:
+        self.done = True
+
+    def apply(self, inputs: Sequence[Tensor], draw: Draw | None) -> Tensor:
+        matrix = self.gram.matrix() if self.gram is not None else []
+        return self.apply_with(matrix, inputs)
+
+    def apply_with(self, gram: list[list[float]], inputs: Sequence[Tensor]) -> Tensor:
+        raise NotImplementedError
