@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import POSITION_IDS, digest, load, random_state, save
@@ -79,18 +80,24 @@ def test_stochastic_rounding_is_unbiased_and_between_neighbours():
         assert bool((rounded != nearest).any())
 
 
-def test_counter_based_noise_matches_a_plain_python_splitmix64():
+def test_counter_based_noise_follows_its_documented_rule():
+    """Element i: half (i mod 2) of output ⌊(i mod 2^16)/2⌋ of PCG64DXSM seeded with
+    SeedSequence([stream mod 2^64, ⌊i / 2^16⌋]), top 24 of its 32 bits; computed one element
+    at a time here, across a block boundary."""
     mask = (1 << 64) - 1
 
     def reference(stream: int, index: int) -> float:
-        z = (index * 0x9E3779B97F4A7C15 + stream) & mask
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-        return ((z ^ (z >> 31)) >> 40) / 2**24
+        block, offset = divmod(index, 1 << 16)
+        generator = np.random.PCG64DXSM(np.random.SeedSequence([stream & mask, block]))
+        word = int(generator.random_raw(offset // 2 + 1)[offset // 2])
+        half = (word >> (32 * (offset % 2))) & 0xFFFFFFFF
+        return (half >> 8) / 2**24
 
     for stream in (0, 12345, -987654321):
-        got = uniform(stream, 1000, 50).tolist()
-        assert got == [reference(stream & mask, i) for i in range(1000, 1050)]
+        start = (1 << 16) - 25
+        got = uniform(stream, start, 50).tolist()
+        assert got == [reference(stream, i) for i in range(start, start + 50)]
+    assert uniform(1, 0, 50).tolist() != uniform(2, 0, 50).tolist()
 
 
 def test_stochastic_rounding_in_merges_is_seeded_and_chunk_independent(tmp_path, monkeypatch):

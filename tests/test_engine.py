@@ -37,7 +37,7 @@ def test_failure_mid_merge_leaves_nothing_at_destination(tmp_path, models, monke
     if where == "compute":
         original = engine.run_task
 
-        def failing(plan, writer, task, buffers):
+        def failing(plan, writer, task, buffers, *_):
             calls["n"] += 1
             if calls["n"] == 10:
                 raise RuntimeError("injected compute failure")

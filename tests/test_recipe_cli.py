@@ -236,7 +236,7 @@ def test_a_failing_run_writes_no_recipe(run, tmp_path, models, monkeypatch):
     one_line_error(run(*args, "--dtype", "fp7"), "unknown or unsupported dtype")
     assert not saved.exists()
 
-    def failing(plan, writer, task, buffers):
+    def failing(plan, writer, task, buffers, *_):
         raise RuntimeError("injected compute failure")
 
     monkeypatch.setattr(engine, "run_task", failing)

@@ -371,3 +371,50 @@ def test_weights_that_cannot_weigh_are_refused(run, tmp_path, method, weights):
     result = run("merge", *paths, "-m", method, "-p", f"weights={weights}", "-o", out)
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
     assert not out.exists()
+
+
+def _reference_range(values):
+    """supermerger's rule, step by step: drop NaN, below the 1st percentile, then above the
+    99th percentile of what is left (numpy's 'midpoint' percentiles)."""
+    import numpy as np
+
+    sims = np.array(values, dtype=np.float64)
+    sims = sims[~np.isnan(sims)]
+    low = np.percentile(sims, 1, method="midpoint")
+    sims = sims[sims >= low]
+    high = np.percentile(sims, 99, method="midpoint")
+    sims = sims[sims <= high]
+    return sims.min(), sims.max()
+
+
+def _column_cos(a, b):
+    """Cosine of each column (along dim 0), written out: Σ a·b / (‖a‖·‖b‖)."""
+    return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0))
+
+
+@pytest.mark.parametrize("method", ["add_cosine_a", "add_cosine_b"])
+def test_add_cosine_follows_supermergers_formula(tmp_path, method):
+    generator = torch.Generator().manual_seed(5)
+    keys = [f"model.diffusion_model.k{i}" for i in range(12)] + ["first_stage_model.decoder.w"]
+    a = {k: torch.randn(16, 200 if "first_stage" in k else 6, generator=generator) for k in keys}
+    b = {k: v + (0.2 + i / 10) * torch.randn(v.shape, generator=generator)
+         for i, (k, v) in enumerate(a.items())}  # fmt: skip
+    b["first_stage_model.decoder.w"] = -a["first_stage_model.decoder.w"]  # far outside the range
+    paths = [save(tmp_path / "a.safetensors", a), save(tmp_path / "b.safetensors", b)]
+    merged = run_merge(tmp_path, paths, method, alpha=0.2)
+    unit = (lambda t: t / t.norm(dim=0)) if method == "add_cosine_a" else (lambda t: t)
+    listed, combined = [], {}
+    for key in keys:
+        ua, ub = unit(a[key].double()), unit(b[key].double())
+        column = _column_cos(ua, ub)
+        whole = (ua * ub).sum() / (ua.norm() * ub.norm())
+        combined[key] = (column + whole) / 2
+        if not key.startswith("first_stage_model"):
+            listed += (column if method == "add_cosine_a" else combined[key]).tolist()
+    low, high = _reference_range(listed)
+    for key in keys:
+        k = ((combined[key] - low) / (high - low) - 0.2).clamp(0, 1)
+        expected = k * a[key].double() + (1 - k) * b[key].double()
+        torch.testing.assert_close(merged[key].double(), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(merged[keys[0]], a[keys[0]])
+    assert not torch.equal(merged[keys[0]], b[keys[0]])

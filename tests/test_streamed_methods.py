@@ -40,7 +40,7 @@ def fine_tunes(tmp_path, count: int, dtype, coarse: bool = False):
 def merged_streaming(tmp_path, monkeypatch, paths, method, compute="fp32", threads=2, **params):
     """Merge through the engine with the whole-tensor path switched off."""
 
-    def no_whole_tensors(plan, key):
+    def no_whole_tensors(plan, key, *_):
         raise AssertionError(f"{key.key} took the whole-tensor path")
 
     monkeypatch.setattr(engine, "compute_key", no_whole_tensors)

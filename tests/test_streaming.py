@@ -69,11 +69,11 @@ def test_budget_bounds_whole_tensor_work_in_flight(tmp_path, models, rescale_met
     original = engine.run_task
     in_flight = {"now": 0}
 
-    def tracking(plan, writer, task, buffers):
+    def tracking(plan, writer, task, buffers, *rest):
         in_flight["now"] += 1
         seen.append(in_flight["now"])
         try:
-            return original(plan, writer, task, buffers)
+            return original(plan, writer, task, buffers, *rest)
         finally:
             in_flight["now"] -= 1
 

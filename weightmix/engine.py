@@ -18,14 +18,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from weightmix.expression import evaluate, is_elementwise, streamed_ops
+from weightmix.allocator import keep_chunk_buffers
+from weightmix.expression import evaluate, is_elementwise, ops, streamed_ops
 from weightmix.io import open_output
 from weightmix.io.folder_output import FolderOutput
 from weightmix.io.writer import SafetensorsOutput, tensor_bytes
-from weightmix.methods.streaming import CHUNK, Streamer
+from weightmix.methods.streaming import CHUNK, ModelStatistic, Streamer
 from weightmix.plan import KeyPlan, Plan
 from weightmix.progress import Progress
 from weightmix.rounding import Draw, key_stream, stochastic_round, uniform
@@ -126,6 +128,7 @@ def run(
         raise ValueError("plan has no output path")
     progress = progress or Progress()
     workers = threads or default_threads()
+    keep_chunk_buffers()  # chunk temporaries reuse heap memory instead of faulting pages in
     began = time.monotonic()
     tensors, base = plan.output_tensors(), plan.base_folder
     if base is not None:  # the output mirrors the base model folder
@@ -133,9 +136,13 @@ def run(
     else:
         writer = open_output(plan.output, tensors, metadata, plan.max_shard_bytes, fsync=fsync)
     try:
+        statistics = model_statistics(plan)
         progress.start(len(plan.keys), plan.output_bytes)
         # closing(): on any error the pool has stopped before the output is removed
-        with _torch_threads(1), closing(_run_tasks(plan, writer, workers, budget)) as done:
+        with (
+            _torch_threads(1),
+            closing(_run_tasks(plan, writer, workers, budget, statistics)) as done,
+        ):
             for task in done:
                 progress.advance((task.stop - task.start) * task.key.out_dtype.itemsize,
                                  tensor_done=task.stop >= task.key.numel)  # fmt: skip
@@ -148,7 +155,34 @@ def run(
     return RunStats(files, len(plan.keys), plan.output_bytes, time.monotonic() - began)
 
 
-def _run_tasks(plan: Plan, writer: Output, workers: int, budget: int) -> Iterator[Task]:
+def model_statistics(plan: Plan) -> dict[str, Any]:
+    """The model-wide statistics of calls that need one (see streaming.ModelStatistic), by
+    call label: one pass over the keys those calls merge, a whole key at a time."""
+    gathered: dict[str, ModelStatistic] = {}
+    for key in plan.keys:
+        calls = [op for op in ops(key.expr) if op.method.model_statistic] if key.expr else []
+        if not calls:
+            continue
+        tensors = {
+            m: plan.checkpoints[m].read(info).to(plan.device, plan.compute_dtype.torch)
+            for m, info in key.sources.items()
+        }
+        draw = Draw(key.stream) if key.stream is not None else None
+        component_of = getattr(plan.architecture, "component_of", None)
+        component = component_of(key.key) if component_of else None
+        for op in calls:
+            statistic = op.method.model_statistic
+            assert statistic is not None
+            if op.label not in gathered:
+                gathered[op.label] = statistic(op.params)
+            inputs = [evaluate(child, tensors, draw) for child in op.inputs]
+            gathered[op.label].add(key.key, component, inputs)
+    return {label: statistic.result() for label, statistic in gathered.items()}
+
+
+def _run_tasks(
+    plan: Plan, writer: Output, workers: int, budget: int, statistics: dict[str, Any]
+) -> Iterator[Task]:
     """Run tasks on a pool, at most `budget` bytes of whole-tensor work in flight; yield each
     task as it completes, in plan order (so errors surface in order too)."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="weightmix")
@@ -164,7 +198,11 @@ def _run_tasks(plan: Plan, writer: Output, workers: int, budget: int) -> Iterato
                 if queue and in_flight + cost > budget:
                     break
                 queue.append(
-                    (following, cost, pool.submit(run_task, plan, writer, following, buffers))
+                    (
+                        following,
+                        cost,
+                        pool.submit(run_task, plan, writer, following, buffers, statistics),
+                    )
                 )
                 in_flight += cost
                 following = next(upcoming, None)
@@ -196,11 +234,17 @@ class _Buffers(threading.local):
         return typed[:count], raw[: count * typed.element_size()]
 
 
-def run_task(plan: Plan, writer: Output, task: Task, buffers: _Buffers) -> None:
+def run_task(
+    plan: Plan,
+    writer: Output,
+    task: Task,
+    buffers: _Buffers,
+    statistics: dict[str, Any] | None = None,
+) -> None:
     """Compute one task and write its result into the output."""
     key = task.key
     if not task.chunked:
-        writer.write(key.key, compute_key(plan, key))
+        writer.write(key.key, compute_key(plan, key, statistics))
         return
     streamers = _gather_statistics(plan, key, buffers) if task.streamed else None
     out_dtype = key.out_dtype.torch
@@ -269,14 +313,15 @@ def _gather_statistics(plan: Plan, key: KeyPlan, buffers: _Buffers) -> dict[int,
     return streamers
 
 
-def compute_key(plan: Plan, key: KeyPlan) -> torch.Tensor:
+def compute_key(plan: Plan, key: KeyPlan, statistics: dict[str, Any] | None = None) -> torch.Tensor:
     """A merged key's whole output tensor, for methods that need whole tensors or on a GPU
     (copies always stream in chunks: see chunked())."""
     out_dtype = key.out_dtype.torch
     stream = _rounding_stream(plan, key)
     raw = {m: plan.checkpoints[m].read(info) for m, info in key.sources.items()}
     inputs = {m: t.to(plan.device, plan.compute_dtype.torch) for m, t in raw.items()}
-    result = evaluate(key.expr, inputs, Draw(key.stream) if key.stream is not None else None)
+    draw = Draw(key.stream) if key.stream is not None else None
+    result = evaluate(key.expr, inputs, draw, statistics=statistics)
     for model, tensor in inputs.items():
         if result is tensor and raw[model].dtype == out_dtype:
             return raw[model]  # the merge returned an input unchanged: keep its exact bytes

@@ -192,13 +192,15 @@ def evaluate(
     tensors: dict[str, torch.Tensor],
     draw: Draw | None = None,
     streamers: dict[int, Streamer] | None = None,
+    statistics: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Compute the tree for one key from the models' tensors (already in compute dtype);
     `draw` gives the key's random numbers to methods that draw them. With `streamers` (by
-    id of the call) the tensors are one chunk and those calls are computed by their streamer."""
+    id of the call) the tensors are one chunk and those calls are computed by their streamer.
+    `statistics` holds the model-wide statistics of calls that need one, by call label."""
     if isinstance(node, Leaf):
         return tensors[node.model]
-    inputs = [evaluate(child, tensors, draw, streamers) for child in node.inputs]
+    inputs = [evaluate(child, tensors, draw, streamers, statistics) for child in node.inputs]
     streamer = streamers.get(id(node)) if streamers else None
     if streamer is not None:
         salted = draw.salted(node.label) if draw is not None and node.method.random else None
@@ -207,4 +209,8 @@ def evaluate(
         if draw is None:
             raise RuntimeError(f"{node.method.name} draws random numbers but got no draw")
         return node.method(*inputs, draw=draw.salted(node.label), **node.params)
+    if node.method.model_statistic is not None:
+        if statistics is None or node.label not in statistics:
+            raise RuntimeError(f"{node.method.name} needs its model statistic, none was gathered")
+        return node.method(*inputs, statistic=statistics[node.label], **node.params)
     return node.method(*inputs, **node.params)

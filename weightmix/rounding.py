@@ -2,7 +2,8 @@
 rounding that is unbiased (E[round(x)] = x) and reproducible.
 
 The random numbers are counter-based: element i of key k always gets the same uniform number
-for a given seed, however the engine splits the work into chunks or threads.
+for a given seed, however the engine splits the work into chunks or threads (a seeded
+generator per block of 65,536 elements: the block's index is part of the seed).
 """
 
 from __future__ import annotations
@@ -11,12 +12,10 @@ import hashlib
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 ROUNDINGS = ("nearest", "stochastic")
-_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
-_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
-_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
 _PATTERN = {1: torch.uint8, 2: torch.int16}
 _GOLDEN_INT = 0x9E3779B97F4A7C15
 _MASK = (1 << 64) - 1  # integer views of 8- and 16-bit floats
@@ -28,22 +27,29 @@ def key_stream(seed: int, key: str) -> int:
     return int.from_bytes(digest[:8], "little", signed=True)
 
 
-def _shift_right(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 values (torch's >> is arithmetic)."""
-    return (values >> bits) & ((1 << (64 - bits)) - 1)
+BLOCK = 1 << 16  # elements per seeded block of random numbers
 
 
 def uniform(
     stream: int, start: int, count: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """count uniform float32 numbers in [0, 1) for elements start..start+count of a stream:
-    splitmix64 of (stream + index * golden ratio), top 24 bits (exact in float32)."""
-    index = torch.arange(start, start + count, dtype=torch.int64, device=device)
-    z = index * _GOLDEN + stream  # int64 arithmetic wraps, as splitmix64 needs
-    z = (z ^ _shift_right(z, 30)) * _MIX1
-    z = (z ^ _shift_right(z, 27)) * _MIX2
-    z = z ^ _shift_right(z, 31)
-    return _shift_right(z, 40).to(torch.float32) * (1.0 / (1 << 24))
+    """count uniform float32 numbers in [0, 1) for elements start..start+count of a stream.
+    Element i takes number i mod 2^16 of block i // 2^16: a block's numbers are the 32-bit
+    halves (low half first) of the 64-bit outputs of numpy's PCG64DXSM seeded with
+    SeedSequence([stream mod 2^64, block]), each keeping its top 24 bits (exact in float32).
+    Counter-based by block, so any split of the work draws the same numbers."""
+    numbers = torch.empty(count, dtype=torch.float32)
+    position, end = start, start + count
+    while position < end:
+        block, offset = divmod(position, BLOCK)
+        stop = min(end, (block + 1) * BLOCK)
+        used = stop - block * BLOCK  # numbers of the block up to `stop`
+        seed = np.random.SeedSequence([stream & _MASK, block])
+        raw = np.random.PCG64DXSM(seed).random_raw((used + 1) // 2)
+        halves = torch.from_numpy(raw.view(np.int32))[offset:used]
+        numbers[position - start : stop - start].copy_((halves >> 8) & 0xFFFFFF)
+        position = stop
+    return numbers.mul_(1.0 / (1 << 24)).to(device)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 
 from weightmix.blocks import parse_block_value
 from weightmix.errors import WeightmixError, closest
-from weightmix.methods.streaming import Streamer
+from weightmix.methods.streaming import ModelStatistic, Streamer
 from weightmix.recipe import holds_non_finite, not_a_bool
 
 Tensor = torch.Tensor
@@ -93,6 +93,7 @@ class MethodSpec:
     elementwise: bool  # output element i depends only on input elements i: can run in chunks
     random: bool = False  # takes `draw`: seeded uniform numbers per element (see rounding.Draw)
     streamer: type[Streamer] | None = None  # runs in chunks after statistics passes
+    model_statistic: type[ModelStatistic] | None = None  # gathered over all keys first
 
     def streams(self, params: dict[str, Any]) -> bool:
         """Whether a call with these parameters can run in chunks with statistics passes."""
@@ -136,10 +137,14 @@ class MethodSpec:
             raise WeightmixError(f"{where}: {self.name}: {problem}")
         return resolved
 
-    def __call__(self, *inputs: Tensor, draw: Any = None, **params: Any) -> Tensor:
+    def __call__(
+        self, *inputs: Tensor, draw: Any = None, statistic: Any = None, **params: Any
+    ) -> Tensor:
         arguments = {self.params[k].argument or k: v for k, v in params.items()}
         if self.random:
             arguments["draw"] = draw
+        if self.model_statistic is not None:
+            arguments["statistic"] = statistic
         return self.func(*inputs, **arguments)
 
 
@@ -155,12 +160,15 @@ def merge_method(
     name: str | None = None,
     elementwise: bool = False,
     streamer: type[Streamer] | None = None,
+    model_statistic: type[ModelStatistic] | None = None,
 ) -> Callable[[Callable[..., Tensor]], MethodSpec]:
     """Register a merge method. `inputs` gives the merge space (weight, delta or any) of each
     input (the last repeats), `output` the space of the result (or 'same' as the inputs).
     `elementwise=True` promises that each output element depends only on the input elements
     at the same position (and the parameters), so the engine may feed the method in chunks.
-    A `streamer` (see streaming.py) runs a method that needs whole-tensor statistics in chunks.
+    A `streamer` (see streaming.py) runs a method that needs whole-tensor statistics in chunks;
+    a `model_statistic` is gathered over every key the call merges, before the merge, and given
+    to the function as its keyword `statistic`.
     A keyword `draw` (not a recipe parameter) asks for seeded random numbers: the engine passes
     a rounding.Draw for the elements at hand. A trailing _ is dropped from parameter names
     (lambda_ is written `lambda`)."""
@@ -179,7 +187,7 @@ def merge_method(
                 p.name.rstrip("_"), hints[p.name], p.default, TypeAdapter(hints[p.name]), p.name
             )
             for p in signature.parameters.values()
-            if p.kind == p.KEYWORD_ONLY and p.name != "draw"
+            if p.kind == p.KEYWORD_ONLY and p.name not in ("draw", "statistic")
         }
         spec = MethodSpec(
             name=name or func.__name__,
@@ -193,6 +201,7 @@ def merge_method(
             elementwise=elementwise,
             random="draw" in signature.parameters,
             streamer=streamer,
+            model_statistic=model_statistic,
             summary=" ".join((inspect.getdoc(func) or "").split("\n\n")[0].split()),
         )
         if spec.name in METHODS:

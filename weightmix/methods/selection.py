@@ -75,6 +75,7 @@ class StreamedTopK:
         self.counts: Tensor | None = None
         self.threshold: Tensor | None = None
         self.need = 0  # elements equal to the cut to keep
+        self.ties = 0  # elements equal to the cut
         self.taken = 0  # of those, kept in the chunks seen so far
 
     def wants_pass(self) -> bool:
@@ -88,9 +89,12 @@ class StreamedTopK:
         shift = self.shifts[self.stage]
         if self.stage == 0:
             fields = bits >> shift  # the sign bit is 0: fields run 0 .. 2^15 - 1
-        else:
-            fields = (bits[(bits >> (shift + 16)) == self.prefix] >> shift) & 0xFFFF
-        counts = torch.bincount(fields, minlength=1 << 16)
+        else:  # the next 16 bits of the elements under the cut so far, shifted by one; the
+            # others counted in bins 0 and 2^16 + 1 (integer arithmetic: faster than masks)
+            fields = ((bits >> shift) - (self.prefix << 16)).clamp_(-1, 1 << 16).add_(1)
+        counts = torch.bincount(fields, minlength=(1 << 16) + (2 if self.stage else 0))
+        if self.stage:
+            counts = counts[1 : (1 << 16) + 1]
         if self.counts is None:
             self.counts = counts
         else:
@@ -108,15 +112,20 @@ class StreamedTopK:
             pattern = torch.tensor([self.prefix], dtype=self.int_dtype)
             self.threshold = pattern.view(self.float_dtype)[0]
             self.need = self.k - self.above
+            self.ties = int(counts[(1 << 16) - 1 - position])  # elements equal to the cut
 
     def mask(self, values: Tensor) -> Tensor | None:
-        """A bool mask of the chunk's elements among the k largest (None: all of them)."""
+        """The chunk's elements among the k largest as 1, the others as 0, in the dtype of
+        `values` (None: all of them). Float arithmetic, not bool masks: several times faster
+        on CPUs (sign(relu(|v| − cut)) is 1 exactly where |v| > cut)."""
         if self.keep_all:
             return None
         magnitudes = values.to(self.float_dtype).abs()
-        keep = magnitudes > self.threshold
+        above = torch.sign(torch.relu(magnitudes - self.threshold))
         if self.taken >= self.need:
-            return keep
+            return above.to(values.dtype)
+        if self.ties == self.need:  # every element at the cut is kept: |v| >= cut
+            return (1 - torch.sign(torch.relu(self.threshold - magnitudes))).to(values.dtype)
         at_cut = magnitudes == self.threshold
         count = int(at_cut.sum())
         if self.taken + count > self.need:  # the cut ends inside this chunk
@@ -124,4 +133,4 @@ class StreamedTopK:
             at_cut &= (order <= self.need - self.taken).reshape(at_cut.shape)
             count = self.need - self.taken
         self.taken += count
-        return keep | at_cut
+        return above.add_(at_cut).to(values.dtype)

@@ -53,7 +53,7 @@ def random_drop(delta: Tensor, density: float, uniforms: Tensor) -> Tensor:
     1/density, so that the expected delta is unchanged."""
     if density >= 1:
         return delta
-    return torch.where(uniforms < density, delta / density, torch.zeros_like(delta))
+    return (delta * (uniforms < density)).div_(density)
 
 
 def magnitude_ranked_drop(
@@ -111,12 +111,15 @@ def combine(
         elected = torch.sign(_sum(weighted))
     else:
         elected = torch.sign(_sum([torch.sign(t) for t in weighted]))
-    agreeing = [(torch.sign(t) == elected) & (elected != 0) for t in weighted]
-    total = _sum([torch.where(mask, t, torch.zeros_like(t)) for mask, t in zip(agreeing, weighted)])
+    # t agrees with s ∈ {−1, 0, 1} iff t·s > 0; then relu(t·s)·s = t, else 0 (float ops only:
+    # on the CPU they run several times faster than masks and torch.where)
+    agreeing = [torch.relu(t * elected) for t in weighted]
+    total = _sum([part * elected for part in agreeing])
     if not normalize:
         return total
-    divisor = _sum([mask.to(total.dtype) * w for mask, w in zip(agreeing, weights)])
-    return total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    divisor = _sum([torch.sign(part) * w for part, w in zip(agreeing, weights)])
+    # 1 where no weight agrees: the added term is exactly 0 or 1, so divisors stay exact
+    return total / divisor.add_(1 - torch.sign(divisor).abs())
 
 
 def _sum(tensors: Sequence[Tensor]) -> Tensor:
@@ -195,7 +198,7 @@ class MagnitudeCutStreamer(Streamer):
             masks = [cut.mask(delta) for cut in cuts[index]]
             if not masks or masks[0] is None:
                 return delta
-            keep = masks[0] if len(masks) == 1 else masks[0] & ~masks[1]
+            keep = masks[0] if len(masks) == 1 else masks[0] - masks[1]
             return delta * keep
 
         p = self.params

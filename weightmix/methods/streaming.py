@@ -103,3 +103,20 @@ class GramStreamer(Streamer):
 
     def apply_with(self, gram: list[list[float]], inputs: Sequence[Tensor]) -> Tensor:
         raise NotImplementedError
+
+
+class ModelStatistic:
+    """A statistic over every key one call of a method merges (supermerger's similarity
+    range for cosine merges), gathered by the engine in a pass over those keys before the
+    merge and given to the method as its `statistic` keyword."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = params
+
+    def add(self, key: str, component: str | None, inputs: Sequence[Tensor]) -> None:
+        """Take in one key's whole input tensors (component: its part of the model, if known)."""
+        raise NotImplementedError
+
+    def result(self) -> Any:
+        """What the method receives, once every key has been added."""
+        raise NotImplementedError
