@@ -302,6 +302,8 @@ def test_breadcrumbs_keeps_the_middle_band_and_della_its_probabilities(tmp_path)
         ("karcher", {"max_iter": 0}, 2, "max_iter=0"),
         ("multislerp", {"weights": [1, 2, 3]}, 2, "3 weights given for 2 models"),
         ("della", {"density": 0.1, "epsilon": 0.2}, 3, "must stay within (0, 1]"),
+        ("ties", {"density": 0.5, "weights": "1,2"}, 3, "write a list in brackets: weights=[1,2]"),
+        ("nuslerp", {"weights": [-1, 3]}, 2, "t = w_B/(w_A + w_B) = 1.5, outside 0..1"),
     ],
 )
 def test_bad_method_parameters_are_one_line(run, tmp_path, method, params, count, says):
@@ -418,3 +420,42 @@ def test_add_cosine_follows_supermergers_formula(tmp_path, method):
         torch.testing.assert_close(merged[key].double(), expected, rtol=1e-5, atol=1e-5)
     assert not torch.equal(merged[keys[0]], a[keys[0]])
     assert not torch.equal(merged[keys[0]], b[keys[0]])
+
+
+def test_research_methods_run_from_a_recipe_file_and_re_run_from_the_output(run, tmp_path):
+    """A tree of research methods (streamed, random, model-wide statistic) written as a YAML
+    file, run by the CLI, then re-run from the recipe recorded in the output: same tensors."""
+    import yaml
+
+    _, paths = models(tmp_path, 3, torch.float16)
+    recipe = {
+        "models": {"base": "m0.safetensors", "x": "m1.safetensors", "y": "m2.safetensors"},
+        "seed": 7,
+        "merge": {
+            "method": "weighted_sum",
+            "alpha": 0.5,
+            "inputs": [
+                {"method": "ties", "inputs": ["base", "x", "y"], "density": 0.4},
+                {
+                    "method": "add_cosine_b",
+                    "alpha": 0.1,
+                    "inputs": [
+                        {"method": "dare_ties", "inputs": ["base", "x", "y"], "density": 0.6},
+                        {"method": "slerp", "inputs": ["x", "y"], "t": 0.3},
+                    ],
+                },
+            ],
+        },
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    out, again = tmp_path / "out.safetensors", tmp_path / "again.safetensors"
+    assert run("merge", tmp_path / "r.yaml", "-o", out, "-q").code == 0
+    printed = run("inspect", out, "--recipe")
+    assert printed.code == 0 and yaml.safe_load(printed.out)["merge"]["inputs"][1]["alpha"] == 0.1
+    (tmp_path / "recorded.yaml").write_text(printed.out)
+    assert run("merge", tmp_path / "recorded.yaml", "-o", again, "-q").code == 0
+    first, second = load(out), load(again)
+    assert first.keys() == second.keys() == set(SHAPES)
+    assert all(torch.equal(first[k], second[k]) for k in SHAPES)
+    states = [load(p) for p in paths]
+    assert not any(torch.equal(first["w"], s["w"]) for s in states)

@@ -59,6 +59,8 @@ class ParamSpec:
         except ValidationError as error:
             message = str(error.errors()[0]["msg"]).removeprefix("Value error, ")
             text = repr(value) if shown is None else shown
+            if isinstance(value, str) and _takes_list(self.annotation):
+                message += f"; write a list in brackets: {self.name}=[{value.strip('[]() ')}]"
             raise WeightmixError(f"{where} {self.name}={text}: {message}") from None
         if holds_non_finite(checked):  # e.g. the string 'nan' read as a float
             raise WeightmixError(
@@ -66,6 +68,13 @@ class ParamSpec:
                 " finite number"
             )
         return checked
+
+
+def _takes_list(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, Annotated):
+        return any(_takes_list(a) for a in typing.get_args(annotation) if a is not type(None))
+    return origin is list
 
 
 def _scalar_number(annotation: Any) -> bool:

@@ -53,7 +53,8 @@ def random_drop(delta: Tensor, density: float, uniforms: Tensor) -> Tensor:
     1/density, so that the expected delta is unchanged."""
     if density >= 1:
         return delta
-    return (delta * (uniforms < density)).div_(density)
+    keep = torch.sign(torch.relu(density - uniforms))  # 1 where uniform < density, else 0
+    return (delta * keep.to(delta.dtype)).div_(density)
 
 
 def magnitude_ranked_drop(

@@ -111,6 +111,12 @@ def _check_nuslerp(count: int, params: dict[str, Any]) -> str | None:
     weights = params["weights"]
     if weights is not None and len(weights) != 2:
         return f"{len(weights)} weights given for 2 models: give two"
+    t = _nuslerp_t(weights)
+    if not 0 <= t <= 1:
+        return (
+            f"weights {weights} give t = w_B/(w_A + w_B) = {t:g}, outside 0..1 (slerp does not"
+            " extrapolate): give weights of the same sign"
+        )
     return None
 
 
