@@ -123,6 +123,9 @@ def test_breadcrumbs_in_chunks_equals_the_whole_tensor(tmp_path, monkeypatch, me
         ("nuslerp", {"weights": [1.0, 3.0]}, 2),
         ("model_stock", {}, 3),
         ("model_stock", {}, 4),
+        ("multislerp", {"weights": [1.0, 2.0, 0.5]}, 3),
+        ("karcher", {}, 3),
+        ("geometric_median", {"weights": [1.0, 2.0, 1.0, 0.5]}, 4),
     ],
 )
 def test_dot_product_methods_in_chunks_equal_the_whole_tensor(
@@ -130,11 +133,7 @@ def test_dot_product_methods_in_chunks_equal_the_whole_tensor(
 ):
     states, paths = fine_tunes(tmp_path, count, torch.float16)
     merged = merged_streaming(tmp_path, monkeypatch, paths, method, **params)
-    full = {"t": 0.3} if method == "slerp" else {}
-    if method == "nuslerp":
-        full = params | {"nuslerp_flatten": True, "nuslerp_row_wise": False}
-    if method == "model_stock":
-        full = {"filter_wise": False}
+    full = METHODS[method].resolve_params(params, count, "test")
     for key in SHAPES:
         whole = whole_tensor(states, method, full, key, torch.float32).half()
         assert torch.equal(merged[key], whole), key

@@ -35,3 +35,18 @@ def distance(a: torch.Tensor, b: torch.Tensor) -> float:
         part = flat_a[start : start + SLICE].double() - flat_b[start : start + SLICE].double()
         total += float(torch.dot(part, part))
     return total**0.5
+
+
+def gram(vectors: list[torch.Tensor]) -> list[list[float]]:
+    """The matrix of dot products ⟨v_i, v_j⟩ (each summed as dot() sums it)."""
+    count = len(vectors)
+    sums = {(i, j): dot(vectors[i], vectors[j]) for i in range(count) for j in range(i, count)}
+    return [[sums[min(i, j), max(i, j)] for j in range(count)] for i in range(count)]
+
+
+def combination(tensors: list[torch.Tensor], coefficients: list[float]) -> torch.Tensor:
+    """Σ c_i·t_i accumulated in float64, in the dtype of the first tensor."""
+    total = tensors[0].double() * coefficients[0]
+    for tensor, coefficient in zip(tensors[1:], coefficients[1:]):
+        total.add_(tensor.double(), alpha=coefficient)
+    return total.to(tensors[0].dtype)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from weightmix.methods.reductions import distance, dot
+from weightmix.methods.reductions import gram
 from weightmix.methods.registry import (
     ANY,
     SAME,
@@ -53,19 +53,19 @@ class StockStreamer(GramStreamer):
         base, *models = inputs
         return [model - base for model in models]
 
-    def apply_with(self, gram: list[list[float]], inputs: Sequence[Tensor]) -> Tensor:
+    def apply_with(self, products: list[list[float]], inputs: Sequence[Tensor]) -> Tensor:
         base, *models = inputs
-        return _stock_step(base, models, _stock_factor(gram))
+        return _stock_step(base, models, _stock_factor(products))
 
 
-def _stock_factor(gram: list[list[float]]) -> float:
+def _stock_factor(products: list[list[float]]) -> float:
     """t = N·cos θ / (1 + (N−1)·cos θ) from the task vectors' Gram matrix, cos θ the mean
     pairwise cosine (each clamped to [−1, 1], norms below 1e-6 read as 1e-6); 0 where the
     denominator is 0."""
-    count = len(gram)
-    norms = [gram[i][i] ** 0.5 for i in range(count)]
+    count = len(products)
+    norms = [products[i][i] ** 0.5 for i in range(count)]
     pairs = [
-        max(-1.0, min(1.0, gram[i][j] / max(norms[i] * norms[j], 1e-6)))
+        max(-1.0, min(1.0, products[i][j] / max(norms[i] * norms[j], 1e-6)))
         for i in range(count)
         for j in range(i + 1, count)
     ]
@@ -93,9 +93,7 @@ def model_stock(base: Tensor, *models: Tensor, filter_wise: bool = False) -> Ten
     count = len(models)
     deltas = [m - base for m in models]
     if not filter_wise or base.dim() < 2:  # whole tensors, dot products in float64 by slices
-        sums = {(i, j): dot(deltas[i], deltas[j]) for i in range(count) for j in range(i, count)}
-        gram = [[sums[min(i, j), max(i, j)] for j in range(count)] for i in range(count)]
-        return _stock_step(base, models, _stock_factor(gram))
+        return _stock_step(base, models, _stock_factor(gram(deltas)))
     vectors = [d.reshape(d.shape[0], -1).double() for d in deltas]
     cosines = []
     for i in range(count):
@@ -119,7 +117,53 @@ def _check_median(count: int, params: dict[str, Any]) -> str | None:
     return None
 
 
-@merge_method(inputs=ANY, output=SAME, min_inputs=2, check=_check_median)
+class MedianStreamer(GramStreamer):
+    """geometric_median in chunks: one pass sums the Gram matrix of the differences from the
+    first model; Weiszfeld's iterations then run on N numbers, and the median is combined
+    chunk by chunk."""
+
+    def vectors(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        first, *others = inputs
+        return [other - first for other in others]
+
+    def apply_with(self, products: list[list[float]], inputs: Sequence[Tensor]) -> Tensor:
+        p = self.params
+        shares = weiszfeld(products, p["weights"], p["eps"], p["iterations"], p["tol"])
+        return _mean_offset(list(inputs), shares)
+
+
+def weiszfeld(
+    products: list[list[float]],
+    weights: list[float] | None,
+    eps: float,
+    iterations: int,
+    tol: float,
+) -> list[float]:
+    """Weiszfeld's iteration on the points P_0 .. P_{N−1} given the Gram matrix H of
+    D_j = P_j − P_0 (j ≥ 1): the median is P_0 + Σ b_j·D_j and ‖P_i − m‖² = (e_i − b)ᵀH(e_i − b),
+    so each step is arithmetic on N numbers. Returns the median's weights β (normalised by
+    _mean_offset)."""
+    count = len(products) + 1
+    w = torch.tensor(weights or [1.0] * count, dtype=torch.float64)
+    h = torch.zeros(count, count, dtype=torch.float64)
+    h[1:, 1:] = torch.tensor(products, dtype=torch.float64).reshape(count - 1, count - 1)
+    eye = torch.eye(count, dtype=torch.float64)
+
+    def distances(betas: torch.Tensor) -> torch.Tensor:
+        offsets = eye - betas / betas.sum()  # row i: e_i − b over the D basis (D_0 = 0)
+        return torch.einsum("ij,jk,ik->i", offsets, h, offsets).clamp(min=0).sqrt()
+
+    betas = w
+    objective = float((w * distances(betas)).sum())
+    for _ in range(iterations):
+        betas = w / distances(betas).clamp(min=eps)
+        previous, objective = objective, float((w * distances(betas)).sum())
+        if abs(previous - objective) <= tol * objective:
+            break
+    return betas.tolist()
+
+
+@merge_method(inputs=ANY, output=SAME, min_inputs=2, check=_check_median, streamer=MedianStreamer)
 def geometric_median(
     *models: Tensor,
     weights: list[Finite] | None = None,
@@ -130,20 +174,9 @@ def geometric_median(
     """The geometric median of the models, each tensor one point (Weiszfeld 1937; as in
     sd-mecha): from the (weighted) mean m, repeat β_i = w_i / max(‖M_i − m‖, eps),
     m ← Σ β_i M_i / Σ β_i until the objective Σ w_i ‖M_i − m‖ changes by at most tol times
-    itself, or `iterations` steps. Identical models give that model bit for bit."""
-    w = weights or [1.0] * len(models)
-    points = list(models)
-    median = _mean_offset(points, w)
-    objective = _objective(points, median, w)
-    for _ in range(iterations):
-        distances = [distance(p, median) for p in points]
-        betas = [wi / max(d, eps) for wi, d in zip(w, distances)]
-        median = _mean_offset(points, betas)
-        previous, objective = objective, _objective(points, median, w)
-        if abs(previous - objective) <= tol * objective:
-            break
-    return median
-
-
-def _objective(points: list[Tensor], median: Tensor, weights: list[float]) -> float:
-    return sum(w * distance(p, median) for p, w in zip(points, weights))
+    itself, or `iterations` steps. Distances come from the Gram matrix of M_i − M_0 (float64),
+    so the iterations cost no pass over the tensors. Identical models give that model bit for
+    bit."""
+    first = models[0]
+    products = gram([m - first for m in models[1:]])
+    return _mean_offset(list(models), weiszfeld(products, weights, eps, iterations, tol))

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from weightmix.methods.reductions import dot
+from weightmix.methods.reductions import combination, dot, gram
 from weightmix.methods.registry import (
     ANY,
     SAME,
@@ -159,13 +159,63 @@ def _check_weights(count: int, params: dict[str, Any]) -> str | None:
     return None
 
 
-def _unit_vectors(models: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-    flat = torch.stack([m.reshape(-1).double() for m in models])
-    norms = flat.norm(dim=1, keepdim=True)
-    return flat, norms
+def _matrix(products: list[list[float]]) -> Tensor:
+    return torch.tensor(products, dtype=torch.float64).reshape(len(products), len(products))
 
 
-@merge_method(inputs=ANY, output=SAME, min_inputs=2, check=_check_weights)
+def _length(coefficients: Tensor, g: Tensor) -> float:
+    """‖Σ c_i·M_i‖ from the Gram matrix g of the M_i."""
+    return float((coefficients @ g @ coefficients).clamp(min=0).sqrt())
+
+
+def multislerp_coefficients(
+    products: list[list[float]], weights: list[float] | None, normalize: bool, eps: float
+) -> list[float]:
+    """multislerp's result as Σ γ_i·M_i: every vector involved lies in the span of the
+    models, so the steps run on N coefficients with the Gram matrix g of the models (float64):
+    u_i = M_i/(‖M_i‖ + eps), μ = Σ w_i u_i normalised, τ = Σ w_i (u_i − ⟨u_i, μ⟩μ), result
+    (Σ w_i ‖M_i‖)·(cos‖τ‖·μ + sin‖τ‖·τ/‖τ‖); the plain weighted sum when ‖Σ w_i u_i‖ < eps."""
+    g = _matrix(products)
+    count = g.shape[0]
+    w = torch.tensor(weights or [1.0] * count, dtype=torch.float64)
+    if normalize:
+        w = w / w.sum()
+    norms = g.diagonal().clamp(min=0).sqrt()
+    inverse = 1 / (norms + eps)
+    mean = w * inverse
+    mean_norm = _length(mean, g)
+    if mean_norm < eps:  # opposite vectors: no direction to average
+        return w.tolist()
+    mean = mean / mean_norm
+    projections = inverse * (g @ mean)  # ⟨u_i, μ⟩
+    step = w * inverse - (w * projections).sum() * mean
+    length = _length(step, g)
+    direction = (
+        mean if length < eps else mean * math.cos(length) + step * (math.sin(length) / length)
+    )
+    return (direction * (norms * w).sum()).tolist()
+
+
+class GramOfInputs(GramStreamer):
+    """A method whose statistic is the Gram matrix of its inputs and whose result is a
+    combination of them: `coefficients(products)` says which."""
+
+    def coefficients(self, products: list[list[float]]) -> list[float]:
+        raise NotImplementedError
+
+    def apply_with(self, products: list[list[float]], inputs: Sequence[Tensor]) -> Tensor:
+        return combination(list(inputs), self.coefficients(products))
+
+
+class MultislerpStreamer(GramOfInputs):
+    def coefficients(self, products: list[list[float]]) -> list[float]:
+        p = self.params
+        return multislerp_coefficients(products, p["weights"], p["normalize_weights"], p["eps"])
+
+
+@merge_method(
+    inputs=ANY, output=SAME, min_inputs=2, check=_check_weights, streamer=MultislerpStreamer
+)
 def multislerp(
     *models: Tensor,
     weights: list[Finite] | None = None,
@@ -175,36 +225,57 @@ def multislerp(
     """Barycentric interpolation on the sphere in one tangent-space step (Buss & Fillmore
     2001): u_i = M_i/‖M_i‖, μ = normalised Σ w_i u_i, τ = Σ w_i (u_i − ⟨u_i, μ⟩μ), result =
     (Σ w_i ‖M_i‖)·(cos‖τ‖·μ + sin‖τ‖·τ/‖τ‖); weights normalised to sum 1 by default."""
-    count = len(models)
+    products = gram(list(models))
+    return combination(
+        list(models), multislerp_coefficients(products, weights, normalize_weights, eps)
+    )
+
+
+def karcher_coefficients(
+    products: list[list[float]], weights: list[float] | None, max_iter: int, tol: float
+) -> list[float]:
+    """The Karcher mean as Σ γ_i·M_i, iterated on N coefficients with the Gram matrix of the
+    models (float64): u stays in the span of the unit vectors u_i = M_i/‖M_i‖."""
+    g = _matrix(products)
+    count = g.shape[0]
     w = torch.tensor(weights or [1.0] * count, dtype=torch.float64)
-    if normalize_weights:
-        w = w / w.sum()
-    flat, norms = _unit_vectors(models)
-    units = flat / (norms + eps)
-    mean = (units * w.view(-1, 1)).sum(0)
-    mean_norm = mean.norm()
-    if mean_norm < eps:  # opposite vectors: no direction to average
-        return _weighted(models, w)
-    mean = mean / mean_norm
-    tangents = units - (units @ mean).view(-1, 1) * mean
-    step = (tangents * w.view(-1, 1)).sum(0)
-    length = step.norm()
-    if length < eps:
-        direction = mean
+    w = w / w.sum()
+    norms = g.diagonal().clamp(min=0).sqrt()
+    scale = float((norms * w).sum())
+    valid = norms > tol
+    if not bool(valid.any()):
+        return [0.0] * count
+    inverse = torch.where(valid, 1 / torch.where(valid, norms, 1), 0)  # u_i = M_i·inverse_i
+    alphas = torch.where(valid, w, 0) / w[valid].sum()
+    u = alphas * inverse
+    length = _length(u, g)
+    if length > tol:
+        u = u / length
     else:
-        direction = mean * torch.cos(length) + step * (torch.sin(length) / length)
-    result = direction * (norms.view(-1) * w).sum()
-    return result.reshape(models[0].shape).to(models[0].dtype)
+        u = torch.zeros_like(u)
+        first = int(valid.nonzero()[0])
+        u[first] = inverse[first]
+    for _ in range(max_iter):
+        cos = (inverse * (g @ u)).clamp(-1, 1)  # ⟨u_i, u⟩
+        theta = torch.acos(cos)
+        factor = torch.where((theta > tol) & valid, theta / torch.sin(theta).clamp(min=1e-300), 0)
+        weighted = alphas * factor
+        step = weighted * inverse - (weighted * cos).sum() * u
+        length = _length(step, g)
+        if length < tol:
+            break
+        u = math.cos(length) * u + math.sin(length) * step / length
+        u = u / _length(u, g)
+    return (u * scale).tolist()
 
 
-def _weighted(models: tuple[Tensor, ...], w: Tensor) -> Tensor:
-    total = models[0].double() * float(w[0])
-    for model, weight in zip(models[1:], w[1:]):
-        total += model.double() * float(weight)
-    return total.to(models[0].dtype)
+class KarcherStreamer(GramOfInputs):
+    def coefficients(self, products: list[list[float]]) -> list[float]:
+        p = self.params
+        return karcher_coefficients(products, p["weights"], p["max_iter"], p["tol"])
 
 
-@merge_method(inputs=ANY, output=SAME, min_inputs=2, check=_check_weights)
+@merge_method(inputs=ANY, output=SAME, min_inputs=2, check=_check_weights, streamer=KarcherStreamer)
 def karcher(
     *models: Tensor,
     weights: list[Finite] | None = None,
@@ -214,29 +285,7 @@ def karcher(
     """Karcher (Riemannian) mean on the unit sphere (Karcher 1977), each tensor one vector:
     from the normalised weighted mean of the unit vectors u_i, repeat u ← exp_u(Σ w_i log_u(u_i))
     (log_u(v) = θ/sin θ·(v − cos θ·u), θ = arccos⟨u, v⟩) until the step is below tol or max_iter
-    steps; the result is u scaled by Σ w_i ‖M_i‖. Weights equal by default (mergekit has none)."""
-    count = len(models)
-    w = torch.tensor(weights or [1.0] * count, dtype=torch.float64)
-    w = w / w.sum()
-    flat, norms = _unit_vectors(models)
-    scale = float((norms.view(-1) * w).sum())
-    valid = norms.view(-1) > tol
-    if not bool(valid.any()):
-        return torch.zeros_like(models[0])
-    units = flat[valid] / norms[valid]
-    alphas = w[valid] / w[valid].sum()
-    u = (units * alphas.view(-1, 1)).sum(0)
-    u = u / u.norm() if u.norm() > tol else units[0].clone()
-    for _ in range(max_iter):
-        cos = (units @ u).clamp(-1, 1)
-        theta = torch.acos(cos)
-        factor = torch.where(
-            theta > tol, theta / torch.sin(theta).clamp(min=1e-300), torch.zeros_like(theta)
-        )
-        step = ((units - cos.view(-1, 1) * u) * (alphas * factor).view(-1, 1)).sum(0)
-        length = step.norm()
-        if length < tol:
-            break
-        u = torch.cos(length) * u + torch.sin(length) * step / length
-        u = u / u.norm()
-    return (u * scale).reshape(models[0].shape).to(models[0].dtype)
+    steps; the result is u scaled by Σ w_i ‖M_i‖. Weights equal by default (mergekit has none).
+    The iterations run on N coefficients with the models' Gram matrix (float64)."""
+    products = gram(list(models))
+    return combination(list(models), karcher_coefficients(products, weights, max_iter, tol))
