@@ -178,9 +178,11 @@ def test_row_wise_variants_keep_the_whole_tensor_path(tmp_path):
     planned = make_plan(recipe, tmp_path / "out.safetensors")
     modes = {engine.mode(planned, key) for key in planned.keys}
     assert modes == {engine.WHOLE}
+    assert "computed whole" in weightmix.api.dry_run(recipe)
     recipe["merge"]["filter_wise"] = False
     planned = make_plan(recipe, tmp_path / "out.safetensors")
     assert {engine.mode(planned, key) for key in planned.keys} == {engine.STREAMED}
+    assert "3 keys in chunks after statistics passes" in weightmix.api.dry_run(recipe)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

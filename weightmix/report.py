@@ -6,7 +6,14 @@ import json
 from collections import Counter
 
 from weightmix.arch.families import Architecture, Unknown, detect
-from weightmix.engine import DEFAULT_BUDGET, chunked, default_threads, estimate_peak
+from weightmix.engine import (
+    DEFAULT_BUDGET,
+    STREAMED,
+    chunked,
+    default_threads,
+    estimate_peak,
+    mode,
+)
 from weightmix.errors import WeightmixError
 from weightmix.io import Checkpoint
 from weightmix.plan import Plan
@@ -44,6 +51,9 @@ def describe_plan(plan: Plan, budget: int = DEFAULT_BUDGET, threads: int | None 
     workers = threads or default_threads()
     whole = [k for k in plan.keys if not chunked(plan, k)]
     how = f"chunk buffers of {workers} worker threads"
+    streamed = sum(1 for k in plan.keys if mode(plan, k) == STREAMED)
+    if streamed:
+        how += f", {count(streamed, 'key')} in chunks after statistics passes"
     if whole:
         largest = max(whole, key=plan.working_set)
         how += (
