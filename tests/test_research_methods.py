@@ -414,7 +414,8 @@ def test_add_cosine_follows_supermergers_formula(tmp_path, method):
         if not key.startswith("first_stage_model"):
             listed += (column if method == "add_cosine_a" else combined[key]).tolist()
     low, high = _reference_range(listed)
-    for key in keys:
+    assert torch.equal(merged[keys[-1]], a[keys[-1]])  # VAE keys stay A, as in supermerger
+    for key in keys[:-1]:
         k = ((combined[key] - low) / (high - low) - 0.2).clamp(0, 1)
         expected = k * a[key].double() + (1 - k) * b[key].double()
         torch.testing.assert_close(merged[key].double(), expected, rtol=1e-5, atol=1e-5)
@@ -459,3 +460,72 @@ def test_research_methods_run_from_a_recipe_file_and_re_run_from_the_output(run,
     assert all(torch.equal(first[k], second[k]) for k in SHAPES)
     states = [load(p) for p in paths]
     assert not any(torch.equal(first["w"], s["w"]) for s in states)
+
+
+def test_nested_add_cosine_gathers_the_inner_range_first(tmp_path):
+    """An add_cosine over another add_cosine equals merging in two steps through a file."""
+    _, paths = models(tmp_path, 3)
+    inner = {"method": "add_cosine_b", "inputs": ["M0", "M1"], "alpha": 0.1}
+    names = {f"M{i}": str(p) for i, p in enumerate(paths)}
+    nested = {"models": names, "merge": {"method": "add_cosine_a", "alpha": 0.2,
+                                          "inputs": [inner, "M2"]}}  # fmt: skip
+    weightmix.merge(nested, tmp_path / "nested.safetensors")
+    first = {"M0": names["M0"], "M1": names["M1"]}
+    weightmix.merge({"models": first, "merge": inner}, tmp_path / "step.safetensors")
+    outer = {"method": "add_cosine_a", "alpha": 0.2, "inputs": ["S", "M2"]}
+    step = str(tmp_path / "step.safetensors")
+    two_steps = {"models": {"S": step, "M2": names["M2"]}, "merge": outer}
+    weightmix.merge(two_steps, tmp_path / "two.safetensors")
+    nested_out, two = load(tmp_path / "nested.safetensors"), load(tmp_path / "two.safetensors")
+    assert all(torch.equal(nested_out[k], two[k]) for k in SHAPES)
+
+
+@pytest.mark.parametrize("method", ["add_cosine_a", "add_cosine_b"])
+def test_add_cosine_of_zero_tensors_is_zero_not_nan(tmp_path, method):
+    zero = {"bias": torch.zeros(6), "w": torch.randn(4, 6)}
+    other = {"bias": torch.zeros(6), "w": torch.randn(4, 6)}
+    paths = [save(tmp_path / "a.safetensors", zero), save(tmp_path / "b.safetensors", other)]
+    merged = run_merge(tmp_path, paths, method)
+    assert torch.equal(merged["bias"], torch.zeros(6))
+    assert bool(torch.isfinite(merged["w"]).all())
+
+
+def test_breadcrumbs_drops_the_outliers_when_gamma_and_density_fill_the_tensor(tmp_path):
+    base, one = {"w": torch.zeros(10)}, {"w": torch.arange(1.0, 11.0)}
+    paths = [save(tmp_path / "b.safetensors", base), save(tmp_path / "x.safetensors", one)]
+    merged = run_merge(tmp_path, paths, "breadcrumbs", density=0.5, gamma=0.5)
+    assert merged["w"].tolist() == [1, 2, 3, 4, 5, 0, 0, 0, 0, 0]
+
+
+def test_non_finite_deltas_that_are_dropped_leave_the_base(tmp_path):
+    """A vote of −inf and +1 elects no sign (count): the base stays, not inf·0 = NaN; a
+    DARE-dropped inf is dropped."""
+    base, one = {"w": torch.zeros(4)}, {"w": torch.tensor([1.0, 1.0, 2.0, 3.0])}
+    two = {"w": torch.tensor([-math.inf, 1.0, 2.0, 3.0])}
+    paths = [save(tmp_path / f"{n}.safetensors", s)
+             for n, s in (("b", base), ("x", one), ("y", two))]  # fmt: skip
+    merged = run_merge(tmp_path, paths, "ties", density=1.0, consensus="count")
+    assert merged["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    inf = {"w": torch.full((4096,), math.inf)}
+    paths = [paths[0], save(tmp_path / "inf.safetensors", {"w": torch.zeros(4096)} | inf)]
+    paths[0] = save(tmp_path / "z.safetensors", {"w": torch.zeros(4096)})
+    merged = run_merge(tmp_path, paths, "dare_linear", density=0.5)
+    dropped = merged["w"] == 0
+    assert 1500 < int(dropped.sum()) < 2600  # about half dropped: 0, the others inf
+    assert bool((merged["w"][~dropped] == math.inf).all())
+
+
+def test_a_tensor_without_elements_merges_with_every_streamed_method(tmp_path):
+    """Statistics passes over a tensor of 0 elements end (they looped forever once)."""
+    import subprocess
+    import sys
+
+    states = [{"w": torch.randn(4, 4) + i, "empty": torch.zeros(0, 3)} for i in range(3)]
+    paths = [save(tmp_path / f"e{i}.safetensors", s) for i, s in enumerate(states)]
+    for method, flags in (("ties", ["-p", "density=0.5"]), ("breadcrumbs", ["-p", "density=0.5"]),
+                          ("model_stock", []), ("geometric_median", [])):  # fmt: skip
+        out = tmp_path / f"{method}.safetensors"
+        command = [sys.executable, "-m", "weightmix", "merge", *map(str, paths), "-m", method]
+        done = subprocess.run([*command, *flags, "-o", str(out), "-q"], timeout=120)
+        assert done.returncode == 0, method
+        assert load(out)["empty"].shape == (0, 3)

@@ -23,7 +23,14 @@ from typing import Any
 import torch
 
 from weightmix.allocator import keep_chunk_buffers
-from weightmix.expression import evaluate, is_elementwise, ops, streamed_ops
+from weightmix.expression import (
+    evaluate,
+    is_elementwise,
+    ops,
+    statistic_depth,
+    statistic_id,
+    streamed_ops,
+)
 from weightmix.io import open_output
 from weightmix.io.folder_output import FolderOutput
 from weightmix.io.writer import SafetensorsOutput, tensor_bytes
@@ -155,33 +162,58 @@ def run(
     return RunStats(files, len(plan.keys), plan.output_bytes, time.monotonic() - began)
 
 
-def model_statistics(plan: Plan) -> dict[str, Any]:
+def model_statistics(plan: Plan) -> dict[str, ModelStatistic]:
     """The model-wide statistics of calls that need one (see streaming.ModelStatistic), by
-    call label: one pass over the keys those calls merge, a whole key at a time."""
+    statistic_id: a pass over the keys those calls merge, a whole key at a time; one pass per
+    level of nesting, innermost first (an outer call's inputs need the inner statistics)."""
     gathered: dict[str, ModelStatistic] = {}
-    for key in plan.keys:
-        calls = [op for op in ops(key.expr) if op.method.model_statistic] if key.expr else []
-        if not calls:
-            continue
-        tensors = {
-            m: plan.checkpoints[m].read(info).to(plan.device, plan.compute_dtype.torch)
-            for m, info in key.sources.items()
-        }
-        draw = Draw(key.stream) if key.stream is not None else None
-        component_of = getattr(plan.architecture, "component_of", None)
-        component = component_of(key.key) if component_of else None
-        for op in calls:
-            statistic = op.method.model_statistic
-            assert statistic is not None
-            if op.label not in gathered:
-                gathered[op.label] = statistic(op.params)
-            inputs = [evaluate(child, tensors, draw) for child in op.inputs]
-            gathered[op.label].add(key.key, component, inputs)
-    return {label: statistic.result() for label, statistic in gathered.items()}
+    done: dict[str, ModelStatistic] = {}
+    calls = {id(k): [op for op in ops(k.expr) if op.method.model_statistic] for k in plan.keys
+             if k.expr is not None}  # fmt: skip
+    levels = sorted({statistic_depth(op) for found in calls.values() for op in found})
+    for level in levels:
+        for key in plan.keys:
+            here = [op for op in calls.get(id(key), []) if statistic_depth(op) == level]
+            if not here:
+                continue
+            tensors = {
+                m: plan.checkpoints[m].read(info).to(plan.device, plan.compute_dtype.torch)
+                for m, info in key.sources.items()
+            }
+            draw = Draw(key.stream) if key.stream is not None else None
+            known = statistics_for(plan, key, done)
+            for op in here:
+                statistic = op.method.model_statistic
+                assert statistic is not None
+                if statistic_id(op) not in gathered:
+                    gathered[statistic_id(op)] = statistic(op.params)
+                inputs = [evaluate(child, tensors, draw, statistics=known) for child in op.inputs]
+                gathered[statistic_id(op)].add(key.key, component(plan, key), inputs)
+        for name, statistic in gathered.items():
+            if name not in done:
+                statistic.finish()
+                done[name] = statistic
+    return done
+
+
+def component(plan: Plan, key: KeyPlan) -> str | None:
+    """The key's component (unet, vae, clip_l ...) where the architecture is known."""
+    component_of = getattr(plan.architecture, "component_of", None)
+    return component_of(key.key) if component_of else None
+
+
+def statistics_for(
+    plan: Plan, key: KeyPlan, statistics: dict[str, ModelStatistic] | None
+) -> dict[str, Any] | None:
+    """What each gathered statistic gives the calls merging this key."""
+    if not statistics:
+        return None
+    part = component(plan, key)
+    return {name: statistic.for_key(key.key, part) for name, statistic in statistics.items()}
 
 
 def _run_tasks(
-    plan: Plan, writer: Output, workers: int, budget: int, statistics: dict[str, Any]
+    plan: Plan, writer: Output, workers: int, budget: int, statistics: dict[str, ModelStatistic]
 ) -> Iterator[Task]:
     """Run tasks on a pool, at most `budget` bytes of whole-tensor work in flight; yield each
     task as it completes, in plan order (so errors surface in order too)."""
@@ -239,7 +271,7 @@ def run_task(
     writer: Output,
     task: Task,
     buffers: _Buffers,
-    statistics: dict[str, Any] | None = None,
+    statistics: dict[str, ModelStatistic] | None = None,
 ) -> None:
     """Compute one task and write its result into the output."""
     key = task.key
@@ -303,6 +335,8 @@ def _gather_statistics(plan: Plan, key: KeyPlan, buffers: _Buffers) -> dict[int,
     calls = streamed_ops(key.expr) or []
     dtype = plan.compute_dtype.torch
     streamers = {id(op): op.method.streamer(op.params, key.shape, dtype) for op in calls}
+    if key.numel == 0:  # no chunk to look at, none to compute
+        return streamers
     while pending := [op for op in calls if streamers[id(op)].wants_pass()]:
         for start, _, inputs in _read_chunks(plan, key, 0, key.numel, buffers):
             draw = _draw(key, start)
@@ -313,7 +347,9 @@ def _gather_statistics(plan: Plan, key: KeyPlan, buffers: _Buffers) -> dict[int,
     return streamers
 
 
-def compute_key(plan: Plan, key: KeyPlan, statistics: dict[str, Any] | None = None) -> torch.Tensor:
+def compute_key(
+    plan: Plan, key: KeyPlan, statistics: dict[str, ModelStatistic] | None = None
+) -> torch.Tensor:
     """A merged key's whole output tensor, for methods that need whole tensors or on a GPU
     (copies always stream in chunks: see chunked())."""
     out_dtype = key.out_dtype.torch
@@ -321,7 +357,7 @@ def compute_key(plan: Plan, key: KeyPlan, statistics: dict[str, Any] | None = No
     raw = {m: plan.checkpoints[m].read(info) for m, info in key.sources.items()}
     inputs = {m: t.to(plan.device, plan.compute_dtype.torch) for m, t in raw.items()}
     draw = Draw(key.stream) if key.stream is not None else None
-    result = evaluate(key.expr, inputs, draw, statistics=statistics)
+    result = evaluate(key.expr, inputs, draw, statistics=statistics_for(plan, key, statistics))
     for model, tensor in inputs.items():
         if result is tensor and raw[model].dtype == out_dtype:
             return raw[model]  # the merge returned an input unchanged: keep its exact bytes

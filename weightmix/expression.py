@@ -182,6 +182,18 @@ def streamed_ops(node: Node) -> list[Op] | None:
     return streamed
 
 
+def statistic_id(op: Op) -> str:
+    """Which model-wide statistic a call uses: one per place in the recipe and method."""
+    return f"{op.label}:{op.method.name}"
+
+
+def statistic_depth(op: Op) -> int:
+    """How many calls with a model statistic lie under this one on the deepest path: their
+    statistics must be gathered first, since they compute this call's inputs."""
+    inner = [o for child in op.inputs for o in ops(child) if o.method.model_statistic]
+    return max((statistic_depth(o) + 1 for o in inner), default=0)
+
+
 def is_random(node: Node) -> bool:
     """Whether some method of the tree draws random numbers (DARE, DELLA ...)."""
     return any(op.method.random for op in ops(node))
@@ -210,7 +222,7 @@ def evaluate(
             raise RuntimeError(f"{node.method.name} draws random numbers but got no draw")
         return node.method(*inputs, draw=draw.salted(node.label), **node.params)
     if node.method.model_statistic is not None:
-        if statistics is None or node.label not in statistics:
+        if statistics is None or statistic_id(node) not in statistics:
             raise RuntimeError(f"{node.method.name} needs its model statistic, none was gathered")
-        return node.method(*inputs, statistic=statistics[node.label], **node.params)
+        return node.method(*inputs, statistic=statistics[statistic_id(node)], **node.params)
     return node.method(*inputs, **node.params)

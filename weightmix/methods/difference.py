@@ -61,8 +61,10 @@ def column_similarity(a: Tensor, b: Tensor) -> Tensor:
 
 
 def whole_similarity(a: Tensor, b: Tensor) -> Tensor:
-    """⟨A, B⟩/(‖A‖‖B‖) over the flattened tensors."""
-    return torch.dot(a.reshape(-1), b.reshape(-1)) / (torch.norm(a) * torch.norm(b))
+    """⟨A, B⟩/(‖A‖‖B‖) over the flattened tensors; 0 where a tensor is all zeros (the norm
+    product taken as at least 1e-8, as cosine_similarity does; supermerger gives NaN)."""
+    norms = (torch.norm(a) * torch.norm(b)).clamp(min=1e-8)
+    return torch.dot(a.reshape(-1), b.reshape(-1)) / norms
 
 
 def _unit_columns(tensor: Tensor) -> Tensor:
@@ -77,19 +79,25 @@ def _combined(a: Tensor, b: Tensor) -> Tensor:
 
 class SimilarityRange(ModelStatistic):
     """supermerger's range of similarities for Add Cosine A/B: every similarity of every key
-    the call merges (VAE keys left out), NaNs dropped, values below the 1st percentile
-    removed, then values above the 99th percentile of the rest (numpy, method 'midpoint');
-    the result is (smallest, largest) of what remains. Cosine A lists the column cosines of
-    the column-normalised tensors, cosine B the combined similarity (column + whole) / 2."""
+    the call merges except VAE keys, NaNs dropped, values below the 1st percentile removed,
+    then values above the 99th percentile of the rest (numpy, method 'midpoint'); (smallest,
+    largest) of what remains. Cosine A lists the column cosines of the column-normalised
+    tensors, cosine B the combined similarity (column + whole) / 2. VAE keys get None: the
+    method keeps A there, as supermerger does."""
 
     combined = False
 
     def __init__(self, params: dict[str, Any]) -> None:
         super().__init__(params)
         self.values: list[np.ndarray] = []
+        self.span = (0.0, 0.0)
+
+    @staticmethod
+    def is_vae(key: str, component: str | None) -> bool:
+        return component == "vae" or key.startswith("first_stage_model.")
 
     def add(self, key: str, component: str | None, inputs: Sequence[Tensor]) -> None:
-        if component == "vae" or "first_stage_model" in key:
+        if self.is_vae(key, component):
             return
         a, b = (t.float() for t in inputs)
         if self.combined:
@@ -98,14 +106,18 @@ class SimilarityRange(ModelStatistic):
             similarity = column_similarity(_unit_columns(a), _unit_columns(b))
         self.values.append(similarity.reshape(-1).double().cpu().numpy())
 
-    def result(self) -> tuple[float, float]:
+    def finish(self) -> None:
         sims = np.concatenate(self.values) if self.values else np.zeros(0)
+        self.values = []
         sims = sims[~np.isnan(sims)]
         if sims.size == 0:
-            return (0.0, 0.0)
+            return
         sims = np.delete(sims, np.where(sims < np.percentile(sims, 1, method="midpoint")))
         sims = np.delete(sims, np.where(sims > np.percentile(sims, 99, method="midpoint")))
-        return (float(sims.min()), float(sims.max()))
+        self.span = (float(sims.min()), float(sims.max()))
+
+    def for_key(self, key: str, component: str | None) -> tuple[float, float] | None:
+        return None if self.is_vae(key, component) else self.span
 
 
 class CombinedSimilarityRange(SimilarityRange):
@@ -126,13 +138,15 @@ def _cosine_blend(
 
 @merge_method(inputs=WEIGHT, output=WEIGHT, model_statistic=SimilarityRange)
 def add_cosine_a(
-    a: Tensor, b: Tensor, *, alpha: Finite = 0.0, statistic: tuple[float, float]
+    a: Tensor, b: Tensor, *, alpha: Finite = 0.0, statistic: tuple[float, float] | None
 ) -> Tensor:
     """supermerger's Add Cosine A (weight-sum mode): per column (dim 0) s = (cos_col(Â, B̂) +
     ⟨Â, B̂⟩/(‖Â‖‖B̂‖))/2 with Â, B̂ the tensors with unit columns; k = clip((s − S_min)/
     (S_max − S_min) − |α|, 0, 1); result k·A + (1 − k)·B. S_min, S_max: the range of the
     column cosines of every key merged (1st-99th percentile, VAE left out): the more alike a
-    column is, the more of A it keeps."""
+    column is, the more of A it keeps. VAE keys stay A."""
+    if statistic is None:  # a VAE key: kept as A
+        return a
     unit_a, unit_b = _unit_columns(a.float()), _unit_columns(b.float())
     similarity = _combined(unit_a, unit_b)
     return _cosine_blend(a, b, similarity, abs(alpha), statistic)
@@ -140,11 +154,13 @@ def add_cosine_a(
 
 @merge_method(inputs=WEIGHT, output=WEIGHT, model_statistic=CombinedSimilarityRange)
 def add_cosine_b(
-    a: Tensor, b: Tensor, *, alpha: Finite = 0.0, statistic: tuple[float, float]
+    a: Tensor, b: Tensor, *, alpha: Finite = 0.0, statistic: tuple[float, float] | None
 ) -> Tensor:
     """supermerger's Add Cosine B (weight-sum mode): per column (dim 0) s = (cos_col(A, B) +
     ⟨A, B⟩/(‖A‖‖B‖))/2; k = clip((s − S_min)/(S_max − S_min) − α, 0, 1); result k·A +
     (1 − k)·B. S_min, S_max: the range of s over every key merged (1st-99th percentile, VAE
-    left out)."""
+    left out). VAE keys stay A."""
+    if statistic is None:  # a VAE key: kept as A
+        return a
     similarity = _combined(a.float(), b.float())
     return _cosine_blend(a, b, similarity, alpha, statistic)

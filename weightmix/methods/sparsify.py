@@ -53,8 +53,11 @@ def random_drop(delta: Tensor, density: float, uniforms: Tensor) -> Tensor:
     1/density, so that the expected delta is unchanged."""
     if density >= 1:
         return delta
-    keep = torch.sign(torch.relu(density - uniforms))  # 1 where uniform < density, else 0
-    return (delta * keep.to(delta.dtype)).div_(density)
+    keep = torch.sign(torch.relu(density - uniforms)).to(delta.dtype)  # 1 where u < density
+    kept = delta * keep
+    if bool(kept.isnan().any()):  # a dropped ±inf or NaN is dropped (inf·0 is NaN)
+        kept = torch.where(keep != 0, delta, torch.zeros_like(delta))
+    return kept.div_(density)
 
 
 def magnitude_ranked_drop(
@@ -112,15 +115,22 @@ def combine(
         elected = torch.sign(_sum(weighted))
     else:
         elected = torch.sign(_sum([torch.sign(t) for t in weighted]))
+    elected.nan_to_num_(nan=0.0)  # a NaN vote (inf − inf, NaN inputs) elects no sign
     # t agrees with s ∈ {−1, 0, 1} iff t·s > 0; then relu(t·s)·s = t, else 0 (float ops only:
-    # on the CPU they run several times faster than masks and torch.where)
-    agreeing = [torch.relu(t * elected) for t in weighted]
+    # on the CPU they run several times faster than masks and torch.where). NaN and ±inf·0
+    # never agree: they read as 0.
+    agreeing = [_finite_or_inf(torch.relu(t * elected)) for t in weighted]
     total = _sum([part * elected for part in agreeing])
     if not normalize:
         return total
     divisor = _sum([torch.sign(part) * w for part, w in zip(agreeing, weights)])
     # 1 where no weight agrees: the added term is exactly 0 or 1, so divisors stay exact
     return total / divisor.add_(1 - torch.sign(divisor).abs())
+
+
+def _finite_or_inf(values: Tensor) -> Tensor:
+    """NaN replaced by 0 in place; ±inf kept."""
+    return values.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
 def _sum(tensors: Sequence[Tensor]) -> Tensor:
@@ -173,7 +183,7 @@ class MagnitudeCutStreamer(Streamer):
 
     def wants_pass(self) -> bool:
         if self.cuts is None:
-            return self.params["density"] < 1
+            return self.params["density"] < 1 and self.numel > 0
         return any(cut.wants_pass() for cuts in self.cuts for cut in cuts)
 
     def observe(self, inputs: Sequence[Tensor]) -> None:
@@ -196,11 +206,14 @@ class MagnitudeCutStreamer(Streamer):
         cuts = self._cuts_for(len(models))
 
         def trim(delta: Tensor, index: int) -> Tensor:
-            masks = [cut.mask(delta) for cut in cuts[index]]
-            if not masks or masks[0] is None:
+            masks = [cut.mask(delta) for cut in cuts[index]]  # None: every element
+            if not masks:
                 return delta
-            keep = masks[0] if len(masks) == 1 else masks[0] - masks[1]
-            return delta * keep
+            if len(masks) == 1:
+                return delta if masks[0] is None else delta * masks[0]
+            upper, top = masks  # the band: below the top cut, within the upper one
+            assert top is not None  # top < n - kept: never every element
+            return delta * (1 - top if upper is None else upper - top)
 
         p = self.params
         return task_arithmetic_(

@@ -52,7 +52,7 @@ def slerp_scales(
     if norms == 0:
         return None
     cos = ab / norms
-    if abs(cos) > threshold:
+    if not math.isfinite(cos) or abs(cos) > threshold:  # non-finite inputs: lerp's result
         return None
     omega = math.acos(max(-1.0, min(1.0, cos)))
     return math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)

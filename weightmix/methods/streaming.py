@@ -108,7 +108,7 @@ class GramStreamer(Streamer):
 class ModelStatistic:
     """A statistic over every key one call of a method merges (supermerger's similarity
     range for cosine merges), gathered by the engine in a pass over those keys before the
-    merge and given to the method as its `statistic` keyword."""
+    merge; the method receives `for_key(...)` as its `statistic` keyword."""
 
     def __init__(self, params: dict[str, Any]) -> None:
         self.params = params
@@ -117,6 +117,9 @@ class ModelStatistic:
         """Take in one key's whole input tensors (component: its part of the model, if known)."""
         raise NotImplementedError
 
-    def result(self) -> Any:
-        """What the method receives, once every key has been added."""
+    def finish(self) -> None:
+        """Every key has been added: settle the statistic."""
+
+    def for_key(self, key: str, component: str | None) -> Any:
+        """What the method receives when it merges `key`."""
         raise NotImplementedError
