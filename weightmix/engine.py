@@ -170,6 +170,17 @@ def model_statistics(plan: Plan) -> dict[str, ModelStatistic]:
     done: dict[str, ModelStatistic] = {}
     calls = {id(k): [op for op in ops(k.expr) if op.method.model_statistic] for k in plan.keys
              if k.expr is not None}  # fmt: skip
+    for found in calls.values():  # statistics of key names only: nothing to read
+        for op in found:
+            statistic = op.method.model_statistic
+            if (
+                statistic is not None
+                and not statistic.reads_tensors
+                and statistic_id(op) not in done
+            ):
+                done[statistic_id(op)] = statistic(op.params)
+                done[statistic_id(op)].finish()
+    calls = {k: [op for op in found if statistic_id(op) not in done] for k, found in calls.items()}
     levels = sorted({statistic_depth(op) for found in calls.values() for op in found})
     for level in levels:
         for key in plan.keys:

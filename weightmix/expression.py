@@ -217,12 +217,13 @@ def evaluate(
     if streamer is not None:
         salted = draw.salted(node.label) if draw is not None and node.method.random else None
         return streamer.apply(inputs, salted)
+    extra: dict[str, Any] = {}
     if node.method.random:
         if draw is None:
             raise RuntimeError(f"{node.method.name} draws random numbers but got no draw")
-        return node.method(*inputs, draw=draw.salted(node.label), **node.params)
+        extra["draw"] = draw.salted(node.label)
     if node.method.model_statistic is not None:
         if statistics is None or statistic_id(node) not in statistics:
             raise RuntimeError(f"{node.method.name} needs its model statistic, none was gathered")
-        return node.method(*inputs, statistic=statistics[statistic_id(node)], **node.params)
-    return node.method(*inputs, **node.params)
+        extra["statistic"] = statistics[statistic_id(node)]
+    return node.method(*inputs, **extra, **node.params)

@@ -1,6 +1,6 @@
 """Merge methods: one small module per family, each method registered by @merge_method."""
 
-from weightmix.methods import arithmetic, difference, robust, sparsify, spherical
+from weightmix.methods import arithmetic, difference, robust, seeds, sparsify, spherical
 from weightmix.methods.registry import (
     METHODS,
     MethodSpec,
@@ -18,6 +18,7 @@ __all__ = [
     "get_method",
     "merge_method",
     "robust",
+    "seeds",
     "sparsify",
     "spherical",
 ]

@@ -81,8 +81,8 @@ def _scalar_number(annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
     if origin is Annotated:
         return _scalar_number(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType):
-        return any(_scalar_number(a) for a in typing.get_args(annotation) if a is not type(None))
+    if origin in (typing.Union, types.UnionType):  # a number or None; not a number or a list
+        return all(_scalar_number(a) for a in typing.get_args(annotation) if a is not type(None))
     return annotation in (float, int)
 
 

@@ -108,7 +108,10 @@ class GramStreamer(Streamer):
 class ModelStatistic:
     """A statistic over every key one call of a method merges (supermerger's similarity
     range for cosine merges), gathered by the engine in a pass over those keys before the
-    merge; the method receives `for_key(...)` as its `statistic` keyword."""
+    merge; the method receives `for_key(...)` as its `statistic` keyword. One that
+    `reads_tensors = False` depends on key names only: no pass reads anything for it."""
+
+    reads_tensors = True
 
     def __init__(self, params: dict[str, Any]) -> None:
         self.params = params
