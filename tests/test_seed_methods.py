@@ -183,3 +183,27 @@ def test_the_seed_examples_run(run, tmp_path, example):
         wide = [k for k in unet if merged[k].shape[-1] > 2]  # 1-wide rows: only a DC term
         mean = {k: ((first[k].float() + second[k].float()) / 2).to(merged[k].dtype) for k in wide}
         assert wide and not any(torch.equal(merged[k], mean[k]) for k in wide)
+
+
+@pytest.mark.parametrize("method", ["lossless", "maxdiff"])
+def test_dry_run_reports_each_models_share_per_component(run, tmp_path, method):
+    shapes = {k: v for k, v in shapes_of("sd1").items() if not k.startswith("model_ema.")}
+    states = [tiny_state(shapes, seed) for seed in range(3)]
+    paths = [save(tmp_path / f"{n}.safetensors", s) for n, s in zip("abc", states)]
+    args = ["merge", *paths, "-m", method, "-p", "alpha=0.8", "--dry-run"]
+    result = run(*args, "-o", tmp_path / "out.safetensors")
+    assert result.code == 0 and not (tmp_path / "out.safetensors").exists()
+    prefixes = {"diffuser": "model.diffusion_model.", "vae": "first_stage_model.",
+                "clip_l": "cond_stage_model."}  # fmt: skip
+    for part, prefix in prefixes.items():
+        from_b = total = 0
+        for key in shapes:
+            a, b, c = (s[key] for s in states)
+            if not key.startswith(prefix) or not a.is_floating_point():
+                continue
+            d_b, d_c = ((a.float() - 0.8 * b.float()).abs(), (a.float() - c.float()).abs())
+            farther_b = int((d_b > d_c).sum())
+            from_b += farther_b if method == "maxdiff" else a.numel() - farther_b
+            total += a.numel()
+        share_b = f"B {100 * from_b / total:.1f}%, C {100 * (total - from_b) / total:.1f}%"
+        assert f"{part}: {share_b} of {total} elements" in result.out, result.out

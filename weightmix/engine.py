@@ -223,6 +223,48 @@ def statistics_for(
     return {name: statistic.for_key(key.key, part) for name, statistic in statistics.items()}
 
 
+@dataclass
+class Census:
+    """How many elements each input of one choice call supplies, per component."""
+
+    call: str  # the call as text, e.g. lossless(a, b, c)
+    label: str  # where it sits in the recipe
+    inputs: list[str]
+    counts: dict[str, list[int]]  # component ('all keys' when unknown) -> per input
+    skipped: int = 0  # keys whose inputs need whole tensors: not counted
+
+
+def census(plan: Plan) -> list[Census]:
+    """Stream the keys merged by calls with a census (lossless, maxdiff) as a merge would,
+    computing nothing but the choices; the counts per call and component."""
+    found: dict[str, Census] = {}
+    buffers = _Buffers()
+    for key in plan.keys:
+        calls = [op for op in ops(key.expr) if op.method.census] if key.expr else []
+        for op in calls:
+            if statistic_id(op) not in found:
+                texts = [child.text() for child in op.inputs]
+                found[statistic_id(op)] = Census(op.text(), op.label, texts, {})
+        countable = [op for op in calls if all(is_elementwise(child) for child in op.inputs)]
+        for op in calls:
+            if all(op is not other for other in countable):
+                found[statistic_id(op)].skipped += 1
+        if not countable:
+            continue
+        part = component(plan, key) or "all keys"
+        with _torch_threads(1):
+            for start, _, inputs in _read_chunks(plan, key, 0, key.numel, buffers):
+                draw = _draw(key, start)
+                for op in countable:
+                    values = [evaluate(child, inputs, draw) for child in op.inputs]
+                    assert op.method.census is not None
+                    counts = op.method.census(values, op.params)
+                    entry = found[statistic_id(op)].counts.setdefault(part, [0] * len(counts))
+                    for index, number in enumerate(counts):
+                        entry[index] += number
+    return list(found.values())
+
+
 def _run_tasks(
     plan: Plan, writer: Output, workers: int, budget: int, statistics: dict[str, ModelStatistic]
 ) -> Iterator[Task]:

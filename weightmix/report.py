@@ -9,6 +9,8 @@ from weightmix.arch.families import Architecture, Unknown, detect
 from weightmix.engine import (
     DEFAULT_BUDGET,
     STREAMED,
+    Census,
+    census,
     chunked,
     default_threads,
     estimate_peak,
@@ -62,8 +64,28 @@ def describe_plan(plan: Plan, budget: int = DEFAULT_BUDGET, threads: int | None 
         )
     peak = estimate_peak(plan, budget, workers)
     lines.append(f"  estimated peak memory: {format_size(peak)} beyond Python and torch ({how})")
+    lines.extend(describe_census(census(plan)))
     lines.extend(f"  note: {note}" for note in plan.notes)
     return "\n".join(lines)
+
+
+def describe_census(counted: list[Census]) -> list[str]:
+    """Per choice call (lossless, maxdiff): the share of elements each input supplies."""
+    if not counted:
+        return []
+    lines = ["  shares (each input's elements chosen, read from the inputs as the merge would):"]
+    for entry in counted:
+        lines.append(f"    {entry.call} at {entry.label}:")
+        for part, counts in sorted(entry.counts.items()):
+            total = sum(counts) or 1
+            shares = ", ".join(
+                f"{name} {100 * n / total:.1f}%" for name, n in zip(entry.inputs, counts) if n
+            )
+            lines.append(f"      {part}: {shares or 'nothing'} of {count(sum(counts), 'element')}")
+        if entry.skipped:
+            keys = count(entry.skipped, "key")
+            lines.append(f"      {keys} not counted: their inputs need whole tensors")
+    return lines
 
 
 def describe_checkpoint(checkpoint: Checkpoint, list_keys: bool = False) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -103,6 +103,8 @@ class MethodSpec:
     random: bool = False  # takes `draw`: seeded uniform numbers per element (see rounding.Draw)
     streamer: type[Streamer] | None = None  # runs in chunks after statistics passes
     model_statistic: type[ModelStatistic] | None = None  # gathered over all keys first
+    # how many elements each input supplies (per-element choice methods; for --dry-run)
+    census: Callable[[Sequence[Tensor], dict[str, Any]], list[int]] | None = None
 
     def streams(self, params: dict[str, Any]) -> bool:
         """Whether a call with these parameters can run in chunks with statistics passes."""
@@ -170,6 +172,7 @@ def merge_method(
     elementwise: bool = False,
     streamer: type[Streamer] | None = None,
     model_statistic: type[ModelStatistic] | None = None,
+    census: Callable[[Sequence[Tensor], dict[str, Any]], list[int]] | None = None,
 ) -> Callable[[Callable[..., Tensor]], MethodSpec]:
     """Register a merge method. `inputs` gives the merge space (weight, delta or any) of each
     input (the last repeats), `output` the space of the result (or 'same' as the inputs).
@@ -177,7 +180,8 @@ def merge_method(
     at the same position (and the parameters), so the engine may feed the method in chunks.
     A `streamer` (see streaming.py) runs a method that needs whole-tensor statistics in chunks;
     a `model_statistic` is gathered over every key the call merges, before the merge, and given
-    to the function as its keyword `statistic`.
+    to the function as its keyword `statistic`. A `census(inputs, params)` of a method that
+    picks each element from one input counts how many each input supplies (for --dry-run).
     A keyword `draw` (not a recipe parameter) asks for seeded random numbers: the engine passes
     a rounding.Draw for the elements at hand. A trailing _ is dropped from parameter names
     (lambda_ is written `lambda`)."""
@@ -211,6 +215,7 @@ def merge_method(
             random="draw" in signature.parameters,
             streamer=streamer,
             model_statistic=model_statistic,
+            census=census,
             summary=" ".join((inspect.getdoc(func) or "").split("\n\n")[0].split()),
         )
         if spec.name in METHODS:

@@ -21,7 +21,20 @@ def _distances(a: Tensor, b: Tensor, c: Tensor, alpha: float, beta: float) -> tu
     return (a - b * alpha).abs(), (a - c * beta).abs()
 
 
-@merge_method(inputs=WEIGHT, output=WEIGHT, elementwise=True)
+def _nearer_census(inputs: Sequence[Tensor], params: dict[str, Any]) -> list[int]:
+    """Elements lossless takes from a, b, c: c where d_b > d_c, else b."""
+    d_b, d_c = _distances(*inputs, params["alpha"], params["beta"])
+    from_c = int((d_b > d_c).sum())
+    return [0, d_b.numel() - from_c, from_c]
+
+
+def _farther_census(inputs: Sequence[Tensor], params: dict[str, Any]) -> list[int]:
+    """Elements maxdiff takes from a, b, c: b where d_b > d_c, else c."""
+    _, from_b, from_c = _nearer_census(inputs, params)
+    return [0, from_c, from_b]
+
+
+@merge_method(inputs=WEIGHT, output=WEIGHT, elementwise=True, census=_nearer_census)
 def lossless(a: Tensor, b: Tensor, c: Tensor, *, alpha: Finite = 1.0, beta: Finite = 1.0) -> Tensor:
     """LosslessMix (seed 002): per element, d_b = |a − α·b| and d_c = |a − β·c|; c where
     d_b > d_c, else b (ties to b): the element of b or c nearer to a. α and β only steer the
@@ -30,7 +43,7 @@ def lossless(a: Tensor, b: Tensor, c: Tensor, *, alpha: Finite = 1.0, beta: Fini
     return torch.where(d_b > d_c, c, b)
 
 
-@merge_method(inputs=WEIGHT, output=WEIGHT, elementwise=True)
+@merge_method(inputs=WEIGHT, output=WEIGHT, elementwise=True, census=_farther_census)
 def maxdiff(a: Tensor, b: Tensor, c: Tensor, *, alpha: Finite = 1.0, beta: Finite = 1.0) -> Tensor:
     """MaxDiff (seed 002): the reverse of lossless: b where d_b > d_c, else c (ties to c),
     with d_b = |a − α·b|, d_c = |a − β·c|: the element of b or c farther from a."""
