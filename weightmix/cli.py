@@ -476,6 +476,18 @@ def presets() -> None:
 
 
 @cli.command()
+@click.option(
+    "--threads", type=click.IntRange(min=1), help="Worker threads (default: CPUs, up to 8)."
+)
+def wizard(threads: int | None) -> None:
+    """Ask for the models, output, method and parameters; show the plan, merge, and save the
+    recipe beside the output (OUT.yaml) to re-run without questions."""
+    from weightmix.wizard import run_wizard
+
+    run_wizard(threads)
+
+
+@cli.command()
 def methods() -> None:
     """List the merge methods with their inputs and parameters."""
     for name, spec in sorted(METHODS.items()):
