@@ -96,7 +96,12 @@ def test_spectral_matches_a_dense_dft_and_routes_by_name(tmp_path):
     """Against a DFT written as a matrix product; 'weight' keys of 2+ dims are filtered, the
     rest (biases, a 2-D tensor without 'weight' in its name) averaged; seeded, reproducible."""
     generator = torch.Generator().manual_seed(4)
-    shapes = {"net.weight": (6, 5, 7), "net.bias": (7,), "pos_embedding": (5, 7)}
+    shapes = {
+        "net.weight": (6, 5, 7),
+        "net.bias": (7,),
+        "pos_embedding": (5, 7),
+        "z.weight": (4, 0),
+    }
     states = [{k: torch.randn(s, generator=generator) for k, s in shapes.items()} for _ in range(2)]
     paths = [save(tmp_path / f"{n}.safetensors", s) for n, s in zip("AB", states)]
     merge = {"method": "spectral", "inputs": ["A", "B"], "entanglement": 0.6}
@@ -130,7 +135,7 @@ def test_spectral_matches_a_dense_dft_and_routes_by_name(tmp_path):
     keep = draw.uniform(a.shape, 0) >= 0.3
     expected = (a + b) / 2 + 0.6 * back * keep
     torch.testing.assert_close(outs[0]["net.weight"].double(), expected, rtol=0, atol=1e-5)
-    for key in ("net.bias", "pos_embedding"):
+    for key in ("net.bias", "pos_embedding", "z.weight"):
         assert torch.equal(outs[0][key], (states[0][key] + states[1][key]) / 2), key
 
 

@@ -58,3 +58,35 @@ def test_the_wizard_writes_nothing_when_declined_or_cut_short(run, tmp_path, mon
     last = result.err.strip().splitlines()[-1]
     assert last.startswith("weightmix: error: wizard: no answer to 'Another model")
     assert not out.exists()
+
+
+def test_the_wizard_takes_block_values_and_asks_again_across_parameters(run, tmp_path, monkeypatch):
+    """A preset answer stays a preset; a malformed answer is asked again; an existing
+    OUT.yaml is refused at the output question; weights that cannot be normalised are asked
+    again together with normalize."""
+    from archs import shapes_of, tiny_state
+
+    shapes = {k: v for k, v in shapes_of("sd1").items() if not k.startswith("model_ema.")}
+    paths = [save(tmp_path / f"{n}.safetensors", tiny_state(shapes, i))
+             for i, n in enumerate("ab")]  # fmt: skip
+    (tmp_path / "taken.yaml").write_text("mine\n")
+    out = tmp_path / "blocks.safetensors"
+    answer(monkeypatch, *map(str, paths), "", str(tmp_path / "taken.safetensors"), str(out),
+           "weighted_sum", "[0.5", "GRAD_V", "", "", "y")  # fmt: skip
+    result = run("wizard")
+    assert result.code == 0, result.err
+    assert "taken.yaml exists" in result.err and (tmp_path / "taken.yaml").read_text() == "mine\n"
+    assert "'[0.5' does not read as a value" in result.err
+    assert "alpha: GRAD_V" in (tmp_path / "blocks.yaml").read_text()
+    direct = tmp_path / "direct.safetensors"
+    assert run("merge", tmp_path / "blocks.yaml", "-o", direct, "-q").code == 0
+    first, second = load(out), load(direct)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    out = tmp_path / "weights.safetensors"
+    answer(monkeypatch, *map(str, paths), "", str(out), "weighted_sum",
+           "", "[1, -1]", "",  # normalize on: weights that sum to 0 are refused together
+           "", "[1, -1]", "false", "y")  # fmt: skip
+    result = run("wizard")
+    assert result.code == 0, result.err
+    assert "weights sum to 0" in result.err and "answer the parameters again" in result.err
+    assert "normalize: false" in (tmp_path / "weights.yaml").read_text()

@@ -32,8 +32,10 @@ class Answers:
     def ask(self, question: str, check: Any = None, default: Any = None) -> Any:
         try:
             return click.prompt(question, default=default, value_proc=check, err=True)
-        except click.exceptions.Abort:
+        except click.exceptions.Abort as error:
             click.echo(err=True)  # end the unanswered prompt's line
+            if isinstance(error.__context__, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
             raise WeightmixError(
                 f"wizard: no answer to '{question}' (standard input ended): answer every"
                 " question, or write a recipe and run weightmix merge"
@@ -42,8 +44,10 @@ class Answers:
     def confirm(self, question: str) -> bool:
         try:
             return click.confirm(question, default=True, err=True)
-        except click.exceptions.Abort:
+        except click.exceptions.Abort as error:
             click.echo(err=True)
+            if isinstance(error.__context__, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
             raise WeightmixError(
                 f"wizard: no answer to '{question}' (standard input ended)"
             ) from None
@@ -69,8 +73,13 @@ def _output_path(text: str) -> str:
     path = Path(text.strip()).expanduser()
     if path.suffix != ".safetensors":
         raise click.BadParameter(f"{path}: give a .safetensors output path")
-    if path.exists():
-        raise click.BadParameter(f"{path} exists: give a new path (the wizard never replaces)")
+    recipe = path.with_suffix(".yaml")
+    for taken in (path, recipe):
+        if taken.exists() or taken.is_symlink():
+            raise click.BadParameter(
+                f"{taken} exists (the output and its recipe {recipe.name} must be new: the"
+                " wizard never replaces): give another path"
+            )
     if not path.parent.is_dir():
         raise click.BadParameter(f"{path.parent} is not a folder: create it or give another")
     return str(path)
@@ -87,16 +96,33 @@ def _method(text: str) -> MethodSpec:
 def _param_check(spec: ParamSpec, method: MethodSpec, count: int) -> Any:
     def check(answer: Any) -> Any:
         if isinstance(answer, str):  # typed: YAML, so 0.3, [1, 2], true, GRAD_V all read
-            value = yaml.safe_load(answer) if answer.strip() else None
+            try:
+                value = yaml.safe_load(answer) if answer.strip() else None
+            except yaml.YAMLError as error:
+                problem = str(error).splitlines()[0]
+                raise click.BadParameter(
+                    f"'{answer}' does not read as a value: {problem}"
+                ) from None
         else:  # the default, as it is
             value = answer
-        try:
-            checked = method.resolve_params({spec.name: value}, count, "answer")
+        try:  # this parameter alone: checks across parameters run once all are answered
+            method.resolve_params({spec.name: value}, count, "answer", whole=False)
         except WeightmixError as error:
             raise click.BadParameter(str(error).removeprefix("answer: ")) from None
-        return checked[spec.name]
+        return value  # as written: a preset name or block list stays one
 
     return check
+
+
+def ask_params(answers: Answers, method: MethodSpec, count: int) -> dict[str, Any]:
+    """Each parameter of the method, default shown; only those that differ are kept."""
+    params: dict[str, Any] = {}
+    for spec in method.params.values():
+        shown = None if spec.required else ("" if spec.default is None else spec.default)
+        value = answers.ask(f"  {spec.name}", _param_check(spec, method, count), default=shown)
+        if value != spec.default:
+            params[spec.name] = value
+    return params
 
 
 def ask_recipe(answers: Answers) -> tuple[Recipe, Path]:
@@ -123,12 +149,13 @@ def ask_recipe(answers: Answers) -> tuple[Recipe, Path]:
             break
         click.echo(f"{method.name} takes {method.arity_text()} inputs, {count} given: pick another",
                    err=True)  # fmt: skip
-    params: dict[str, Any] = {}
-    for spec in method.params.values():
-        shown = None if spec.required else ("" if spec.default is None else spec.default)
-        value = answers.ask(f"  {spec.name}", _param_check(spec, method, count), default=shown)
-        if value != spec.default:
-            params[spec.name] = value
+    while True:
+        params = ask_params(answers, method, count)
+        try:
+            method.resolve_params(params, count, "wizard")
+            break
+        except WeightmixError as error:  # e.g. weights that sum to 0 while normalising
+            click.echo(f"{error}: answer the parameters again", err=True)
     data = {"models": models, "merge": {"method": method.name, "inputs": list(models), **params}}
     return parse_recipe(data, "wizard"), output
 
@@ -137,15 +164,16 @@ def run_wizard(threads: int | None = None) -> Path | None:
     """The whole conversation; the merged file, or None when the user stops at the plan."""
     answers = Answers()
     recipe, output = ask_recipe(answers)
-    planned = api.make_plan(recipe, output, overwrite=False)
+    saved = output.with_suffix(".yaml")
+    planned = api.make_plan(recipe, output, overwrite=False, save_recipe=saved)
     click.echo(describe_plan(planned, threads=threads), err=True)
     if not answers.confirm("Merge now?"):
         planned.close()
         click.echo("nothing written", err=True)
         return None
-    saved = output.with_suffix(".yaml")
     result = api.execute(planned, threads=threads, progress=True)
     api.save_recipe(recipe, saved)
     click.echo(f"wrote {result.files[0] if result.files else output}; recipe: {saved}", err=True)
-    click.echo(f"re-run without questions: weightmix merge {saved} -o {output}", err=True)
+    again = f"weightmix merge {saved} -o {output} --overwrite"
+    click.echo(f"re-run without questions: {again}", err=True)
     return output

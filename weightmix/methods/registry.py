@@ -83,7 +83,7 @@ def _scalar_number(annotation: Any) -> bool:
         return _scalar_number(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType):  # a number or None; not a number or a list
         return all(_scalar_number(a) for a in typing.get_args(annotation) if a is not type(None))
-    return annotation in (float, int)
+    return annotation is float  # counts (iterations, rows) are not given per block
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,11 @@ class MethodSpec:
             return f"{self.min_inputs} or more"
         return f"{self.min_inputs} to {self.max_inputs}"
 
-    def resolve_params(self, given: dict[str, Any], n_inputs: int, where: str) -> dict[str, Any]:
-        """Check names, types and ranges of `given`, fill defaults, run the method's own check."""
+    def resolve_params(
+        self, given: dict[str, Any], n_inputs: int, where: str, whole: bool = True
+    ) -> dict[str, Any]:
+        """Check names, types and ranges of `given`, fill defaults, run the method's own check
+        (`whole`: the parameters are all given, so checks across them apply)."""
         resolved: dict[str, Any] = {}
         for name, value in given.items():
             spec = self.params.get(name)
@@ -144,7 +147,7 @@ class MethodSpec:
                 if spec.required:
                     raise WeightmixError(f"{where}: {self.name} needs parameter '{name}'")
                 resolved[name] = spec.default
-        if self.check is not None and (problem := self.check(n_inputs, resolved)):
+        if whole and self.check is not None and (problem := self.check(n_inputs, resolved)):
             raise WeightmixError(f"{where}: {self.name}: {problem}")
         return resolved
 

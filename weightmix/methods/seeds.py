@@ -120,7 +120,7 @@ def spectral(
     are filtered, `chunk_size` rows at a time; the others get avg. Nothing quantum happens: it
     is an average plus a masked, frequency-filtered share of the difference."""
     average = (a + b) / 2
-    if not statistic or a.dim() < 2 or entanglement == 0 or decoherence == 1:
+    if not statistic or a.dim() < 2 or a.numel() == 0 or entanglement == 0 or decoherence == 1:
         return average
     width = a.shape[-1]
     rows_a, rows_b = a.reshape(-1, width), b.reshape(-1, width)
