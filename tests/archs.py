@@ -122,3 +122,21 @@ def tiny_state(
     return {
         k: torch.randn(scaled_shape(s, divisor), generator=generator) for k, s in shapes.items()
     }
+
+
+def run_example(run, tmp_path, path, seeds_by_name=None):
+    """Run an example recipe on tiny SD1.5-layout models (one per recipe model, seeded in
+    order); return the models' states and the merged output."""
+    from helpers import load, save
+
+    from weightmix.recipe import load_recipe
+
+    shapes = {k: v for k, v in shapes_of("sd1").items() if not k.startswith("model_ema.")}
+    recipe = load_recipe(path)
+    states = {name: tiny_state(shapes, seed) for seed, name in enumerate(recipe.models)}
+    recipe.models = {n: str(save(tmp_path / f"{n}.safetensors", s)) for n, s in states.items()}
+    saved = tmp_path / "example.yaml"
+    saved.write_text(recipe.to_yaml())
+    out = tmp_path / "out.safetensors"
+    assert run("merge", saved, "-o", out, "-q").code == 0
+    return states, load(out)

@@ -50,3 +50,15 @@ def digest(path: Path) -> str:
 
 def folder_listing(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
+
+
+def assert_refused(run, paths: list[Path], method: str, params: dict, says: str, out: Path) -> None:
+    """`weightmix merge PATHS -m METHOD -p name=value ...` fails with one line holding `says`,
+    exit code 2, and nothing at `out`."""
+    args: list[object] = ["merge", *paths, "-m", method]
+    for name, value in params.items():
+        args += ["-p", f"{name}={value}"]
+    result = run(*args, "-o", out)
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert says in result.err
+    assert not out.exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from archs import UNET, hand_flux_block, hand_sd_block, shapes_of, tiny_state
+from archs import UNET, hand_flux_block, hand_sd_block, run_example, shapes_of, tiny_state
 from helpers import load, save
 
 import weightmix
@@ -263,17 +263,8 @@ def test_strict_rules_turn_notes_into_errors(run, tmp_path):
 
 
 def test_the_attention_swap_example(run, tmp_path):
-    shapes = {k: v for k, v in shapes_of("sd1").items() if not k.startswith("model_ema.")}
-    states = {
-        name: tiny_state(shapes, seed) for seed, name in enumerate(("base", "style", "detail"))
-    }
-    recipe = load_recipe(EXAMPLES / "attention-swap.yaml")
-    recipe.models = {n: str(save(tmp_path / f"{n}.safetensors", s)) for n, s in states.items()}
-    saved = tmp_path / "swap.yaml"
-    saved.write_text(recipe.to_yaml())
-    out = tmp_path / "out.safetensors"
-    assert run("merge", saved, "-o", out, "-q").code == 0
-    merged = load(out)
+    states, merged = run_example(run, tmp_path, EXAMPLES / "attention-swap.yaml")
+    assert list(states) == ["base", "style", "detail"]
     for key, tensor in merged.items():
         block = hand_sd_block(key, "OUT11")
         if ".attn2." in key and block in ("OUT03", "OUT04", "OUT05"):

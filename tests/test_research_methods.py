@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import load, save
+from helpers import assert_refused, load, save
 
 import weightmix
 
@@ -308,13 +308,7 @@ def test_breadcrumbs_keeps_the_middle_band_and_della_its_probabilities(tmp_path)
 )
 def test_bad_method_parameters_are_one_line(run, tmp_path, method, params, count, says):
     _, paths = models(tmp_path, count)
-    args = ["merge", *paths, "-m", method]
-    for name, value in params.items():
-        args += ["-p", f"{name}={value}"]
-    result = run(*args, "-o", tmp_path / "out.safetensors")
-    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
-    assert says in result.err
-    assert not (tmp_path / "out.safetensors").exists()
+    assert_refused(run, paths, method, params, says, tmp_path / "out.safetensors")
 
 
 def test_smooth_add_difference_filters_as_scipy_does(tmp_path, monkeypatch):

@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
-from archs import shapes_of, tiny_state
-from helpers import load, save
+from archs import run_example, shapes_of, tiny_state
+from helpers import assert_refused, load, save
 from test_block_weights import EXAMPLES
 
 import weightmix
 from weightmix.methods import METHODS
-from weightmix.recipe import load_recipe
 from weightmix.rounding import Draw
 
 
@@ -151,26 +150,12 @@ def test_spectral_matches_a_dense_dft_and_routes_by_name(tmp_path):
 )
 def test_bad_seed_method_input_is_one_line(run, tmp_path, method, params, count, says):
     paths = [save(tmp_path / f"m{i}.safetensors", {"w": torch.randn(2, 3)}) for i in range(count)]
-    args = ["merge", *paths, "-m", method]
-    for name, value in params.items():
-        args += ["-p", f"{name}={value}"]
-    result = run(*args, "-o", tmp_path / "out.safetensors")
-    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
-    assert says in result.err
-    assert not (tmp_path / "out.safetensors").exists()
+    assert_refused(run, paths, method, params, says, tmp_path / "out.safetensors")
 
 
 @pytest.mark.parametrize("example", ["losslessmix.yaml", "quantum-spectral.yaml"])
 def test_the_seed_examples_run(run, tmp_path, example):
-    shapes = {k: v for k, v in shapes_of("sd1").items() if not k.startswith("model_ema.")}
-    recipe = load_recipe(EXAMPLES / example)
-    states = {name: tiny_state(shapes, seed) for seed, name in enumerate(recipe.models)}
-    recipe.models = {n: str(save(tmp_path / f"{n}.safetensors", s)) for n, s in states.items()}
-    saved = tmp_path / "example.yaml"
-    saved.write_text(recipe.to_yaml())
-    out = tmp_path / "out.safetensors"
-    assert run("merge", saved, "-o", out, "-q").code == 0
-    merged = load(out)
+    states, merged = run_example(run, tmp_path, EXAMPLES / example)
     vae = [k for k in merged if k.startswith("first_stage_model.")]
     unet = [
         k
@@ -178,7 +163,7 @@ def test_the_seed_examples_run(run, tmp_path, example):
         if k.startswith("model.diffusion_model.") and k.endswith("weight") and merged[k].dim() > 1
     ]
     assert vae and unet
-    names = list(recipe.models)
+    names = list(states)
     if example == "losslessmix.yaml":
         assert all(torch.equal(merged[k], states["a"][k]) for k in vae)
         b, c = states["b"], states["c"]
