@@ -523,3 +523,14 @@ def test_a_tensor_without_elements_merges_with_every_streamed_method(tmp_path):
         done = subprocess.run([*command, *flags, "-o", str(out), "-q"], timeout=120)
         assert done.returncode == 0, method
         assert load(out)["empty"].shape == (0, 3)
+
+
+def test_della_ranks_rows_a_block_at_a_time_with_the_same_result(tmp_path, monkeypatch):
+    from weightmix.methods import sparsify
+
+    _, paths = models(tmp_path, 3)
+    whole = run_merge(tmp_path, paths, "della", density=0.4, epsilon=0.1)
+    monkeypatch.setattr(sparsify, "RANKED_ROWS_ELEMENTS", 7)  # a row or two per block
+    blocks = run_merge(tmp_path, paths, "della", density=0.4, epsilon=0.1)
+    assert all(torch.equal(whole[k], blocks[k]) for k in SHAPES)
+    assert not torch.equal(whole["conv"], load(paths[0])["conv"])

@@ -60,26 +60,39 @@ def random_drop(delta: Tensor, density: float, uniforms: Tensor) -> Tensor:
     return kept.div_(density)
 
 
+RANKED_ROWS_ELEMENTS = 1 << 20  # elements ranked at a time: the int64 sort stays small
+
+
 def magnitude_ranked_drop(
     delta: Tensor, density: float, epsilon: float, uniforms: Tensor
 ) -> Tensor:
     """DELLA's MAGPRUNE: within each row (dim 1; a 1-D tensor is one row) the element of rank
     r among L (ascending magnitude, ties by lower index) is kept with probability
-    p = density − ε + 2ε·(r − 1)/(L − 1) (density alone when L = 1), and rescaled by 1/p."""
+    p = density − ε + 2ε·(r − 1)/(L − 1) (density alone when L = 1), and rescaled by 1/p.
+    Rows are ranked a block at a time, so the sort's int64 temporaries stay ~40 MB."""
     if density >= 1:
         return delta
     moved = delta.reshape(1, -1) if delta.dim() < 2 else delta.movedim(1, -1)
     rows = moved.reshape(-1, moved.shape[-1])  # one row per index of the other dims
+    draws = (uniforms.reshape(1, -1) if delta.dim() < 2 else uniforms.movedim(1, -1)).reshape(
+        rows.shape
+    )
     length = rows.shape[1]
-    order = rows.abs().argsort(dim=1, stable=True)
-    ranks = torch.empty_like(order)
-    positions = torch.arange(length, device=delta.device).expand_as(order)
-    ranks.scatter_(1, order, positions)
-    ends = length - 1  # rank 0 -> density - ε, rank L-1 -> density + ε
-    position = ranks.to(delta.dtype) / ends if ends else torch.full_like(rows, 0.5)
-    keep = (density - epsilon + 2 * epsilon * position).reshape(moved.shape)
-    keep = keep.reshape(delta.shape) if delta.dim() < 2 else keep.movedim(-1, 1)
-    return torch.where(uniforms < keep, delta / keep, torch.zeros_like(delta))
+    out = torch.empty_like(rows)
+    step = max(1, RANKED_ROWS_ELEMENTS // max(length, 1))
+    for first in range(0, rows.shape[0], step):
+        block = rows[first : first + step]
+        order = block.abs().argsort(dim=1, stable=True)
+        ranks = torch.empty_like(order)
+        positions = torch.arange(length, device=delta.device).expand_as(order)
+        ranks.scatter_(1, order, positions)
+        ends = length - 1  # rank 0 -> density - ε, rank L-1 -> density + ε
+        position = ranks.to(delta.dtype) / ends if ends else torch.full_like(block, 0.5)
+        keep = density - epsilon + 2 * epsilon * position
+        chosen = draws[first : first + step] < keep
+        out[first : first + step] = torch.where(chosen, block / keep, torch.zeros_like(block))
+    shaped = out.reshape(moved.shape)
+    return shaped.reshape(delta.shape) if delta.dim() < 2 else shaped.movedim(-1, 1)
 
 
 def middle_band(delta: Tensor, density: float, gamma: float) -> Tensor:
