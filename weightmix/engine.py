@@ -332,6 +332,7 @@ def run_task(
         writer.write(key.key, compute_key(plan, key, statistics))
         return
     streamers = _gather_statistics(plan, key, buffers) if task.streamed else None
+    known = statistics_for(plan, key, statistics)
     out_dtype = key.out_dtype.torch
     out_size = key.out_dtype.itemsize
     stream = _rounding_stream(plan, key)
@@ -340,7 +341,7 @@ def run_task(
         if key.expr is None:
             result = inputs[key.copy_from]
         else:
-            result = evaluate(key.expr, inputs, _draw(key, start), streamers)
+            result = evaluate(key.expr, inputs, _draw(key, start), streamers, known)
             if result.numel() != count:
                 raise RuntimeError(
                     f"{key.key}: merge produced {result.numel()} of {count} elements"
