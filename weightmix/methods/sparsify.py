@@ -55,7 +55,9 @@ def random_drop(delta: Tensor, density: float, uniforms: Tensor) -> Tensor:
         return delta
     keep = torch.sign(torch.relu(density - uniforms)).to(delta.dtype)  # 1 where u < density
     kept = delta * keep
-    if bool(kept.isnan().any()):  # a dropped ±inf or NaN is dropped (inf·0 is NaN)
+    # a dropped ±inf or NaN must read 0, not inf·0 = NaN; a sum (one cheap pass) is finite
+    # unless some value is not, and only then are the elements chosen exactly
+    if not math.isfinite(float(kept.sum())):
         kept = torch.where(keep != 0, delta, torch.zeros_like(delta))
     return kept.div_(density)
 
