@@ -156,6 +156,11 @@ def test_bad_seed_method_input_is_one_line(run, tmp_path, method, params, count,
 @pytest.mark.parametrize("example", ["losslessmix.yaml", "quantum-spectral.yaml"])
 def test_the_seed_examples_run(run, tmp_path, example):
     states, merged = run_example(run, tmp_path, EXAMPLES / example)
+    recorded = run("inspect", tmp_path / "out.safetensors", "--recipe")
+    (tmp_path / "recorded.yaml").write_text(recorded.out)
+    assert run("merge", tmp_path / "recorded.yaml", "-o", tmp_path / "again.safetensors").code == 0
+    again = load(tmp_path / "again.safetensors")  # the recorded recipe re-runs to the same bytes
+    assert all(torch.equal(again[k], merged[k]) for k in merged)
     vae = [k for k in merged if k.startswith("first_stage_model.")]
     unet = [
         k

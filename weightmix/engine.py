@@ -388,7 +388,9 @@ def _gather_statistics(plan: Plan, key: KeyPlan, buffers: _Buffers) -> dict[int,
     assert key.expr is not None
     calls = streamed_ops(key.expr) or []
     dtype = plan.compute_dtype.torch
-    streamers = {id(op): op.method.streamer(op.params, key.shape, dtype) for op in calls}
+    streamers = {
+        id(op): op.method.streamer(op.params, key.shape, dtype, len(op.inputs)) for op in calls
+    }
     if key.numel == 0:  # no chunk to look at, none to compute
         return streamers
     while pending := [op for op in calls if streamers[id(op)].wants_pass()]:

@@ -30,27 +30,24 @@ class Answers:
     """One question at a time; the end of standard input is an error naming the question."""
 
     def ask(self, question: str, check: Any = None, default: Any = None) -> Any:
-        try:
-            return click.prompt(question, default=default, value_proc=check, err=True)
-        except click.exceptions.Abort as error:
-            click.echo(err=True)  # end the unanswered prompt's line
-            if isinstance(error.__context__, KeyboardInterrupt):
-                raise KeyboardInterrupt from None
-            raise WeightmixError(
-                f"wizard: no answer to '{question}' (standard input ended): answer every"
-                " question, or write a recipe and run weightmix merge"
-            ) from None
+        return _answered(question, click.prompt, default=default, value_proc=check)
 
     def confirm(self, question: str) -> bool:
-        try:
-            return click.confirm(question, default=True, err=True)
-        except click.exceptions.Abort as error:
-            click.echo(err=True)
-            if isinstance(error.__context__, KeyboardInterrupt):
-                raise KeyboardInterrupt from None
-            raise WeightmixError(
-                f"wizard: no answer to '{question}' (standard input ended)"
-            ) from None
+        return _answered(question, click.confirm, default=True)
+
+
+def _answered(question: str, prompt: Any, **options: Any) -> Any:
+    """click's answer; Ctrl-C stays an interrupt, the end of input is a one-line error."""
+    try:
+        return prompt(question, err=True, **options)
+    except click.exceptions.Abort as error:
+        click.echo(err=True)  # end the unanswered prompt's line
+        if isinstance(error.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise WeightmixError(
+            f"wizard: no answer to '{question}' (standard input ended): answer every"
+            " question, or write a recipe and run weightmix merge"
+        ) from None
 
 
 def _model_path(text: str) -> str:

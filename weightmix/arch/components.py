@@ -52,13 +52,18 @@ class ComponentMap:
 
     def resolve(self, name: str, where: str) -> str:
         """The data's component for a user-typed name (unet, vae, text_encoder_2 ...)."""
-        component = self.names.get(name.strip().lower())
-        if component is None:
-            raise WeightmixError(
-                f"{where}: '{name}' is not a component of {self.architecture}"
-                f"{closest(name, self.names)}; components: {', '.join(sorted(self.names))}"
-            )
-        return component
+        return named_component(self.names, self.architecture, name, where)
+
+
+def named_component(names: dict[str, str], architecture: str, name: str, where: str) -> str:
+    """The component a user-typed name stands for in `names`, or a one-line error."""
+    component = names.get(name.strip().lower())
+    if component is None:
+        raise WeightmixError(
+            f"{where}: '{name}' is not a component of {architecture}"
+            f"{closest(name, names)}; components: {', '.join(sorted(names))}"
+        )
+    return component
 
 
 class PipelineComponents:
@@ -111,12 +116,7 @@ class FamilyComponents:
         return self._of(key)
 
     def resolve(self, name: str, where: str) -> str:
-        component = self.names.get(name.strip().lower())
-        if component is None:
-            raise WeightmixError(
-                f"{where}: '{name}' is not a component of {self.architecture}"
-                f"{closest(name, self.names)}; components: {', '.join(sorted(self.names))}"
-            )
+        component = named_component(self.names, self.architecture, name, where)
         if component not in self.present:
             raise WeightmixError(
                 f"{where}: component '{name}' ({component}) is not in this {self.architecture}"

@@ -175,10 +175,13 @@ class MagnitudeCutStreamer(Streamer):
     its delta exactly (selection.StreamedTopK), then every chunk is trimmed and combined as
     the whole-tensor function does it."""
 
-    def __init__(self, params: dict[str, Any], shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        super().__init__(params, shape, dtype)
+    def __init__(
+        self, params: dict[str, Any], shape: tuple[int, ...], dtype: torch.dtype, inputs: int
+    ) -> None:
+        super().__init__(params, shape, dtype, inputs)
         self.numel = math.prod(shape)
-        self.cuts: list[list[StreamedTopK]] | None = None  # per model: top, or band ends
+        # per model after the base: its top-k cut, or the two ends of its band
+        self.cuts = [self._model_cuts() for _ in range(inputs - 1)]
 
     def _model_cuts(self) -> list[StreamedTopK]:
         density, n = self.params["density"], self.numel
@@ -191,19 +194,12 @@ class MagnitudeCutStreamer(Streamer):
         ends = [top + kept, top] if top > 0 else [top + kept]
         return [StreamedTopK(end, n, self.dtype) for end in ends]
 
-    def _cuts_for(self, count: int) -> list[list[StreamedTopK]]:
-        if self.cuts is None:
-            self.cuts = [self._model_cuts() for _ in range(count)]
-        return self.cuts
-
     def wants_pass(self) -> bool:
-        if self.cuts is None:
-            return self.params["density"] < 1 and self.numel > 0
         return any(cut.wants_pass() for cuts in self.cuts for cut in cuts)
 
     def observe(self, inputs: Sequence[Tensor]) -> None:
         base, *models = inputs
-        for model, cuts in zip(models, self._cuts_for(len(models))):
+        for model, cuts in zip(models, self.cuts):
             if any(cut.wants_pass() for cut in cuts):
                 delta = model - base
                 for cut in cuts:
@@ -211,17 +207,16 @@ class MagnitudeCutStreamer(Streamer):
                         cut.observe(delta)
 
     def end_pass(self) -> None:
-        for cuts in self.cuts or []:
+        for cuts in self.cuts:
             for cut in cuts:
                 if cut.wants_pass():
                     cut.end_pass()
 
     def apply(self, inputs: Sequence[Tensor], draw: Draw | None) -> Tensor:
         base, *models = inputs
-        cuts = self._cuts_for(len(models))
 
         def trim(delta: Tensor, index: int) -> Tensor:
-            masks = [cut.mask(delta) for cut in cuts[index]]  # None: every element
+            masks = [cut.mask(delta) for cut in self.cuts[index]]  # None: every element
             if not masks:
                 return delta
             if len(masks) == 1:

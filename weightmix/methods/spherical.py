@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from weightmix.methods.reductions import combination, dot, gram
+from weightmix.methods.reductions import combination, gram
 from weightmix.methods.registry import (
     ANY,
     SAME,
@@ -41,7 +41,9 @@ def slerp_vectors(a: Tensor, b: Tensor, t: float, threshold: float = COLINEAR) -
     vector is 0. Endpoints exact: t = 0 gives a, t = 1 gives b."""
     if t in (0, 1):
         return a if t == 0 else b
-    return _slerp_with(a, b, t, slerp_scales(dot(a, b), dot(a, a), dot(b, b), t, threshold))
+    products = gram([a, b])
+    scales = slerp_scales(products[0][1], products[0][0], products[1][1], t, threshold)
+    return _slerp_with(a, b, t, scales)
 
 
 def slerp_scales(

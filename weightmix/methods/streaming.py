@@ -28,8 +28,10 @@ class Streamer:
 
     takes_draw: ClassVar[bool] = False
 
-    def __init__(self, params: dict[str, Any], shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        self.params, self.shape, self.dtype = params, shape, dtype
+    def __init__(
+        self, params: dict[str, Any], shape: tuple[int, ...], dtype: torch.dtype, inputs: int
+    ) -> None:
+        self.params, self.shape, self.dtype, self.inputs = params, shape, dtype, inputs
 
     @classmethod
     def accepts(cls, params: dict[str, Any]) -> bool:
@@ -51,8 +53,8 @@ class Streamer:
 
 
 class Gram:
-    """Dot products ⟨v_i, v_j⟩ (i ≤ j) of a few vectors seen chunk by chunk, in float64: each
-    chunk's products summed in a Python float, as reductions.dot sums its slices."""
+    """Dot products ⟨v_i, v_j⟩ (i ≤ j) of a few vectors seen chunk by chunk, in float64, each
+    chunk's products added to a Python float (reductions.gram feeds it whole tensors)."""
 
     def __init__(self, count: int) -> None:
         self.count = count
@@ -74,8 +76,10 @@ class GramStreamer(Streamer):
     """A method whose statistic is the Gram matrix of some vectors built from its inputs
     (`vectors`), computed in one pass; `apply_with(gram, inputs)` then runs elementwise."""
 
-    def __init__(self, params: dict[str, Any], shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        super().__init__(params, shape, dtype)
+    def __init__(
+        self, params: dict[str, Any], shape: tuple[int, ...], dtype: torch.dtype, inputs: int
+    ) -> None:
+        super().__init__(params, shape, dtype, inputs)
         self.gram: Gram | None = None
         self.done = not self.needs_statistics()
 
