@@ -124,7 +124,7 @@ def tiny_state(
     }
 
 
-def run_example(run, tmp_path, path, seeds_by_name=None):
+def run_example(run, tmp_path, path, seeds_by_name=None, divisor=64):
     """Run an example recipe on tiny SD1.5-layout models (one per recipe model, seeded in
     order); return the models' states and the merged output."""
     from helpers import load, save
@@ -133,8 +133,12 @@ def run_example(run, tmp_path, path, seeds_by_name=None):
 
     shapes = {k: v for k, v in shapes_of("sd1").items() if not k.startswith("model_ema.")}
     recipe = load_recipe(path)
-    states = {name: tiny_state(shapes, seed) for seed, name in enumerate(recipe.models)}
+    states = {name: tiny_state(shapes, seed, divisor) for seed, name in enumerate(recipe.models)}
     recipe.models = {n: str(save(tmp_path / f"{n}.safetensors", s)) for n, s in states.items()}
+    if recipe.tokenizer is not None:  # the demo's tokenizer, built as `make demo` builds it
+        from weightmix.examples import write_example_tokenizer
+
+        recipe.tokenizer = str(write_example_tokenizer(tmp_path / "tokenizer"))
     saved = tmp_path / "example.yaml"
     saved.write_text(recipe.to_yaml())
     out = tmp_path / "out.safetensors"

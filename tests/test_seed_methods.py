@@ -4,6 +4,7 @@ examples of issue 8, hand-written formulas, and their example recipes."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -153,9 +154,13 @@ def test_bad_seed_method_input_is_one_line(run, tmp_path, method, params, count,
     assert_refused(run, paths, method, params, says, tmp_path / "out.safetensors")
 
 
-@pytest.mark.parametrize("example", ["losslessmix.yaml", "quantum-spectral.yaml"])
+@pytest.mark.parametrize(
+    "example", ["losslessmix.yaml", "quantum-spectral.yaml", "prompt-concept.yaml"]
+)
 def test_the_seed_examples_run(run, tmp_path, example):
-    states, merged = run_example(run, tmp_path, EXAMPLES / example)
+    # dimensions / 16: the text encoder keeps 5 positions, room for the example's prompt
+    divisor = 16 if example == "prompt-concept.yaml" else 64
+    states, merged = run_example(run, tmp_path, EXAMPLES / example, divisor=divisor)
     recorded = run("inspect", tmp_path / "out.safetensors", "--recipe")
     (tmp_path / "recorded.yaml").write_text(recorded.out)
     assert run("merge", tmp_path / "recorded.yaml", "-o", tmp_path / "again.safetensors").code == 0
@@ -173,6 +178,15 @@ def test_the_seed_examples_run(run, tmp_path, example):
         assert all(torch.equal(merged[k], states["a"][k]) for k in vae)
         b, c = states["b"], states["c"]
         assert all(bool(((merged[k] == b[k]) | (merged[k] == c[k])).all()) for k in unet)
+    elif example == "prompt-concept.yaml":
+        a, b = (states[n] for n in names)
+        kv = [k for k in merged if re.search(r"attn2\.to_[kv]\.weight$", k)]
+        assert len(kv) == 32  # keys and values of SD1.5's 16 transformer blocks
+        for key in merged:
+            if key in kv:
+                assert not torch.equal(merged[key], a[key]) and not torch.equal(merged[key], b[key])
+            else:
+                assert torch.equal(merged[key], a[key].to(merged[key].dtype)), key
     else:
         first, second = (states[n] for n in names)
         wide = [k for k in unet if merged[k].shape[-1] > 2]  # 1-wide rows: only a DC term

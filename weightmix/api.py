@@ -10,6 +10,7 @@ from weightmix import engine
 from weightmix.io.writer import write_file
 from weightmix.plan import Plan, build_plan
 from weightmix.progress import make_progress
+from weightmix.prompts import encode_prompts
 from weightmix.provenance import build_metadata
 from weightmix.recipe import Recipe, load_recipe, parse_recipe
 from weightmix.report import describe_plan
@@ -99,6 +100,8 @@ def execute(
 ) -> MergeResult:
     """Run a plan from make_plan() (with an output path); closes the plan."""
     try:
+        if planned.prompts is not None:
+            encode_prompts(planned, planned.prompts)
         metadata = build_metadata(planned, fingerprint)
         stats = engine.run(planned, metadata, threads, make_progress(progress), budget, fsync)
     finally:

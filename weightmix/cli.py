@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import string
@@ -108,6 +109,16 @@ def cli() -> None:
     type=int,
     help="Seed of every random choice: today stochastic rounding (default 0). The same recipe"
     " and seed give the same bytes.",
+)
+@click.option(
+    "--text-encoder",
+    help="Where prompt parameters (concept, prompt_coefficients) are encoded: a model's name, or"
+    " a checkpoint, diffusers folder or CLIP text encoder (default: the first model).",
+)
+@click.option(
+    "--tokenizer",
+    help="CLIP's tokenizer for prompts: a folder with vocab.json and merges.txt (default: the"
+    " text encoder's diffusers tokenizer/, or an installed open_clip or clip package).",
 )
 @click.option(
     "--strict-rules/--no-strict-rules",
@@ -261,6 +272,11 @@ def _recipe_from(inputs: tuple[str, ...], flags: dict[str, Any]) -> tuple[Recipe
     for name in (*settings, "max_shard_size", "title", "layout"):
         if flags[name] is not None:
             data[name] = flags[name]
+    for name in ("text_encoder", "tokenizer"):  # paths from here, not from the recipe's folder
+        value = flags[name]
+        if value is not None:
+            named = name == "text_encoder" and value in (data.get("models") or {})
+            data[name] = value if named else os.path.abspath(os.path.expanduser(value))
     if flags["components"] is not None:
         data["components"] = [c.strip() for c in flags["components"].split(",") if c.strip()]
         if not data["components"]:

@@ -161,6 +161,16 @@ def specialize(node: Node, choose: Callable[[Op, str, BlockValue], Any]) -> Node
     return Op(node.method, inputs, node.given, params, node.label, node.name)
 
 
+def with_resolved(node: Node, resolved: Callable[[Op], dict[str, Any]]) -> Node:
+    """A copy of the tree whose parameters include `resolved(op)`: values weightmix computed
+    from checked ones (an encoded prompt), put in place without checking them again."""
+    if isinstance(node, Leaf):
+        return node
+    inputs = tuple(with_resolved(child, resolved) for child in node.inputs)
+    params = {**node.params, **resolved(node)}
+    return Op(node.method, inputs, node.given, params, node.label, node.name)
+
+
 def is_elementwise(node: Node) -> bool:
     """True when every method in the tree is elementwise, so the tree may run in chunks."""
     return all(op.method.elementwise for op in ops(node))

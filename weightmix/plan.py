@@ -38,6 +38,7 @@ from weightmix.io.folders import FolderCheckpoint
 from weightmix.io.writer import split_shards
 from weightmix.layouts import SINGLE_FILE, align_layouts
 from weightmix.output_checks import check_output, check_recipe_output
+from weightmix.prompts import Prompts, check_prompts
 from weightmix.recipe import Recipe
 from weightmix.rounding import key_stream
 from weightmix.selectors import RuleMatcher, component_map
@@ -83,6 +84,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     architecture: Architecture | Unknown | None = None  # of the layout model
     block_values: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    prompts: Prompts | None = None  # prompt parameters to encode before the merge
 
     @property
     def base_folder(self) -> FolderCheckpoint | None:
@@ -126,6 +128,8 @@ class Plan:
     def close(self) -> None:
         for checkpoint in self.checkpoints.values():
             checkpoint.close()
+        if self.prompts is not None:
+            self.prompts.close()
 
 
 def build_plan(
@@ -148,6 +152,7 @@ def build_plan(
     _check_rules(recipe, root)
     _check_param_range(root, compute_dtype, "recipe")
     checkpoints = _open_inputs(recipe)
+    plan = None
     try:
         align_layouts(checkpoints, recipe.layout)
         layout = recipe.layout if recipe.layout in checkpoints else next(iter(checkpoints))
@@ -169,6 +174,9 @@ def build_plan(
                 " that cannot hold its values exactly"
             )
         _check_pipeline_components(plan)
+        plan.prompts = check_prompts(plan)
+        if plan.prompts is not None:
+            plan.notes += plan.prompts.notes
         if output is not None:
             plan.output = check_output(Path(output), plan, overwrite)
         if save_recipe is not None:
@@ -177,6 +185,8 @@ def build_plan(
     except BaseException:
         for checkpoint in checkpoints.values():
             checkpoint.close()
+        if plan is not None and plan.prompts is not None:
+            plan.prompts.close()
         raise
 
 

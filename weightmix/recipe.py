@@ -156,6 +156,11 @@ class Recipe(_Strict):
     # "single_file" for one file with LDM/SGM/BFL key names even from diffusers pipelines
     layout: Text | None = None
     max_shard_size: Text | None = None
+    # prompt parameters (concept, spectral's prompt_coefficients): the CLIP text encoder they
+    # are read with (a model's name, or the path of a checkpoint, diffusers folder or CLIP text
+    # encoder; default: the layout model) and CLIP's tokenizer (a folder)
+    text_encoder: Text | None = None
+    tokenizer: Text | None = None
     _base_dir: Path = PrivateAttr(default=Path("."))
 
     @model_validator(mode="after")
@@ -172,7 +177,11 @@ class Recipe(_Strict):
 
     def model_path(self, name: str) -> Path:
         """The path of model `name`, relative paths taken from the recipe file's folder."""
-        path = Path(self.models[name]).expanduser()
+        return self.resolve(self.models[name])
+
+    def resolve(self, written: str) -> Path:
+        """A path as the recipe wrote it, relative paths taken from the recipe file's folder."""
+        path = Path(written).expanduser()
         return path if path.is_absolute() else self._base_dir / path
 
     def with_base_dir(self, folder: Path) -> Recipe:
@@ -194,14 +203,21 @@ class Recipe(_Strict):
             del data["rules"]
         if relative_to is not None:
             data["models"] = {name: self.path_from(name, relative_to) for name in self.models}
+            for setting in ("text_encoder", "tokenizer"):
+                written = getattr(self, setting)
+                if written is not None and written not in self.models:
+                    data[setting] = self.relative_path(written, relative_to)
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
     def path_from(self, name: str, folder: Path) -> str:
         """Model `name`'s path as seen from `folder` (relative when the recipe's was)."""
-        written = self.models[name]
+        return self.relative_path(self.models[name], folder)
+
+    def relative_path(self, written: str, folder: Path) -> str:
+        """A path the recipe wrote, as seen from `folder` (relative when the recipe's was)."""
         if Path(written).expanduser().is_absolute():
             return written
-        path = _physical(self.model_path(name))
+        path = _physical(self.resolve(written))
         try:
             return Path(os.path.relpath(path, os.path.realpath(folder))).as_posix()
         except ValueError:  # another drive (Windows): only an absolute path reaches it

@@ -1,6 +1,14 @@
 """Merge methods: one small module per family, each method registered by @merge_method."""
 
-from weightmix.methods import arithmetic, difference, robust, seeds, sparsify, spherical
+from weightmix.methods import (
+    arithmetic,
+    difference,
+    prompted,
+    robust,
+    seeds,
+    sparsify,
+    spherical,
+)
 from weightmix.methods.registry import (
     METHODS,
     MethodSpec,
@@ -17,6 +25,7 @@ __all__ = [
     "difference",
     "get_method",
     "merge_method",
+    "prompted",
     "robust",
     "seeds",
     "sparsify",

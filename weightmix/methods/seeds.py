@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BeforeValidator, Field
 
+from weightmix.methods.prompted import EncodedPrompt, PromptText
 from weightmix.methods.registry import WEIGHT, Finite, Fraction, Tensor, merge_method
 from weightmix.methods.streaming import ModelStatistic
 from weightmix.recipe import not_a_bool
@@ -107,6 +108,7 @@ def spectral(
     entanglement: Fraction = 0.75,
     decoherence: Fraction = 0.15,
     coefficients: Finite | list[Finite] = 0.0,
+    prompt_coefficients: PromptText | None = None,
     variant: Literal["gumgum", "class"] = "gumgum",
     chunk_size: Rows = 1024,
     draw: Draw,
@@ -116,9 +118,13 @@ def spectral(
     e·(1 − M) ⊙ irfft(K ⊙ rfft(A − B)) along the last axis, avg = (A + B)/2, e =
     entanglement, M Bernoulli(decoherence) per element from the recipe seed, key and element
     (the original used Python's randomised hash()), K from the coefficients c (see
-    spectral_filter). Tensors whose name holds 'weight' and that have two or more dimensions
-    are filtered, `chunk_size` rows at a time; the others get avg. Nothing quantum happens: it
+    spectral_filter), or from a prompt (`prompt_coefficients`: the text encoder's pooled
+    embedding through a fixed seeded projection, see prompted.py). Tensors whose name holds
+    'weight' and that have two or more dimensions are filtered, `chunk_size` rows at a time;
+    the others get avg. Nothing quantum happens: it
     is an average plus a masked, frequency-filtered share of the difference."""
+    if prompt_coefficients is not None and not isinstance(prompt_coefficients, EncodedPrompt):
+        raise RuntimeError("spectral: prompt_coefficients was not encoded before the merge")
     average = (a + b) / 2
     if not statistic or a.dim() < 2 or a.numel() == 0 or entanglement == 0 or decoherence == 1:
         return average
