@@ -349,3 +349,30 @@ def test_width_mismatch_and_missing_tokenizer_are_refused(run, tmp_path, sd1_pai
     spectral = [f"A={paths['A']}", f"B={paths['B']}", "-m", "spectral", "-p", "coefficients=0.2",
                 "-p", "prompt_coefficients=red", "--tokenizer", tokenizer_dir]  # fmt: skip
     refused(run, spectral, "give coefficients or prompt_coefficients, not both", out)
+
+
+def test_the_wizard_asks_where_the_prompt_is_read(
+    run, tmp_path, sd1_pair, tokenizer_dir, monkeypatch
+):
+    """A prompt answer is taken as typed ('yes' is not YAML's true); the wizard then asks for
+    the text encoder and the tokenizer, and the merge equals the command line's."""
+    import io
+
+    paths, _ = sd1_pair
+    out = tmp_path / "wizard.safetensors"
+    lines = [paths["A"], paths["B"], "", out, "concept", "yes", "", "", tmp_path / "nowhere",
+             tokenizer_dir, "y"]  # fmt: skip
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
+    result = run("wizard")
+    assert result.code == 0, result.err
+    assert "nowhere: no such file or folder" in result.err
+    direct = tmp_path / "direct.safetensors"
+    assert run(
+        "merge", f"A={paths['A']}", f"B={paths['B']}", "-m", "concept", "-p", "prompt='yes'",
+        "--tokenizer", tokenizer_dir, "-o", direct, "-q",
+    ).code == 0  # fmt: skip
+    merged, expected = load(out), load(direct)
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+    assert not torch.equal(
+        merged[f"{UNET}attn2.to_k.weight"], load(paths["A"])[f"{UNET}attn2.to_k.weight"]
+    )

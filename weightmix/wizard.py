@@ -20,6 +20,7 @@ from weightmix.errors import WeightmixError
 from weightmix.io import open_checkpoint
 from weightmix.methods import METHODS
 from weightmix.methods.registry import MethodSpec, ParamSpec
+from weightmix.prompts import prompt_params
 from weightmix.recipe import Recipe, parse_recipe
 from weightmix.report import describe_plan
 
@@ -91,8 +92,12 @@ def _method(text: str) -> MethodSpec:
 
 
 def _param_check(spec: ParamSpec, method: MethodSpec, count: int) -> Any:
+    prompt = spec.name in prompt_params(method)
+
     def check(answer: Any) -> Any:
-        if isinstance(answer, str):  # typed: YAML, so 0.3, [1, 2], true, GRAD_V all read
+        if prompt and isinstance(answer, str):  # a prompt is text as typed: 'yes', '1.5' ...
+            value = answer.strip() or None
+        elif isinstance(answer, str):  # typed: YAML, so 0.3, [1, 2], true, GRAD_V all read
             try:
                 value = yaml.safe_load(answer) if answer.strip() else None
             except yaml.YAMLError as error:
@@ -154,7 +159,32 @@ def ask_recipe(answers: Answers) -> tuple[Recipe, Path]:
         except WeightmixError as error:  # e.g. weights that sum to 0 while normalising
             click.echo(f"{error}: answer the parameters again", err=True)
     data = {"models": models, "merge": {"method": method.name, "inputs": list(models), **params}}
+    if any(params.get(name) for name in prompt_params(method)):
+        data.update(_ask_prompt_sources(answers))
     return parse_recipe(data, "wizard"), output
+
+
+def _optional_path(text: str) -> str:
+    text = text.strip()
+    if text and not Path(text).expanduser().exists():
+        raise click.BadParameter(f"{text}: no such file or folder")
+    return str(Path(text).expanduser().resolve()) if text else ""
+
+
+def _ask_prompt_sources(answers: Answers) -> dict[str, str]:
+    """Where the prompt is read: a text encoder and a tokenizer, or the defaults."""
+    found = {}
+    encoder = answers.ask("Text encoder for the prompt (empty: model A's)", _optional_path, "")
+    if encoder:
+        found["text_encoder"] = encoder
+    tokenizer = answers.ask(
+        "CLIP tokenizer folder (empty: the text encoder's tokenizer/ or an installed package)",
+        _optional_path,
+        "",
+    )
+    if tokenizer:
+        found["tokenizer"] = tokenizer
+    return found
 
 
 def run_wizard(threads: int | None = None) -> Path | None:

@@ -124,7 +124,8 @@ class MethodSpec:
         self, given: dict[str, Any], n_inputs: int, where: str, whole: bool = True
     ) -> dict[str, Any]:
         """Check names, types and ranges of `given`, fill defaults, run the method's own check
-        (`whole`: the parameters are all given, so checks across them apply)."""
+        (`whole`: the parameters are all given, so required ones and checks across them
+        apply)."""
         resolved: dict[str, Any] = {}
         for name, value in given.items():
             spec = self.params.get(name)
@@ -144,7 +145,7 @@ class MethodSpec:
             resolved[name] = spec.check_value(value, label)
         for name, spec in self.params.items():
             if name not in resolved:
-                if spec.required:
+                if spec.required and whole:
                     raise WeightmixError(f"{where}: {self.name} needs parameter '{name}'")
                 resolved[name] = spec.default
         if whole and self.check is not None and (problem := self.check(n_inputs, resolved)):
