@@ -549,5 +549,15 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _add_groups() -> None:
+    """Command groups that live beside their rooms (they use the helpers above)."""
+    from weightmix.lora.commands import lora
+
+    cli.add_command(lora)
+
+
+_add_groups()
+
+
 if __name__ == "__main__":
     sys.exit(main())

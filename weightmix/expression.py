@@ -26,6 +26,7 @@ class Leaf:
     """A model's tensor for the key being merged."""
 
     model: str
+    space: str = WEIGHT  # DELTA for a LoRA: a task vector, not a model
 
     def text(self) -> str:
         return self.model
@@ -49,9 +50,12 @@ class Op:
 Node = Leaf | Op
 
 
-def compile_expression(expression: Expression, models: dict[str, object]) -> Node:
-    """Turn the recipe's merge expression into a checked tree."""
-    root = _compile(expression, models, "merge")
+def compile_expression(
+    expression: Expression, models: dict[str, object], deltas: frozenset[str] = frozenset()
+) -> Node:
+    """Turn the recipe's merge expression into a checked tree; `deltas` name the models that
+    are task vectors (LoRAs)."""
+    root = _compile(expression, models, "merge", deltas)
     names = [op.name for op in ops(root) if op.name]
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
@@ -60,14 +64,16 @@ def compile_expression(expression: Expression, models: dict[str, object]) -> Nod
     return root
 
 
-def _compile(expression: Expression, models: dict[str, object], label: str) -> Node:
+def _compile(
+    expression: Expression, models: dict[str, object], label: str, deltas: frozenset[str]
+) -> Node:
     if isinstance(expression, str):
         if expression not in models:
             raise WeightmixError(
                 f"recipe {label}: '{expression}' is not a model of this recipe"
                 f"{closest(expression, models)}; models: {', '.join(models)}"
             )
-        return Leaf(expression)
+        return Leaf(expression, DELTA if expression in deltas else WEIGHT)
     assert isinstance(expression, MergeNode)
     where = f"recipe {label}"
     method = get_method(expression.method, where)
@@ -77,7 +83,8 @@ def _compile(expression: Expression, models: dict[str, object], label: str) -> N
             f"{where}: {method.name} takes {method.arity_text()} inputs, {count} given"
         )
     inputs = tuple(
-        _compile(child, models, f"{label}.inputs[{i}]") for i, child in enumerate(expression.inputs)
+        _compile(child, models, f"{label}.inputs[{i}]", deltas)
+        for i, child in enumerate(expression.inputs)
     )
     given = expression.params
     params = method.resolve_params(given, count, where)
@@ -104,7 +111,7 @@ def leaves(node: Node) -> list[str]:
 def space_of(node: Node) -> str:
     """The merge space (weight or delta) of what `node` computes; raises on a mismatch."""
     if isinstance(node, Leaf):
-        return WEIGHT
+        return node.space
     spaces = [space_of(child) for child in node.inputs]
     method = node.method
     for position, (child, space) in enumerate(zip(node.inputs, spaces)):

@@ -37,6 +37,8 @@ from weightmix.io.folder_output import check_left_out, left_out_components
 from weightmix.io.folders import FolderCheckpoint
 from weightmix.io.writer import split_shards
 from weightmix.layouts import SINGLE_FILE, align_layouts
+from weightmix.lora.delta import LoraDelta
+from weightmix.lora.formats import is_lora
 from weightmix.output_checks import check_output, check_recipe_output
 from weightmix.prompts import Prompts, check_prompts
 from weightmix.recipe import Recipe
@@ -148,14 +150,15 @@ def build_plan(
     max_shard = (
         parse_size(recipe.max_shard_size, "max_shard_size") if recipe.max_shard_size else None
     )
-    root = compile_expression(recipe.merge, recipe.models)
-    _check_rules(recipe, root)
-    _check_param_range(root, compute_dtype, "recipe")
     checkpoints = _open_inputs(recipe)
     plan = None
     try:
-        align_layouts(checkpoints, recipe.layout)
+        loras = frozenset(name for name, c in checkpoints.items() if is_lora(c))
+        root = compile_expression(recipe.merge, recipe.models, loras)
+        _check_rules(recipe, root)
+        _check_param_range(root, compute_dtype, "recipe")
         layout = recipe.layout if recipe.layout in checkpoints else next(iter(checkpoints))
+        _align(checkpoints, recipe.layout, loras)
         shapes = {key: info.shape for key, info in checkpoints[layout].tensors.items()}
         architecture = detect(shapes)
         block_values = BlockValues(architecture, layout)
@@ -188,6 +191,24 @@ def build_plan(
         if plan is not None and plan.prompts is not None:
             plan.prompts.close()
         raise
+
+
+def _align(checkpoints: dict[str, Checkpoint], layout: str | None, loras: frozenset[str]) -> None:
+    """Models take the layout model's key names (see layouts.py); LoRAs are read as deltas
+    with those names (see lora/delta.py)."""
+    first = layout if layout in checkpoints else next(iter(checkpoints))
+    if first in loras:
+        raise WeightmixError(
+            f"model {first} is a LoRA: the layout model (the first, or --layout) must be a model"
+            " whose key names the output takes; put the model first"
+        )
+    models = {name: c for name, c in checkpoints.items() if name not in loras}
+    align_layouts(models, layout)
+    for name in checkpoints:
+        if name in loras:
+            checkpoints[name] = LoraDelta(checkpoints[name], models[first], f"model {name}")
+        else:
+            checkpoints[name] = models[name]
 
 
 def _check_pipeline_components(plan: Plan) -> None:

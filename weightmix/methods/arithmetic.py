@@ -98,6 +98,13 @@ def add(base: Tensor, *deltas: Tensor, alpha: Finite = 1.0) -> Tensor:
 
 
 @merge_method(inputs=ANY, output=SAME, elementwise=True)
+def scale(x: Tensor, *, factor: Finite = 1.0) -> Tensor:
+    """factor·X: a task vector (or a LoRA) at another strength; `factor` may vary by block
+    (supermerger's LoRA block weights)."""
+    return x * factor
+
+
+@merge_method(inputs=ANY, output=SAME, elementwise=True)
 def take(model: Tensor) -> Tensor:
     """One model's tensor, unchanged."""
     return model

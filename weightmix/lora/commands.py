@@ -1,0 +1,99 @@
+"""`weightmix lora apply | extract | merge`: thin commands over the API and lora/."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+
+from weightmix import api
+from weightmix.cli import _notes, _number_or_value, _save_recipe, _summary
+from weightmix.errors import WeightmixError
+from weightmix.recipe import MODEL_NAME, parse_recipe
+
+
+@click.group()
+def lora() -> None:
+    """Apply LoRAs to a model, extract them from fine-tunes, merge them."""
+
+
+def lora_strength(text: str) -> tuple[str, Any]:
+    """'PATH:STRENGTH' -> (PATH, strength): a number, a preset or a block list (one strength
+    per block); a PATH alone (or one that exists with its colon) has strength 1."""
+    path, colon, value = text.rpartition(":")
+    if not colon or not path or Path(text).exists():
+        return text, 1.0
+    return path, _number_or_value(value, f"LoRA {text}")
+
+
+def _names(paths: list[str]) -> list[str]:
+    """Model names for the recipe: file stems where they are valid and unique."""
+    names: list[str] = []
+    for number, path in enumerate(paths):
+        stem = re.sub(r"[^A-Za-z0-9_]", "_", Path(path).name.split(".")[0])
+        name = stem if MODEL_NAME.match(stem) and stem not in names else f"lora{number}"
+        names.append(name if number else "model")
+    return names
+
+
+@lora.command("apply")
+@click.argument("model")
+@click.argument("loras", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file or folder.")
+@click.option("--dtype", help="Output dtype of float tensors (default: the model's).")
+@click.option("--compute-dtype", help="Dtype the update is computed in (default fp32).")
+@click.option("--threads", type=click.IntRange(1, 64), help="Worker threads.")
+@click.option("--dry-run", is_flag=True, help="Print the plan; read headers only.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option(
+    "--save-recipe",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the recipe (a merge of the model and the LoRAs) as YAML.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress or summary.")
+def apply(model: str, loras: tuple[str, ...], output: Path | None, **flags: Any) -> None:
+    """Bake LORAS into MODEL: W + Σ sᵢ·(αᵢ/rᵢ)·upᵢ·downᵢ per layer, streamed.
+
+    \b
+    weightmix lora apply model.safetensors a.safetensors:0.8 b.safetensors:0.5 -o out.safetensors
+    weightmix lora apply model.safetensors style.safetensors:GRAD_V -o out.safetensors
+    """
+    pairs = [lora_strength(text) for text in loras]
+    names = _names([model, *(path for path, _ in pairs)])
+    deltas: list[Any] = []
+    for name, (_, strength) in zip(names[1:], pairs):
+        if strength == 1.0:
+            deltas.append(name)
+        else:
+            deltas.append({"method": "scale", "inputs": [name], "factor": strength})
+    data: dict[str, Any] = {
+        "models": dict(zip(names, [model, *(path for path, _ in pairs)])),
+        "merge": {"method": "add", "inputs": [names[0], *deltas]},
+    }
+    for name in ("dtype", "compute_dtype"):
+        if flags[name] is not None:
+            data[name] = flags[name]
+    recipe = parse_recipe(data, "command line")
+    _run(recipe, output, flags)
+
+
+def _run(recipe, output: Path | None, flags: dict[str, Any]) -> None:
+    if not flags["dry_run"] and output is None:
+        raise WeightmixError("no output path: pass -o OUT.safetensors (or --dry-run)")
+    save_to = flags["save_recipe"]
+    planned = api.make_plan(recipe, output, flags["overwrite"], save_recipe=save_to)
+    if flags["dry_run"]:
+        from weightmix.report import describe_plan
+
+        try:
+            click.echo(describe_plan(planned, threads=flags["threads"]))
+        finally:
+            planned.close()
+        _save_recipe(recipe, save_to, flags["quiet"], None)
+        return
+    _notes(planned.notes, flags["quiet"])
+    result = api.execute(planned, threads=flags["threads"], progress=not flags["quiet"])
+    _summary(result, flags["quiet"])
+    _save_recipe(recipe, save_to, flags["quiet"], output)

@@ -1,0 +1,172 @@
+"""Which rows of which model tensor a LoRA module changes. A model is indexed under its own
+module names and, through the key dialects (dialects/), under the other layout's names, so a
+kohya or PEFT LoRA finds its layers in a single file or a diffusers folder alike, fused q/k/v
+included (a LoRA on `to_q` changes the first third of BFL's `qkv`, and the other way round)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from weightmix.arch import architecture_keys
+from weightmix.dialects import LAYOUTS, layout_links
+from weightmix.dialects.links import Link
+from weightmix.io.folders import FolderCheckpoint
+from weightmix.io.reader import Checkpoint
+from weightmix.lora.formats import DENOISER, TEXT_1, TEXT_2
+
+# where each part of a model lives: single-file prefixes, then diffusers component folders
+PART_PREFIXES = (
+    ("model.diffusion_model.", DENOISER),
+    ("cond_stage_model.transformer.", TEXT_1),
+    ("cond_stage_model.model.", TEXT_1),
+    ("conditioner.embedders.0.transformer.", TEXT_1),
+    ("conditioner.embedders.0.model.", TEXT_1),
+    ("conditioner.embedders.1.model.", TEXT_2),
+    ("text_encoders.clip_l.transformer.", TEXT_1),
+    ("unet/", DENOISER),
+    ("transformer/", DENOISER),
+    ("text_encoder/", TEXT_1),
+    ("text_encoder_2/", TEXT_2),
+)
+NOT_ADAPTED = ("vae/", "first_stage_model.", "vae.", "model_ema.")  # no LoRA trains these
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [start, stop) of model tensor `key` are rows [from_start, from_stop) of the
+    module's weight, which has `rows` rows in all."""
+
+    key: str
+    start: int
+    stop: int
+    from_start: int
+    from_stop: int
+    rows: int
+
+
+def module_name(key: str) -> tuple[str, str] | None:
+    """(part, module path) of a weight key; None for keys no LoRA adapts."""
+    if not key.endswith(".weight") or key.startswith(NOT_ADAPTED):
+        return None
+    stem = key[: -len(".weight")]
+    for prefix, part in PART_PREFIXES:
+        if stem.startswith(prefix):
+            return part, stem[len(prefix) :]
+    return DENOISER, stem  # a denoiser (or any model) saved on its own
+
+
+def normalized(module: str) -> str:
+    """kohya's spelling of a module path: '.' as '_' (PEFT paths are compared the same way)."""
+    return module.replace(".", "_")
+
+
+class ModelIndex:
+    """Module names -> the model rows they are, from the model's key names and shapes."""
+
+    def __init__(self, model: Checkpoint):
+        self.model = model
+        self.segments: dict[tuple[str, str], list[Segment]] = defaultdict(list)
+        for key, info in model.tensors.items():
+            named = module_name(key)
+            if named is not None and len(info.shape) >= 2:
+                rows = info.shape[0]
+                self._add(named, Segment(key, 0, rows, 0, rows, rows))
+        for links in self._links():
+            self._add_links(links)
+
+    def lookup(self, part: str, module: str) -> list[Segment]:
+        return self.segments.get((part, normalized(module)), [])
+
+    def _add(self, named: tuple[str, str], segment: Segment) -> None:
+        part, module = named
+        found = self.segments[(part, normalized(module))]
+        if segment not in found:
+            found.append(segment)
+        if part in (TEXT_1, TEXT_2) and not module.startswith("text_model."):
+            self._add((part, f"text_model.{module}"), segment)  # saved without 'text_model.'
+
+    def _links(self) -> list[list[Link]]:
+        keys = self.model.tensors
+        if isinstance(self.model, FolderCheckpoint) and self.model.pipeline:
+            candidates = []
+            for architecture in LAYOUTS:
+                links = layout_links(_canonical(architecture), keys) or []
+                covered = {link.diffusers for link in links} & keys.keys()
+                candidates.append((len(covered), links))
+            best = max(candidates, key=lambda c: c[0], default=(0, []))
+            return [best[1]] if best[0] else []
+        links = layout_links(keys, {"text_encoder/text_model.", "text_encoder_2/text_model."})
+        return [links] if links else []
+
+    def _add_links(self, links: list[Link]) -> None:
+        """Segments for the other dialect's names: each link is rows of a single-file tensor
+        that are rows of a diffusers tensor."""
+        keys = self.model.tensors
+        pipeline = isinstance(self.model, FolderCheckpoint) and self.model.pipeline
+        links = [link for link in links if not link.transpose]
+        by_single: dict[str, list[Link]] = defaultdict(list)
+        by_diffusers: dict[str, list[Link]] = defaultdict(list)
+        for link in links:
+            by_single[link.single].append(link)
+            by_diffusers[link.diffusers].append(link)
+        single_rows: dict[Link, tuple[int, int]] = {}
+        diffusers_rows: dict[Link, tuple[int, int]] = {}
+        if not pipeline:  # the model's tensors are the single-file ones
+            for single, group in by_single.items():
+                if single in keys and keys[single].shape:
+                    _cut(group, keys[single].shape[0], single_rows, lambda k: k.part)
+            for group in by_diffusers.values():
+                _stack(group, single_rows, diffusers_rows, lambda k: k.position)
+        else:
+            for name, group in by_diffusers.items():
+                if name in keys and keys[name].shape:
+                    _cut(group, keys[name].shape[0], diffusers_rows, lambda k: k.position)
+            for group in by_single.values():
+                _stack(group, diffusers_rows, single_rows, lambda k: k.part)
+        for link in links:
+            if link not in single_rows or link not in diffusers_rows:
+                continue
+            model_key, alias = (
+                (link.diffusers, link.single) if pipeline else (link.single, link.diffusers)
+            )
+            own, other = (
+                (diffusers_rows, single_rows) if pipeline else (single_rows, diffusers_rows)
+            )
+            named = module_name(alias)
+            if named is None or model_key not in keys:
+                continue
+            group = by_single[link.single] if pipeline else by_diffusers[link.diffusers]
+            total = sum(other[k][1] - other[k][0] for k in group if k in other)
+            (start, stop), (from_start, from_stop) = own[link], other[link]
+            self._add(named, Segment(model_key, start, stop, from_start, from_stop, total))
+
+
+def _canonical(architecture: str) -> list[str]:
+    """Every single-file key name of an architecture weightmix ships as data."""
+    return [spec.key for spec in architecture_keys(architecture, optional=True)]
+
+
+def _cut(group, rows: int, out: dict, order) -> None:
+    """The known tensor cut among its links: by `parts` weights, in `order`."""
+    group = sorted(group, key=order)
+    weights = [link.parts[link.part] for link in group]
+    total = sum(weights)
+    if total == 0 or rows % total:
+        return
+    start = 0
+    for link, weight in zip(group, weights):
+        stop = start + rows * weight // total
+        out[link] = (start, stop)
+        start = stop
+
+
+def _stack(group, known: dict, out: dict, order) -> None:
+    """The other tensor: its links' pieces one after another, in `order`."""
+    start = 0
+    for link in sorted(group, key=order):
+        if link not in known:
+            return
+        size = known[link][1] - known[link][0]
+        out[link] = (start, start + size)
+        start += size
