@@ -11,6 +11,7 @@ import click
 from weightmix import api
 from weightmix.cli import _notes, _number_or_value, _save_recipe, _summary
 from weightmix.errors import WeightmixError
+from weightmix.lora.formats import KOHYA, PEFT
 from weightmix.recipe import MODEL_NAME, parse_recipe
 
 
@@ -97,3 +98,90 @@ def _run(recipe, output: Path | None, flags: dict[str, Any]) -> None:
     result = api.execute(planned, threads=flags["threads"], progress=not flags["quiet"])
     _summary(result, flags["quiet"])
     _save_recipe(recipe, save_to, flags["quiet"], output)
+
+
+@lora.command("extract")
+@click.argument("base")
+@click.argument("tuned")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="The LoRA file (.safetensors).")  # fmt: skip
+@click.option("--rank", type=int, default=32, show_default=True,
+              help="Rank of each layer (a layer allows at most min(rows, columns)).")  # fmt: skip
+@click.option("--energy", type=float,
+              help="Per layer, the smallest rank keeping this share of Δ's squared singular"
+              " values (0 < E ≤ 1), at most --rank.")  # fmt: skip
+@click.option("--format", "fmt", type=click.Choice([KOHYA, PEFT]), default=KOHYA,
+              show_default=True, help="kohya (lora_up/down) or PEFT (lora_A/B).")  # fmt: skip
+@click.option("--dtype", default="fp16", show_default=True, help="Dtype of the factors.")
+@click.option("--compute-dtype", help="Dtype Δ and its SVD are computed in (default fp32).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or summary.")
+def extract_command(base: str, tuned: str, output: Path, **flags: Any) -> None:
+    """A LoRA that turns BASE into (nearly) TUNED: per layer, the truncated SVD of TUNED − BASE."""
+    from weightmix.lora.extract import check_rank, extract
+    from weightmix.progress import make_progress
+
+    check_rank(flags["rank"], flags["energy"])
+    data: dict[str, Any] = {
+        "models": {"base": base, "tuned": tuned},
+        "merge": {"method": "subtract", "inputs": ["tuned", "base"]},
+    }
+    if flags["compute_dtype"] is not None:
+        data["compute_dtype"] = flags["compute_dtype"]
+    planned = api.make_plan(parse_recipe(data, "command line"), output, flags["overwrite"])
+    try:
+        _notes(planned.notes, flags["quiet"])
+        done = extract(planned, flags["fmt"], flags["rank"], flags["energy"], flags["dtype"],
+                       make_progress(not flags["quiet"]))  # fmt: skip
+    finally:
+        planned.close()
+    _notes(done.notes, flags["quiet"])
+    if not flags["quiet"]:
+        click.echo(f"wrote {done.files[0]}: {done.layers} LoRA layers")
+
+
+@lora.command("merge")
+@click.argument("loras", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="The merged LoRA (.safetensors).")  # fmt: skip
+@click.option("--rank", type=int,
+              help="Re-SVD each layer's summed update to this rank (default: concatenate, exact,"
+              " rank = the sum of the ranks).")  # fmt: skip
+@click.option("--format", "fmt", type=click.Choice([KOHYA, PEFT]),
+              help="Output names (default: the first LoRA's).")  # fmt: skip
+@click.option("--dtype", default="fp16", show_default=True, help="Dtype of the factors.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("-q", "--quiet", is_flag=True, help="No summary.")
+def merge_command(loras: tuple[str, ...], output: Path, **flags: Any) -> None:
+    """Merge LORAS (PATH:STRENGTH, strength 1 when left out) into one LoRA."""
+    from weightmix.io import open_checkpoint
+    from weightmix.io.dtypes import OUTPUT_DTYPES, dtype_from_name
+    from weightmix.lora.merge import Source, merge_loras
+
+    if flags["rank"] is not None and flags["rank"] < 1:
+        raise WeightmixError(f"--rank {flags['rank']}: give a rank of at least 1")
+    dtype = dtype_from_name(flags["dtype"], OUTPUT_DTYPES)
+    if not dtype.is_float:
+        raise WeightmixError(f"--dtype {flags['dtype']}: LoRA factors are floats")
+    pairs = [lora_strength(text) for text in loras]
+    for path, strength in pairs:
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+            raise WeightmixError(f"LoRA {path}: strength {strength!r} is not a number")
+        if Path(path).exists() and Path(path).resolve() == output.resolve():
+            raise WeightmixError(f"{output} is an input LoRA: give another output path")
+    if output.exists() and not flags["overwrite"]:
+        raise WeightmixError(f"{output} exists: pass --overwrite to replace it")
+    sources = []
+    try:
+        for number, (path, strength) in enumerate(pairs):
+            try:
+                checkpoint = open_checkpoint(path)
+            except WeightmixError as error:
+                raise WeightmixError(f"LoRA {number + 1}: {error}") from None
+            sources.append(Source(checkpoint, float(strength), f"LoRA {path}"))
+        files = merge_loras(sources, output, flags["rank"], flags["fmt"], dtype)
+    finally:
+        for source in sources:
+            source.checkpoint.close()
+    if not flags["quiet"]:
+        click.echo(f"wrote {files[0]}")

@@ -6,11 +6,13 @@ included (a LoRA on `to_q` changes the first third of BFL's `qkv`, and the other
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from weightmix.arch import architecture_keys
 from weightmix.dialects import LAYOUTS, layout_links
+from weightmix.dialects.flux import flux_links
 from weightmix.dialects.links import Link
+from weightmix.dialects.stable_diffusion import clip_links, open_clip_links, unet_links
 from weightmix.io.folders import FolderCheckpoint
 from weightmix.io.reader import Checkpoint
 from weightmix.lora.formats import DENOISER, TEXT_1, TEXT_2
@@ -29,7 +31,20 @@ PART_PREFIXES = (
     ("text_encoder/", TEXT_1),
     ("text_encoder_2/", TEXT_2),
 )
-NOT_ADAPTED = ("vae/", "first_stage_model.", "vae.", "model_ema.")  # no LoRA trains these
+# no LoRA trains these (T5 is left out too: kohya and PEFT LoRAs name no T5 module)
+NOT_ADAPTED = ("vae/", "first_stage_model.", "vae.", "model_ema.", "text_encoders.t5xxl.",
+               "text_encoder_3/", "conditioner.embedders.2.")  # fmt: skip
+# single-file parts and how their names link to diffusers': (prefix, links, component)
+SINGLE_FILE_PARTS = (
+    ("model.diffusion_model.", "denoiser", "unet/"),
+    ("cond_stage_model.transformer.", clip_links, "text_encoder/"),
+    ("cond_stage_model.model.", open_clip_links, "text_encoder/"),
+    ("conditioner.embedders.0.transformer.", clip_links, "text_encoder/"),
+    ("conditioner.embedders.0.model.", open_clip_links, "text_encoder_2/"),
+    ("conditioner.embedders.1.model.", open_clip_links, "text_encoder_2/"),
+    ("text_encoders.clip_l.transformer.", clip_links, "text_encoder/"),
+)
+SINGLE, DIFFUSERS = "single", "diffusers"  # the two key dialects
 
 
 @dataclass(frozen=True)
@@ -43,6 +58,9 @@ class Segment:
     from_start: int
     from_stop: int
     rows: int
+    part: str = ""  # the module's part and path as that dialect names it
+    module: str = ""
+    dialect: str = ""  # SINGLE or DIFFUSERS
 
 
 def module_name(key: str) -> tuple[str, str] | None:
@@ -66,44 +84,66 @@ class ModelIndex:
 
     def __init__(self, model: Checkpoint):
         self.model = model
+        self.pipeline = isinstance(model, FolderCheckpoint) and model.pipeline
         self.segments: dict[tuple[str, str], list[Segment]] = defaultdict(list)
+        self.by_key: dict[str, list[Segment]] = defaultdict(list)
+        own = DIFFUSERS if self.pipeline else SINGLE
         for key, info in model.tensors.items():
             named = module_name(key)
             if named is not None and len(info.shape) >= 2:
                 rows = info.shape[0]
-                self._add(named, Segment(key, 0, rows, 0, rows, rows))
-        for links in self._links():
-            self._add_links(links)
+                self._add(named, Segment(key, 0, rows, 0, rows, rows), own)
+        self._add_links(self._links())
+        keys = model.tensors
+        self.has_text_2 = any(module_name(k) and module_name(k)[0] == TEXT_2 for k in keys)
+        if any(".double_blocks." in k or k.startswith("double_blocks.") for k in keys):
+            self.family = "flux"
+        elif self.has_text_2 or any(".label_emb." in k or "add_embedding." in k for k in keys):
+            self.family = "sdxl"
+        else:
+            self.family = "sd"
 
     def lookup(self, part: str, module: str) -> list[Segment]:
         return self.segments.get((part, normalized(module)), [])
 
-    def _add(self, named: tuple[str, str], segment: Segment) -> None:
+    def _add(self, named: tuple[str, str], segment: Segment, dialect: str) -> None:
         part, module = named
+        segment = replace(segment, part=part, module=module, dialect=dialect)
         found = self.segments[(part, normalized(module))]
-        if segment not in found:
+        if all(_place(s) != _place(segment) for s in found):
             found.append(segment)
+            self.by_key[segment.key].append(segment)
         if part in (TEXT_1, TEXT_2) and not module.startswith("text_model."):
-            self._add((part, f"text_model.{module}"), segment)  # saved without 'text_model.'
+            self._add((part, f"text_model.{module}"), segment, dialect)  # saved without it
 
-    def _links(self) -> list[list[Link]]:
+    def _links(self) -> list[Link]:
+        """Links between the model's names and the other dialect's."""
         keys = self.model.tensors
-        if isinstance(self.model, FolderCheckpoint) and self.model.pipeline:
+        if self.pipeline:  # the single-file names of the layout that covers most keys
             candidates = []
             for architecture in LAYOUTS:
                 links = layout_links(_canonical(architecture), keys) or []
                 covered = {link.diffusers for link in links} & keys.keys()
                 candidates.append((len(covered), links))
-            best = max(candidates, key=lambda c: c[0], default=(0, []))
-            return [best[1]] if best[0] else []
-        links = layout_links(keys, {"text_encoder/text_model.", "text_encoder_2/text_model."})
-        return [links] if links else []
+            return max(candidates, key=lambda c: c[0], default=(0, []))[1]
+        links: list[Link] = []
+        for prefix, build, component in SINGLE_FILE_PARTS:
+            if not any(k.startswith(prefix) for k in keys):
+                continue
+            if build == "denoiser":
+                flux = any(k.startswith(f"{prefix}double_blocks.") for k in keys)
+                build_links = flux_links if flux else unet_links
+                component = "transformer/" if flux else component
+                links += build_links(keys, prefix, component)
+            else:
+                links += build(keys, prefix, component, True)
+        return links
 
     def _add_links(self, links: list[Link]) -> None:
         """Segments for the other dialect's names: each link is rows of a single-file tensor
         that are rows of a diffusers tensor."""
         keys = self.model.tensors
-        pipeline = isinstance(self.model, FolderCheckpoint) and self.model.pipeline
+        pipeline = self.pipeline
         links = [link for link in links if not link.transpose]
         by_single: dict[str, list[Link]] = defaultdict(list)
         by_diffusers: dict[str, list[Link]] = defaultdict(list)
@@ -139,7 +179,12 @@ class ModelIndex:
             group = by_single[link.single] if pipeline else by_diffusers[link.diffusers]
             total = sum(other[k][1] - other[k][0] for k in group if k in other)
             (start, stop), (from_start, from_stop) = own[link], other[link]
-            self._add(named, Segment(model_key, start, stop, from_start, from_stop, total))
+            segment = Segment(model_key, start, stop, from_start, from_stop, total)
+            self._add(named, segment, SINGLE if pipeline else DIFFUSERS)
+
+
+def _place(segment: Segment) -> tuple[str, int, int, int, int]:
+    return segment.key, segment.start, segment.stop, segment.from_start, segment.from_stop
 
 
 def _canonical(architecture: str) -> list[str]:
