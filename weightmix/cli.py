@@ -551,9 +551,11 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _add_groups() -> None:
     """Command groups that live beside their rooms (they use the helpers above)."""
+    from weightmix.hyper.commands import hyper
     from weightmix.lora.commands import lora
 
     cli.add_command(lora)
+    cli.add_command(hyper)
 
 
 _add_groups()

@@ -1,0 +1,128 @@
+"""Hyper-Merge (seed 001), as DESIGN.md states it. The hyper-model is the mean of M models.
+Then, for each rank r_k in turn, one LoRA δ_k (rank r_k in every layer) shared by all models,
+with one multiplier λ_{k,m} per model, fitting the residuals Δ_m = W_m − mean − Σ_{j<k} λ_{j,m}δ_j
+by alternating least squares over all layers at once:
+
+    δ^l = SVD_r( Σ_m λ_m Δ_m^l / Σ_m λ_m² )        (each layer l; Eckart–Young)
+    λ_m = Σ_l ⟨Δ_m^l, δ^l⟩ / Σ_l ‖δ^l‖²            (least squares for fixed δ)
+
+λ starts at the top eigenvector of the residuals' Gram matrix G_{mn} = Σ_l ⟨Δ_m^l, Δ_n^l⟩ (the
+seed's start was degenerate: differences from the mean sum to zero), and is kept with its
+largest-magnitude entry equal to +1 (δ takes the scale). Deflation is implicit: the next LoRA's
+residuals subtract the LoRAs already written, read back from their files. Each pass reads one
+layer of every model at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from weightmix.io.reader import Checkpoint
+
+
+def top_eigenvector(gram: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix's eigenvector of the largest eigenvalue, normalised (see normalise)."""
+    _, vectors = torch.linalg.eigh(gram.double())
+    return normalise(vectors[:, -1])
+
+
+def normalise(multipliers: torch.Tensor) -> torch.Tensor:
+    """λ / λ_j with j the entry of largest magnitude (the first of equals): that entry is +1."""
+    index = int(torch.argmax(multipliers.abs()))
+    if multipliers[index] == 0:
+        return multipliers
+    return multipliers / multipliers[index]
+
+
+def shared_update(deltas: torch.Tensor, multipliers: torch.Tensor, rank: int):
+    """δ = SVD_r(Σ λ_m Δ_m / Σ λ_m²) of one layer (deltas: M × rows × cols), as (up, down)
+    with up = U_r·√S_r, down = √S_r·V_rᵀ."""
+    weights = multipliers.to(deltas.dtype)
+    combined = torch.einsum("m,mij->ij", weights, deltas) / weights.square().sum()
+    left, values, right = torch.linalg.svd(combined, full_matrices=False)
+    keep = min(rank, values.numel())
+    root = values[:keep].sqrt()
+    return left[:, :keep] * root, root[:, None] * right[:keep]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One layer the LoRAs carry: rows [start, stop) of model key `key`, flattened."""
+
+    key: str
+    start: int
+    stop: int
+    name: str  # its kohya module name
+
+
+class Residuals:
+    """Δ_m for each unit: the models' rows minus the mean's, minus the LoRAs written so far
+    (each with its multipliers), in the compute dtype, M × rows × cols."""
+
+    def __init__(
+        self,
+        models: list[Checkpoint],
+        average: Checkpoint,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.models, self.average = models, average
+        self.dtype, self.device = dtype, device
+        self.components: list[tuple[Checkpoint, torch.Tensor]] = []  # (LoRA file, λ_k)
+
+    def rows(self, checkpoint: Checkpoint, unit: Unit) -> torch.Tensor:
+        whole = checkpoint.read(checkpoint.tensors[unit.key])
+        rows = whole[unit.start : unit.stop].reshape(unit.stop - unit.start, -1)
+        return rows.to(self.device, self.dtype)
+
+    def of(self, unit: Unit) -> torch.Tensor:
+        mean = self.rows(self.average, unit)
+        deltas = torch.stack([self.rows(m, unit) - mean for m in self.models])
+        for lora, multipliers in self.components:
+            up = lora.read(lora.tensors[f"{unit.name}.lora_up.weight"])
+            down = lora.read(lora.tensors[f"{unit.name}.lora_down.weight"])
+            up = up.reshape(up.shape[0], -1).to(self.device, self.dtype)
+            update = up @ down.reshape(down.shape[0], -1).to(self.device, self.dtype)
+            deltas -= multipliers.to(self.device, self.dtype)[:, None, None] * update
+        return deltas
+
+
+def fit_component(
+    residuals: Residuals,
+    units: list[Unit],
+    rank: int,
+    iterations: int,
+    write: Callable[[Unit, torch.Tensor, torch.Tensor], None],
+    advance: Callable[[], None] = lambda: None,
+) -> torch.Tensor:
+    """One shared LoRA: λ from the Gram matrix, `iterations` alternations, then a last pass
+    that hands each layer's (up, down) to `write`. Returns λ."""
+    count = len(residuals.models)
+    gram = torch.zeros(count, count, dtype=torch.float64)
+    for deltas in _each(residuals, units, advance):
+        flat = deltas.reshape(count, -1).double()
+        gram += (flat @ flat.T).cpu()
+    multipliers = top_eigenvector(gram)
+    for _ in range(iterations):
+        fitted = torch.zeros(count, dtype=torch.float64)
+        energy = 0.0
+        for deltas in _each(residuals, units, advance):
+            up, down = shared_update(deltas, multipliers, rank)
+            update = up @ down
+            fitted += torch.einsum("mij,ij->m", deltas, update).double().cpu()
+            energy += float(update.double().square().sum())
+        if energy == 0:
+            break
+        multipliers = normalise(fitted / energy)
+    for unit, deltas in zip(units, _each(residuals, units, advance)):
+        up, down = shared_update(deltas, multipliers, rank)
+        write(unit, up, down)
+    return multipliers
+
+
+def _each(residuals: Residuals, units: list[Unit], advance) -> Iterator[torch.Tensor]:
+    for unit in units:
+        yield residuals.of(unit)
+        advance()
