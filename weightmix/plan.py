@@ -158,7 +158,7 @@ def build_plan(
         _check_rules(recipe, root)
         _check_param_range(root, compute_dtype, "recipe")
         layout = recipe.layout if recipe.layout in checkpoints else next(iter(checkpoints))
-        _align(checkpoints, recipe.layout, loras)
+        _align(checkpoints, recipe.layout, loras, compute_dtype)
         shapes = {key: info.shape for key, info in checkpoints[layout].tensors.items()}
         architecture = detect(shapes)
         block_values = BlockValues(architecture, layout)
@@ -193,7 +193,9 @@ def build_plan(
         raise
 
 
-def _align(checkpoints: dict[str, Checkpoint], layout: str | None, loras: frozenset[str]) -> None:
+def _align(
+    checkpoints: dict[str, Checkpoint], layout: str | None, loras: frozenset[str], dtype: DType
+) -> None:
     """Models take the layout model's key names (see layouts.py); LoRAs are read as deltas
     with those names (see lora/delta.py)."""
     first = layout if layout in checkpoints else next(iter(checkpoints))
@@ -206,7 +208,7 @@ def _align(checkpoints: dict[str, Checkpoint], layout: str | None, loras: frozen
     align_layouts(models, layout)
     for name in checkpoints:
         if name in loras:
-            checkpoints[name] = LoraDelta(checkpoints[name], models[first], f"model {name}")
+            checkpoints[name] = LoraDelta(checkpoints[name], models[first], f"model {name}", dtype)
         else:
             checkpoints[name] = models[name]
 

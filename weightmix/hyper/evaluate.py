@@ -83,6 +83,9 @@ def reconstruct(outputs: Outputs, index: int, output: Path, overwrite: bool, dty
     }
     if dtype is not None:
         recipe["dtype"] = dtype
+    with open_checkpoint(outputs.average) as average:  # an fp64 average is rebuilt in fp64
+        if any(info.dtype.short == "fp64" for info in average.tensors.values()):
+            recipe["compute_dtype"] = "fp64"
     return api.merge(recipe, output, overwrite=overwrite)
 
 

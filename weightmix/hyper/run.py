@@ -51,11 +51,18 @@ def models_plan(config: HyperConfig, folder: Path, average: Path | None = None) 
         models["average"] = str(average)
     data = {
         "models": models,
-        "merge": {"method": "weighted_sum", "inputs": names},
+        "merge": {"method": "weighted_sum", "inputs": list(models)},  # read, never run
         "device": config.device,
         "compute_dtype": config.compute_dtype,
     }
-    return api.make_plan(data)
+    try:
+        return api.make_plan(data)
+    except WeightmixError as error:
+        problem = str(error).split(". Pass --on-missing")[0]
+        named = ", ".join(f"{n} = {p}" for n, p in zip(names, paths))
+        raise WeightmixError(
+            f"Hyper-Merge needs models of one architecture: {problem} ({named})"
+        ) from None
 
 
 def select_units(plan: Plan, config: HyperConfig) -> list[Unit]:
@@ -110,6 +117,7 @@ def _build(config, folder, staging, names, units, dtype, progress) -> HyperResul
         "models": dict(zip(model_names(len(paths)), map(str, paths))),
         "merge": {"method": "weighted_sum", "inputs": model_names(len(paths))},
         "dtype": config.output_dtype,
+        "compute_dtype": config.compute_dtype,
         "device": config.device,
         "title": f"{config.name} (hyper-model: the mean of {len(paths)} models)",
     }

@@ -66,7 +66,7 @@ _ALIASES = {
 # names safetensors defines that this torch build cannot hold (e.g. fp8 before torch 2.1)
 UNSUPPORTED_HERE = {row[0] for row in ALL_ROWS} - SAFETENSORS_DTYPES.keys()
 
-OUTPUT_DTYPES = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
+OUTPUT_DTYPES = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2", "fp64")
 COMPUTE_DTYPES = ("fp64", "fp32", "fp16", "bf16")
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from weightmix.errors import WeightmixError
-from weightmix.io.dtypes import dtype_from_name
+from weightmix.io.dtypes import DType, dtype_from_name
 from weightmix.io.reader import Checkpoint, TensorInfo
 from weightmix.lora.formats import LoraLayer, read_layers
 from weightmix.lora.targets import ModelIndex, Segment
@@ -25,8 +25,9 @@ SHOWN = 3
 class LoraDelta(Checkpoint):
     """`lora` seen with the key names and shapes of `model` (which it does not own)."""
 
-    def __init__(self, lora: Checkpoint, model: Checkpoint, where: str):
+    def __init__(self, lora: Checkpoint, model: Checkpoint, where: str, dtype: DType = FP32):
         self.lora = lora
+        self.dtype = dtype  # of the update: the merge's compute dtype
         self.format, layers = read_layers(lora, where)
         index = ModelIndex(model)
         self.changes: dict[str, list[tuple[LoraLayer, Segment]]] = defaultdict(list)
@@ -45,12 +46,12 @@ class LoraDelta(Checkpoint):
                 f" layer of the model ({model.path}), e.g. {shown}: is the LoRA for another"
                 " architecture or text encoder?"
             )
-        tensors = {
-            key: TensorInfo(key, FP32 if info.dtype.is_float else info.dtype, info.shape,
-                            lora.path, -1, info.numel * (4 if info.dtype.is_float else
-                                                         info.dtype.itemsize))
-            for key, info in model.tensors.items()
-        }  # fmt: skip
+        tensors = {}
+        for key, info in model.tensors.items():
+            kind = dtype if info.dtype.is_float else info.dtype
+            tensors[key] = TensorInfo(
+                key, kind, info.shape, lora.path, -1, info.numel * kind.itemsize
+            )
         super().__init__(lora.path, tensors, lora.files)
         self.layers = layers
         self.notes = [
@@ -85,15 +86,16 @@ class LoraDelta(Checkpoint):
         return self._scales[layer.down]
 
     def factors(self, layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor]:
-        """(up, down) as float32 matrices: out × rank and rank × in (flattened)."""
-        up = self.lora.read(self.lora.tensors[layer.up]).float().reshape(layer.out_features, -1)
-        down = self.lora.read(self.lora.tensors[layer.down]).float()
+        """(up, down) in the update's dtype: out × rank and rank × in (flattened)."""
+        kind = self.dtype.torch
+        up = self.lora.read(self.lora.tensors[layer.up]).to(kind).reshape(layer.out_features, -1)
+        down = self.lora.read(self.lora.tensors[layer.down]).to(kind)
         return up, down.reshape(layer.rank, -1)
 
     def rows(self, key: str, first: int, last: int) -> torch.Tensor:
-        """Rows [first, last) of the delta of `key`, float32, flattened past dim 0."""
+        """Rows [first, last) of the delta of `key`, in the update's dtype, flattened."""
         info = self.tensors[key]
-        out = torch.zeros((last - first, math.prod(info.shape[1:])), dtype=torch.float32)
+        out = torch.zeros((last - first, math.prod(info.shape[1:])), dtype=self.dtype.torch)
         for layer, segment in self.changes.get(key, []):
             start, stop = max(first, segment.start), min(last, segment.stop)
             if start >= stop:
@@ -109,7 +111,7 @@ class LoraDelta(Checkpoint):
         buffer[:] = 0
         if info.key not in self.changes or not buffer.size:
             return
-        row_bytes = math.prod(info.shape[1:]) * 4
+        row_bytes = math.prod(info.shape[1:]) * self.dtype.itemsize
         first, last = start // row_bytes, -(-(start + buffer.size) // row_bytes)
         delta = self.rows(info.key, first, last).reshape(-1).view(torch.uint8).numpy()
         begin = start - first * row_bytes

@@ -1,0 +1,163 @@
+"""Hyper-Merge (issue 9 items 3-5): toy cases with known answers, reconstruction, evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import load, save
+
+from weightmix.hyper.shared import normalise, top_eigenvector
+
+
+def write_config(tmp_path: Path, models: list[Path], ranks: list[int], extra=None) -> Path:
+    """The seed's keys (name, models, device, dtype, iterations, ranks) and compute_dtype."""
+    config = {
+        "name": "toy",
+        "models": [str(m) for m in models],
+        "device": "cpu",
+        "dtype": "float64",
+        "iterations": 4,
+        "ranks": ranks,
+        "compute_dtype": "fp64",
+    }
+    config.update(extra or {})  # fmt: skip
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def rank_one(generator, rows: int, cols: int, index: int) -> torch.Tensor:
+    """e_index · f_indexᵀ scaled: rank-one matrices with orthogonal rows and columns."""
+    out = torch.zeros(rows, cols, dtype=torch.float64)
+    out[index, index] = 1.0 + torch.rand(1, generator=generator, dtype=torch.float64).item()
+    return out
+
+
+def test_three_models_in_two_rank_one_directions_reconstruct_exactly(run, tmp_path):
+    """W_m = B0 + a_m·D1 + b_m·D2 in two layers, with the same a, b: ranks [1, 1] rebuild
+    every model to 1e-12, and the multipliers are a − mean(a), b − mean(b) up to scale."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.tensor([3.0, -1.0, 1.0], dtype=torch.float64)
+    b = torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)  # a and b centred: orthogonal
+    layers = {}
+    for name, (rows, cols) in (("first.weight", (6, 5)), ("second.weight", (4, 7))):
+        base = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+        layers[name] = (
+            base,
+            rank_one(generator, rows, cols, 0),
+            rank_one(generator, rows, cols, 1),
+        )
+    paths = []
+    for m in range(3):
+        state = {n: b0 + a[m] * d1 + b[m] * d2 for n, (b0, d1, d2) in layers.items()}
+        paths.append(save(tmp_path / f"model{m}.safetensors", state))
+    config = write_config(tmp_path, paths, [1, 1])
+    result = run("hyper", config, "-q")
+    assert result.code == 0, result.err
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("toy_"))
+    assert names == ["toy_0-1.safetensors", "toy_1-1.safetensors", "toy_average.safetensors",
+                     "toy_multipliers.json", "toy_multipliers.txt"]  # fmt: skip
+    document = json.loads((tmp_path / "toy_multipliers.json").read_text())
+    first, second = (torch.tensor(entry["multipliers"]) for entry in document["loras"])
+    for found, coefficients in ((first, a), (second, b)):
+        centred = (coefficients - coefficients.mean()).double()
+        largest = centred[centred.abs().argmax()]  # λ is scaled so that this entry is +1
+        torch.testing.assert_close(found.double(), centred / largest, atol=1e-12, rtol=0)
+    lines = (tmp_path / "toy_multipliers.txt").read_text().splitlines()
+    assert lines[1] == f"<lora:toy_0-1:{first[1].item():.6g}> <lora:toy_1-1:{second[1].item():.6g}>"
+    for m, path in enumerate(paths):
+        out = tmp_path / f"rebuilt{m}.safetensors"
+        assert run("hyper", "reconstruct", config, "--model", m, "-o", out, "-q").code == 0
+        rebuilt, original = load(out), load(path)
+        for key in original:
+            assert (rebuilt[key] - original[key]).abs().max() < 1e-12
+    report = run("hyper", "evaluate", config)
+    assert report.code == 0
+    rows = [line.split() for line in report.out.splitlines()[2:]]
+    # the bound is a square root of a difference of Gram sums: 1e-16 relative becomes 1e-8
+    assert len(rows) == 3 and all(float(r[0]) < 1e-12 and float(r[2]) < 1e-6 for r in rows)
+
+
+def test_two_models_give_opposite_multipliers(run, tmp_path):
+    """W1 = [[2, 0], [0, 0]], W2 = 0: mean [[1, 0], [0, 0]], λ = (1, −1), δ = W1 − mean."""
+    one = save(
+        tmp_path / "one.safetensors", {"w.weight": torch.tensor([[2.0, 0], [0, 0]]).double()}
+    )
+    zero = save(tmp_path / "zero.safetensors", {"w.weight": torch.zeros(2, 2).double()})
+    config = write_config(tmp_path, [one, zero], [1])
+    assert run("hyper", config, "-q").code == 0
+    document = json.loads((tmp_path / "toy_multipliers.json").read_text())
+    assert document["loras"][0]["multipliers"] == [1.0, -1.0]
+    lora = load(tmp_path / "toy_0-1.safetensors")
+    update = lora["lora_unet_w.lora_up.weight"] @ lora["lora_unet_w.lora_down.weight"]
+    torch.testing.assert_close(update, torch.tensor([[1.0, 0], [0, 0]]).double())
+
+
+def test_the_start_is_the_top_gram_eigenvector_scaled_to_one():
+    gram = torch.tensor([[4.0, -2.0], [-2.0, 1.0]])  # eigenvector (2, −1) of eigenvalue 5
+    torch.testing.assert_close(top_eigenvector(gram), torch.tensor([1.0, -0.5]).double())
+    torch.testing.assert_close(normalise(torch.tensor([0.5, -2.0])), torch.tensor([-0.25, 1.0]))
+
+
+def test_error_falls_with_rank_and_vanishes_at_full_rank(run, tmp_path):
+    generator = torch.Generator().manual_seed(1)
+    paths = [save(tmp_path / f"m{m}.safetensors",
+                  {"w.weight": torch.randn(6, 5, generator=generator, dtype=torch.float64)})
+             for m in range(3)]  # fmt: skip
+    errors = []
+    for ranks in ([1, 1], [2, 2], [5, 5]):
+        folder = tmp_path / f"r{ranks[0]}"
+        folder.mkdir()
+        config = write_config(folder, paths, ranks)
+        assert run("hyper", config, "-q").code == 0
+        report = run("hyper", "evaluate", config)
+        rows = [[float(x) for x in line.split()[:3]] for line in report.out.splitlines()[2:]]
+        errors.append(max(r[0] for r in rows))
+        assert all(r[0] >= r[2] - 1e-6 for r in rows)  # never below the subspace bound
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-10
+
+
+def refused(run, args: list, says: str) -> None:
+    result = run(*args)
+    assert result.code == 2, result.err
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and says in lines[0], result.err
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [({"iterations": 1}, "iterations: Input should be greater than or equal to 2"),
+     ({"ranks": []}, "ranks: List should have at least 1 item"),
+     ({"models": ["only-one.safetensors"]}, "models: List should have at least 2 items")],
+)  # fmt: skip
+def test_bad_configs_are_refused(run, tmp_path, change, says):
+    paths = [
+        save(tmp_path / f"m{m}.safetensors", {"w.weight": torch.randn(3, 3)}) for m in range(2)
+    ]
+    config = write_config(tmp_path, paths, [1], change)  # replaces ranks or models too
+    refused(run, ["hyper", config], says)
+    assert not list(tmp_path.glob("toy_*"))
+
+
+def test_other_architectures_and_unknown_models_are_refused(run, tmp_path):
+    first = save(tmp_path / "a.safetensors", {"w.weight": torch.randn(3, 3)})
+    other = save(tmp_path / "b.safetensors", {"v.weight": torch.randn(3, 3)})
+    config = write_config(tmp_path, [first, other], [1])
+    refused(run, ["hyper", config], "Hyper-Merge needs models of one architecture")
+    assert not list(tmp_path.glob("toy_*"))
+    second = save(tmp_path / "c.safetensors", {"w.weight": torch.randn(3, 3)})
+    config = write_config(tmp_path, [first, second], [1])
+    assert run("hyper", config, "-q").code == 0
+    out = tmp_path / "x.safetensors"
+    refused(run, ["hyper", "reconstruct", config, "--model", "7", "-o", out], "--model 7")
+    document = json.loads((tmp_path / "toy_multipliers.json").read_text())
+    document["models"][1] = str(tmp_path / "stranger.safetensors")
+    (tmp_path / "toy_multipliers.json").write_text(json.dumps(document))
+    refused(run, ["hyper", "reconstruct", config, "--model", "0", "-o", out],
+            "names model")  # fmt: skip
+    assert not out.exists()
