@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from weightmix.io.reader import Checkpoint
+from weightmix.lora.svd import truncated_factors
 
 
 def top_eigenvector(gram: torch.Tensor) -> torch.Tensor:
@@ -38,13 +39,10 @@ def normalise(multipliers: torch.Tensor) -> torch.Tensor:
 
 def shared_update(deltas: torch.Tensor, multipliers: torch.Tensor, rank: int):
     """δ = SVD_r(Σ λ_m Δ_m / Σ λ_m²) of one layer (deltas: M × rows × cols), as (up, down)
-    with up = U_r·√S_r, down = √S_r·V_rᵀ."""
+    with up = U_r·√S_r, down = √S_r·V_rᵀ (see lora/svd.py)."""
     weights = multipliers.to(deltas.dtype)
     combined = torch.einsum("m,mij->ij", weights, deltas) / weights.square().sum()
-    left, values, right = torch.linalg.svd(combined, full_matrices=False)
-    keep = min(rank, values.numel())
-    root = values[:keep].sqrt()
-    return left[:, :keep] * root, root[:, None] * right[:keep]
+    return truncated_factors(combined, rank)
 
 
 @dataclass(frozen=True)

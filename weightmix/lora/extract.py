@@ -19,6 +19,7 @@ from weightmix.errors import WeightmixError
 from weightmix.io.dtypes import OUTPUT_DTYPES, dtype_from_name
 from weightmix.io.writer import OutputTensor, open_output, tensor_bytes
 from weightmix.lora.formats import DENOISER, KOHYA, PEFT, TEXT_1, TEXT_2
+from weightmix.lora.svd import gram_spectrum, truncated_factors
 from weightmix.lora.targets import DIFFUSERS, SINGLE, ModelIndex, Segment, module_name, normalized
 from weightmix.plan import Plan
 from weightmix.progress import Progress
@@ -179,17 +180,15 @@ def _difference(plan: Plan, key) -> torch.Tensor:
 
 def _factors(rows: torch.Tensor, rank: int, energy: float | None):
     """up (m × r) and down (r × n) of the truncated SVD; whether the rank was clamped."""
-    left, values, right = torch.linalg.svd(rows, full_matrices=False)
-    limit = values.numel()
+    limit = min(rows.shape)
     keep = min(rank, limit)
     if energy is not None:
-        total = values.double().square().cumsum(0)
+        values = gram_spectrum(rows)[0]
+        total = values.cumsum(0)
         needed = int(torch.searchsorted(total, energy * total[-1]).item()) + 1
         keep = min(keep, max(needed, 1))
-    root = values[:keep].sqrt()
-    up = (left[:, :keep] * root).cpu()
-    down = (root[:, None] * right[:keep]).cpu()
-    return up, down, rank > limit
+    up, down = truncated_factors(rows, keep)
+    return up.cpu(), down.cpu(), rank > limit
 
 
 def _write(plan: Plan, layout, placed, spill, fmt: str, rank: int, energy: float | None):
