@@ -301,6 +301,8 @@ def test_tokenizer_from_a_package_vocabulary(run, tmp_path, sd1_pair, monkeypatc
     # ids: 512 byte tokens, then red</w> is the 2nd merge (513), fox</w> the 4th (515)
     assert list(tokenizer("red fox")["input_ids"]) == [516, 513, 515, 517]
     assert "open_clip" in find_tokenizer(None, [paths["A"]]).text
+    # single characters in CLIP's byte order: printable bytes first ('!' is 0), then with </w>
+    assert list(tokenizer("a !")["input_ids"]) == [516, 256 + ord("a") - ord("!"), 256, 517]
 
 
 def refused(run, args: list[object], says: str, out: Path) -> None:
@@ -368,7 +370,7 @@ def test_the_wizard_asks_where_the_prompt_is_read(
     assert "nowhere: no such file or folder" in result.err
     direct = tmp_path / "direct.safetensors"
     assert run(
-        "merge", f"A={paths['A']}", f"B={paths['B']}", "-m", "concept", "-p", "prompt='yes'",
+        "merge", f"A={paths['A']}", f"B={paths['B']}", "-m", "concept", "-p", "prompt=yes",
         "--tokenizer", tokenizer_dir, "-o", direct, "-q",
     ).code == 0  # fmt: skip
     merged, expected = load(out), load(direct)
@@ -376,3 +378,59 @@ def test_the_wizard_asks_where_the_prompt_is_read(
     assert not torch.equal(
         merged[f"{UNET}attn2.to_k.weight"], load(paths["A"])[f"{UNET}attn2.to_k.weight"]
     )
+
+
+def test_sdxl_file_without_the_unused_last_layer(tmp_path, tokenizer_dir):
+    """SDXL single files may leave out CLIP-L's last layer and final norm (their context is the
+    penultimate state): the last layer present then gives the context, as the complete model's
+    penultimate state."""
+    vocab = vocabulary_size(tokenizer_dir)
+    torch.manual_seed(11)
+    config = CLIPTextConfig(vocab_size=vocab, hidden_size=768, intermediate_size=32,
+                            num_hidden_layers=12, num_attention_heads=12,
+                            max_position_embeddings=12, hidden_act="quick_gelu")  # fmt: skip
+    model = CLIPTextModel(config).eval()
+    state = hf_state(model)
+    trimmed = {
+        f"conditioner.embedders.0.transformer.text_model.{k}": v
+        for k, v in state.items()
+        if not k.startswith(("encoder.layers.11.", "final_layer_norm."))
+    }
+    path = save(tmp_path / "sdxl-te.safetensors", trimmed)
+    ids = token_ids(tokenizer_dir, PROMPT)
+    with open_checkpoint(path) as checkpoint:
+        (encoder,) = find_text_encoders(checkpoint, "sdxl")
+        context, final = run_encoder(encoder, ids)
+    assert final is None
+    torch.testing.assert_close(context, states(model, ids)[-2], atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_problems_found_before_reading(run, tmp_path, sd1_pair, tokenizer_dir):
+    """A rule that changes the prompt by key, a broken vocab.json, a text encoder missing a
+    layer's tensor: one line each, exit 2, nothing written."""
+    paths, clip = sd1_pair
+    out = tmp_path / "o.safetensors"
+    recipe = tmp_path / "rule.yaml"
+    recipe.write_text(yaml_text({
+        "models": {"A": str(paths["A"]), "B": str(paths["B"])}, "tokenizer": str(tokenizer_dir),
+        "merge": {"method": "concept", "inputs": ["A", "B"], "prompt": "red fox"},
+        "rules": [{"keys": "*attn2.to_v*", "params": {"prompt": "blue sky"}}],
+    }))  # fmt: skip
+    refused(run, [recipe], "a rule sets prompt for some keys", out)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "vocab.json").write_text('{"a": 0')
+    (broken / "merges.txt").write_text("#version: 0.2\n")
+    base = [f"A={paths['A']}", f"B={paths['B']}", "-m", "concept", "-p", "prompt=red fox"]
+    refused(run, [*base, "--tokenizer", broken], "cannot be read", out)
+    state = {f"{SD1_TEXT}{k}": v for k, v in hf_state(clip).items()}
+    del state[f"{SD1_TEXT}encoder.layers.1.mlp.fc2.bias"]
+    holey = save(tmp_path / "holey.safetensors", state)
+    args = [*base, "--tokenizer", tokenizer_dir, "--text-encoder", holey]
+    refused(run, args, "has no encoder.layers.1.mlp.fc2.bias", out)
+    result = run("merge", *args, "--dry-run")
+    assert result.code == 2
+
+
+def yaml_text(data: dict) -> str:
+    return json.dumps(data)  # JSON is YAML

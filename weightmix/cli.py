@@ -18,6 +18,7 @@ from weightmix.blocks import presets as block_presets
 from weightmix.errors import WeightmixError
 from weightmix.io import open_checkpoint
 from weightmix.methods import METHODS, describe_method
+from weightmix.prompts import prompt_params
 from weightmix.recipe import MODEL_NAME, Recipe, parse_recipe, read_recipe_data
 from weightmix.report import describe_checkpoint, describe_plan, recorded_recipe
 from weightmix.units import count, format_size
@@ -286,7 +287,11 @@ def _recipe_from(inputs: tuple[str, ...], flags: dict[str, Any]) -> tuple[Recipe
 
 def _merge_node(inputs: tuple[str, ...], flags: dict[str, Any]) -> dict[str, Any] | str:
     """The merge expression that -m/--alpha/--weights/-p describe over the models given."""
-    params = _assignments([_pair(p, "--param") for p in flags["param"]], "--param")
+    pairs = [_pair(p, "--param") for p in flags["param"]]
+    params = _assignments(pairs, "--param")
+    spec = METHODS.get(flags["method"] or "weighted_sum")
+    texts = prompt_params(spec) if spec is not None else []
+    params.update({name: text for name, text in pairs if name in texts})  # prompts: as typed
     reserved = sorted(set(params) & {"method", "inputs", "name"})
     if reserved:
         raise WeightmixError(

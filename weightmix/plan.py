@@ -264,6 +264,7 @@ def _check_rules(recipe: Recipe, root: Node) -> None:
         )
     used = set(leaves(root)) | {rule.take for rule in recipe.rules if rule.take}
     used.add(recipe.layout)
+    used.add(recipe.text_encoder)  # a model that only reads the prompts
     unused = [name for name in recipe.models if name not in used]
     if unused:
         raise WeightmixError(

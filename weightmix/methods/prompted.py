@@ -33,7 +33,7 @@ class EncodedPrompt:
 
     text: str
     tokens: Tensor
-    pooled: Tensor
+    pooled: Tensor | None  # None: the first encoder's file lacks its last layer or norm
 
     def __str__(self) -> str:
         return self.text
@@ -50,10 +50,12 @@ class EncodedPrompt:
         return vectors[:rank].T.contiguous()
 
 
-def prompt_spectral_coefficients(pooled: Tensor, seed: int) -> list[float]:
+def prompt_spectral_coefficients(pooled: Tensor | None, seed: int) -> list[float]:
     """c = R · p / |p|, R a SPECTRAL_COEFFICIENTS × width matrix of standard normal numbers drawn
     from the recipe seed (numpy PCG64DXSM): each c is then standard normal over prompts. Fixed and
     untrained, like the seed's "hypernetwork": the prompt picks the filter, with no meaning."""
+    if pooled is None:
+        raise RuntimeError("prompt_coefficients: the text encoder gave no pooled embedding")
     rng = np.random.Generator(np.random.PCG64DXSM(np.random.SeedSequence([seed, 0x5EC7])))
     projection = rng.standard_normal((SPECTRAL_COEFFICIENTS, pooled.numel()))
     direction = pooled.double().numpy() / max(float(pooled.double().norm()), 1e-30)

@@ -9,6 +9,7 @@ import torch
 from weightmix.errors import WeightmixError
 from weightmix.prompts.encoders import (
     LAST,
+    LAST_PRESENT,
     PENULTIMATE,
     POSITION_EMBEDDING,
     TOKEN_EMBEDDING,
@@ -16,9 +17,10 @@ from weightmix.prompts.encoders import (
 )
 
 
-def run_encoder(encoder: TextEncoder, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def run_encoder(encoder: TextEncoder, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(context, final): the state the denoiser reads for each token (encoder.context) and the
-    last layer's state after the final norm, both tokens × width, float32."""
+    last layer's state after the final norm (None when the file lacks either), tokens × width,
+    float32."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     vocabulary = encoder.config["vocab_size"]
@@ -44,7 +46,13 @@ def run_encoder(encoder: TextEncoder, ids: list[int]) -> tuple[torch.Tensor, tor
         "position_embedding.weight": _read(encoder, POSITION_EMBEDDING),
     }
     core.embeddings.load_state_dict(embeddings, assign=True)
-    core.final_layer_norm.load_state_dict(_module(encoder, "final_layer_norm."), assign=True)
+    if encoder.final_norm:
+        core.final_layer_norm.load_state_dict(_module(encoder, "final_layer_norm."), assign=True)
+    else:  # left out of the file (SDXL's context never uses it): an identity stands in
+        width = encoder.config["hidden_size"]
+        core.final_layer_norm.load_state_dict(
+            {"weight": torch.ones(width), "bias": torch.zeros(width)}, assign=True
+        )
     hooks = []
     for index, layer in enumerate(core.encoder.layers):
         hooks.append(layer.register_forward_pre_hook(_loader(encoder, index)))
@@ -57,10 +65,13 @@ def run_encoder(encoder: TextEncoder, ids: list[int]) -> tuple[torch.Tensor, tor
                 output_hidden_states=True,
             )
             states = out.hidden_states  # the embeddings, then each layer's output
-            final = core.final_layer_norm(states[layers])[0]
+            complete = encoder.final_norm and encoder.context != LAST_PRESENT
+            final = core.final_layer_norm(states[layers])[0] if complete else None
             penultimate = states[layers - 1][0]
             if encoder.context == LAST:
                 return final, final
+            if encoder.context == LAST_PRESENT:
+                return states[layers][0], None
             if encoder.context == PENULTIMATE:
                 return penultimate, final
             return core.final_layer_norm(penultimate), final

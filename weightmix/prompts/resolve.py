@@ -23,7 +23,12 @@ from weightmix.methods.prompted import (
     prompt_spectral_coefficients,
 )
 from weightmix.methods.registry import MethodSpec
-from weightmix.prompts.encoders import POSITION_EMBEDDING, TextEncoder, find_text_encoders
+from weightmix.prompts.encoders import (
+    LAST_PRESENT,
+    POSITION_EMBEDDING,
+    TextEncoder,
+    find_text_encoders,
+)
 from weightmix.prompts.tokenizer import TokenizerSource, find_tokenizer
 
 EXTRA = "prompt parameters need transformers: pip install 'weightmix[prompts]'"
@@ -80,12 +85,7 @@ def check_prompts(plan) -> Prompts | None:
             plan.notes.append(f"{unused[0]} is set but no method of this recipe reads a prompt")
         return None
     where = f"recipe {calls[0].label}: {calls[0].method.name}"
-    for call in calls:
-        if "prompt_coefficients" in call.given and "coefficients" in call.given:
-            raise WeightmixError(
-                f"recipe {call.label}: {call.method.name}: give coefficients or"
-                " prompt_coefficients, not both"
-            )
+    _check_calls(plan, calls)
     if importlib.util.find_spec("transformers") is None:
         raise WeightmixError(f"{where}: {EXTRA}")
     encoders, source_path, opened = _text_encoders(plan, where)
@@ -97,6 +97,15 @@ def check_prompts(plan) -> Prompts | None:
         for call in calls:
             if call.method.name == "concept":
                 _check_widths(plan, call, prompts)
+            first = prompts.encoders[0]
+            if call.params.get("prompt_coefficients") is not None and (
+                not first.final_norm or first.context == LAST_PRESENT
+            ):
+                raise WeightmixError(
+                    f"recipe {call.label}: prompt_coefficients needs the pooled embedding of"
+                    f" {first.where}, whose file leaves out its last layer or final norm: give"
+                    " --text-encoder with a complete CLIP"
+                )
     except BaseException:
         prompts.close()
         raise
@@ -105,6 +114,28 @@ def check_prompts(plan) -> Prompts | None:
     for encoder in encoders:
         prompts.notes += encoder.notes
     return prompts
+
+
+def _check_calls(plan, calls: list[Op]) -> None:
+    """One prompt per call (rules may not change it by key), and coefficients or
+    prompt_coefficients, not both, for every key."""
+    first = {call.label: call for call in calls}
+    for key in plan.keys:
+        for op in ops(key.expr) if key.expr is not None else []:
+            call = first.get(op.label)
+            if call is None:
+                continue
+            for name in prompt_params(op.method):
+                if op.params.get(name) != call.params.get(name):
+                    raise WeightmixError(
+                        f"recipe {op.label}: {op.method.name}: a rule sets {name} for some keys"
+                        f" ({key.key}): a call reads one prompt; write one call per prompt"
+                    )
+            if op.params.get("prompt_coefficients") is not None and "coefficients" in op.given:
+                raise WeightmixError(
+                    f"recipe {op.label}: {op.method.name}: give coefficients or"
+                    f" prompt_coefficients, not both (at {key.key})"
+                )
 
 
 def _text_encoders(plan, where: str) -> tuple[list[TextEncoder], Path, Checkpoint | None]:
@@ -134,9 +165,10 @@ def _text_encoders(plan, where: str) -> tuple[list[TextEncoder], Path, Checkpoin
     if not encoders:
         if opened is not None:
             opened.close()
+        if given is not None:
             raise WeightmixError(
-                f"{where}: --text-encoder {path} holds no CLIP text encoder: give a checkpoint,"
-                " diffusers folder or text encoder file that has one"
+                f"{where}: text_encoder {given} ({path}) holds no CLIP text encoder: give a"
+                " checkpoint, diffusers folder or text encoder file that has one"
             )
         raise WeightmixError(
             f"{where}: the prompt needs a text encoder, and {label} ({path}) has none and no"
@@ -203,7 +235,7 @@ def _check_widths(plan, call: Op, prompts: Prompts) -> None:
         raise WeightmixError(
             f"recipe {call.label}: concept: none of the keys it merges is a cross-attention key"
             " or value (attn2.to_k, attn2.to_v): it would change nothing; merge a UNet with"
-            " cross-attention"
+            " cross-attention (and no rule that takes or drops those keys)"
         )
 
 
@@ -215,13 +247,13 @@ def encode_prompts(plan, prompts: Prompts) -> None:
     encoded: dict[str, EncodedPrompt] = {}
     for text, ids in prompts.tokens.items():
         contexts, pooled = [], None
-        for encoder in prompts.encoders:
+        for number, encoder in enumerate(prompts.encoders):
             context, final = run_encoder(encoder, ids)
             contexts.append(context[1:-1])  # the prompt's own tokens
-            pooled = final[-1] if pooled is None else pooled  # the first encoder's end token
-        assert pooled is not None
+            if number == 0 and final is not None:
+                pooled = final[-1].double()  # the first encoder's end token
         tokens = torch.cat(contexts, dim=1).double()
-        encoded[text] = EncodedPrompt(text, tokens, pooled.double())
+        encoded[text] = EncodedPrompt(text, tokens, pooled)
 
     def resolved(op: Op) -> dict[str, Any]:
         values: dict[str, Any] = {}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from weightmix.errors import WeightmixError
 
-VOCABULARY_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
+VOCABULARY_FILES = (("vocab.json", "merges.txt"),)  # what CLIPTokenizer reads in 4.x and 5.x
 PACKAGE_VOCABULARIES = (("open_clip", "bpe_simple_vocab_16e6.txt.gz"),
                         ("clip", "bpe_simple_vocab_16e6.txt.gz"))  # fmt: skip
 CLIP_MERGES = 49152 - 256 - 2  # the merges CLIP's vocabulary uses from that file
@@ -31,12 +31,24 @@ class TokenizerSource:
         """A transformers CLIPTokenizer (needs the `prompts` extra)."""
         from transformers import CLIPTokenizer
 
-        if self.folder is not None:
-            return CLIPTokenizer.from_pretrained(str(self.folder), local_files_only=True)
-        assert self.package_file is not None
-        with tempfile.TemporaryDirectory(prefix="weightmix-clip-vocab-") as folder:
-            write_vocabulary(self.package_file, Path(folder))
-            return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        try:
+            if self.folder is not None:
+                tokenizer = CLIPTokenizer.from_pretrained(str(self.folder), local_files_only=True)
+            else:
+                assert self.package_file is not None
+                with tempfile.TemporaryDirectory(prefix="weightmix-clip-vocab-") as folder:
+                    write_vocabulary(self.package_file, Path(folder))
+                    tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        except WeightmixError:
+            raise
+        except Exception as error:  # transformers and tokenizers raise many kinds
+            problem = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise WeightmixError(
+                f"tokenizer {self.text}: cannot be read ({type(error).__name__}: {problem}): give"
+                " a CLIP tokenizer folder with a valid vocab.json and merges.txt"
+            ) from None
+        tokenizer.model_max_length = 1 << 30  # weightmix cuts prompts to the encoder itself
+        return tokenizer
 
 
 def has_vocabulary(folder: Path) -> bool:
@@ -48,15 +60,22 @@ def find_tokenizer(given: Path | None, encoder_paths: list[Path]) -> TokenizerSo
     beside the text encoder (a diffusers pipeline, or a component folder's parent); else a
     package's vocabulary. One line naming all three when none is found."""
     if given is not None:
+        if not given.is_dir():
+            raise WeightmixError(
+                f"tokenizer {given}: no such folder: give a folder with vocab.json and merges.txt"
+            )
         folder = given / "tokenizer" if has_vocabulary(given / "tokenizer") else given
         if not has_vocabulary(folder):
             raise WeightmixError(
-                f"tokenizer {given}: holds no vocab.json with merges.txt (nor tokenizer.json):"
+                f"tokenizer {given}: holds no vocab.json with merges.txt:"
                 " give a CLIP tokenizer folder, e.g. a diffusers model's tokenizer/"
             )
         return TokenizerSource(folder, None, str(folder))
-    for path in encoder_paths:
-        for folder in (path / "tokenizer", path.parent / "tokenizer"):
+    for path in encoder_paths:  # a pipeline's tokenizer/, or beside a text_encoder/ folder
+        candidates = [path / "tokenizer"]
+        if path.name.startswith("text_encoder"):
+            candidates.append(path.parent / "tokenizer")
+        for folder in candidates:
             if path.is_dir() and has_vocabulary(folder):
                 return TokenizerSource(folder, None, str(folder))
     for package, name in PACKAGE_VOCABULARIES:
@@ -87,16 +106,13 @@ def package_file(package: str, name: str) -> Path | None:
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible map of the 256 bytes to printable characters."""
+    """GPT-2/CLIP's reversible map of the 256 bytes to printable characters, in CLIP's order:
+    the printable bytes first (as themselves), then the others (as chr(256 + n))."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
-    table, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[byte] = chr(byte)
-        else:
-            table[byte] = chr(256 + extra)
-            extra += 1
+    table = {byte: chr(byte) for byte in printable}
+    others = [byte for byte in range(256) if byte not in table]
+    table.update({byte: chr(256 + n) for n, byte in enumerate(others)})
     return table
 
 
