@@ -2,7 +2,15 @@
 
 __version__ = "0.1.0"
 
-from weightmix.api import MergeResult, dry_run, execute, make_plan, merge
+from weightmix.api import (
+    MergeResult,
+    dry_run,
+    execute,
+    make_plan,
+    merge,
+    merge_iter,
+    merge_to_state_dict,
+)
 from weightmix.errors import WeightmixError
 from weightmix.io import open_checkpoint
 from weightmix.methods import METHODS, merge_method
@@ -21,7 +29,9 @@ __all__ = [
     "load_recipe",
     "make_plan",
     "merge",
+    "merge_iter",
     "merge_method",
+    "merge_to_state_dict",
     "node",
     "open_checkpoint",
     "parse_recipe",

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from weightmix import engine
+from weightmix.io.memory_output import Cancelled, MemoryOutput
 from weightmix.io.writer import write_file
 from weightmix.plan import Plan, build_plan
 from weightmix.progress import make_progress
@@ -87,6 +94,64 @@ def merge(
         planned, threads=threads, progress=progress, fingerprint=fingerprint, fsync=fsync,
         budget=budget,
     )  # fmt: skip
+
+
+def merge_to_state_dict(
+    recipe: RecipeLike,
+    *,
+    threads: int | None = None,
+    budget: int = engine.DEFAULT_BUDGET,
+) -> dict[str, torch.Tensor]:
+    """Run a merge into memory: {key: tensor} in output order, the bytes a file merge writes
+    (same plan, validation and engine; no file is written)."""
+    planned = make_plan(recipe)
+    output = MemoryOutput(planned.output_tensors())
+    try:
+        if planned.prompts is not None:
+            encode_prompts(planned, planned.prompts)
+        engine.run(planned, {}, threads, None, budget, writer=output)
+    finally:
+        planned.close()
+    return {key.key: output.state[key.key] for key in planned.keys}
+
+
+def merge_iter(
+    recipe: RecipeLike,
+    *,
+    threads: int | None = None,
+    budget: int = engine.DEFAULT_BUDGET,
+    waiting: int = 4,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Run a merge and yield (key, tensor) as each key completes (not in output order); at
+    most `waiting` finished keys wait for the consumer, so memory stays bounded. Stopping the
+    iteration stops the merge."""
+    planned = make_plan(recipe)
+    output = MemoryOutput(planned.output_tensors(), keep=False, waiting=waiting)
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            if planned.prompts is not None:
+                encode_prompts(planned, planned.prompts)
+            engine.run(planned, {}, threads, None, budget, writer=output)
+        except BaseException as error:  # handed to the consumer
+            failure.append(error)
+        finally:
+            output.finished.put(None)  # the end (room was made: see below)
+
+    worker = threading.Thread(target=work, name="weightmix-merge", daemon=True)
+    worker.start()
+    try:
+        while (item := output.finished.get()) is not None:
+            yield item
+        if failure and not isinstance(failure[0], Cancelled):
+            raise failure[0]
+    finally:
+        output.cancelled = True
+        while worker.is_alive():  # drain so a blocked writer sees the cancel
+            with contextlib.suppress(queue.Empty):
+                output.finished.get(timeout=0.1)
+        planned.close()
 
 
 def execute(

@@ -33,13 +33,14 @@ from weightmix.expression import (
 )
 from weightmix.io import open_output
 from weightmix.io.folder_output import FolderOutput
+from weightmix.io.memory_output import MemoryOutput
 from weightmix.io.writer import SafetensorsOutput, tensor_bytes
 from weightmix.methods.streaming import CHUNK, ModelStatistic, Streamer
 from weightmix.plan import KeyPlan, Plan
 from weightmix.progress import Progress
 from weightmix.rounding import Draw, key_stream, stochastic_round, uniform
 
-Output = SafetensorsOutput | FolderOutput  # a file or sharded set, or a model folder
+Output = SafetensorsOutput | FolderOutput | MemoryOutput  # a file, a folder, or memory
 DEFAULT_BUDGET = 512 * 2**20  # bytes of whole-tensor work in flight
 CHUNK_ELEMENTS = CHUNK  # elements per compute step: a few MB, stays in cache
 TASK_ELEMENTS = 1 << 24  # elements per task: big tensors are shared out between workers
@@ -129,18 +130,20 @@ def run(
     progress: Progress | None = None,
     budget: int = DEFAULT_BUDGET,
     fsync: bool = False,
+    writer: Output | None = None,
 ) -> RunStats:
-    """Merge every key of `plan` into plan.output; on any error nothing is left there."""
-    if plan.output is None:
+    """Merge every key of `plan` into plan.output (or `writer`, e.g. a MemoryOutput); on any
+    error nothing is left there."""
+    if plan.output is None and writer is None:
         raise ValueError("plan has no output path")
     progress = progress or Progress()
     workers = threads or default_threads()
     keep_chunk_buffers()  # chunk temporaries reuse heap memory instead of faulting pages in
     began = time.monotonic()
     tensors, base = plan.output_tensors(), plan.base_folder
-    if base is not None:  # the output mirrors the base model folder
+    if writer is None and base is not None:  # the output mirrors the base model folder
         writer = FolderOutput(plan.output, base, tensors, metadata, plan.max_shard_bytes, fsync)
-    else:
+    elif writer is None:
         writer = open_output(plan.output, tensors, metadata, plan.max_shard_bytes, fsync=fsync)
     try:
         statistics = model_statistics(plan)
