@@ -1,0 +1,74 @@
+"""`weightmix similarity`: a table on the terminal, --json for scripts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from weightmix.errors import WeightmixError
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def table(result) -> str:
+    names = list(result.models)
+    lines = [f"each model against {names[0]} ({result.models[names[0]]}):"]
+    header = f"{'group':<28}" + "".join(
+        f"{n + ' cos':>12}{'relL2':>9}{'scale':>9}" for n in names[1:]
+    )
+    if len(names) == 3:
+        header += f"{'lossless b/c':>15}{'maxdiff b/c':>14}"
+    lines.append(header)
+    rows = [*result.groups.items(), ("all", result.total)]
+    for group, row in rows:
+        text = f"{group:<28}"
+        for figures in row["models"]:
+            text += (f"{_cell(figures['cosine']):>12}{_cell(figures['relative_l2']):>9}"
+                     f"{_cell(figures['scale']):>9}")  # fmt: skip
+        if "lossless" in row:
+            lossless, maxdiff = row["lossless"], row["maxdiff"]
+            text += (
+                f"{lossless['b']:>8.3f}/{lossless['c']:.3f}{maxdiff['b']:>7.3f}/{maxdiff['c']:.3f}"
+            )
+        lines.append(text)
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--keys", "per_key", is_flag=True, help="One row per key instead of per block.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--alpha", type=float, default=1.0, show_default=True,
+              help="lossless/maxdiff shares: d_b = |a − α·b|.")  # fmt: skip
+@click.option("--beta", type=float, default=1.0, show_default=True,
+              help="lossless/maxdiff shares: d_c = |a − β·c|.")  # fmt: skip
+@click.option("-q", "--quiet", is_flag=True, help="No progress.")
+def similarity(models: tuple[str, ...], **flags: Any) -> None:
+    """How alike MODELS are (NAME=PATH or paths), each against the first, per block and
+    component: cosine, ‖M − A‖/‖A‖, the least-squares scale; for three models the shares
+    lossless and maxdiff would take from each."""
+    from weightmix.analysis.similarity import measure_similarity
+    from weightmix.cli import _model_names
+    from weightmix.progress import make_progress
+
+    if len(models) < 2:
+        raise WeightmixError("similarity compares models: give at least two")
+    paths = _model_names(models)
+    bar = make_progress(not flags["quiet"] and not flags["as_json"])
+    total = sum(Path(p).stat().st_size for p in paths.values() if Path(p).is_file())
+    bar.start(0, total)
+    try:
+        result = measure_similarity(paths, flags["per_key"], flags["alpha"], flags["beta"],
+                                    lambda n: bar.advance(n, tensor_done=False))  # fmt: skip
+    finally:
+        bar.close()
+    if flags["as_json"]:
+        document = {"models": result.models, "groups": result.groups, "all": result.total}
+        click.echo(json.dumps(document, indent=2))
+    else:
+        click.echo(table(result))
