@@ -41,3 +41,39 @@ def test_similarity_needs_two_models_of_one_kind(run, tmp_path):
     assert result.code == 2 and "at least two" in result.err
     result = run("similarity", one, other, "-q")
     assert result.code == 2 and "keys differ" in result.err
+
+
+def test_heatmap_cells_follow_the_values(run, tmp_path):
+    from matplotlib import colormaps
+    from PIL import Image
+
+    from weightmix.analysis.plots import DPI, geometry
+
+    shapes = {k: v for k, v in shapes_of("sd1").items() if k.startswith(UNET)}
+    states = [tiny_state(shapes, seed) for seed in range(3)]
+    states[1] = {k: 0.5 * states[0][k] + 0.1 * v for k, v in states[1].items()}
+    paths = [save(tmp_path / f"{n}.safetensors", s) for n, s in zip("abc", states)]
+    plot = tmp_path / "similarity.png"
+    result = run("similarity", *paths, "--json", "--plot", plot)
+    assert result.code == 0, result.err
+    groups = json.loads(result.out)["groups"]
+    names = list(groups)
+    width, height, (left, bottom, span_x, span_y) = geometry(2, len(names))
+    image = Image.open(plot).convert("RGB")
+    assert image.size == (round(width * DPI), round(height * DPI))
+    for row in range(2):
+        for column, name in enumerate(names):
+            value = groups[name]["models"][row]["cosine"]
+            x = (left + span_x * (column + 0.2) / len(names)) * image.size[0]
+            top = 1 - bottom - span_y  # the heatmap's top edge, from the image's top
+            y = (top + span_y * (row + 0.2) / 2) * image.size[1]  # row 0 is drawn on top
+            expected = colormaps["viridis"]((value + 1) / 2)[:3]
+            found = image.getpixel((int(x), int(y)))
+            assert all(abs(f / 255 - e) < 0.03 for f, e in zip(found, expected)), (name, row)
+
+
+def test_plot_into_a_missing_folder_is_refused_before_reading(run, tmp_path):
+    a = save(tmp_path / "a.safetensors", {"w": torch.ones(2)})
+    b = save(tmp_path / "b.safetensors", {"w": torch.zeros(2)})
+    result = run("similarity", a, b, "--plot", tmp_path / "nowhere" / "p.png")
+    assert result.code == 2 and "does not exist" in result.err

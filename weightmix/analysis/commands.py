@@ -47,6 +47,8 @@ def table(result) -> str:
               help="lossless/maxdiff shares: d_b = |a − α·b|.")  # fmt: skip
 @click.option("--beta", type=float, default=1.0, show_default=True,
               help="lossless/maxdiff shares: d_c = |a − β·c|.")  # fmt: skip
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw the cosines (models × groups) as a heatmap PNG.")  # fmt: skip
 @click.option("-q", "--quiet", is_flag=True, help="No progress.")
 def similarity(models: tuple[str, ...], **flags: Any) -> None:
     """How alike MODELS are (NAME=PATH or paths), each against the first, per block and
@@ -58,6 +60,10 @@ def similarity(models: tuple[str, ...], **flags: Any) -> None:
 
     if len(models) < 2:
         raise WeightmixError("similarity compares models: give at least two")
+    if flags["plot"] is not None:
+        from weightmix.analysis.plots import check_plot_path
+
+        check_plot_path(flags["plot"])
     paths = _model_names(models)
     bar = make_progress(not flags["quiet"] and not flags["as_json"])
     total = sum(Path(p).stat().st_size for p in paths.values() if Path(p).is_file())
@@ -67,6 +73,14 @@ def similarity(models: tuple[str, ...], **flags: Any) -> None:
                                     lambda n: bar.advance(n, tensor_done=False))  # fmt: skip
     finally:
         bar.close()
+    if flags["plot"] is not None:
+        from weightmix.analysis.plots import heatmap
+
+        names = list(result.models)
+        groups = list(result.groups)
+        values = [[result.groups[g]["models"][m]["cosine"] for g in groups]
+                  for m in range(len(names) - 1)]  # fmt: skip
+        heatmap(values, names[1:], groups, f"cosine against {names[0]}", flags["plot"])
     if flags["as_json"]:
         document = {"models": result.models, "groups": result.groups, "all": result.total}
         click.echo(json.dumps(document, indent=2))
