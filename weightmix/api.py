@@ -7,7 +7,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ class MergeResult:
     bytes_written: int
     seconds: float
     notes: list[str]
+    metadata: dict[str, str] = field(default_factory=dict)  # what the output records
 
 
 def as_recipe(source: RecipeLike) -> Recipe:
@@ -172,5 +173,5 @@ def execute(
     finally:
         planned.close()
     return MergeResult(
-        stats.files, stats.tensors, stats.bytes_written, stats.seconds, planned.notes
+        stats.files, stats.tensors, stats.bytes_written, stats.seconds, planned.notes, metadata
     )

@@ -157,6 +157,12 @@ def cli() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the effective recipe as YAML.",
 )
+@click.option(
+    "--model-card/--no-model-card",
+    default=None,
+    help="Write a README.md model card (Hugging Face convention) beside the output, or in it"
+    " for a folder (the default for folders).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary.")
 def merge(inputs: tuple[str, ...], output: Path | None, **flags: Any) -> None:
     """Merge INPUTS: one recipe file (.yaml), or model files (NAME=PATH to name them; else
@@ -189,6 +195,17 @@ def merge(inputs: tuple[str, ...], output: Path | None, **flags: Any) -> None:
             planned.close()
         _save_recipe(recipe, save_to, flags["quiet"], None)
         return
+    card = flags["model_card"]
+    card = planned.base_folder is not None if card is None else card
+    card_at = None
+    if card:
+        from weightmix.analysis.card import check_card
+
+        try:
+            card_at = check_card(planned.output or Path(output), flags["overwrite"])
+        except BaseException:
+            planned.close()
+            raise
     _notes(planned.notes, flags["quiet"])
     result = api.execute(
         planned,
@@ -198,6 +215,12 @@ def merge(inputs: tuple[str, ...], output: Path | None, **flags: Any) -> None:
         fsync=flags["fsync"],
     )
     _summary(result, flags["quiet"])
+    if card_at is not None:
+        from weightmix.analysis.card import write_card
+
+        write_card(card_at, planned, result.metadata)
+        if not flags["quiet"]:
+            click.echo(f"wrote the model card {card_at}")
     _save_recipe(recipe, save_to, flags["quiet"], output)
 
 
@@ -487,6 +510,12 @@ def inspect(path: str, keys: bool, recipe_only: bool) -> None:
             click.echo(recorded_recipe(checkpoint), nl=False)
         else:
             click.echo(describe_checkpoint(checkpoint, keys))
+            from weightmix.analysis.card import card_path, read_card
+
+            card = read_card(Path(path))
+            if card is not None:
+                bases = ", ".join(str(b) for b in card.get("base_model") or [])
+                click.echo(f"  model card: {card_path(Path(path))} (base models: {bases})")
 
 
 @cli.command()
