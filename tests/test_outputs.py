@@ -114,7 +114,7 @@ def test_components_left_without_weights_are_left_out_of_the_folder(run, tmp_pat
     (a / "model_index.json").write_text(json.dumps(index))
     out = tmp_path / "out"
     assert run("merge", a, b, "--drop", "safety_checker/*", "-o", out, "-q").code == 0
-    assert folder_listing(out) == ["model_index.json", "unet"]
+    assert folder_listing(out) == ["README.md", "model_index.json", "unet"]  # README: the card
     written = json.loads((out / "model_index.json").read_text())
     # marked absent as diffusers marks a component saved as None; the rest as it was
     assert list(written.items()) == list({**index, "safety_checker": [None, None]}.items())
@@ -158,7 +158,7 @@ def test_components_left_out_of_an_unknown_pipeline_are_noted(
     result = run("merge", a, b, "--drop", "vae/*", "-o", out)
     assert result.code == 0, result.err
     assert "model_index.json marks vae absent ([null, null])" in result.err and says in result.err
-    assert folder_listing(out) == ["model_index.json", "unet"]
+    assert folder_listing(out) == ["README.md", "model_index.json", "unet"]  # README: the card
     assert json.loads((out / "model_index.json").read_text())["vae"] == [None, None]
 
 
