@@ -29,6 +29,8 @@ from weightmix.plan import Plan
 from weightmix.progress import make_progress
 from weightmix.units import count
 
+FP32 = dtype_from_name("fp32")
+
 
 @dataclass
 class HyperResult:
@@ -162,7 +164,7 @@ def _write_lora(path, residuals, units, shapes, rank, config, dtype, progress) -
         layout += [
             OutputTensor(f"{unit.name}.lora_up.weight", dtype, up_shape),
             OutputTensor(f"{unit.name}.lora_down.weight", dtype, (keep, *tail)),
-            OutputTensor(f"{unit.name}.alpha", dtype, ()),
+            OutputTensor(f"{unit.name}.alpha", FP32, ()),  # exact for any rank
         ]
     metadata = {
         "format": "pt",
@@ -179,7 +181,7 @@ def _write_lora(path, residuals, units, shapes, rank, config, dtype, progress) -
         for suffix, tensor in (("lora_up.weight", up), ("lora_down.weight", down)):
             name = f"{unit.name}.{suffix}"
             writer.write(name, tensor.to("cpu", dtype.torch).reshape(shapes_out[name]).contiguous())
-        writer.write(f"{unit.name}.alpha", torch.tensor(float(up.shape[1]), dtype=dtype.torch))
+        writer.write(f"{unit.name}.alpha", torch.tensor(float(up.shape[1]), dtype=torch.float32))
 
     try:
         lam = fit_component(residuals, units, rank, config.iterations, write,

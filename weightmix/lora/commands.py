@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -118,21 +119,22 @@ def _run(recipe, output: Path | None, flags: dict[str, Any]) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary.")
 def extract_command(base: str, tuned: str, output: Path, **flags: Any) -> None:
     """A LoRA that turns BASE into (nearly) TUNED: per layer, the truncated SVD of TUNED − BASE."""
-    from weightmix.lora.extract import check_rank, extract
+    from weightmix.lora.extract import check_file_output, check_rank, extract
     from weightmix.progress import make_progress
 
     check_rank(flags["rank"], flags["energy"])
+    check_file_output(output, flags["overwrite"], [Path(base), Path(tuned)])
     data: dict[str, Any] = {
         "models": {"base": base, "tuned": tuned},
         "merge": {"method": "subtract", "inputs": ["tuned", "base"]},
     }
     if flags["compute_dtype"] is not None:
         data["compute_dtype"] = flags["compute_dtype"]
-    planned = api.make_plan(parse_recipe(data, "command line"), output, flags["overwrite"])
+    planned = api.make_plan(parse_recipe(data, "command line"))
     try:
         _notes(planned.notes, flags["quiet"])
-        done = extract(planned, flags["fmt"], flags["rank"], flags["energy"], flags["dtype"],
-                       make_progress(not flags["quiet"]))  # fmt: skip
+        settings = (flags["fmt"], flags["rank"], flags["energy"], flags["dtype"])
+        done = extract(planned, output, *settings, make_progress(not flags["quiet"]))
     finally:
         planned.close()
     _notes(done.notes, flags["quiet"])
@@ -163,14 +165,15 @@ def merge_command(loras: tuple[str, ...], output: Path, **flags: Any) -> None:
     dtype = dtype_from_name(flags["dtype"], OUTPUT_DTYPES)
     if not dtype.is_float:
         raise WeightmixError(f"--dtype {flags['dtype']}: LoRA factors are floats")
+    from weightmix.lora.extract import check_file_output
+
     pairs = [lora_strength(text) for text in loras]
     for path, strength in pairs:
         if isinstance(strength, bool) or not isinstance(strength, (int, float)):
             raise WeightmixError(f"LoRA {path}: strength {strength!r} is not a number")
-        if Path(path).exists() and Path(path).resolve() == output.resolve():
-            raise WeightmixError(f"{output} is an input LoRA: give another output path")
-    if output.exists() and not flags["overwrite"]:
-        raise WeightmixError(f"{output} exists: pass --overwrite to replace it")
+        if not math.isfinite(strength):
+            raise WeightmixError(f"LoRA {path}: strength {strength} is not a finite number")
+    check_file_output(output, flags["overwrite"], [Path(path) for path, _ in pairs])
     sources = []
     try:
         for number, (path, strength) in enumerate(pairs):

@@ -27,6 +27,7 @@ from weightmix.units import count
 
 EMBEDDINGS = ("token_embedding", "position_embedding", "positional_embedding")
 COPY_BYTES = 1 << 24
+FP32 = dtype_from_name("fp32")
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,14 @@ class Extracted:
     notes: list[str]
 
 
-def preferred_dialect(family: str, part: str, fmt: str) -> str:
+def preferred_dialect(family: str, part: str, fmt: str, pipeline: bool) -> str:
     """The names each format's users load: PEFT takes diffusers names; kohya takes diffusers
-    names for SD1.x/2.x UNets, SGM names for SDXL's, BFL names for Flux's, and transformers'
-    CLIP names for every text encoder."""
+    names for SD1.x/2.x UNets, SGM names for SDXL's, BFL names for Flux's (diffusers names from a
+    Flux folder, whose fused BFL tensors it does not hold), transformers' CLIP names for every
+    text encoder."""
     if fmt == PEFT or part != DENOISER:
+        return DIFFUSERS
+    if family == "flux" and pipeline:
         return DIFFUSERS
     return DIFFUSERS if family == "sd" else SINGLE
 
@@ -63,6 +67,8 @@ def lora_name(index: ModelIndex, segment: Segment, fmt: str) -> str:
         prefix = {DENOISER: "lora_unet_", TEXT_1: text, TEXT_2: "lora_te2_"}[segment.part]
         return prefix + normalized(segment.module)
     denoiser = "transformer." if index.family == "flux" else "unet."
+    if segment.dialect == SINGLE:  # no diffusers name: BFL/LDM names, as ai-toolkit writes them
+        denoiser = "diffusion_model."
     prefix = {DENOISER: denoiser, TEXT_1: "text_encoder.", TEXT_2: "text_encoder_2."}
     return prefix[segment.part] + segment.module
 
@@ -72,11 +78,12 @@ def units(plan: Plan, index: ModelIndex, fmt: str) -> list[Unit]:
     tables left out), in the names `fmt` loads; a fused tensor may become several layers."""
     found = []
     for key in plan.keys:
-        named = module_name(key.key)
-        if named is None or len(key.shape) < 2 or any(e in key.key for e in EMBEDDINGS):
-            continue
         segments = index.by_key.get(key.key, [])
-        wanted = preferred_dialect(index.family, named[0], fmt)
+        named = module_name(key.key)
+        part = named[0] if named is not None else (segments[0].part if segments else None)
+        if part is None or len(key.shape) < 2 or any(e in key.key for e in EMBEDDINGS):
+            continue  # (OpenCLIP's fused attn.in_proj_weight has no '.weight' name, but aliases)
+        wanted = preferred_dialect(index.family, part, fmt, index.pipeline)
         chosen = _covering([s for s in segments if s.dialect == wanted], key.shape[0])
         if chosen is None:
             own = [s for s in segments if s.start == 0 and s.stop == key.shape[0]]
@@ -100,14 +107,14 @@ def _covering(segments: list[Segment], rows: int) -> list[Segment] | None:
 
 def extract(
     plan: Plan,
+    output: Path,
     fmt: str,
     rank: int,
     energy: float | None,
     dtype: str,
     progress: Progress,
 ) -> Extracted:
-    """Write the LoRA to plan.output (a subtract(tuned, base) plan)."""
-    assert plan.output is not None
+    """Write the LoRA to `output` (a .safetensors file) from a subtract(tuned, base) plan."""
     out_dtype = dtype_from_name(dtype, OUTPUT_DTYPES)
     if not out_dtype.is_float:
         raise WeightmixError(f"--dtype {dtype}: LoRA factors are floats; give fp16, bf16 or fp32")
@@ -120,7 +127,7 @@ def extract(
     placed: list[tuple[str, int, int]] = []  # (output key, spill offset, bytes)
     clamped, skipped = 0, 0
     progress.start(len(todo), sum(keys[u.key].numel * 4 for u in todo))
-    with tempfile.TemporaryFile(dir=plan.output.parent, prefix=".weightmix-lora-") as spill:
+    with tempfile.TemporaryFile(dir=output.parent, prefix=".weightmix-lora-") as spill:
         by_key: dict[str, list[Unit]] = {}
         for unit in todo:
             by_key.setdefault(unit.key, []).append(unit)
@@ -146,19 +153,19 @@ def extract(
                     spill.write(tensor_bytes(data).tobytes())
                     layout.append(OutputTensor(unit.name + end, out_dtype, tuple(data.shape)))
                     placed.append((unit.name + end, offset, data.numel() * out_dtype.itemsize))
-                if fmt == KOHYA:
-                    alpha = torch.tensor(float(down.shape[0]), dtype=out_dtype.torch)
+                if fmt == KOHYA:  # alpha = rank (scale 1), in fp32: exact for any rank
+                    alpha = torch.tensor(float(down.shape[0]), dtype=torch.float32)
                     offset = spill.tell()
                     spill.write(tensor_bytes(alpha).tobytes())
-                    layout.append(OutputTensor(unit.name + ".alpha", out_dtype, ()))
-                    placed.append((unit.name + ".alpha", offset, out_dtype.itemsize))
+                    layout.append(OutputTensor(unit.name + ".alpha", FP32, ()))
+                    placed.append((unit.name + ".alpha", offset, 4))
         progress.close()
         if not layout:
             raise WeightmixError(
                 "the two models are identical in every layer a LoRA can carry: nothing to extract"
             )
         spill.flush()
-        files = _write(plan, layout, placed, spill, fmt, rank, energy)
+        files = _write(plan, output, layout, placed, spill, fmt, rank, energy)
     notes = []
     if clamped:
         notes.append(
@@ -191,7 +198,7 @@ def _factors(rows: torch.Tensor, rank: int, energy: float | None):
     return up.cpu(), down.cpu(), rank > limit
 
 
-def _write(plan: Plan, layout, placed, spill, fmt: str, rank: int, energy: float | None):
+def _write(plan: Plan, output: Path, layout, placed, spill, fmt: str, rank: int, energy):
     models = [str(plan.recipe.model_path(name)) for name in plan.recipe.models]
     about = {"format": fmt, "rank": rank, "energy": energy, "models": models}
     metadata = {
@@ -201,8 +208,7 @@ def _write(plan: Plan, layout, placed, spill, fmt: str, rank: int, energy: float
     }
     if fmt == KOHYA:
         metadata["ss_network_module"] = "networks.lora"
-    assert plan.output is not None
-    writer = open_output(plan.output, layout, metadata)
+    writer = open_output(output, layout, metadata)
     try:
         for name, offset, size in placed:
             done = 0
@@ -224,3 +230,16 @@ def check_rank(rank: int, energy: float | None) -> None:
         raise WeightmixError(f"--rank {rank}: give a rank of at least 1")
     if energy is not None and not (0 < energy <= 1):  # NaN fails both comparisons
         raise WeightmixError(f"--energy {energy}: give the share of Δ's energy to keep, in (0, 1]")
+
+
+def check_file_output(output: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """A LoRA goes to one .safetensors file: not a folder, not an input, in a folder that
+    exists, and not over an existing file without --overwrite."""
+    if output.is_dir():
+        raise WeightmixError(f"output {output} is a folder: give a .safetensors file path")
+    if not output.parent.is_dir():
+        raise WeightmixError(f"output {output}: folder {output.parent} does not exist")
+    if output.exists() and output.resolve() in {p.resolve() for p in inputs if p.exists()}:
+        raise WeightmixError(f"output {output} is one of the inputs: give another path")
+    if output.exists() and not overwrite:
+        raise WeightmixError(f"output {output} exists: pass --overwrite to replace it")

@@ -13,7 +13,7 @@ import torch
 
 from weightmix import __version__
 from weightmix.errors import WeightmixError
-from weightmix.io.dtypes import DType
+from weightmix.io.dtypes import DType, dtype_from_name
 from weightmix.io.reader import Checkpoint
 from weightmix.io.writer import OutputTensor, open_output
 from weightmix.lora.formats import DENOISER, KOHYA, PEFT, TEXT_1, TEXT_2, LoraLayer, read_layers
@@ -126,8 +126,8 @@ def merge_loras(
         )
         layout.append(OutputTensor(up_name, dtype, (first.layer.out_features, r, *up_tail)))
         layout.append(OutputTensor(down_name, dtype, (r, *down_tail)))
-        if fmt == KOHYA:
-            layout.append(OutputTensor(f"{name}.alpha", dtype, ()))
+        if fmt == KOHYA:  # alpha = rank, in fp32: exact for any rank
+            layout.append(OutputTensor(f"{name}.alpha", dtype_from_name("fp32"), ()))
         jobs.append((members, name, up_name, down_name))
     about = {"merged": [str(s.checkpoint.path) for s in sources], "rank": rank}
     metadata = {
@@ -147,7 +147,7 @@ def merge_loras(
             writer.write(up_name, up.to(dtype.torch).reshape(shapes[up_name]))
             writer.write(down_name, down.to(dtype.torch).reshape(shapes[down_name]))
             if fmt == KOHYA:
-                writer.write(f"{name}.alpha", torch.tensor(float(r), dtype=dtype.torch))
+                writer.write(f"{name}.alpha", torch.tensor(float(r), dtype=torch.float32))
         return writer.commit()
     except BaseException:
         writer.abort()

@@ -63,14 +63,22 @@ class Segment:
     dialect: str = ""  # SINGLE or DIFFUSERS
 
 
+CLIP_MODULES = ("text_model.", "embeddings.", "encoder.layers.", "final_layer_norm",
+                "transformer.resblocks.", "token_embedding", "text_projection")  # fmt: skip
+
+
 def module_name(key: str) -> tuple[str, str] | None:
-    """(part, module path) of a weight key; None for keys no LoRA adapts."""
+    """(part, module path) of a weight key; None for keys no LoRA adapts (a text encoder part
+    that is not a CLIP, such as Flux's T5 in text_encoder_2/, is left out)."""
     if not key.endswith(".weight") or key.startswith(NOT_ADAPTED):
         return None
     stem = key[: -len(".weight")]
     for prefix, part in PART_PREFIXES:
         if stem.startswith(prefix):
-            return part, stem[len(prefix) :]
+            inner = stem[len(prefix) :]
+            if part != DENOISER and not inner.startswith(CLIP_MODULES):
+                return None
+            return part, inner
     return DENOISER, stem  # a denoiser (or any model) saved on its own
 
 
@@ -96,7 +104,9 @@ class ModelIndex:
         self._add_links(self._links())
         keys = model.tensors
         self.has_text_2 = any(module_name(k) and module_name(k)[0] == TEXT_2 for k in keys)
-        if any(".double_blocks." in k or k.startswith("double_blocks.") for k in keys):
+        if any(".double_blocks." in k or k.startswith("double_blocks.") for k in keys) or any(
+            "single_transformer_blocks." in k for k in keys
+        ):
             self.family = "flux"
         elif self.has_text_2 or any(".label_emb." in k or "add_embedding." in k for k in keys):
             self.family = "sdxl"
