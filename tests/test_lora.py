@@ -258,3 +258,57 @@ def test_bad_loras_are_refused(run, tmp_path):
     refused(run, ["lora", "merge", f"{wrong}:x"], "strength 'x' is not a number", out)
     refused(run, ["lora", "extract", model, model, "--rank", "0"], "--rank 0", out)
     refused(run, ["lora", "extract", model, model, "-q"], "identical in every layer", out)
+
+
+def test_extract_covers_fused_openclip_and_folder_bases(run, tmp_path):
+    """OpenCLIP's fused attn.in_proj_weight is extracted (as kohya's te2 q/k/v) and rebuilt;
+    a diffusers folder as BASE gives a LoRA file too."""
+    base_path = model_file(tmp_path, "sdxl", seed=0, divisor=64)
+    base = load(base_path)
+    in_proj = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
+    generator = torch.Generator().manual_seed(8)
+    tuned = {**base, in_proj: base[in_proj] + 0.1 * torch.randn(base[in_proj].shape,
+                                                                  generator=generator)}  # fmt: skip
+    tuned_path = save(tmp_path / "sdxl-tuned.safetensors", tuned)
+    lora = tmp_path / "te2.safetensors"
+    result = run("lora", "extract", base_path, tuned_path, "-o", lora, "--rank", "4096",
+                 "--dtype", "fp32", "-q")  # fmt: skip
+    assert result.code == 0, result.err
+    names = set(load(lora))
+    assert {f"lora_te2_text_model_encoder_layers_0_self_attn_{p}_proj.lora_up.weight"
+            for p in "qkv"} <= names  # fmt: skip
+    applied = tmp_path / "applied.safetensors"
+    assert run("lora", "apply", base_path, lora, "-o", applied, "-q").code == 0
+    torch.testing.assert_close(load(applied)[in_proj], tuned[in_proj], atol=1e-5, rtol=1e-5)
+
+    first, second = tmp_path / "p1", tmp_path / "p2"
+    write_pipeline(first, seed=1)
+    write_pipeline(second, seed=2)
+    folder_lora = tmp_path / "from-folders.safetensors"
+    result = run("lora", "extract", first, second, "-o", folder_lora, "--rank", "2", "-q")
+    assert result.code == 0, result.err
+    assert any(k.startswith("lora_unet_down_blocks_0_") for k in load(folder_lora))
+
+
+def test_peft_alpha_from_metadata_and_output_checks(run, tmp_path):
+    """diffusers saves PEFT's lora_alpha in the metadata: scale = lora_alpha / r."""
+    import json
+
+    model = model_file(tmp_path, "sd1")
+    weights = load(model)
+    generator = torch.Generator().manual_seed(9)
+    up, down = factor_pair(generator, weights[SD1_Q].shape[0], weights[SD1_Q].shape[1:])
+    name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    metadata = {"lora_adapter_metadata": json.dumps({"r": 3, "lora_alpha": 6})}
+    state = {f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up}
+    peft = save(tmp_path / "meta.safetensors", state, metadata=metadata)
+    out = tmp_path / "out.safetensors"
+    assert run("lora", "apply", model, peft, "-o", out, "-q").code == 0
+    expected = weights[SD1_Q] + update(up, down, 2.0, weights[SD1_Q].shape)
+    torch.testing.assert_close(load(out)[SD1_Q], expected, atol=1e-6, rtol=1e-6)
+    result = run("lora", "merge", peft, "--overwrite", "-o", tmp_path)
+    assert result.code == 2 and "is a folder" in result.err
+    refused(
+        run, ["lora", "merge", f"{peft}:nan"], "not a finite number", tmp_path / "n.safetensors"
+    )
+    refused(run, ["lora", "merge", peft], "does not exist", tmp_path / "no" / "m.safetensors")

@@ -76,7 +76,8 @@ def reconstruct_command(config: Path, which: str, output: Path, **flags: Any) ->
               help="Multipliers JSON (default: NAME_multipliers.json).")  # fmt: skip
 def evaluate_command(config: Path, multipliers: Path | None) -> None:
     """Per model, ‖W − rebuild‖/‖W − mean‖ beside each layer's own truncated SVD at the same
-    total rank and the best approximation by as many whole-model directions as LoRAs."""
+    total rank; for all models together also the bound: the best approximation of all of them
+    by as many whole-model directions as LoRAs (the Gram matrix's eigenvalue tail)."""
     from weightmix.hyper.config import load_config
     from weightmix.hyper.evaluate import evaluate, read_outputs
 
@@ -89,6 +90,5 @@ def evaluate_command(config: Path, multipliers: Path | None) -> None:
     )
     click.echo(f"{'hyper':>10} {'own SVD':>10} {'bound':>10}  model")
     for report in reports:
-        click.echo(
-            f"{report.hyper:10.4g} {report.private:10.4g} {report.bound:10.4g}  {report.model}"
-        )
+        bound = "-" if report.bound is None else f"{report.bound:.4g}"
+        click.echo(f"{report.hyper:10.4g} {report.private:10.4g} {bound:>10}  {report.model}")

@@ -64,11 +64,11 @@ def output_folder(config: HyperConfig, folder: Path) -> Path:
     return path if path.is_absolute() else folder / path
 
 
-def file_names(config: HyperConfig) -> dict[str, object]:
-    """{name}_average.safetensors, {name}_{step}-{rank}.safetensors per LoRA,
-    {name}_multipliers.txt and its JSON twin."""
+def file_names(config: HyperConfig, folders: bool = False) -> dict[str, object]:
+    """{name}_average.safetensors (a folder {name}_average for folder models), one
+    {name}_{step}-{rank}.safetensors per LoRA, {name}_multipliers.txt and its JSON twin."""
     return {
-        "average": f"{config.name}_average.safetensors",
+        "average": f"{config.name}_average" + ("" if folders else ".safetensors"),
         "loras": [
             f"{config.name}_{step}-{rank}.safetensors" for step, rank in enumerate(config.ranks)
         ],

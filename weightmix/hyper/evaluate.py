@@ -11,7 +11,7 @@ import torch
 
 from weightmix import api
 from weightmix.errors import WeightmixError
-from weightmix.hyper.config import HyperConfig, file_names, model_paths, output_folder
+from weightmix.hyper.config import HyperConfig, file_names, output_folder
 from weightmix.hyper.run import model_names, models_plan, select_units
 from weightmix.io import open_checkpoint
 
@@ -45,13 +45,18 @@ def read_outputs(config: HyperConfig, folder: Path, multipliers: Path | None) ->
                              " weightmix hyper CONFIG first") from None  # fmt: skip
     except (ValueError, KeyError, TypeError) as error:
         raise WeightmixError(f"{path}: not a Hyper-Merge multipliers file ({error})") from None
-    known = {str(p) for p in model_paths(config, folder)}
+    known = list(config.models)
     for model in outputs.models:
         if model not in known:
             raise WeightmixError(
                 f"{path}: names model {model}, which is not among the config's models: give the"
                 " multipliers file of this config"
             )
+    if outputs.models != known:
+        raise WeightmixError(
+            f"{path}: lists the models as {outputs.models}, the config as {known}: the"
+            " multipliers follow the file's order; give the config they were made with"
+        )
     if any(len(values) != len(outputs.models) for values in outputs.multipliers):
         raise WeightmixError(f"{path}: a LoRA has not one multiplier per model")
     return outputs
@@ -91,10 +96,10 @@ def reconstruct(outputs: Outputs, index: int, output: Path, overwrite: bool, dty
 
 @dataclass(frozen=True)
 class Report:
-    model: str
+    model: str  # 'all' for the models together
     hyper: float  # ‖W_m − rebuild‖ / ‖W_m − mean‖
     private: float  # the same for each layer's own truncated SVD at the LoRAs' total rank
-    bound: float  # the best approximation by as many whole-model directions as LoRAs
+    bound: float | None  # all models only: no K shared directions do better (Gram tail)
 
 
 def evaluate(config: HyperConfig, folder: Path, outputs: Outputs) -> list[Report]:
@@ -102,6 +107,13 @@ def evaluate(config: HyperConfig, folder: Path, outputs: Outputs) -> list[Report
     loras = [open_checkpoint(path) for path in outputs.loras]
     try:
         units = select_units(plan, config)
+        for path, lora in zip(outputs.loras, loras):
+            missing = [u.name for u in units if f"{u.name}.lora_up.weight" not in lora.tensors]
+            if missing:
+                raise WeightmixError(
+                    f"{path}: has no layer {missing[0]} ({len(missing)} in all): the config's"
+                    " keys are not those it was made with; run weightmix hyper again"
+                )
         by_key: dict[str, list] = {}
         for unit in units:
             by_key.setdefault(unit.key, []).append(unit)
@@ -139,19 +151,16 @@ def evaluate(config: HyperConfig, folder: Path, outputs: Outputs) -> list[Report
                     private[m] += values[total_rank:].square().sum()
             hyper += residual.reshape(count, -1).square().sum(1)
             private += alone.reshape(count, -1).square().sum(1)
-        eigenvalues, vectors = torch.linalg.eigh(gram)
-        top = torch.arange(count - 1, max(count - 1 - len(loras), -1), -1)
-        bound = (gram.diagonal() - (vectors[:, top].square() * eigenvalues[top]).sum(1)).clamp(
-            min=0
-        )
+        eigenvalues = torch.linalg.eigvalsh(gram)  # ascending
+        tail = float(eigenvalues[: max(count - len(loras), 0)].clamp(min=0).sum())
         scale = total.clamp(min=1e-300)
-        return [
-            Report(
-                outputs.models[m],
-                *(float((x[m] / scale[m]).sqrt()) for x in (hyper, private, bound)),
-            )
-            for m in range(count)
-        ]
+        shares = [(x / scale).sqrt().tolist() for x in (hyper, private)]
+        reports = [Report(outputs.models[m], shares[0][m], shares[1][m], None)
+                   for m in range(count)]  # fmt: skip
+        whole = float(total.sum()) or 1e-300
+        together = [(float(x.sum()) / whole) ** 0.5 for x in (hyper, private)]
+        reports.append(Report("all", *together, (tail / whole) ** 0.5))
+        return reports
     finally:
         for lora in loras:
             lora.close()

@@ -21,6 +21,7 @@ from weightmix.hyper.config import HyperConfig, file_names, model_paths, output_
 from weightmix.hyper.shared import Residuals, Unit, fit_component
 from weightmix.io import open_checkpoint
 from weightmix.io.dtypes import OUTPUT_DTYPES, dtype_from_name
+from weightmix.io.folders import FolderCheckpoint
 from weightmix.io.writer import OutputTensor, open_output, write_file
 from weightmix.lora.extract import units as lora_units
 from weightmix.lora.formats import KOHYA
@@ -60,6 +61,8 @@ def models_plan(config: HyperConfig, folder: Path, average: Path | None = None) 
     try:
         return api.make_plan(data)
     except WeightmixError as error:
+        if "keys differ" not in str(error) and "shape" not in str(error):
+            raise
         problem = str(error).split(". Pass --on-missing")[0]
         named = ", ".join(f"{n} = {p}" for n, p in zip(names, paths))
         raise WeightmixError(
@@ -83,8 +86,19 @@ def select_units(plan: Plan, config: HyperConfig) -> list[Unit]:
 def hyper_merge(
     config: HyperConfig, folder: Path, overwrite: bool = False, progress: bool = False
 ) -> HyperResult:
-    names = file_names(config)
     out = output_folder(config, folder)
+    if out.exists() and not out.is_dir():
+        raise WeightmixError(f"output {out} is a file: give a folder for the outputs")
+    dtype = dtype_from_name(config.output_dtype, OUTPUT_DTYPES)
+    if not dtype.is_float or dtype.itemsize < 2:
+        raise WeightmixError(f"dtype {config.dtype}: give float16, bfloat16, float32 or float64")
+    checked = models_plan(config, folder)  # every model against the first, before any read
+    try:
+        units = select_units(checked, config)
+        folders = isinstance(checked.checkpoints["m0"], FolderCheckpoint)
+    finally:
+        checked.close()
+    names = file_names(config, folders)
     finals = [out / names["average"], *(out / n for n in names["loras"]),
               out / names["multipliers"], out / names["json"]]  # fmt: skip
     inputs = {p.resolve() for p in model_paths(config, folder)}
@@ -93,22 +107,22 @@ def hyper_merge(
             raise WeightmixError(f"{path} is one of the models: give another name or output")
         if path.exists() and not overwrite:
             raise WeightmixError(f"{path} exists: pass --overwrite to replace it")
-    dtype = dtype_from_name(config.output_dtype, OUTPUT_DTYPES)
-    if not dtype.is_float:
-        raise WeightmixError(f"dtype {config.dtype}: give float16, bfloat16 or float32")
-    checked = models_plan(config, folder)  # every model against the first, before any read
-    try:
-        units = select_units(checked, config)
-    finally:
-        checked.close()
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".weightmix-hyper-", dir=out))
     try:
         result = _build(config, folder, staging, names, units, dtype, progress)
         for path in result.files:
+            if (out / path.name).is_dir():
+                shutil.rmtree(out / path.name)  # an earlier average folder (--overwrite)
             os.replace(path, out / path.name)
         result.files = [out / path.name for path in result.files]
         return result
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -207,7 +221,7 @@ def _write_multipliers(config, staging, names, paths, multipliers) -> list[Path]
     document = {
         "name": config.name,
         "average": names["average"],
-        "models": [str(p) for p in paths],
+        "models": list(config.models),  # as the config writes them
         "loras": [
             {"file": file, "rank": rank, "multipliers": values}
             for file, rank, values in zip(names["loras"], config.ranks, multipliers)

@@ -79,7 +79,7 @@ class LoraDelta(Checkpoint):
     def scale(self, layer: LoraLayer) -> float:
         """alpha / rank (alpha = rank when the file has none)."""
         if layer.down not in self._scales:
-            alpha = layer.rank
+            alpha = layer.alpha_value if layer.alpha_value is not None else layer.rank
             if layer.alpha is not None:
                 alpha = float(self.lora.read(self.lora.tensors[layer.alpha]).double().item())
             self._scales[layer.down] = alpha / layer.rank

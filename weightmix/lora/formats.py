@@ -5,8 +5,9 @@ BFL names under `diffusion_model.` as ai-toolkit writes them for Flux)."""
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from weightmix.errors import WeightmixError
 from weightmix.io.reader import Checkpoint
@@ -44,10 +45,11 @@ class LoraLayer:
     dotted: bool  # PEFT's dotted path, else kohya's with '_' for '.'
     up: str
     down: str
-    alpha: str | None  # a scalar tensor; None: alpha = rank (scale 1)
+    alpha: str | None  # a scalar tensor; None: `alpha_value`, else alpha = rank (scale 1)
     rank: int
     out_features: int
     in_features: int  # the input size flattened (in × kh × kw for a convolution)
+    alpha_value: float | None = None  # PEFT's lora_alpha from the file's metadata
 
     @property
     def label(self) -> str:
@@ -116,15 +118,40 @@ def _peft_layers(checkpoint: Checkpoint, where: str) -> list[LoraLayer]:
         match = PEFT_KEY.match(key)
         if match:
             factors.setdefault(match["module"], {})[match["kind"]] = key
+    peft_alpha = _metadata_alpha(checkpoint, where)
     layers = []
     for name, found in sorted(factors.items()):
         inner = name.removeprefix("base_model.model.")
         hit = next(((prefix, p) for prefix, p in PEFT_PREFIXES if inner.startswith(prefix)), None)
         prefix, part = hit if hit is not None else ("", DENOISER)  # PEFT on a bare model
         alpha = f"{name}.alpha" if f"{name}.alpha" in checkpoint.tensors else None
-        layers.append(_layer(checkpoint, where, inner[len(prefix) :], part, True,
-                             found, ("lora_B", "lora_A"), alpha))  # fmt: skip
+        layer = _layer(checkpoint, where, inner[len(prefix) :], part, True, found,
+                       ("lora_B", "lora_A"), alpha)  # fmt: skip
+        if alpha is None and peft_alpha is not None:
+            layer = replace(layer, alpha_value=peft_alpha)
+        layers.append(layer)
     return layers
+
+
+def _metadata_alpha(checkpoint: Checkpoint, where: str) -> float | None:
+    """lora_alpha from the metadata diffusers writes (lora_adapter_metadata: PEFT's config)."""
+    text = checkpoint.metadata.get("lora_adapter_metadata")
+    if not text:
+        return None
+    try:
+        config = json.loads(text)
+    except ValueError:
+        raise WeightmixError(f"{where}: metadata lora_adapter_metadata is not JSON") from None
+    if not isinstance(config, dict) or config.get("lora_alpha") is None:
+        return None
+    if config.get("alpha_pattern") or config.get("rank_pattern"):
+        raise WeightmixError(
+            f"{where}: per-module alpha_pattern/rank_pattern in the metadata is not supported"
+        )
+    try:
+        return float(config["lora_alpha"])
+    except (TypeError, ValueError):
+        raise WeightmixError(f"{where}: metadata lora_alpha is not a number") from None
 
 
 def _layer(

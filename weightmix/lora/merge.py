@@ -78,7 +78,7 @@ def factors(member: Member) -> tuple[torch.Tensor, torch.Tensor]:
     checkpoint, layer = member.source.checkpoint, member.layer
     up = checkpoint.read(checkpoint.tensors[layer.up]).double().reshape(layer.out_features, -1)
     down = checkpoint.read(checkpoint.tensors[layer.down]).double().reshape(layer.rank, -1)
-    alpha = float(layer.rank)
+    alpha = layer.alpha_value if layer.alpha_value is not None else float(layer.rank)
     if layer.alpha is not None:
         alpha = float(checkpoint.read(checkpoint.tensors[layer.alpha]).double().item())
     return up * (member.source.strength * alpha / layer.rank), down

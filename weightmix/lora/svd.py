@@ -1,8 +1,8 @@
 """The truncated SVD a LoRA is cut from, through the smaller Gram matrix: for D (m × n, m ≤ n)
 the eigenvectors of D·Dᵀ are D's left singular vectors and its eigenvalues the squared singular
 values, so D_r = U_r·U_rᵀ·D (Eckart–Young) costs one product and one m × m eigendecomposition
-(about 14× less than a full SVD of a 1280 × 11520 convolution here). Accurate for the singular
-values kept (σ² above the dtype's precision times σ₁²)."""
+(a float64 product and eigendecomposition: about 3× less time than a float32 full SVD of a
+1280 × 11520 convolution here, and as accurate for the singular values kept)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ def gram_spectrum(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, boo
     """(σ², their vectors) in decreasing order, from the smaller side's Gram matrix (float64
     eigendecomposition); and whether that side is the columns (the matrix was transposed)."""
     transposed = matrix.shape[0] > matrix.shape[1]
-    side = matrix.T if transposed else matrix
-    gram = (side @ side.T).double()
+    side = (matrix.T if transposed else matrix).double()  # float64: σ_r²/σ₁² stays resolved
+    gram = side @ side.T
     values, vectors = torch.linalg.eigh(gram)
     return values.flip(0).clamp(min=0), vectors.flip(1), transposed
 
@@ -26,7 +26,7 @@ def truncated_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, to
     keep = min(rank, values.numel())
     basis = vectors[:, :keep].to(matrix.dtype)
     singular = values[:keep].sqrt()
-    root = singular.sqrt().to(matrix.dtype)
+    root = singular.sqrt().to(matrix.dtype)  # (products below in the matrix's dtype)
     safe = torch.where(singular > 0, root, torch.ones_like(root))
     if transposed:  # the basis spans D's rows: D_r = (D·V_r)·V_rᵀ
         up = (matrix @ basis) / safe
