@@ -585,13 +585,14 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _add_groups() -> None:
     """Command groups that live beside their rooms (they use the helpers above)."""
-    from weightmix.analysis.commands import similarity
+    from weightmix.analysis.commands import preview, similarity
     from weightmix.hyper.commands import hyper
     from weightmix.lora.commands import lora
 
     cli.add_command(lora)
     cli.add_command(hyper)
     cli.add_command(similarity)
+    cli.add_command(preview)
 
 
 _add_groups()

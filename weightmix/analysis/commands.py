@@ -86,3 +86,51 @@ def similarity(models: tuple[str, ...], **flags: Any) -> None:
         click.echo(json.dumps(document, indent=2))
     else:
         click.echo(table(result))
+
+
+@click.command()
+@click.argument("recipe_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--param", "params", multiple=True, required=True,
+              help="NAME=V1,V2,... along the columns; a second --param: the rows.")  # fmt: skip
+@click.option("--prompt", required=True, help="The prompt every cell is drawn with.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 500), default=20, show_default=True)
+@click.option("--size", type=click.IntRange(8, 4096), default=512, show_default=True,
+              help="Width and height of each image.")  # fmt: skip
+@click.option("--pipeline", type=click.Path(file_okay=False, path_type=Path),
+              help="A local diffusers pipeline folder (default: the layout model).")  # fmt: skip
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The grid PNG; cells go beside it as NAME-ROW-COLUMN.png.")  # fmt: skip
+def preview(recipe_path: Path, params: tuple[str, ...], **flags: Any) -> None:
+    """Merge RECIPE for each value of one or two parameters (into memory), draw an image with
+    each merge, and write a labelled grid."""
+    from io import BytesIO
+
+    from weightmix.analysis.preview import parse_sweep, pipeline_folder, run_preview
+    from weightmix.cli import _number_or_value
+    from weightmix.io.writer import write_file
+    from weightmix.recipe import parse_recipe, read_recipe_data
+
+    if len(params) > 2:
+        raise WeightmixError(f"--param is given {len(params)} times: sweep one or two parameters")
+    output = flags["output"]
+    if output.suffix.lower() != ".png":
+        raise WeightmixError(f"-o {output}: give a .png path")
+    if not output.parent.is_dir():
+        raise WeightmixError(f"-o {output}: folder {output.parent} does not exist")
+    data = read_recipe_data(recipe_path)
+    recipe = parse_recipe(data, str(recipe_path), recipe_path.parent)
+    sweeps = [parse_sweep(text, _number_or_value) for text in params]
+    folder = pipeline_folder(recipe, flags["pipeline"])
+    grid = run_preview(data, recipe, sweeps, flags["prompt"], flags["seed"], flags["steps"],
+                       folder, flags["device"], flags["size"])  # fmt: skip
+    for i, row in enumerate(grid.cells):
+        for j, image in enumerate(row):
+            buffer = BytesIO()
+            image.save(buffer, format="PNG")
+            write_file(output.with_name(f"{output.stem}-{i}-{j}.png"), buffer.getvalue())
+    buffer = BytesIO()
+    grid.image.save(buffer, format="PNG")
+    write_file(output, buffer.getvalue())
+    click.echo(f"wrote {output} ({len(grid.cells)} × {len(grid.cells[0])} cells)")

@@ -1,0 +1,190 @@
+"""`weightmix preview`: a recipe swept over one or two parameters, each merge made in memory,
+loaded into a diffusers pipeline from a local folder, and one image per cell with the same
+prompt, seed and steps, laid out as a labelled grid. One merged model is in memory at a time."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weightmix import api
+from weightmix.errors import WeightmixError, closest
+from weightmix.methods import METHODS
+from weightmix.recipe import Recipe
+
+EXTRA = "preview needs diffusers, transformers and Pillow: pip install 'weightmix[preview]'"
+LABEL = 28  # pixels of the label bands
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str  # 'alpha' (every node that has it) or 'node.alpha'
+    values: list[Any]
+
+
+def parse_sweep(text: str, parse_value: Callable[[str, str], Any]) -> Sweep:
+    name, sep, values = text.partition("=")
+    if not sep or not name.strip() or not values.strip():
+        raise WeightmixError(f"--param {text!r}: write it as NAME=V1,V2,...")
+    parsed = [parse_value(v.strip(), f"--param {name}") for v in values.split(",") if v.strip()]
+    if not parsed:
+        raise WeightmixError(f"--param {text!r}: give at least one value")
+    return Sweep(name.strip(), parsed)
+
+
+def _nodes(expression: Any) -> list[dict]:
+    if not isinstance(expression, dict):
+        return []
+    found = [expression]
+    for child in expression.get("inputs", []):
+        found += _nodes(child)
+    return found
+
+
+def with_value(data: dict, sweep: Sweep, value: Any) -> dict:
+    """The recipe data with `value` for the swept parameter on every node that takes it."""
+    changed = copy.deepcopy(data)
+    node_name, _, param = sweep.name.rpartition(".")
+    hits = 0
+    for node in _nodes(changed["merge"]):
+        method = METHODS.get(node.get("method", ""))
+        if method is None or param not in method.params:
+            continue
+        if node_name and node.get("name") != node_name:
+            continue
+        node[param] = value
+        hits += 1
+    if not hits:
+        methods = [METHODS.get(n.get("method", "")) for n in _nodes(changed["merge"])]
+        known = sorted({p for m in methods if m is not None for p in m.params})
+        raise WeightmixError(
+            f"--param {sweep.name}: no method of this recipe has it{closest(param, known)};"
+            f" parameters: {', '.join(known) or 'none'}"
+        )
+    return changed
+
+
+def pipeline_folder(recipe: Recipe, given: Path | None) -> Path:
+    """--pipeline, else the layout model when it is a diffusers pipeline folder."""
+    if given is not None:
+        folder = given
+    else:
+        layout = recipe.layout if recipe.layout in recipe.models else next(iter(recipe.models))
+        folder = recipe.model_path(layout)
+    if not (folder / "model_index.json").is_file():
+        raise WeightmixError(
+            f"preview needs a diffusers pipeline folder for the architecture ({folder} is not):"
+            " give --pipeline FOLDER (model_index.json with unet/, vae/, text_encoder/ configs"
+            " and tokenizer/), and make the recipe's layout model a diffusers folder too"
+        )
+    return folder
+
+
+def load_merged(pipeline, state: dict[str, torch.Tensor]) -> None:
+    """Put a merged pipeline state ('unet/...', 'text_encoder/...' keys) into the pipeline's
+    components; every key must land and every weight of a component must be given."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        component, sep, inner = key.partition("/")
+        if not sep:
+            raise WeightmixError(
+                f"preview: merged key {key} has no component folder: make the recipe's layout"
+                " model a diffusers pipeline folder"
+            )
+        parts.setdefault(component, {})[inner] = tensor
+    for component, weights in parts.items():
+        module = getattr(pipeline, component, None)
+        if not isinstance(module, torch.nn.Module):
+            raise WeightmixError(f"preview: the pipeline has no component {component}")
+        own = module.state_dict()
+        if not set(weights) <= set(own):  # transformers 5 drops 'text_model.' from names
+            weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+        unknown = sorted(set(weights) - set(own))
+        if unknown:
+            raise WeightmixError(f"preview: {component} has no weight {unknown[0]}")
+        device = next(iter(own.values())).device
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                own[name].copy_(tensor.to(device, own[name].dtype))
+
+
+@dataclass
+class Grid:
+    image: Any  # PIL.Image
+    cells: list[list[Any]]  # rows (second sweep) × columns (first sweep)
+
+
+def run_preview(
+    recipe_data: dict,
+    recipe: Recipe,
+    sweeps: list[Sweep],
+    prompt: str,
+    seed: int,
+    steps: int,
+    folder: Path,
+    device: str,
+    size: int,
+) -> Grid:
+    try:
+        from diffusers import DiffusionPipeline
+        from PIL import Image, ImageDraw
+    except ImportError:
+        raise WeightmixError(EXTRA) from None
+    columns = sweeps[0]
+    rows = sweeps[1] if len(sweeps) == 2 else Sweep("", [None])
+    for sweep in sweeps:  # names checked before anything is loaded
+        with_value(recipe_data, sweep, sweep.values[0])
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()  # one line per cell is ours to print, not theirs
+    transformers_logging.disable_progress_bar()
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    except Exception as error:
+        problem = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise WeightmixError(
+            f"preview: {folder} does not load as a diffusers pipeline ({type(error).__name__}:"
+            f" {problem})"
+        ) from None
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.to(device)
+    cells: list[list[Any]] = []
+    for row_value in rows.values:
+        line = []
+        for column_value in columns.values:
+            data = with_value(recipe_data, columns, column_value)
+            if rows.name:
+                data = with_value(data, rows, row_value)
+            variant = api.as_recipe(data).with_base_dir(recipe.base_dir)
+            state = api.merge_to_state_dict(variant)
+            load_merged(pipeline, state)
+            del state
+            generator = torch.Generator(device=device).manual_seed(seed)
+            try:
+                image = pipeline(prompt, num_inference_steps=steps, generator=generator,
+                                 height=size, width=size, output_type="pil").images[0]  # fmt: skip
+            except Exception as error:  # the pipeline's own errors, as one line
+                problem = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                raise WeightmixError(
+                    f"preview: the pipeline of {folder} failed ({type(error).__name__}:"
+                    f" {problem}); try other --steps or --size"
+                ) from None
+            line.append(image)
+        cells.append(line)
+    left = LABEL * 3 if rows.name else 0
+    grid = Image.new("RGB", (left + size * len(columns.values), LABEL + size * len(cells)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, value in enumerate(columns.values):
+        draw.text((left + j * size + 2, 4), f"{columns.name}={value}", fill="black")
+    for i, value in enumerate(rows.values):
+        if rows.name:
+            draw.text((2, LABEL + i * size + size // 2), f"{rows.name}={value}", fill="black")
+        for j, image in enumerate(cells[i]):
+            grid.paste(image.resize((size, size)), (left + j * size, LABEL + i * size))
+    return Grid(grid, cells)
