@@ -18,6 +18,7 @@ from weightmix.blocks import presets as block_presets
 from weightmix.errors import WeightmixError
 from weightmix.io import open_checkpoint
 from weightmix.methods import METHODS, describe_method
+from weightmix.plan import Plan
 from weightmix.prompts import prompt_params
 from weightmix.recipe import MODEL_NAME, Recipe, parse_recipe, read_recipe_data
 from weightmix.report import describe_checkpoint, describe_plan, recorded_recipe
@@ -179,21 +180,8 @@ def merge(inputs: tuple[str, ...], output: Path | None, **flags: Any) -> None:
         flags[name] = flags[name][0] if flags[name] else None
     recipe, recipe_file = _recipe_from(inputs, flags)
     save_to = flags["save_recipe"]
-    if not flags["dry_run"] and output is None:
-        raise WeightmixError("no output path: pass -o OUT.safetensors (or --dry-run)")
-    planned = api.make_plan(
-        recipe,
-        output,
-        flags["overwrite"],
-        save_recipe=save_to,
-        protected=[recipe_file] if recipe_file else [],
-    )
-    if flags["dry_run"]:
-        try:
-            click.echo(describe_plan(planned, threads=flags["threads"]))
-        finally:
-            planned.close()
-        _save_recipe(recipe, save_to, flags["quiet"], None)
+    planned = plan_or_dry_run(recipe, output, flags, [recipe_file] if recipe_file else [])
+    if planned is None:
         return
     card = flags["model_card"]
     card = planned.base_folder is not None if card is None else card
@@ -222,6 +210,26 @@ def merge(inputs: tuple[str, ...], output: Path | None, **flags: Any) -> None:
         if not flags["quiet"]:
             click.echo(f"wrote the model card {card_at}")
     _save_recipe(recipe, save_to, flags["quiet"], output)
+
+
+def plan_or_dry_run(
+    recipe: Recipe, output: Path | None, flags: dict[str, Any], protected: list[Path]
+) -> Plan | None:
+    """The plan of a merge command; with --dry-run, print it (and save the recipe) instead."""
+    if not flags["dry_run"] and output is None:
+        raise WeightmixError("no output path: pass -o OUT.safetensors (or --dry-run)")
+    save_to = flags["save_recipe"]
+    planned = api.make_plan(
+        recipe, output, flags["overwrite"], save_recipe=save_to, protected=protected
+    )
+    if not flags["dry_run"]:
+        return planned
+    try:
+        click.echo(describe_plan(planned, threads=flags["threads"]))
+    finally:
+        planned.close()
+    _save_recipe(recipe, save_to, flags["quiet"], None)
+    return None
 
 
 def _save_recipe(recipe: Recipe, path: Path | None, quiet: bool, output: Path | None) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from weightmix import api
-from weightmix.cli import _notes, _number_or_value, _save_recipe, _summary
+from weightmix.cli import _notes, _number_or_value, _save_recipe, _summary, plan_or_dry_run
 from weightmix.errors import WeightmixError
 from weightmix.lora.formats import KOHYA, PEFT
 from weightmix.recipe import MODEL_NAME, parse_recipe
@@ -82,23 +82,13 @@ def apply(model: str, loras: tuple[str, ...], output: Path | None, **flags: Any)
 
 
 def _run(recipe, output: Path | None, flags: dict[str, Any]) -> None:
-    if not flags["dry_run"] and output is None:
-        raise WeightmixError("no output path: pass -o OUT.safetensors (or --dry-run)")
-    save_to = flags["save_recipe"]
-    planned = api.make_plan(recipe, output, flags["overwrite"], save_recipe=save_to)
-    if flags["dry_run"]:
-        from weightmix.report import describe_plan
-
-        try:
-            click.echo(describe_plan(planned, threads=flags["threads"]))
-        finally:
-            planned.close()
-        _save_recipe(recipe, save_to, flags["quiet"], None)
+    planned = plan_or_dry_run(recipe, output, flags, [])
+    if planned is None:
         return
     _notes(planned.notes, flags["quiet"])
     result = api.execute(planned, threads=flags["threads"], progress=not flags["quiet"])
     _summary(result, flags["quiet"])
-    _save_recipe(recipe, save_to, flags["quiet"], output)
+    _save_recipe(recipe, flags["save_recipe"], flags["quiet"], output)
 
 
 @lora.command("extract")

@@ -91,14 +91,19 @@ def read_layers(checkpoint: Checkpoint, where: str) -> tuple[str, list[LoraLayer
     return (KOHYA if kohya else PEFT), layers
 
 
-def _kohya_layers(checkpoint: Checkpoint, where: str) -> list[LoraLayer]:
+def _factor_keys(checkpoint: Checkpoint, pattern: re.Pattern) -> list[tuple[str, dict]]:
+    """(module, {factor kind: key}) for every key the pattern matches, by module name."""
     factors: dict[str, dict[str, str]] = {}
     for key in checkpoint.tensors:
-        match = KOHYA_KEY.match(key)
+        match = pattern.match(key)
         if match:
             factors.setdefault(match["module"], {})[match["kind"]] = key
+    return sorted(factors.items())
+
+
+def _kohya_layers(checkpoint: Checkpoint, where: str) -> list[LoraLayer]:
     layers = []
-    for name, found in sorted(factors.items()):
+    for name, found in _factor_keys(checkpoint, KOHYA_KEY):
         part = next((p for prefix, p in KOHYA_PREFIXES if name.startswith(prefix)), None)
         if part is None:
             raise WeightmixError(
@@ -113,14 +118,9 @@ def _kohya_layers(checkpoint: Checkpoint, where: str) -> list[LoraLayer]:
 
 
 def _peft_layers(checkpoint: Checkpoint, where: str) -> list[LoraLayer]:
-    factors: dict[str, dict[str, str]] = {}
-    for key in checkpoint.tensors:
-        match = PEFT_KEY.match(key)
-        if match:
-            factors.setdefault(match["module"], {})[match["kind"]] = key
     peft_alpha = _metadata_alpha(checkpoint, where)
     layers = []
-    for name, found in sorted(factors.items()):
+    for name, found in _factor_keys(checkpoint, PEFT_KEY):
         inner = name.removeprefix("base_model.model.")
         hit = next(((prefix, p) for prefix, p in PEFT_PREFIXES if inner.startswith(prefix)), None)
         prefix, part = hit if hit is not None else ("", DENOISER)  # PEFT on a bare model
