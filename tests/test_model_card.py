@@ -40,3 +40,17 @@ def test_folder_outputs_get_a_card_by_default(run, tmp_path):
     assert front["base_model"] == [str(first), str(second)]
     assert run("merge", first, second, "-o", tmp_path / "bare", "--no-model-card", "-q").code == 0
     assert not (tmp_path / "bare" / "README.md").exists()
+
+
+def test_cards_belong_to_their_output(run, tmp_path, models):
+    first, second = tmp_path / "p1", tmp_path / "p2"
+    write_pipeline(first, seed=1)
+    write_pipeline(second, seed=2)
+    dotted = tmp_path / "out.v2"  # a folder output whose name has a dot
+    assert run("merge", first, second, "-o", dotted, "-q").code == 0
+    assert (dotted / "README.md").is_file() and not (tmp_path / "README.md").exists()
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    assert run("merge", models["A"], models["B"], "-o", one, "--model-card", "-q").code == 0
+    assert run("merge", models["A"], models["C"], "-o", two, "-q").code == 0
+    assert "model card" in run("inspect", one).out
+    assert "model card" not in run("inspect", two).out  # README.md beside it is one's

@@ -60,11 +60,21 @@ def test_grid_of_a_sweep(run, tmp_path, loadable_pipelines):
     assert not np.array_equal(cells[0], cells[1])
     labels = np.asarray(image.convert("L"))[:LABEL]
     assert (labels < 128).any()  # the column labels are drawn
+    nested = tmp_path / "nested.yaml"
+    inner = {"method": "weighted_sum", "name": "inner", "inputs": ["A", "B"], "alpha": 0.5}
+    nested.write_text(json.dumps({
+        "models": {"A": str(loadable_pipelines[0]), "B": str(loadable_pipelines[1])},
+        "merge": {"method": "weighted_sum", "name": "outer", "inputs": [inner, "B"],
+                  "alpha": 0.3},
+    }))  # fmt: skip
     two = tmp_path / "two.png"
-    result = run("preview", recipe, "--param", "alpha=0,1", "--param", "alpha=0.5", "--prompt",
-                 "a cat", "--steps", "5", "--size", "16", "-o", two)  # fmt: skip
+    result = run("preview", nested, "--param", "inner.alpha=0,1", "--param", "outer.alpha=0.5",
+                 "--prompt", "a cat", "--steps", "5", "--size", "16", "-o", two)  # fmt: skip
     assert result.code == 0, result.err
     assert Image.open(two).size == (3 * LABEL + 2 * 16, LABEL + 16)
+    result = run("preview", nested, "--param", "alpha=0,1", "--param", "outer.alpha=0.5",
+                 "--prompt", "a cat", "-o", tmp_path / "same.png")  # fmt: skip
+    assert result.code == 2 and "set the same parameter" in result.err
 
 
 def test_loaded_weights_equal_a_file_merge(tmp_path, loadable_pipelines):
@@ -94,5 +104,5 @@ def test_bad_previews(run, tmp_path, loadable_pipelines, models):
     files.write_text(json.dumps({"models": {"A": str(models["A"]), "B": str(models["B"])},
                                  "merge": merge}))  # fmt: skip
     result = run("preview", files, "--prompt", "x", "--param", "alpha=0", "-o", grid)
-    assert result.code == 2 and "needs a diffusers pipeline folder" in result.err
+    assert result.code == 2 and "is not a pipeline folder" in result.err
     assert not grid.exists()

@@ -40,7 +40,7 @@ def test_similarity_needs_two_models_of_one_kind(run, tmp_path):
     result = run("similarity", one)
     assert result.code == 2 and "at least two" in result.err
     result = run("similarity", one, other, "-q")
-    assert result.code == 2 and "keys differ" in result.err
+    assert result.code == 2 and "share no key" in result.err
 
 
 def test_heatmap_cells_follow_the_values(run, tmp_path):

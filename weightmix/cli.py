@@ -190,7 +190,8 @@ def merge(inputs: tuple[str, ...], output: Path | None, **flags: Any) -> None:
         from weightmix.analysis.card import check_card
 
         try:
-            card_at = check_card(planned.output or Path(output), flags["overwrite"])
+            folder = planned.base_folder is not None  # the output is a folder like it
+            card_at = check_card(planned.output or Path(output), flags["overwrite"], folder)
         except BaseException:
             planned.close()
             raise

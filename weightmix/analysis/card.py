@@ -18,15 +18,18 @@ from weightmix.provenance import KEY_INPUTS, KEY_RECIPE
 CARD = "README.md"
 
 
-def card_path(output: Path) -> Path:
+def card_path(output: Path, folder: bool | None = None) -> Path:
     """A folder output holds its card; a file output has it beside it."""
-    return output / CARD if output.is_dir() or output.suffix == "" else output.parent / CARD
+    folder = output.is_dir() if folder is None else folder
+    return output / CARD if folder else output.parent / CARD
 
 
-def check_card(output: Path, overwrite: bool) -> Path:
+def check_card(output: Path, overwrite: bool, folder: bool) -> Path:
     """Before the merge: the card would not replace a README.md that is not ours."""
-    path = card_path(output)
-    if path.exists() and not overwrite and not output.is_dir():
+    path = card_path(output, folder)
+    if path.exists() and not path.is_file():
+        raise WeightmixError(f"{path} exists and is not a file: the model card cannot go there")
+    if path.exists() and not overwrite and not folder:
         raise WeightmixError(f"{path} exists: pass --overwrite to replace it with the model card")
     return path
 
@@ -49,9 +52,14 @@ def model_card(plan: Plan, metadata: dict[str, str]) -> str:
     }
     if (name := library(plan)) is not None:
         front["library_name"] = name
+    base = plan.base_folder
+    inherited = _front_matter(base.path / CARD) if base is not None else None
+    if inherited and inherited.get("license"):  # the base's license still applies
+        front["license"] = inherited["license"]
     title = plan.recipe.title or (plan.output.name if plan.output else "merge")
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {title}", ""]
-    lines += ["A merge made with weightmix.", "", "## Inputs", ""]
+    made = plan.output.name if plan.output is not None else ""
+    lines += [f"A merge made with weightmix: `{made}`.", "", "## Inputs", ""]
     for entry in inputs:
         lines.append(f"- `{entry['name']}`: {plan.recipe.models[entry['name']]}"
                      f" (fingerprint `{entry['fingerprint']}`)")  # fmt: skip
@@ -70,11 +78,7 @@ def write_card(path: Path, plan: Plan, metadata: dict[str, str]) -> Path:
     return path
 
 
-def read_card(checkpoint_path: Path) -> dict | None:
-    """The front matter of a weightmix model card beside (or in) a checkpoint, if there is one."""
-    path = card_path(checkpoint_path)
-    if not path.is_file():
-        return None
+def _front_matter(path: Path) -> dict | None:
     try:
         text = path.read_text(encoding="utf-8")
         if not text.startswith("---\n"):
@@ -82,6 +86,20 @@ def read_card(checkpoint_path: Path) -> dict | None:
         front = yaml.safe_load(text[4 : text.index("\n---", 4)])
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
         return None
-    if not isinstance(front, dict) or "weightmix" not in (front.get("tags") or []):
+    return front if isinstance(front, dict) else None
+
+
+def read_card(checkpoint_path: Path) -> dict | None:
+    """The front matter of the weightmix model card made with this checkpoint, if any (a
+    card beside a file names the file it was made with)."""
+    path = card_path(checkpoint_path)
+    front = _front_matter(path) if path.is_file() else None
+    if front is None or "weightmix" not in (front.get("tags") or []):
         return None
+    if not checkpoint_path.is_dir():
+        made = f"`{checkpoint_path.name}`"
+        stem = f"`{checkpoint_path.name.split('-0000')[0]}"  # a shard of a sharded output
+        text = path.read_text(encoding="utf-8")
+        if made not in text and stem not in text:
+            return None
     return front

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,9 @@ def similarity(models: tuple[str, ...], **flags: Any) -> None:
 
     if len(models) < 2:
         raise WeightmixError("similarity compares models: give at least two")
+    for name in ("alpha", "beta"):
+        if not math.isfinite(flags[name]):
+            raise WeightmixError(f"--{name} {flags[name]}: give a finite number")
     if flags["plot"] is not None:
         from weightmix.analysis.plots import check_plot_path
 
@@ -107,7 +111,13 @@ def preview(recipe_path: Path, params: tuple[str, ...], **flags: Any) -> None:
     each merge, and write a labelled grid."""
     from io import BytesIO
 
-    from weightmix.analysis.preview import parse_sweep, pipeline_folder, run_preview
+    from weightmix.analysis.preview import (
+        check_device,
+        check_sweeps,
+        parse_sweep,
+        pipeline_folder,
+        run_preview,
+    )
     from weightmix.cli import _number_or_value
     from weightmix.io.writer import write_file
     from weightmix.recipe import parse_recipe, read_recipe_data
@@ -122,7 +132,9 @@ def preview(recipe_path: Path, params: tuple[str, ...], **flags: Any) -> None:
     data = read_recipe_data(recipe_path)
     recipe = parse_recipe(data, str(recipe_path), recipe_path.parent)
     sweeps = [parse_sweep(text, _number_or_value) for text in params]
-    folder = pipeline_folder(recipe, flags["pipeline"])
+    check_device(flags["device"])
+    family = check_sweeps(data, sweeps, recipe_path.parent)
+    folder = pipeline_folder(recipe, flags["pipeline"], family)
     grid = run_preview(data, recipe, sweeps, flags["prompt"], flags["seed"], flags["steps"],
                        folder, flags["device"], flags["size"])  # fmt: skip
     for i, row in enumerate(grid.cells):

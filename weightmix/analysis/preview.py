@@ -69,20 +69,91 @@ def with_value(data: dict, sweep: Sweep, value: Any) -> dict:
     return changed
 
 
-def pipeline_folder(recipe: Recipe, given: Path | None) -> Path:
+LAYOUTS = {
+    "sd1": "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/",
+    "sd2": "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/",
+    "sdxl": "model_index.json, unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/,"
+    " tokenizer_2/, scheduler/",
+    "flux": "model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/,"
+    " tokenizer_2/, scheduler/",
+}
+
+
+def pipeline_folder(recipe: Recipe, given: Path | None, family: str | None) -> Path:
     """--pipeline, else the layout model when it is a diffusers pipeline folder."""
+    expected = LAYOUTS.get(family or "", "model_index.json and its components' folders")
     if given is not None:
         folder = given
-    else:
-        layout = recipe.layout if recipe.layout in recipe.models else next(iter(recipe.models))
-        folder = recipe.model_path(layout)
+        if not folder.is_dir():
+            raise WeightmixError(f"--pipeline {folder}: no such folder")
+        if not (folder / "model_index.json").is_file():
+            raise WeightmixError(
+                f"--pipeline {folder}: not a diffusers pipeline folder; for this model it"
+                f" needs {expected}"
+            )
+        return folder
+    layout = recipe.layout if recipe.layout in recipe.models else next(iter(recipe.models))
+    folder = recipe.model_path(layout)
     if not (folder / "model_index.json").is_file():
         raise WeightmixError(
-            f"preview needs a diffusers pipeline folder for the architecture ({folder} is not):"
-            " give --pipeline FOLDER (model_index.json with unet/, vae/, text_encoder/ configs"
-            " and tokenizer/), and make the recipe's layout model a diffusers folder too"
+            f"preview loads the merge into a diffusers pipeline, and the layout model {layout}"
+            f" ({folder}) is not a pipeline folder: make it one (for this model: {expected})"
         )
     return folder
+
+
+def check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise WeightmixError(f"--device {name}: not a device (cpu, cuda, cuda:1 ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WeightmixError(f"--device {name}: this torch has no CUDA device; use --device cpu")
+
+
+def check_sweeps(recipe_data: dict, sweeps: list[Sweep], base_dir: Path) -> str | None:
+    """Before the pipeline loads: each sweep reaches its own parameters (two sweeps may not
+    set the same one), and every variant plans (headers only) to a pipeline-named merge.
+    The family of the layout model, for messages."""
+    if len(sweeps) == 2 and _targets(recipe_data, sweeps[0]) & _targets(recipe_data, sweeps[1]):
+        raise WeightmixError(
+            f"--param {sweeps[0].name} and --param {sweeps[1].name} set the same parameter:"
+            " sweep two different ones (name a node: NODE.param)"
+        )
+    family = None
+    columns = sweeps[0]
+    rows = sweeps[1] if len(sweeps) == 2 else Sweep("", [None])
+    for row_value in rows.values:
+        for column_value in columns.values:
+            data = with_value(recipe_data, columns, column_value)
+            if rows.name:
+                data = with_value(data, rows, row_value)
+            planned = api.make_plan(api.as_recipe(data).with_base_dir(base_dir))
+            try:
+                base = planned.base_folder
+                family = getattr(planned.architecture, "family", None)
+                family = getattr(family, "name", None)
+                if base is None or not base.pipeline:
+                    expected = LAYOUTS.get(family or "", "model_index.json and its components")
+                    raise WeightmixError(
+                        "preview loads the merge into a diffusers pipeline, and the recipe's"
+                        " layout model is not a pipeline folder: make it one (for this model:"
+                        f" {expected})"
+                    )
+            finally:
+                planned.close()
+    return family
+
+
+def _targets(data: dict, sweep: Sweep) -> set[tuple[int, str]]:
+    node_name, _, param = sweep.name.rpartition(".")
+    found = set()
+    for index, node in enumerate(_nodes(data["merge"])):
+        method = METHODS.get(node.get("method", ""))
+        reached = method is not None and param in method.params
+        if reached and (not node_name or node.get("name") == node_name):
+            found.add((index, param))
+    return found
 
 
 def load_merged(pipeline, state: dict[str, torch.Tensor]) -> None:
@@ -101,16 +172,25 @@ def load_merged(pipeline, state: dict[str, torch.Tensor]) -> None:
         module = getattr(pipeline, component, None)
         if not isinstance(module, torch.nn.Module):
             raise WeightmixError(f"preview: the pipeline has no component {component}")
-        own = module.state_dict()
+        own = dict(module.named_parameters())
+        own.update(module.named_buffers())  # non-persistent ones too (position_ids)
         if not set(weights) <= set(own):  # transformers 5 drops 'text_model.' from names
             weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
         unknown = sorted(set(weights) - set(own))
         if unknown:
             raise WeightmixError(f"preview: {component} has no weight {unknown[0]}")
-        device = next(iter(own.values())).device
+        missing = sorted(set(dict(module.named_parameters())) - set(weights))
+        if missing:
+            raise WeightmixError(f"preview: the merge gives {component} no {missing[0]}")
         with torch.no_grad():
             for name, tensor in weights.items():
-                own[name].copy_(tensor.to(device, own[name].dtype))
+                if tuple(own[name].shape) != tuple(tensor.shape):
+                    raise WeightmixError(
+                        f"preview: {component}/{name} is {list(tensor.shape)} in the merge but"
+                        f" {list(own[name].shape)} in the pipeline: give the pipeline folder of"
+                        " this model (--pipeline)"
+                    )
+                own[name].copy_(tensor.to(own[name].device, own[name].dtype))
 
 
 @dataclass
@@ -137,13 +217,12 @@ def run_preview(
         raise WeightmixError(EXTRA) from None
     columns = sweeps[0]
     rows = sweeps[1] if len(sweeps) == 2 else Sweep("", [None])
-    for sweep in sweeps:  # names checked before anything is loaded
-        with_value(recipe_data, sweep, sweep.values[0])
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    diffusers_logging.disable_progress_bar()  # one line per cell is ours to print, not theirs
-    transformers_logging.disable_progress_bar()
+    for library in (diffusers_logging, transformers_logging):  # their chatter is not ours
+        library.disable_progress_bar()
+        library.set_verbosity_error()
     try:
         pipeline = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
     except Exception as error:

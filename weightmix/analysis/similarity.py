@@ -7,6 +7,7 @@ input read once, float64 sums."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ import torch
 
 from weightmix import api
 from weightmix.arch.families import Architecture
+from weightmix.errors import WeightmixError
 from weightmix.plan import Plan
 
 
@@ -52,13 +54,13 @@ class Sums:
         figures = []
         for dot, norm, distance in zip(self.dots, self.norms, self.distances):
             product = (self.first * norm) ** 0.5
-            figures.append(
-                {
-                    "cosine": dot / product if product else None,
-                    "relative_l2": (distance / self.first) ** 0.5 if self.first else None,
-                    "scale": dot / norm if norm else None,
-                }
-            )
+            values = {
+                "cosine": dot / product if product else None,
+                "relative_l2": (distance / self.first) ** 0.5 if self.first else None,
+                "scale": dot / norm if norm else None,
+            }  # non-finite (inf or NaN weights): None, valid JSON
+            figures.append({k: v if v is None or math.isfinite(v) else None
+                            for k, v in values.items()})  # fmt: skip
         row: dict[str, object] = {"elements": self.count, "models": figures}
         if len(self.dots) == 2 and self.count:
             from_b = self.count - self.from_c
@@ -78,7 +80,17 @@ class Similarity:
 def similarity_plan(paths: dict[str, str]) -> Plan:
     """A plan over the models: checked against each other and aligned, like a merge's."""
     names = list(paths)
-    return api.make_plan({"models": paths, "merge": {"method": "weighted_sum", "inputs": names}})
+    recipe = {
+        "models": paths,
+        "merge": {"method": "weighted_sum", "inputs": names},
+        "on_missing": "skip",
+    }  # fmt: skip  (the keys they share are compared)
+    try:
+        return api.make_plan(recipe)
+    except WeightmixError as error:  # the merge's hints name flags similarity has not
+        if "writes no tensor" in str(error):
+            raise WeightmixError("the models share no key: nothing to compare") from None
+        raise WeightmixError(str(error).split(". Pass --")[0].split("; take it from")[0]) from None
 
 
 def group_of(plan: Plan, key: str, per_key: bool) -> str:
@@ -89,7 +101,7 @@ def group_of(plan: Plan, key: str, per_key: bool) -> str:
         component = architecture.component_of(key) or "other"
         block = architecture.block_of(key)
         return f"{component}/{block}" if block else component
-    return "all"
+    return "model"
 
 
 def measure_similarity(
@@ -114,6 +126,8 @@ def measure_similarity(
             groups.setdefault(group_of(plan, key.key, per_key), Sums()).add(tensors, alpha, beta)
             total.add(tensors, alpha, beta)
             advance(sum(info.nbytes for info in key.sources.values()))
+        if not groups:
+            raise WeightmixError("the models share no float key: nothing to compare")
         order = _order(plan, list(groups))
     finally:
         plan.close()

@@ -33,6 +33,8 @@ class MemoryOutput:
 
     def write_range(self, key: str, start: int, data) -> None:
         """Write `data` (a buffer) at byte `start` of tensor `key`."""
+        if self.cancelled:
+            raise Cancelled("the consumer of the merge stopped")
         expected = self.layout.get(key)
         if expected is None:
             raise RuntimeError(f"{key} is not in the output layout")
