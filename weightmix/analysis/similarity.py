@@ -18,6 +18,8 @@ from weightmix.arch.families import Architecture
 from weightmix.errors import WeightmixError
 from weightmix.plan import Plan
 
+CHUNK = 1 << 20  # elements of each model read at a time
+
 
 @dataclass
 class Sums:
@@ -119,12 +121,10 @@ def measure_similarity(
         for key in plan.keys:
             if not key.out_dtype.is_float:
                 continue
-            tensors = [
-                plan.checkpoints[n].read(key.sources[n]).to(torch.float64).reshape(-1)
-                for n in names
-            ]
-            groups.setdefault(group_of(plan, key.key, per_key), Sums()).add(tensors, alpha, beta)
-            total.add(tensors, alpha, beta)
+            sums = groups.setdefault(group_of(plan, key.key, per_key), Sums())
+            for tensors in _chunks(plan, key, names):
+                sums.add(tensors, alpha, beta)
+                total.add(tensors, alpha, beta)
             advance(sum(info.nbytes for info in key.sources.values()))
         if not groups:
             raise WeightmixError("the models share no float key: nothing to compare")
@@ -132,6 +132,21 @@ def measure_similarity(
     finally:
         plan.close()
     return Similarity(dict(paths), {name: groups[name].row() for name in order}, total.row())
+
+
+def _chunks(plan: Plan, key, names: list[str]):
+    """The key's elements in every model, CHUNK at a time, as float64 vectors: memory stays a
+    few chunks whatever the tensor's size."""
+    count = key.numel
+    for start in range(0, count, CHUNK):
+        stop = min(start + CHUNK, count)
+        chunk = []
+        for name in names:
+            info = key.sources[name]
+            raw = torch.empty((stop - start) * info.dtype.itemsize, dtype=torch.uint8)
+            plan.checkpoints[name].read_range(info, start * info.dtype.itemsize, raw.numpy())
+            chunk.append(raw.view(info.dtype.torch).to(torch.float64))
+        yield chunk
 
 
 def _order(plan: Plan, names: list[str]) -> list[str]:
