@@ -88,8 +88,12 @@ def main() -> None:
     out.unlink()
     torch_only = measure([str(BIN / "python"), "-c", "import torch"])
     hyper = measure([str(BIN / "weightmix"), "hyper", str(config), "-q", "--overwrite"])
-    evaluated = subprocess.run([str(BIN / "weightmix"), "hyper", "evaluate", str(config)],
-                               check=True, capture_output=True, text=True).stdout  # fmt: skip
+    evaluation = subprocess.run([str(BIN / "weightmix"), "hyper", "evaluate", str(config)],
+                                capture_output=True, text=True)  # fmt: skip
+    if evaluation.returncode != 0:  # the timings above still count: print them first
+        print(f"weightmix hyper: {hyper[0]:.1f} s wall, {size_text(hyper[1])} peak RSS")
+        raise SystemExit(f"hyper evaluate failed: {evaluation.stderr.strip()}")
+    evaluated = evaluation.stdout
     floor = floor_read[0] + floor_write[0]
     print(
         f"inputs: {MODELS} × {size_text(size / MODELS)} (SD1.5 layout, dimensions / {args.divisor})"
@@ -103,8 +107,9 @@ def main() -> None:
     print(f"{'hyper':>8} {'own SVD':>8} {'bound':>8}  model")
     for line in evaluated.splitlines()[2:]:
         hyper_e, own, bound, name = line.split(maxsplit=3)
-        shares = [1 - float(x) ** 2 for x in (hyper_e, own, bound)]
-        print(f"{shares[0]:8.4f} {shares[1]:8.4f} {shares[2]:8.4f}  {os.path.basename(name)}")
+        shares = [f"{1 - float(x) ** 2:8.4f}" if x != "-" else f"{'-':>8}"
+                  for x in (hyper_e, own, bound)]  # fmt: skip
+        print(f"{' '.join(shares)}  {os.path.basename(name)}")
 
 
 if __name__ == "__main__":
