@@ -385,6 +385,14 @@ def _read_chunks(
         yield start, raw, inputs
 
 
+def key_chunks(plan: Plan, key: KeyPlan) -> Iterator[dict[str, torch.Tensor]]:
+    """A merged key's inputs, CHUNK_ELEMENTS at a time, flat and in the compute dtype (for
+    analyses that sum over keys; each chunk is valid until the next is read)."""
+    buffers = _Buffers()
+    for _, _, inputs in _read_chunks(plan, key, 0, key.numel, buffers):
+        yield inputs
+
+
 def _gather_statistics(plan: Plan, key: KeyPlan, buffers: _Buffers) -> dict[int, Streamer]:
     """Run the statistics passes of the key's streamed calls over its chunks, in element
     order; return the streamers, ready to compute the output chunk by chunk."""

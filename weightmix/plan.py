@@ -146,7 +146,7 @@ def build_plan(
     files that are inputs (the recipe file being run)."""
     compute_dtype = dtype_from_name(recipe.compute_dtype, COMPUTE_DTYPES)
     out_dtype = dtype_from_name(recipe.dtype, OUTPUT_DTYPES) if recipe.dtype else None
-    device = _device(recipe.device)
+    device = parse_device(recipe.device)
     max_shard = (
         parse_size(recipe.max_shard_size, "max_shard_size") if recipe.max_shard_size else None
     )
@@ -227,7 +227,7 @@ def _check_pipeline_components(plan: Plan) -> None:
         plan.notes.append(note)
 
 
-def _device(name: str) -> torch.device:
+def parse_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -112,7 +112,6 @@ def preview(recipe_path: Path, params: tuple[str, ...], **flags: Any) -> None:
     from io import BytesIO
 
     from weightmix.analysis.preview import (
-        check_device,
         check_sweeps,
         parse_sweep,
         pipeline_folder,
@@ -120,6 +119,7 @@ def preview(recipe_path: Path, params: tuple[str, ...], **flags: Any) -> None:
     )
     from weightmix.cli import _number_or_value
     from weightmix.io.writer import write_file
+    from weightmix.plan import parse_device
     from weightmix.recipe import parse_recipe, read_recipe_data
 
     if len(params) > 2:
@@ -132,7 +132,7 @@ def preview(recipe_path: Path, params: tuple[str, ...], **flags: Any) -> None:
     data = read_recipe_data(recipe_path)
     recipe = parse_recipe(data, str(recipe_path), recipe_path.parent)
     sweeps = [parse_sweep(text, _number_or_value) for text in params]
-    check_device(flags["device"])
+    parse_device(flags["device"])
     family = check_sweeps(data, sweeps, recipe_path.parent)
     folder = pipeline_folder(recipe, flags["pipeline"], family)
     grid = run_preview(data, recipe, sweeps, flags["prompt"], flags["seed"], flags["steps"],

@@ -102,15 +102,6 @@ def pipeline_folder(recipe: Recipe, given: Path | None, family: str | None) -> P
     return folder
 
 
-def check_device(name: str) -> None:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise WeightmixError(f"--device {name}: not a device (cpu, cuda, cuda:1 ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise WeightmixError(f"--device {name}: this torch has no CUDA device; use --device cpu")
-
-
 def check_sweeps(recipe_data: dict, sweeps: list[Sweep], base_dir: Path) -> str | None:
     """Before the pipeline loads: each sweep reaches its own parameters (two sweeps may not
     set the same one), and every variant plans (headers only) to a pipeline-named merge.

@@ -2,8 +2,8 @@
 similarity cos = ⟨A, M⟩ / (‖A‖·‖M‖), relative distance ‖M − A‖ / ‖A‖, and the least-squares
 scale s = ⟨A, M⟩ / ‖M‖² that brings M closest to A (min_s ‖A − s·M‖: the α or β to try in
 lossless/maxdiff). For three models, the share of elements each would supply to `lossless` and
-`maxdiff` (seed 002). Streams like a merge: one key of every model in memory at a time, each
-input read once, float64 sums."""
+`maxdiff` (seed 002). Streams like a merge: each key read in the engine's chunks, each input
+read once, float64 sums."""
 
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ import torch
 
 from weightmix import api
 from weightmix.arch.families import Architecture
+from weightmix.engine import key_chunks
 from weightmix.errors import WeightmixError
 from weightmix.plan import Plan
-
-CHUNK = 1 << 20  # elements of each model read at a time
 
 
 @dataclass
@@ -85,8 +84,9 @@ def similarity_plan(paths: dict[str, str]) -> Plan:
     recipe = {
         "models": paths,
         "merge": {"method": "weighted_sum", "inputs": names},
-        "on_missing": "skip",
-    }  # fmt: skip  (the keys they share are compared)
+        "on_missing": "skip",  # the keys the models share are compared
+        "compute_dtype": "fp64",  # chunks read as float64
+    }
     try:
         return api.make_plan(recipe)
     except WeightmixError as error:  # the merge's hints name flags similarity has not
@@ -122,7 +122,8 @@ def measure_similarity(
             if not key.out_dtype.is_float:
                 continue
             sums = groups.setdefault(group_of(plan, key.key, per_key), Sums())
-            for tensors in _chunks(plan, key, names):
+            for chunk in key_chunks(plan, key):
+                tensors = [chunk[name] for name in names]
                 sums.add(tensors, alpha, beta)
                 total.add(tensors, alpha, beta)
             advance(sum(info.nbytes for info in key.sources.values()))
@@ -132,21 +133,6 @@ def measure_similarity(
     finally:
         plan.close()
     return Similarity(dict(paths), {name: groups[name].row() for name in order}, total.row())
-
-
-def _chunks(plan: Plan, key, names: list[str]):
-    """The key's elements in every model, CHUNK at a time, as float64 vectors: memory stays a
-    few chunks whatever the tensor's size."""
-    count = key.numel
-    for start in range(0, count, CHUNK):
-        stop = min(start + CHUNK, count)
-        chunk = []
-        for name in names:
-            info = key.sources[name]
-            raw = torch.empty((stop - start) * info.dtype.itemsize, dtype=torch.uint8)
-            plan.checkpoints[name].read_range(info, start * info.dtype.itemsize, raw.numpy())
-            chunk.append(raw.view(info.dtype.torch).to(torch.float64))
-        yield chunk
 
 
 def _order(plan: Plan, names: list[str]) -> list[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from weightmix import api
+from weightmix.engine import key_chunks
 from weightmix.errors import WeightmixError
 from weightmix.hyper.config import HyperConfig, file_names, output_folder
 from weightmix.hyper.run import model_names, models_plan, select_units
@@ -128,6 +129,15 @@ def evaluate(config: HyperConfig, folder: Path, outputs: Outputs) -> list[Report
         dtype = torch.float64
         for key in plan.keys:
             if not key.out_dtype.is_float:
+                continue
+            if key.key not in by_key:  # no LoRA layer: the delta is the residual, chunk by chunk
+                for chunk in key_chunks(plan, key):
+                    flat = torch.stack([chunk[n].double() - chunk["average"] for n in names])
+                    gram += flat @ flat.T
+                    energy = flat.square().sum(1)
+                    total += energy
+                    hyper += energy
+                    private += energy
                 continue
             mean = plan.checkpoints["average"].read(key.sources["average"]).to(dtype)
             deltas = torch.stack(
