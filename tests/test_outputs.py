@@ -171,6 +171,7 @@ def test_write_failure_is_one_line(run, tmp_path, models, monkeypatch):
     monkeypatch.setattr(writer._TempFile, "write_at", full)
     before = folder_listing(tmp_path)
     result = run("merge", models["A"], models["B"], "-o", tmp_path / "out.safetensors")
-    assert result.code == 1 and len(result.err.strip().splitlines()) == 1
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
     assert "No space left on device" in result.err and "nothing was written" in result.err
+    assert f"the disk is full in {tmp_path}" in result.err and "bytes)" in result.err
     assert folder_listing(tmp_path) == before

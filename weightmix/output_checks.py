@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from weightmix.errors import WeightmixError
 from weightmix.io.folders import is_model_folder
+from weightmix.io.locks import sweep_stale
 from weightmix.io.writer import existing_outputs, output_paths
 from weightmix.units import format_size
 
@@ -29,6 +30,7 @@ def check_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
     if dest.is_dir():
         raise WeightmixError(f"output {dest}: is a folder; give a file path ending in .safetensors")
     folder = _check_writable(dest)
+    _sweep(folder, plan)
     if plan.shard_count > MAX_SHARDS:
         raise WeightmixError(
             f"output {dest}: max_shard_size {plan.recipe.max_shard_size} cuts the output into"
@@ -121,6 +123,7 @@ def _check_folder_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
             " mirrors it: give a folder path"
         )
     folder = _check_writable(dest)
+    _sweep(folder, plan)
     target = Path(os.path.realpath(dest))
     for name, ckpt in plan.checkpoints.items():
         for path in [ckpt.path, *ckpt.files]:
@@ -151,6 +154,17 @@ def _check_folder_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
             )
     _check_space(dest, folder, plan)
     return dest
+
+
+def _sweep(folder: Path, plan: Plan) -> None:
+    """Remove what killed runs left in the output folder (see io/locks.py), and say so."""
+    removed = sweep_stale(folder)
+    if removed:
+        names = ", ".join(path.name for path in removed[:3]) + (", ..." if len(removed) > 3 else "")
+        plan.notes.append(
+            f"removed {len(removed)} temporary file(s) that an interrupted run left in"
+            f" {folder}: {names}"
+        )
 
 
 def _check_space(dest: Path, folder: Path, plan: Plan) -> None:

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from weightmix.hyper.shared import Residuals, Unit, fit_component
 from weightmix.io import open_checkpoint
 from weightmix.io.dtypes import OUTPUT_DTYPES, dtype_from_name
 from weightmix.io.folders import FolderCheckpoint
+from weightmix.io.locks import DestinationLock, sweep_stale, temporary_folder
 from weightmix.io.writer import OutputTensor, open_output, write_file
 from weightmix.lora.extract import units as lora_units
 from weightmix.lora.formats import KOHYA
@@ -109,7 +109,13 @@ def hyper_merge(
             raise WeightmixError(f"{path} exists: pass --overwrite to replace it")
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".weightmix-hyper-", dir=out))
+    lock = DestinationLock(out / names["average"])  # one run writes this set at a time
+    try:
+        sweep_stale(out)  # what a killed run left here
+        staging, held = temporary_folder(out, ".weightmix-hyper-")
+    except BaseException:
+        lock.release()
+        raise
     try:
         result = _build(config, folder, staging, names, units, dtype, progress)
         for path in result.files:
@@ -125,6 +131,8 @@ def hyper_merge(
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        held.release()
+        lock.release()
 
 
 def _build(config, folder, staging, names, units, dtype, progress) -> HyperResult:

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -18,8 +17,9 @@ import torch
 
 from weightmix.errors import WeightmixError
 from weightmix.io.folders import WEIGHT_SUFFIXES, FolderCheckpoint
+from weightmix.io.locks import DestinationLock, sweep_stale, temporary_folder
 from weightmix.io.reader import INDEX_SUFFIX
-from weightmix.io.writer import OutputTensor, SafetensorsOutput
+from weightmix.io.writer import OutputTensor, SafetensorsOutput, out_of_space
 
 MODEL_INDEX = "model_index.json"
 
@@ -47,21 +47,28 @@ class FolderOutput:
             self._route[tensor.key] = (component, inner)
         left_out = [c.name for c in base.components if c.name and not groups[c.name]]
         self.index = pipeline_index(base, left_out)  # the plan checked that it loads
-        self.temp = Path(
-            tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
-        )
+        self.needed = sum(t.nbytes for t in tensors)
+        self._destination: DestinationLock | None = DestinationLock(dest)
+        self.swept = sweep_stale(dest.parent)
         try:
-            for component in base.components:
-                folder = self.temp / component.name
-                folder.mkdir(parents=True, exist_ok=True)
-                if groups[component.name]:
-                    self.outputs[component.name] = SafetensorsOutput(
-                        folder / f"{component.stem}.safetensors",
-                        groups[component.name],
-                        metadata,
-                        max_shard_bytes or component.shard_bytes,
-                        fsync,
-                    )
+            self.temp, self._held = temporary_folder(dest.parent, f".{dest.name}.", ".partial")
+        except BaseException:
+            self._unlock()
+            raise
+        try:
+            with out_of_space(dest, self.needed):
+                for component in base.components:
+                    folder = self.temp / component.name
+                    folder.mkdir(parents=True, exist_ok=True)
+                    if groups[component.name]:
+                        self.outputs[component.name] = SafetensorsOutput(
+                            folder / f"{component.stem}.safetensors",
+                            groups[component.name],
+                            metadata,
+                            max_shard_bytes or component.shard_bytes,
+                            fsync,
+                            lock=False,  # inside this output's own hidden folder
+                        )
         except BaseException:
             self.abort()
             raise
@@ -75,35 +82,45 @@ class FolderOutput:
         self.outputs[component].write(inner, tensor)
 
     def commit(self) -> list[Path]:
-        for output in self.outputs.values():
-            output.commit()
-        left_out = {c.folder for c in self.base.components if c.name not in self.outputs}
-        for component in self.base.components:  # a component left without weights is left out
-            if component.name and component.name not in self.outputs:
-                shutil.rmtree(self.temp / component.name, ignore_errors=True)
-        if self.index is not None:  # the entries of the components left out say so
-            (self.temp / MODEL_INDEX).write_text(self.index, encoding="utf-8")
-        _copy_other_files(self.base.path, self.temp, left_out - {self.base.path})
-        old = None
+        with out_of_space(self.dest, self.needed):
+            for output in self.outputs.values():
+                output.commit()
+            left_out = {c.folder for c in self.base.components if c.name not in self.outputs}
+            for component in self.base.components:  # a component without weights is left out
+                if component.name and component.name not in self.outputs:
+                    shutil.rmtree(self.temp / component.name, ignore_errors=True)
+            if self.index is not None:  # the entries of the components left out say so
+                (self.temp / MODEL_INDEX).write_text(self.index, encoding="utf-8")
+            _copy_other_files(self.base.path, self.temp, left_out - {self.base.path})
+        old, held = None, None
         if self.dest.exists():  # --overwrite was given (the plan checked it is a model folder)
-            parent = self.dest.parent
-            old = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".old", dir=parent))
+            old, held = temporary_folder(self.dest.parent, f".{self.dest.name}.", ".old")
             os.replace(self.dest, old / "previous")
         try:
             os.replace(self.temp, self.dest)
         except BaseException:
             if old is not None:  # put the previous output back where it was
                 os.replace(old / "previous", self.dest)
-                shutil.rmtree(old, ignore_errors=True)
             raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+                held.release()
+        self._held.release()
+        self._unlock()
         return [self.dest]
 
     def abort(self) -> None:
         for output in self.outputs.values():
             output.abort()
         shutil.rmtree(self.temp, ignore_errors=True)
+        self._held.release()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._destination is not None:
+            self._destination.release()
+            self._destination = None
 
 
 def left_out_components(base: FolderCheckpoint, keys: list[str]) -> list[str]:

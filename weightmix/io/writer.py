@@ -2,24 +2,35 @@
 written into their places as they are ready, so the output never has to fit in memory.
 
 Everything goes to hidden temporary files beside the destination; only a complete, flushed
-output is renamed into place, so an error or Ctrl-C leaves nothing at the destination.
+output is renamed into place, so an error or Ctrl-C leaves nothing at the destination, and a
+killed run's temporary files are removed by the next run writing there (see locks.py). A full
+disk or quota is one line naming the folder and the bytes the output needs.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
-import tempfile
+import shutil
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from weightmix.errors import WeightmixError
 from weightmix.io.dtypes import DType
+from weightmix.io.locks import DestinationLock, sweep_stale, temporary_file
 from weightmix.io.reader import INDEX_SUFFIX
+from weightmix.units import format_size
+
+OUT_OF_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EFBIG: "a file would exceed the largest file size allowed"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -103,9 +114,8 @@ class _TempFile:
 
     def __init__(self, dest: Path):
         self.dest = dest
-        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+        fd, self.temp = temporary_file(dest)  # locked: a sweep knows it is in use
         self.fd: int | None = fd
-        self.temp = Path(name)
         os.fchmod(fd, 0o666 & ~_umask())  # the mode a plain open() would give, not mkstemp's 0600
 
     def write_at(self, data, offset: int) -> None:
@@ -132,12 +142,41 @@ def write_file(dest: Path, data: bytes) -> None:
     the destination holds the old file or the whole new one, never part of it."""
     file = _TempFile(dest)
     try:
-        file.write_at(data, 0)
-        file.close(fsync=False)
+        with out_of_space(dest, len(data)):
+            file.write_at(data, 0)
+            file.close(fsync=False)
         os.replace(file.temp, dest)
     except BaseException:
         file.discard()
         raise
+
+
+@contextmanager
+def out_of_space(dest: Path, needed: int) -> Iterator[None]:
+    """Turn ENOSPC, EDQUOT and EFBIG while writing `dest` into one WeightmixError line."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in OUT_OF_SPACE:
+            raise
+        raise space_error(dest, needed, error) from None
+
+
+def space_error(dest: Path, needed: int, error: OSError) -> WeightmixError:
+    """The one line said when writing `dest` (an output of `needed` bytes) ran out of room."""
+    folder = dest.parent
+    try:
+        free = f", {format_size(shutil.disk_usage(folder).free)} free now"
+    except OSError:
+        free = ""
+    how = "free space there or choose another folder"
+    if error.errno == errno.EFBIG:
+        how = "raise the file size limit (ulimit -f) or cut the output into shards"
+    return WeightmixError(
+        f"output {dest}: {OUT_OF_SPACE[error.errno]} in {folder} ({error.strerror}): the output"
+        f" needs {format_size(needed)} ({needed} bytes){free}; {how}; nothing was written at"
+        " the output"
+    )
 
 
 def tensor_bytes(tensor: torch.Tensor):
@@ -158,6 +197,7 @@ class SafetensorsOutput:
         metadata: dict[str, str],
         max_shard_bytes: int | None = None,
         fsync: bool = False,
+        lock: bool = True,
     ):
         self.dest = dest
         self.fsync = fsync
@@ -168,17 +208,22 @@ class SafetensorsOutput:
         self._where: dict[str, tuple[_TempFile, int, OutputTensor]] = {}
         self._written: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.needed = self.total_bytes()
+        # one writer per destination; then what killed runs left in the folder goes
+        self._destination = DestinationLock(dest) if lock else None
+        self.swept = sweep_stale(dest.parent) if lock else []
         try:
-            for number, shard in enumerate(self.shards):
-                file = _TempFile(self.paths[number])
-                self._files.append(file)
-                header = header_bytes(shard, metadata)
-                file.write_at(header, 0)
-                offset = len(header)
-                for tensor in shard:
-                    self._where[tensor.key] = (file, offset, tensor)
-                    offset += tensor.nbytes
-                os.ftruncate(file.fd, offset)
+            with out_of_space(dest, self.needed):
+                for number, shard in enumerate(self.shards):
+                    file = _TempFile(self.paths[number])
+                    self._files.append(file)
+                    header = header_bytes(shard, metadata)
+                    file.write_at(header, 0)
+                    offset = len(header)
+                    for tensor in shard:
+                        self._where[tensor.key] = (file, offset, tensor)
+                        offset += tensor.nbytes
+                    os.ftruncate(file.fd, offset)
         except BaseException:
             self.abort()
             raise
@@ -189,9 +234,17 @@ class SafetensorsOutput:
         length = memoryview(data).nbytes
         if start < 0 or start + length > tensor.nbytes:
             raise RuntimeError(f"{key}: write of {length} bytes at {start} exceeds {tensor.nbytes}")
-        file.write_at(data, offset + start)
+        with out_of_space(self.dest, self.needed):
+            file.write_at(data, offset + start)
         with self._lock:
             self._written[key] = self._written.get(key, 0) + length
+
+    def total_bytes(self) -> int:
+        """The bytes of every file of the output (headers and data)."""
+        return sum(
+            len(header_bytes(shard, self.metadata)) + sum(t.nbytes for t in shard)
+            for shard in self.shards
+        )
 
     def _place(self, key: str) -> tuple[_TempFile, int, OutputTensor]:
         place = self._where.get(key)
@@ -217,13 +270,14 @@ class SafetensorsOutput:
                 raise RuntimeError(
                     f"{key}: {self._written.get(key, 0)} of {tensor.nbytes} bytes were written"
                 )
-        for file in self._files:
-            file.close(self.fsync)
-        if self.index_path is not None:
-            index = _TempFile(self.index_path)
-            self._files.append(index)
-            index.write_at(json.dumps(self._index_document(), indent=2).encode("utf-8"), 0)
-            index.close(self.fsync)
+        with out_of_space(self.dest, self.needed):
+            for file in self._files:
+                file.close(self.fsync)
+            if self.index_path is not None:
+                index = _TempFile(self.index_path)
+                self._files.append(index)
+                index.write_at(json.dumps(self._index_document(), indent=2).encode("utf-8"), 0)
+                index.close(self.fsync)
         stale = [p for p in existing_outputs(self.dest) if p not in {f.dest for f in self._files}]
         written = []
         for file in self._files:
@@ -232,7 +286,13 @@ class SafetensorsOutput:
         self._files = []
         for path in stale:  # an earlier output in another shard layout (the plan allowed it)
             path.unlink(missing_ok=True)
+        self._unlock()
         return written
+
+    def _unlock(self) -> None:
+        if self._destination is not None:
+            self._destination.release()
+            self._destination = None
 
     def _index_document(self) -> dict[str, object]:
         weight_map = {
@@ -246,6 +306,7 @@ class SafetensorsOutput:
         for file in self._files:
             file.discard()
         self._files = []
+        self._unlock()
 
 
 def open_output(

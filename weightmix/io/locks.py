@@ -1,0 +1,201 @@
+"""Temporary files that a killed run cannot leave behind for long, and one writer per output.
+
+Every file or folder a run writes is first created under a hidden temporary name beside its
+destination (`.NAME.XXXXXXXX.partial`, `.NAME.XXXXXXXX.old`, `.weightmix-hyper-XXXXXXXX`) and
+held under an exclusive flock(2) for as long as the run lives. The kernel drops that lock when
+the process dies, even by `kill -9`, so a temporary entry nobody holds is known to be left over
+from a run that ended without cleaning up: the next run writing to the folder removes it
+(sweep_stale). Creating an entry and sweeping take a short lock on the folder itself, so a
+sweep never sees an entry between its creation and its lock.
+
+A destination is written by one run at a time: DestinationLock holds `.NAME.weightmix-lock`
+beside it from before the first temporary file to after the last rename, and a second run that
+finds it held is refused with a message naming the run that holds it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from weightmix.errors import WeightmixError
+
+_RANDOM = r"[a-z0-9_]{8}"  # tempfile's names
+TEMPORARY = re.compile(rf"^\.(?:.+\.{_RANDOM}\.(?:partial|old)|weightmix-hyper-{_RANDOM})$")
+LOCK_SUFFIX = ".weightmix-lock"
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive flock on fd without waiting; False when another holder has it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as error:  # file systems without flock: treat as unlocked, never block
+        if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            return True
+        raise
+    return True
+
+
+@contextmanager
+def folder_guard(folder: Path) -> Iterator[None]:
+    """Hold the folder's own flock while temporary entries are created or swept. Not in a
+    run's own temporary folder: the run holds that one's lock, and no sweep looks inside it."""
+    if TEMPORARY.match(folder.name):
+        yield
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield  # unreadable folder: the write that follows reports the problem
+        return
+    try:
+        with suppress(OSError):  # no flock here: creation and sweep are only less guarded
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+class Held:
+    """An open descriptor whose exclusive flock marks a temporary entry as in use."""
+
+    def __init__(self, fd: int):
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def temporary_file(dest: Path) -> tuple[int, Path]:
+    """A new hidden `.NAME.XXXXXXXX.partial` file beside dest, open for writing and locked."""
+    with folder_guard(dest.parent):
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+        _try_lock(fd)
+    return fd, Path(name)
+
+
+def temporary_folder(parent: Path, prefix: str, suffix: str = "") -> tuple[Path, Held]:
+    """A new hidden folder in parent (prefix must start with '.'), locked while held."""
+    with folder_guard(parent):
+        path = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+        fd = os.open(path, os.O_RDONLY)
+        _try_lock(fd)
+    return path, Held(fd)
+
+
+def sweep_stale(folder: Path) -> list[Path]:
+    """Remove the temporary entries in folder that no live run holds (left by a run that was
+    killed), and lock files nobody holds; return what was removed."""
+    removed: list[Path] = []
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return removed
+    candidates = [n for n in names if TEMPORARY.match(n) or _is_lock_name(n)]
+    if not candidates:
+        return removed
+    with folder_guard(folder):
+        for name in candidates:
+            path = folder / name
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                continue  # gone already, or a link: not ours
+            try:
+                if not _try_lock(fd):
+                    continue  # a live run holds it
+                if _is_lock_name(name):
+                    if _same_file(fd, path):
+                        path.unlink(missing_ok=True)
+                        removed.append(path)
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+            finally:
+                os.close(fd)
+    return removed
+
+
+def _is_lock_name(name: str) -> bool:
+    return name.startswith(".") and name.endswith(LOCK_SUFFIX)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def lock_path(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}{LOCK_SUFFIX}")
+
+
+class DestinationLock:
+    """One writer per destination: an exclusive flock on `.NAME.weightmix-lock` beside it,
+    taken without waiting (a second run is refused, naming the holder) and released, with the
+    lock file removed, when the write is done or abandoned."""
+
+    def __init__(self, dest: Path):
+        self.dest = dest
+        self.path = lock_path(dest)
+        self.fd: int | None = None
+        for _ in range(100):  # the lock file may be removed by its holder between open and lock
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as error:
+                raise WeightmixError(
+                    f"output {dest}: cannot create the lock file {self.path}"
+                    f" ({error.strerror}); check the folder's permissions"
+                ) from None
+            if not _try_lock(fd):
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise WeightmixError(
+                    f"output {dest} is being written by another weightmix run{holder}: wait"
+                    f" for it to finish or choose another output (lock file {self.path})"
+                )
+            if _same_file(fd, self.path):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                self.fd = fd
+                return
+            os.close(fd)  # we locked a file its holder had just removed: try again
+        raise WeightmixError(f"output {dest}: could not take the lock {self.path}; try again")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        if _same_file(self.fd, self.path):
+            self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> DestinationLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+    return f" (process {text})" if text.isdigit() else ""
