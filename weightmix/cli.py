@@ -560,8 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="weightmix", standalone_mode=False)
     except WeightmixError as error:
-        one_line = str(error).replace("\r", "\\r").replace("\n", "\\n")  # names may hold newlines
-        click.echo(f"weightmix: error: {one_line}", err=True)
+        click.echo(f"weightmix: error: {error}", err=True)  # one line: see WeightmixError
         return error.exit_code
     except click.exceptions.NoArgsIsHelpError as error:  # bare `weightmix merge`
         click.echo(error.ctx.get_help() if error.ctx else str(error), err=True)

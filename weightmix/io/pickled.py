@@ -8,6 +8,8 @@ read rather than loaded whole; the old (pre-zip) format has to be loaded into me
 
 from __future__ import annotations
 
+import io
+import os
 import pickle
 import re
 import warnings
@@ -158,7 +160,12 @@ def _safe_load(path: Path) -> tuple[object, list[str]]:
     mmap = zipfile.is_zipfile(path)  # torch's zip format can be memory-mapped, the old one not
     try:
         with warnings.catch_warnings(record=True) as caught:  # those that would be shown
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            if mmap:
+                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            else:
+                loaded = _load_old_format(path)
+    except WeightmixError:
+        raise
     except pickle.UnpicklingError as error:
         culprit = re.search(r"GLOBAL ([\w.]+)", str(error))
         if culprit is None:
@@ -181,7 +188,65 @@ def _safe_load(path: Path) -> tuple[object, list[str]]:
             f" ({type(error).__name__}: {_first_line(error)}); re-save it with a current"
             " torch.save, or convert it where it was made"
         ) from None
+    except MemoryError:
+        raise
+    except Exception as error:  # IndexError, struct.error ... from a corrupt pickle's opcodes
+        raise WeightmixError(
+            f"{path}: cannot read the pickled checkpoint ({type(error).__name__}:"
+            f" {_first_line(error)}): it is corrupt, truncated or not a torch checkpoint"
+        ) from None
     return loaded, _warning_notes(caught)
+
+
+class _Bounded(io.BufferedReader):
+    """A file whose read(n) asks for no more than the bytes left in it: a pickle writes the
+    length of each string it holds, and a length of 2**40 in a 10-byte file must not become
+    an allocation of 2**40 bytes (Python's read(n) allocates n bytes first)."""
+
+    def __init__(self, path: Path):
+        super().__init__(io.FileIO(path, "rb"))
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size > 0:
+            size = min(size, max(0, self._size - self.tell()))
+        return super().read(size)
+
+
+def _load_old_format(path: Path) -> object:
+    """torch.load of the old (pre-zip) format, which allocates each storage at the size the
+    pickle gives before reading its bytes. Loaded first with fake tensors (no storage is
+    allocated, no data read), to check that the storages fit in the file; then for real."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with _Bounded(path) as handle:
+        with FakeTensorMode():
+            fake = torch.load(handle, map_location="cpu", weights_only=True)
+        claimed = sum(_storage_sizes(fake).values())
+        if claimed > handle._size:
+            raise WeightmixError(
+                f"{path}: the pickle's tensors claim {claimed} bytes but the file holds only"
+                f" {handle._size}: it is corrupt or truncated (re-download or re-save it)"
+            )
+        handle.seek(0)
+        return torch.load(handle, map_location="cpu", weights_only=True)
+
+
+def _storage_sizes(loaded: object) -> dict[int, int]:
+    """The bytes of each distinct storage under `loaded` (walked iteratively, each container
+    once: a pickle can nest deeply or hold one list many times)."""
+    sizes: dict[int, int] = {}
+    seen: set[int] = set()
+    stack = [loaded]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            sizes[storage._cdata] = storage.nbytes()
+        elif isinstance(item, (dict, list, tuple, set)) and id(item) not in seen:
+            seen.add(id(item))
+            stack.extend(item.values() if isinstance(item, dict) else item)
+    return sizes
 
 
 def _warning_notes(caught: list[warnings.WarningMessage]) -> list[str]:

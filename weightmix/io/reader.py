@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ import torch
 
 from weightmix.errors import WeightmixError
 from weightmix.io.dtypes import DType
-from weightmix.io.header import Header, read_header
+from weightmix.io.header import Header, load_json, read_header
 from weightmix.units import count
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -192,9 +191,10 @@ def _find_index(folder: Path) -> Path:
 
 def _open_index(index: Path) -> Checkpoint:
     try:
-        document = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raw = index.read_bytes()
+    except OSError as error:
         raise WeightmixError(f"{index}: cannot read the shard index: {error}") from None
+    document = load_json(raw, f"{index}: the shard index", ": fix or re-download it")
     weight_map = document.get("weight_map") if isinstance(document, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
