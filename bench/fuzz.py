@@ -128,6 +128,9 @@ def fuzz(target: Target, examples: int, folder: Path, args: argparse.Namespace) 
     @given(target.strategy)
     def inputs(data: bytes) -> None:
         run.one(data)
+        done = sum(run.outcomes.values())
+        if done % 10_000 == 0:
+            print(f"  {target.name}: {done} inputs, {dict(run.outcomes)}", flush=True)
 
     start = time.perf_counter()
     inputs()

@@ -22,6 +22,7 @@ import copy
 import io
 import json
 import math
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -118,6 +119,9 @@ INTERESTING_VALUES: list[Any] = [
     [1] * 64,
 ]
 
+MAX_INPUT = 1 << 20  # bytes: mutations grow inputs up to this, not past it
+DIGITS = re.compile(rb"[0-9]+")
+
 # one mutation: (operation, three integers that pick positions and values)
 Op = tuple[int, int, int, int]
 OPS = st.tuples(
@@ -126,7 +130,13 @@ OPS = st.tuples(
 
 
 def mutate_bytes(data: bytes, op: Op, others: list[bytes]) -> bytes:
-    """Apply one byte-level mutation to `data`; `others` are seeds to splice from."""
+    """Apply one byte-level mutation to `data`; `others` are seeds to splice from. Inputs
+    stay under MAX_INPUT bytes: a mutation that would pass it is skipped."""
+    mutated = _mutate_bytes(data, op, others)
+    return mutated if len(mutated) <= MAX_INPUT else data
+
+
+def _mutate_bytes(data: bytes, op: Op, others: list[bytes]) -> bytes:
     kind, a, b, c = op
     kind %= 9
     size = len(data)
@@ -152,18 +162,11 @@ def mutate_bytes(data: bytes, op: Op, others: list[bytes]) -> bytes:
         start = c % (len(other) + 1)
         return data[:at] + other[start : start + 1 + a % 512] + data[at:]
     if kind == 7:  # replace a run of digits by an interesting number
-        digits = [
-            i
-            for i in range(size)
-            if 48 <= data[i] <= 57 and (i == 0 or data[i - 1] >= 58 or data[i - 1] < 48)
-        ]
-        if digits:
-            start = digits[b % len(digits)]
-            end = start
-            while end < size and 48 <= data[end] <= 57:
-                end += 1
+        runs = [m.span() for _, m in zip(range(1000), DIGITS.finditer(data))]
+        if runs:
+            first, last = runs[b % len(runs)]
             number = INTERESTING_NUMBERS[c % len(INTERESTING_NUMBERS)]
-            return data[:start] + _text(number) + data[end:]
+            return data[:first] + _text(number) + data[last:]
     if kind == 8:  # swap two chunks
         other = b % (size + 1)
         first, second = sorted((at, other))

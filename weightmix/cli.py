@@ -457,7 +457,7 @@ def _value(text: str, where: str) -> Any:
     """A flag value as YAML reads it: 0.3 -> float, [1, 2] -> list, true -> bool."""
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, OverflowError):  # ValueError: 5000 digits, 2001-13-45
         return text
     except RecursionError:
         raise WeightmixError(f"{where}: nested too deeply") from None
