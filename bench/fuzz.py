@@ -38,8 +38,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+import hypothesis.internal.conjecture.engine as conjecture
 from fuzzing import Target, Workspace, run_one
 from hypothesis import HealthCheck, Phase, given, seed, settings
+
+# Hypothesis caches its last 10,000 test cases with the values drawn; inputs of up to 1 MB
+# made that gigabytes. A small cache only costs replays it does not do here (no shrinking).
+conjecture.CACHE_SIZE = 100
 
 
 class Timeout(BaseException):

@@ -9,6 +9,7 @@ read rather than loaded whole; the old (pre-zip) format has to be loaded into me
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import re
@@ -219,9 +220,14 @@ def _load_old_format(path: Path) -> object:
     allocated, no data read), to check that the storages fit in the file; then for real."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")  # it logs each failing op
     with _Bounded(path) as handle:
-        with FakeTensorMode():
-            fake = torch.load(handle, map_location="cpu", weights_only=True)
+        was, quiet.disabled = quiet.disabled, True
+        try:
+            with FakeTensorMode():
+                fake = torch.load(handle, map_location="cpu", weights_only=True)
+        finally:
+            quiet.disabled = was
         claimed = sum(_storage_sizes(fake).values())
         if claimed > handle._size:
             raise WeightmixError(
