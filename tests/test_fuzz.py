@@ -323,3 +323,14 @@ def test_cli_value_of_5000_digits_is_text_not_a_traceback(run, tmp_path):
         path.write_bytes(safetensors_bytes(sd1_state(4)))
     result = run("merge", *models, "-p", "alpha=" + "9" * 5000, "--dry-run")
     _one_line_exit_2(result, "weighted_sum parameter alpha='99999")
+
+
+def test_corrupt_old_format_pickle_prints_nothing_but_the_error(tmp_path, capfd):
+    """The size check's fake-tensor pass logged each failing op with a traceback to stderr."""
+    data = _legacy_pickle({"w": torch.ones(3, 4)})
+    assert data.count(b"K\x03K\x04\x86") == 1  # the size (3, 4) in _rebuild_tensor_v2's args
+    path = tmp_path / "sizes.ckpt"
+    path.write_bytes(data.replace(b"K\x03K\x04\x86", b"K\x03K\x04K\x01\x87"))  # size (3, 4, 1)
+    capfd.readouterr()
+    _refused(path, f"{path}: cannot read the pickled checkpoint")
+    assert capfd.readouterr().err == ""
