@@ -334,3 +334,33 @@ def test_corrupt_old_format_pickle_prints_nothing_but_the_error(tmp_path, capfd)
     capfd.readouterr()
     _refused(path, f"{path}: cannot read the pickled checkpoint")
     assert capfd.readouterr().err == ""
+
+
+def test_dimension_past_int64_beside_a_zero_is_refused(run, tmp_path):
+    """[2, 0, 10**30] needs no bytes, so it passed the size check, and torch could not reshape
+    to it (TypeError: overflow when unpacking long long)."""
+    header = json.dumps({"b": {"dtype": "BF16", "shape": [2, 0, 10**30], "data_offsets": [0, 0]}})
+    path = _header_file(tmp_path / "dimension.safetensors", header.encode())
+    says = f"tensor 'b': shape [2, 0, {10**30}] has a dimension past {2**63 - 1}"
+    _refused(path, says)
+    _one_line_exit_2(run("inspect", path), says)
+
+
+def test_names_too_long_for_the_file_system_are_one_line(run, tmp_path):
+    """A shard, a pipeline component or a model named with 300 characters: os.stat raised
+    OSError (File name too long) through Path.is_file."""
+    long = "x" * 300
+    shard = tmp_path / "model-00001-of-00001.safetensors"
+    shard.write_bytes(safetensors_bytes({"w": torch.zeros(2)}))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"w": f"{long}.safetensors"}}))
+    _one_line_exit_2(
+        run("inspect", index), f"{long}.safetensors: cannot be opened: File name too long"
+    )
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text(json.dumps({long: ["diffusers", "X"]}))
+    _one_line_exit_2(run("inspect", pipeline), f"{long}: cannot be opened: File name too long")
+    _one_line_exit_2(
+        run("inspect", tmp_path / long), f"{long}: cannot be opened: File name too long"
+    )

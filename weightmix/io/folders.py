@@ -130,7 +130,7 @@ def _open_pipeline(folder: Path, open_part) -> FolderCheckpoint:
                 " name: a pipeline's components are its own subfolders; fix or re-download it"
             )
         sub = folder / name
-        if not sub.is_dir():
+        if not _is_dir(sub):
             continue  # e.g. "safety_checker": [null, null]
         component = _component(sub, name)
         if component is not None:
@@ -140,6 +140,14 @@ def _open_pipeline(folder: Path, open_part) -> FolderCheckpoint:
     if not parts:
         raise WeightmixError(f"{folder}: a pipeline folder whose components hold no weights")
     return FolderCheckpoint(folder, True, parts)
+
+
+def _is_dir(path: Path) -> bool:
+    """Path.is_dir, with a name the file system refuses (too long ...) a WeightmixError."""
+    try:
+        return path.is_dir()
+    except OSError as error:
+        raise WeightmixError(f"{path}: cannot be opened: {error.strerror or error}") from None
 
 
 def _component(folder: Path, name: str) -> Component | None:

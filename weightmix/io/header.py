@@ -19,6 +19,7 @@ from weightmix.io import dtypes
 from weightmix.io.dtypes import SAFETENSORS_DTYPES, DType
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same cap the reference implementation uses
+MAX_DIMENSION = 2**63 - 1  # torch's sizes are int64 (beside a 0, a dimension needs no bytes)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,11 @@ def _entry(path: Path, key: str, value: object, data_size: int) -> HeaderEntry:
     shape = value.get("shape")
     if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
         raise WeightmixError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if any(n > MAX_DIMENSION for n in shape):
+        raise WeightmixError(
+            f"{where}: shape {shape} has a dimension past {MAX_DIMENSION}, more than any tensor"
+            " can hold: the header is corrupt"
+        )
     offsets = value.get("data_offsets")
     if (
         not isinstance(offsets, list)
