@@ -36,7 +36,7 @@ EXAMPLES = {
     "model_index": 100,
     "pickle": 100,
     "recipe": 60,
-    "cli": 25,
+    "cli": 15,
 }
 
 
