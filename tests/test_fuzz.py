@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -364,3 +365,30 @@ def test_names_too_long_for_the_file_system_are_one_line(run, tmp_path):
     _one_line_exit_2(
         run("inspect", tmp_path / long), f"{long}: cannot be opened: File name too long"
     )
+
+
+def test_broken_zip_end_records_are_one_line(tmp_path):
+    """zipfile.is_zipfile raised BadZipFile ('span multiple disks') before torch was called."""
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, 0, 2)  # zip64 locator: two disks
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0, 0, 0, 0, 0)
+    path = tmp_path / "disks.ckpt"
+    path.write_bytes(b"\x80\x02}." + locator + end)
+    _refused(path, f"{path}: cannot read the pickled checkpoint: zipfiles that span multiple disks")
+
+
+@pytest.mark.parametrize("form", ["old", "zip"])
+def test_long_global_names_are_refused_quickly(tmp_path, form):
+    """torch quotes an unknown global in its error and searches it with regular expressions in
+    time quadratic in its length: a 100 kB name hung the load for minutes."""
+    pickled = b"\x80\x02ctorch." + b"[" * 100_000 + b"\nx\n."
+    path = tmp_path / f"{form}.ckpt"
+    if form == "old":
+        path.write_bytes(pickled)
+    else:
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("archive/data.pkl", pickled)
+            archive.writestr("archive/version", "3\n")
+            archive.writestr("archive/byteorder", "little")
+    start = time.perf_counter()
+    _refused(path, "cannot read the pickled checkpoint: a global name longer than 4096 bytes")
+    assert time.perf_counter() - start < 5

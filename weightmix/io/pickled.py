@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import pickle
+import pickletools
 import re
 import warnings
 import zipfile
@@ -158,10 +159,11 @@ def _shortlist(names: list[str], limit: int = 5) -> str:
 
 def _safe_load(path: Path) -> tuple[object, list[str]]:
     """torch.load with weights_only, and a note for each warning torch raised that matters."""
-    mmap = zipfile.is_zipfile(path)  # torch's zip format can be memory-mapped, the old one not
     try:
+        mmap = zipfile.is_zipfile(path)  # the zip format can be memory-mapped, the old one not
         with warnings.catch_warnings(record=True) as caught:  # those that would be shown
             if mmap:
+                _check_global_names(path)
                 loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             else:
                 loaded = _load_old_format(path)
@@ -212,6 +214,38 @@ class _Bounded(io.BufferedReader):
         if size is not None and size > 0:
             size = min(size, max(0, self._size - self.tell()))
         return super().read(size)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        """A line of at most MAX_LINE bytes (pickles read global names by line)."""
+        line = super().readline(MAX_LINE + 1)
+        if len(line) > MAX_LINE:
+            raise ValueError(f"a global name longer than {MAX_LINE} bytes: not a checkpoint")
+        return line
+
+
+MAX_LINE = 4096
+"""The longest global name (module or class) a pickle may give. torch's weights-only loader
+quotes an unknown global in its error and searches that text with regular expressions that
+take time quadratic in its length: a 100 kB name took minutes."""
+
+
+def _check_global_names(path: Path) -> None:
+    """Refuse a zip-format checkpoint whose data.pkl names a global longer than MAX_LINE
+    (torch reads it from memory, past the reach of _Bounded). Anything else wrong is left for
+    torch to report."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith("data.pkl") or info.file_size > path.stat().st_size:
+                continue
+            names: list[str] = []
+            try:
+                for operation, argument, _ in pickletools.genops(archive.read(info)):
+                    if operation.name == "GLOBAL":
+                        names.append(str(argument))
+            except Exception:  # a corrupt pickle: torch says what is wrong
+                pass
+            if any(len(name) > MAX_LINE for name in names):
+                raise ValueError(f"a global name longer than {MAX_LINE} bytes: not a checkpoint")
 
 
 def _load_old_format(path: Path) -> object:
