@@ -106,10 +106,13 @@ def _entry(path: Path, key: str, value: object, data_size: int) -> HeaderEntry:
         raise WeightmixError(f"{where}: unknown dtype {dtype_name!r} (known: {known})")
     shape = value.get("shape")
     if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
-        raise WeightmixError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        raise WeightmixError(
+            f"{where}: shape {_shown(shape)} is not a list of non-negative integers"
+        )
     if any(n > MAX_DIMENSION for n in shape):
         raise WeightmixError(
-            f"{where}: shape {shape} has a dimension past {MAX_DIMENSION}, more than any tensor"
+            f"{where}: shape {_shown(shape)} has a dimension past {MAX_DIMENSION}, more than any"
+            " tensor"
             " can hold: the header is corrupt"
         )
     offsets = value.get("data_offsets")
@@ -120,7 +123,7 @@ def _entry(path: Path, key: str, value: object, data_size: int) -> HeaderEntry:
         or offsets[0] > offsets[1]
     ):
         raise WeightmixError(
-            f"{where}: data_offsets {offsets!r} is not [begin, end] with begin<=end"
+            f"{where}: data_offsets {_shown(offsets)} is not [begin, end] with begin<=end"
         )
     begin, end = offsets
     if end > data_size:
@@ -131,15 +134,22 @@ def _entry(path: Path, key: str, value: object, data_size: int) -> HeaderEntry:
     needed = _nbytes(shape, dtype.itemsize, data_size)
     if needed is None:
         raise WeightmixError(
-            f"{where}: shape {shape} of {dtype.name} needs more bytes than the whole data"
+            f"{where}: shape {_shown(shape)} of {dtype.name} needs more bytes than the whole data"
             f" section ({data_size}): the header is corrupt"
         )
     if end - begin != needed:
         raise WeightmixError(
-            f"{where}: shape {shape} of {dtype.name} needs {needed} bytes but data_offsets"
+            f"{where}: shape {_shown(shape)} of {dtype.name} needs {needed} bytes but data_offsets"
             f" span {end - begin}: the header is corrupt"
         )
     return HeaderEntry(dtype, tuple(shape), begin, end)
+
+
+def _shown(value: object, limit: int = 120) -> str:
+    """repr(value) cut to about `limit` characters: a header can hold a shape of a million
+    dimensions or numbers of 4,000 digits, which a one-line message should not repeat."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
 
 
 def _nbytes(shape: list[int], itemsize: int, limit: int) -> int | None:
