@@ -394,3 +394,15 @@ def test_long_global_names_are_refused_quickly(tmp_path, form):
     start = time.perf_counter()
     _refused(path, "cannot read the pickled checkpoint: a global name longer than 4096 bytes")
     assert time.perf_counter() - start < 5
+
+
+def test_glob_of_100000_brackets_is_refused_at_once(run, tmp_path):
+    """fnmatch.translate scans from each '[' to the end for its ']': quadratic, minutes for
+    `--drop` (or --take, --rule, a rule's keys) of 100,000 '['."""
+    models = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for path in models:
+        path.write_bytes(safetensors_bytes(sd1_state(4)))
+    start = time.perf_counter()
+    result = run("merge", *models, "--drop", "[" * DEEP, "--dry-run")
+    assert time.perf_counter() - start < 5
+    _one_line_exit_2(result, "rules.0: keys glob of 100,000 characters: key names are far shorter")

@@ -114,6 +114,11 @@ class Rule(_Strict):
                 "a rule needs a selector: 'keys' (a glob), 'regex', 'component', 'blocks' or"
                 " 'layer' (several combine: a key must match all)"
             )
+        if self.keys is not None and len(self.keys) > MAX_GLOB:
+            raise ValueError(
+                f"keys glob of {len(self.keys):,} characters: key names are far shorter; give"
+                f" at most {MAX_GLOB:,}"
+            )
         if self.regex is not None:
             try:
                 re.compile(self.regex)
@@ -306,6 +311,10 @@ def read_recipe_data(path: Path) -> dict[str, Any]:
         )
     return data
 
+
+MAX_GLOB = 1000
+"""The longest `keys` glob: fnmatch translates a glob in time quadratic in its '[' (100,000 of
+them took minutes); real key names are under 200 characters."""
 
 MAX_VALUES = 100_000
 """The most values a recipe's parameters may hold with their YAML aliases written out: an alias
