@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo
 
-.PHONY: demo test lint bench-sd1 clean
+.PHONY: demo test lint bench-sd1 fuzz clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +31,12 @@ lint: $(BIN)/.installed
 bench-sd1: $(BIN)/.installed
 	$(BIN)/python bench/bench_merge.py --arch sd1
 
+# Every parser a stranger's file reaches, 100,000 mutated inputs each (hours on 2 cores;
+# e.g. `make fuzz FUZZ_ARGS="--examples 2000 --parsers safetensors,pickle"`). Failing
+# inputs are saved under fuzz-failures/ (replay: bench/fuzz.py --replay PARSER FILE).
+FUZZ_ARGS ?= --examples 100000
+fuzz: $(BIN)/.installed
+	$(BIN)/python bench/fuzz.py $(FUZZ_ARGS)
+
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache fuzz-failures

@@ -457,7 +457,7 @@ def _value(text: str, where: str) -> Any:
     """A flag value as YAML reads it: 0.3 -> float, [1, 2] -> list, true -> bool."""
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, OverflowError):  # ValueError: 5000 digits, 2001-13-45
         return text
     except RecursionError:
         raise WeightmixError(f"{where}: nested too deeply") from None
@@ -560,8 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="weightmix", standalone_mode=False)
     except WeightmixError as error:
-        one_line = str(error).replace("\r", "\\r").replace("\n", "\\n")  # names may hold newlines
-        click.echo(f"weightmix: error: {one_line}", err=True)
+        click.echo(f"weightmix: error: {error}", err=True)  # one line: see WeightmixError
         return error.exit_code
     except click.exceptions.NoArgsIsHelpError as error:  # bare `weightmix merge`
         click.echo(error.ctx.get_help() if error.ctx else str(error), err=True)

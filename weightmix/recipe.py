@@ -114,6 +114,11 @@ class Rule(_Strict):
                 "a rule needs a selector: 'keys' (a glob), 'regex', 'component', 'blocks' or"
                 " 'layer' (several combine: a key must match all)"
             )
+        if self.keys is not None and len(self.keys) > MAX_GLOB:
+            raise ValueError(
+                f"keys glob of {len(self.keys):,} characters: key names are far shorter; give"
+                f" at most {MAX_GLOB:,}"
+            )
         if self.regex is not None:
             try:
                 re.compile(self.regex)
@@ -170,6 +175,12 @@ class Recipe(_Strict):
         for name in self.models:
             if not MODEL_NAME.match(name):
                 raise ValueError(f"model name '{name}' is not a valid name: {MODEL_NAME_RULE}")
+        params = [*_node_params(self.merge), *(rule.params for rule in self.rules)]
+        if _expanded_size(params, MAX_VALUES) > MAX_VALUES:
+            raise ValueError(
+                f"parameters hold more than {MAX_VALUES:,} values once their YAML aliases are"
+                " written out (aliases of aliases multiply); write the values out instead"
+            )
         problem = _non_finite_parameter(self)
         if problem:
             raise ValueError(problem)
@@ -278,6 +289,11 @@ def read_recipe_data(path: Path) -> dict[str, Any]:
         raise WeightmixError(f"{path}: is not a text file; a recipe is UTF-8 YAML") from None
     except RecursionError:
         raise WeightmixError(f"{path}: nested too deeply to be a recipe") from None
+    except (ValueError, OverflowError) as error:  # a number of 5000 digits, a date 2001-13-45
+        problem = str(error).split(";")[0].splitlines()[0]
+        raise WeightmixError(
+            f"{path}: holds a value YAML cannot read ({problem}): fix it"
+        ) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -294,6 +310,39 @@ def read_recipe_data(path: Path) -> dict[str, Any]:
             " write the value out"
         )
     return data
+
+
+MAX_GLOB = 1000
+"""The longest `keys` glob: fnmatch translates a glob in time quadratic in its '[' (100,000 of
+them took minutes); real key names are under 200 characters."""
+
+MAX_VALUES = 100_000
+"""The most values a recipe's parameters may hold with their YAML aliases written out: an alias
+of a list of ten aliases of lists of ten ... is a few lines that stand for a billion values,
+which every later walk (the NaN check, the plan, the recipe saved in the output) would visit."""
+
+
+def _expanded_size(value: Any, limit: int) -> int:
+    """How many values `value` holds with every alias written out, counted up to limit + 1.
+    Iterative, each shared list or mapping measured once (linear in the YAML written); a value
+    that holds itself counts once (it is refused on its own)."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    while stack:
+        item, leaving = stack.pop()
+        if not isinstance(item, (dict, list)):
+            continue
+        children = list(item.values()) if isinstance(item, dict) else item
+        if leaving:
+            total = len(item) + sum(sizes.get(id(child), 0) for child in children)
+            sizes[id(item)] = min(total, limit + 1)
+            on_path.discard(id(item))
+        elif id(item) not in sizes and id(item) not in on_path:
+            on_path.add(id(item))
+            stack.append((item, True))
+            stack.extend((child, False) for child in children)
+    return sizes.get(id(value), 0)
 
 
 def _refers_to_itself(value: Any) -> bool:
@@ -349,6 +398,13 @@ def _non_finite_parameter(recipe: Recipe) -> str | None:
             if holds_non_finite(value):
                 return _non_finite_message(f"rule {number} params.{name}", value)
     return None
+
+
+def _node_params(expression: Any) -> list[dict[str, Any]]:
+    """The parameters of every merge node in `expression`."""
+    if not isinstance(expression, MergeNode):
+        return []
+    return [expression.params, *(p for child in expression.inputs for p in _node_params(child))]
 
 
 def _find_non_finite(expression: Any, label: str) -> str | None:

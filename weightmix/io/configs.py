@@ -4,11 +4,11 @@ fail to load (or load wrong), so it is refused up front."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from weightmix.errors import WeightmixError
+from weightmix.io.header import load_json
 from weightmix.io.reader import TensorInfo
 
 # diffusers classes: config field -> (weight key, dimension that must equal it)
@@ -50,9 +50,10 @@ def check_config(folder: Path, tensors: dict[str, TensorInfo]) -> None:
     if not path.is_file():
         return
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raw = path.read_bytes()
+    except OSError as error:
         raise WeightmixError(f"{path}: cannot read: {error}") from None
+    config = load_json(raw, str(path), ": fix it, or take it from the model's original folder")
     if not isinstance(config, dict):
         raise WeightmixError(f"{path}: is not a JSON object")
     problems = list(_diffusers_problems(config, tensors)) + list(
@@ -67,6 +68,8 @@ def check_config(folder: Path, tensors: dict[str, TensorInfo]) -> None:
 
 def _diffusers_problems(config: dict, tensors: dict[str, TensorInfo]):
     kind = config.get("_class_name")
+    if not isinstance(kind, str):  # a list or an object is no class name (nor a dict key)
+        return
     for field, (key, dim) in DIMENSIONS.get(kind, {}).items():
         info, value = tensors.get(key), config.get(field)
         known = isinstance(value, int) and info is not None and len(info.shape) > dim

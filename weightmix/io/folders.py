@@ -5,12 +5,12 @@ e.g. 'unet/conv_in.weight'. Outputs mirror the base folder (see io/folder_output
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from weightmix.errors import WeightmixError
 from weightmix.io.configs import check_config
+from weightmix.io.header import load_json
 from weightmix.io.reader import INDEX_SUFFIX, Checkpoint, TensorInfo
 
 # weight file stems diffusers and transformers write, in the order their loaders prefer
@@ -116,15 +116,21 @@ def open_folder(folder: Path, open_part) -> FolderCheckpoint:
 
 def _open_pipeline(folder: Path, open_part) -> FolderCheckpoint:
     try:
-        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raw = (folder / "model_index.json").read_bytes()
+    except OSError as error:
         raise WeightmixError(f"{folder}/model_index.json: cannot read: {error}") from None
+    index = load_json(raw, f"{folder}/model_index.json", ": fix or re-download it")
     if not isinstance(index, dict):
         raise WeightmixError(f"{folder}/model_index.json: is not a JSON object")
     parts = []
     for name in sorted(k for k in index if not k.startswith("_")):
+        if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise WeightmixError(
+                f"{folder}/model_index.json: names the component '{name}', which is not a folder"
+                " name: a pipeline's components are its own subfolders; fix or re-download it"
+            )
         sub = folder / name
-        if not sub.is_dir():
+        if not _is_dir(sub):
             continue  # e.g. "safety_checker": [null, null]
         component = _component(sub, name)
         if component is not None:
@@ -134,6 +140,14 @@ def _open_pipeline(folder: Path, open_part) -> FolderCheckpoint:
     if not parts:
         raise WeightmixError(f"{folder}: a pipeline folder whose components hold no weights")
     return FolderCheckpoint(folder, True, parts)
+
+
+def _is_dir(path: Path) -> bool:
+    """Path.is_dir, with a name the file system refuses (too long ...) a WeightmixError."""
+    try:
+        return path.is_dir()
+    except OSError as error:
+        raise WeightmixError(f"{path}: cannot be opened: {error.strerror or error}") from None
 
 
 def _component(folder: Path, name: str) -> Component | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from weightmix.io import dtypes
 from weightmix.io.dtypes import SAFETENSORS_DTYPES, DType
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same cap the reference implementation uses
+MAX_DIMENSION = 2**63 - 1  # torch's sizes are int64 (beside a 0, a dimension needs no bytes)
 
 
 @dataclass(frozen=True)
@@ -70,12 +70,7 @@ def read_header(path: Path) -> tuple[Header, bytes]:
 
 def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
     """Validate the JSON header `raw` of a file of `file_size` bytes."""
-    try:
-        document = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise WeightmixError(
-            f"{path}: header is not valid JSON ({error}): the file is corrupt or not safetensors"
-        ) from None
+    document = load_json(raw, f"{path}: header", ": the file is corrupt or not safetensors")
     if not isinstance(document, dict):
         raise WeightmixError(f"{path}: header is JSON but not an object: not a safetensors file")
     metadata = document.pop("__metadata__", None) or {}
@@ -83,6 +78,12 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise WeightmixError(f"{path}: __metadata__ must map strings to strings")
+    for text in (*document, *metadata, *metadata.values()):
+        if not is_text(text):
+            raise WeightmixError(
+                f"{path}: header holds the name or value {text!r}, whose \\u escape is a lone"
+                " surrogate, not a character: the file is corrupt or not safetensors"
+            )
     data_size = file_size - 8 - len(raw)
     entries = {key: _entry(path, key, value, data_size) for key, value in document.items()}
     _check_no_overlap(path, entries)
@@ -96,7 +97,7 @@ def _entry(path: Path, key: str, value: object, data_size: int) -> HeaderEntry:
     dtype_name = value.get("dtype")
     dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
-        if dtype_name in dtypes.UNSUPPORTED_HERE:
+        if isinstance(dtype_name, str) and dtype_name in dtypes.UNSUPPORTED_HERE:
             raise WeightmixError(
                 f"{where}: dtype {dtype_name} needs a newer torch than {torch.__version__}"
                 " to read; upgrade torch"
@@ -105,7 +106,15 @@ def _entry(path: Path, key: str, value: object, data_size: int) -> HeaderEntry:
         raise WeightmixError(f"{where}: unknown dtype {dtype_name!r} (known: {known})")
     shape = value.get("shape")
     if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
-        raise WeightmixError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        raise WeightmixError(
+            f"{where}: shape {_shown(shape)} is not a list of non-negative integers"
+        )
+    if any(n > MAX_DIMENSION for n in shape):
+        raise WeightmixError(
+            f"{where}: shape {_shown(shape)} has a dimension past {MAX_DIMENSION}, more than any"
+            " tensor"
+            " can hold: the header is corrupt"
+        )
     offsets = value.get("data_offsets")
     if (
         not isinstance(offsets, list)
@@ -114,21 +123,72 @@ def _entry(path: Path, key: str, value: object, data_size: int) -> HeaderEntry:
         or offsets[0] > offsets[1]
     ):
         raise WeightmixError(
-            f"{where}: data_offsets {offsets!r} is not [begin, end] with begin<=end"
+            f"{where}: data_offsets {_shown(offsets)} is not [begin, end] with begin<=end"
         )
     begin, end = offsets
-    needed = math.prod(shape) * dtype.itemsize
-    if end - begin != needed:
-        raise WeightmixError(
-            f"{where}: shape {shape} of {dtype.name} needs {needed} bytes but data_offsets"
-            f" span {end - begin}: the header is corrupt"
-        )
     if end > data_size:
         raise WeightmixError(
             f"{where}: data ends at byte {end} but the data section has only {data_size} bytes:"
             " the file is truncated (re-download or re-save it)"
         )
+    needed = _nbytes(shape, dtype.itemsize, data_size)
+    if needed is None:
+        raise WeightmixError(
+            f"{where}: shape {_shown(shape)} of {dtype.name} needs more bytes than the whole data"
+            f" section ({data_size}): the header is corrupt"
+        )
+    if end - begin != needed:
+        raise WeightmixError(
+            f"{where}: shape {_shown(shape)} of {dtype.name} needs {needed} bytes but data_offsets"
+            f" span {end - begin}: the header is corrupt"
+        )
     return HeaderEntry(dtype, tuple(shape), begin, end)
+
+
+def _shown(value: object, limit: int = 120) -> str:
+    """repr(value) cut to about `limit` characters: a header can hold a shape of a million
+    dimensions or numbers of 4,000 digits, which a one-line message should not repeat."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
+def _nbytes(shape: list[int], itemsize: int, limit: int) -> int | None:
+    """The bytes a tensor of `shape` takes, or None when that is more than `limit`. Stops
+    multiplying once past `limit`: a header of many huge dimensions is refused at once, not
+    after multiplying numbers of millions of digits."""
+    if 0 in shape:
+        return 0
+    size = itemsize
+    for dimension in shape:
+        size *= dimension
+        if size > limit:
+            return None
+    return size
+
+
+def is_text(text: str) -> bool:
+    """Whether `text` encodes as UTF-8 (JSON's \\ud800 escapes decode to lone surrogates,
+    which no file name, terminal or safetensors writer accepts)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def load_json(raw: bytes, lead: str, hint: str = "") -> object:
+    """Parse JSON from a stranger's file. Anything that is not JSON, nests deeper than Python
+    recurses, or holds an integer of more digits than Python converts, is one WeightmixError:
+    '{lead} is not valid JSON ({problem}){hint}'."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        problem = "nested too deeply"
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        problem = str(error)
+    except ValueError:  # int('9' * 5000): Python converts at most 4300 digits
+        problem = "a number has more digits than Python reads"
+    raise WeightmixError(f"{lead} is not valid JSON ({problem}){hint}")
 
 
 def _is_count(value: object) -> bool:

@@ -8,7 +8,11 @@ read rather than loaded whole; the old (pre-zip) format has to be loaded into me
 
 from __future__ import annotations
 
+import io
+import logging
+import os
 import pickle
+import pickletools
 import re
 import warnings
 import zipfile
@@ -155,10 +159,16 @@ def _shortlist(names: list[str], limit: int = 5) -> str:
 
 def _safe_load(path: Path) -> tuple[object, list[str]]:
     """torch.load with weights_only, and a note for each warning torch raised that matters."""
-    mmap = zipfile.is_zipfile(path)  # torch's zip format can be memory-mapped, the old one not
     try:
+        mmap = zipfile.is_zipfile(path)  # the zip format can be memory-mapped, the old one not
         with warnings.catch_warnings(record=True) as caught:  # those that would be shown
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            if mmap:
+                _check_global_names(path)
+                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            else:
+                loaded = _load_old_format(path)
+    except WeightmixError:
+        raise
     except pickle.UnpicklingError as error:
         culprit = re.search(r"GLOBAL ([\w.]+)", str(error))
         if culprit is None:
@@ -181,7 +191,102 @@ def _safe_load(path: Path) -> tuple[object, list[str]]:
             f" ({type(error).__name__}: {_first_line(error)}); re-save it with a current"
             " torch.save, or convert it where it was made"
         ) from None
+    except MemoryError:
+        raise
+    except Exception as error:  # IndexError, struct.error ... from a corrupt pickle's opcodes
+        raise WeightmixError(
+            f"{path}: cannot read the pickled checkpoint ({type(error).__name__}:"
+            f" {_first_line(error)}): it is corrupt, truncated or not a torch checkpoint"
+        ) from None
     return loaded, _warning_notes(caught)
+
+
+class _Bounded(io.BufferedReader):
+    """A file whose read(n) asks for no more than the bytes left in it: a pickle writes the
+    length of each string it holds, and a length of 2**40 in a 10-byte file must not become
+    an allocation of 2**40 bytes (Python's read(n) allocates n bytes first)."""
+
+    def __init__(self, path: Path):
+        super().__init__(io.FileIO(path, "rb"))
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size > 0:
+            size = min(size, max(0, self._size - self.tell()))
+        return super().read(size)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        """A line of at most MAX_LINE bytes (pickles read global names by line)."""
+        line = super().readline(MAX_LINE + 1)
+        if len(line) > MAX_LINE:
+            raise ValueError(f"a global name longer than {MAX_LINE} bytes: not a checkpoint")
+        return line
+
+
+MAX_LINE = 4096
+"""The longest global name (module or class) a pickle may give. torch's weights-only loader
+quotes an unknown global in its error and searches that text with regular expressions that
+take time quadratic in its length: a 100 kB name took minutes."""
+
+
+def _check_global_names(path: Path) -> None:
+    """Refuse a zip-format checkpoint whose data.pkl names a global longer than MAX_LINE
+    (torch reads it from memory, past the reach of _Bounded). Anything else wrong is left for
+    torch to report."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith("data.pkl") or info.file_size > path.stat().st_size:
+                continue
+            names: list[str] = []
+            try:
+                for operation, argument, _ in pickletools.genops(archive.read(info)):
+                    if operation.name == "GLOBAL":
+                        names.append(str(argument))
+            except Exception:  # a corrupt pickle: torch says what is wrong
+                pass
+            if any(len(name) > MAX_LINE for name in names):
+                raise ValueError(f"a global name longer than {MAX_LINE} bytes: not a checkpoint")
+
+
+def _load_old_format(path: Path) -> object:
+    """torch.load of the old (pre-zip) format, which allocates each storage at the size the
+    pickle gives before reading its bytes. Loaded first with fake tensors (no storage is
+    allocated, no data read), to check that the storages fit in the file; then for real."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")  # it logs each failing op
+    with _Bounded(path) as handle:
+        was, quiet.disabled = quiet.disabled, True
+        try:
+            with FakeTensorMode():
+                fake = torch.load(handle, map_location="cpu", weights_only=True)
+        finally:
+            quiet.disabled = was
+        claimed = sum(_storage_sizes(fake).values())
+        if claimed > handle._size:
+            raise WeightmixError(
+                f"{path}: the pickle's tensors claim {claimed} bytes but the file holds only"
+                f" {handle._size}: it is corrupt or truncated (re-download or re-save it)"
+            )
+        handle.seek(0)
+        return torch.load(handle, map_location="cpu", weights_only=True)
+
+
+def _storage_sizes(loaded: object) -> dict[int, int]:
+    """The bytes of each distinct storage under `loaded` (walked iteratively, each container
+    once: a pickle can nest deeply or hold one list many times)."""
+    sizes: dict[int, int] = {}
+    seen: set[int] = set()
+    stack = [loaded]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            sizes[storage._cdata] = storage.nbytes()
+        elif isinstance(item, (dict, list, tuple, set)) and id(item) not in seen:
+            seen.add(id(item))
+            stack.extend(item.values() if isinstance(item, dict) else item)
+    return sizes
 
 
 def _warning_notes(caught: list[warnings.WarningMessage]) -> list[str]:

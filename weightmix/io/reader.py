@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ import torch
 
 from weightmix.errors import WeightmixError
 from weightmix.io.dtypes import DType
-from weightmix.io.header import Header, read_header
+from weightmix.io.header import Header, load_json, read_header
 from weightmix.units import count
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -146,7 +145,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Open a .safetensors file, a *.safetensors.index.json, a folder holding one index, or a
     pickled checkpoint (.ckpt, .pt, .pth, .bin; read safely, see io/pickled.py)."""
     path = Path(path)
-    if not path.exists():
+    if not _exists(path):
         index = path.with_name(path.name.removesuffix(".safetensors") + INDEX_SUFFIX)
         if index.is_file():  # a sharded output named as it was written: -o model.safetensors
             raise WeightmixError(f"{path}: no such file; it was written sharded: give {index}")
@@ -165,6 +164,19 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         return open_pickle(path)
     header, raw = read_header(path)
     return SafetensorsCheckpoint(path, [(header, raw)], _tensors_of(header))
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists, with a name the file system refuses (too long ...) a WeightmixError."""
+    try:
+        return path.exists()
+    except OSError as error:
+        raise WeightmixError(f"{path}: cannot be opened: {error.strerror or error}") from None
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, with a name the file system refuses (too long ...) a WeightmixError."""
+    return _exists(path) and path.is_file()
 
 
 def _tensors_of(header: Header, keys: set[str] | None = None) -> dict[str, TensorInfo]:
@@ -192,9 +204,10 @@ def _find_index(folder: Path) -> Path:
 
 def _open_index(index: Path) -> Checkpoint:
     try:
-        document = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raw = index.read_bytes()
+    except OSError as error:
         raise WeightmixError(f"{index}: cannot read the shard index: {error}") from None
+    document = load_json(raw, f"{index}: the shard index", ": fix or re-download it")
     weight_map = document.get("weight_map") if isinstance(document, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -206,7 +219,7 @@ def _open_index(index: Path) -> Checkpoint:
     headers, tensors = [], {}
     for shard, keys in by_shard.items():
         shard_path = index.parent / shard
-        if not shard_path.is_file():
+        if not _is_file(shard_path):
             raise WeightmixError(f"{index}: names shard '{shard}', which is missing")
         header, raw = read_header(shard_path)
         headers.append((header, raw))
