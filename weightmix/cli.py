@@ -528,6 +528,30 @@ def inspect(path: str, keys: bool, recipe_only: bool) -> None:
 
 
 @cli.command()
+@click.argument("path")
+@click.option(
+    "--inputs",
+    "recompute",
+    is_flag=True,
+    help="Also run the recorded recipe again from the inputs and compare every tensor.",
+)
+def verify(path: str, recompute: bool) -> None:
+    """Check an output end to end: header, sizes, every tensor readable and finite, the inputs'
+    recorded fingerprints (where the inputs are present). Exit 1 with the first problem."""
+    from weightmix.verify import verify as check
+
+    found = check(path, recompute)
+    inputs = f"{len(found.inputs_checked)} input(s) match their fingerprints"
+    if found.inputs_absent:
+        inputs += f"; not present, not checked: {', '.join(found.inputs_absent)}"
+    again = "; recomputed from the inputs: identical" if found.recomputed else ""
+    click.echo(
+        f"{path}: ok: {found.tensors} tensors ({format_size(found.nbytes)}) read, all finite;"
+        f" {inputs}{again}"
+    )
+
+
+@cli.command()
 def presets() -> None:
     """List the block-weight presets (values in SD1's 26-block order; converted for SDXL)."""
     for name, values in block_presets().items():

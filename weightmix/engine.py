@@ -156,6 +156,8 @@ def run(
             for task in done:
                 progress.advance((task.stop - task.start) * task.key.out_dtype.itemsize,
                                  tensor_done=task.stop >= task.key.numel)  # fmt: skip
+        for checkpoint in plan.checkpoints.values():  # read from what was planned with
+            checkpoint.check_unchanged()
         files = writer.commit()
     except BaseException:
         writer.abort()

@@ -93,6 +93,10 @@ class FolderCheckpoint(Checkpoint):
     def fingerprint_parts(self) -> list[tuple[Path, bytes, int]]:
         return [part for checkpoint in self._parts for part in checkpoint.fingerprint_parts()]
 
+    def check_unchanged(self) -> None:
+        for part in self._parts:
+            part.check_unchanged()
+
     def component_of(self, key: str) -> str:
         return key.split(SEPARATOR, 1)[0] if self.pipeline else ""
 

@@ -6,8 +6,10 @@ Each JSON entry gives dtype, shape and [begin, end) offsets into the data sectio
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ class Header:
     file_size: int
     metadata: dict[str, str]
     entries: dict[str, HeaderEntry]
+    stamp: tuple[int, ...] = ()  # the file as it was read (see file_stamp)
 
     @property
     def data_start(self) -> int:
@@ -47,6 +50,7 @@ def read_header(path: Path) -> tuple[Header, bytes]:
     """Read and validate the header of one safetensors file; also return its raw bytes."""
     try:
         with open(path, "rb") as handle:
+            stamp = file_stamp(os.fstat(handle.fileno()))
             file_size = handle.seek(0, 2)
             handle.seek(0)
             prefix = handle.read(8)
@@ -64,8 +68,39 @@ def read_header(path: Path) -> tuple[Header, bytes]:
             raw = handle.read(length)
     except OSError as error:
         raise WeightmixError(f"{path}: cannot read: {error.strerror or error}") from None
-    header = parse_header(path, raw, file_size)
+    header = dataclasses.replace(parse_header(path, raw, file_size), stamp=stamp)
     return header, prefix + raw
+
+
+def file_stamp(stat: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is replaced, truncated or rewritten: device, inode, size and
+    modification time (ns)."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def check_stamp(path: Path, stamp: tuple[int, ...], now: os.stat_result | None = None) -> None:
+    """Refuse a file that changed since `stamp` was taken (another program wrote it)."""
+    if not stamp:
+        return
+    try:
+        current = file_stamp(now or os.stat(path))
+    except OSError as error:
+        raise WeightmixError(
+            f"{path}: disappeared while it was being read ({error.strerror}); nothing was"
+            " written: run again once nothing else writes it"
+        ) from None
+    if current == stamp:
+        return
+    if current[:2] != stamp[:2]:
+        what = "was replaced by another file"
+    elif current[2] != stamp[2]:
+        what = f"changed size ({stamp[2]} → {current[2]} bytes)"
+    else:
+        what = "was rewritten (its modification time changed)"
+    raise WeightmixError(
+        f"{path}: {what} while it was being read; nothing was written: run again once"
+        " nothing else writes it"
+    )
 
 
 def parse_header(path: Path, raw: bytes, file_size: int) -> Header:

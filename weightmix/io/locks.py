@@ -161,7 +161,7 @@ class DestinationLock:
             except OSError as error:
                 raise WeightmixError(
                     f"output {dest}: cannot create the lock file {self.path}"
-                    f" ({error.strerror}); check the folder's permissions"
+                    f" ({error.strerror}): the folder must be writable and have room"
                 ) from None
             if not _try_lock(fd):
                 holder = _read_holder(fd)
@@ -171,8 +171,9 @@ class DestinationLock:
                     f" for it to finish or choose another output (lock file {self.path})"
                 )
             if _same_file(fd, self.path):
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                with suppress(OSError):  # who holds it, for the message; a full disk is said later
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
                 self.fd = fd
                 return
             os.close(fd)  # we locked a file its holder had just removed: try again

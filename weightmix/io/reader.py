@@ -11,7 +11,7 @@ import torch
 
 from weightmix.errors import WeightmixError
 from weightmix.io.dtypes import DType
-from weightmix.io.header import Header, load_json, read_header
+from weightmix.io.header import Header, check_stamp, load_json, read_header
 from weightmix.units import count
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -66,6 +66,10 @@ class Checkpoint:
         """Fill the buffer `out` with the tensor's bytes from byte `start` on."""
         raise NotImplementedError
 
+    def check_unchanged(self) -> None:
+        """Raise WeightmixError when a file changed since it was opened (checked once every
+        read is done, before an output is moved into place)."""
+
     def fingerprint_parts(self) -> list[tuple[Path, bytes, int]]:
         """For fingerprints: (file, bytes hashed whole, where sampling of the file starts).
         By default every file is sampled from its start."""
@@ -103,6 +107,10 @@ class SafetensorsCheckpoint(Checkpoint):
     def read_range(self, info: TensorInfo, start: int, out) -> None:
         _read_exact(self._fd(info.file), out, info.offset + start, info.file)
 
+    def check_unchanged(self) -> None:
+        for header, _ in self.headers:
+            check_stamp(header.path, header.stamp)
+
     def fingerprint_parts(self) -> list[tuple[Path, bytes, int]]:
         """Headers are hashed whole; data sections are sampled."""
         return [(header.path, raw, header.data_start) for header, raw in self.headers]
@@ -118,6 +126,12 @@ class SafetensorsCheckpoint(Checkpoint):
                     fd = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
                 except OSError as error:
                     raise WeightmixError(f"{file}: cannot open: {error.strerror}") from None
+                try:  # the file read now must be the one whose header was read
+                    stamp = next(h.stamp for h, _ in self.headers if h.path == file)
+                    check_stamp(file, stamp, os.fstat(fd))
+                except BaseException:
+                    os.close(fd)
+                    raise
                 self._fds[file] = fd
             return fd
 
