@@ -65,7 +65,7 @@ def main() -> None:
     problems, removed_notes, temporaries_seen = [], 0, 0
     for round_ in range(args.kills):
         delay = chance.uniform(0.0, full)
-        started = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        started = subprocess.Popen(command[:-1], stderr=subprocess.PIPE, text=True)  # notes on
         time.sleep(delay)
         started.send_signal(signal.SIGKILL)
         _, err = started.communicate()
