@@ -82,7 +82,7 @@ def test_a_killed_run_leaves_nothing_the_next_run_keeps(run, tmp_path, models, s
         assert live.stdout.readline().strip() == "held"
         result = run("merge", models["A"], models["B"], "-o", tmp_path / "merged.safetensors")
         assert result.code == 0, result.err
-        assert f"removed {len(left)} temporary file(s) that an interrupted run left" in result.err
+        assert f"removed {len(left)} temporary file(s) an interrupted run left" in result.err
         listing = folder_listing(tmp_path)
         assert not [n for n in listing if n.startswith(".out")]
         assert ".other.safetensors.weightmix-lock" in listing  # a live run's lock stays
@@ -229,3 +229,35 @@ def test_an_input_rewritten_after_it_was_read_is_caught_before_the_output_lands(
     finally:
         planned.close()
     assert not out.exists() and not [n for n in folder_listing(tmp_path) if n.startswith(".out")]
+
+
+def test_the_sweep_touches_only_weightmix_temporaries_and_never_on_a_dry_run(run, tmp_path, models):
+    own = [tmp_path / ".bashrc.20240101.old", tmp_path / ".notes.abcdefgh.partial"]
+    for path in own:
+        path.write_text("mine")
+    (tmp_path / ".project.backup_1.old").mkdir()
+    (tmp_path / ".project.backup_1.old" / "thesis.tex").write_text("mine")
+    stale = tmp_path / ".out.safetensors.weightmix-abcdefgh.partial"  # nobody holds it
+    stale.write_bytes(b"\0" * 100)
+    out = tmp_path / "merged.safetensors"
+    result = run("merge", models["A"], models["B"], "-o", out, "--dry-run")
+    assert result.code == 0 and stale.exists()  # a dry run changes nothing
+    result = run("merge", models["A"], models["B"], "-o", out)
+    assert result.code == 0 and not stale.exists()
+    assert "removed 1 temporary file(s)" in result.err
+    assert all(path.read_text() == "mine" for path in own)
+    assert (tmp_path / ".project.backup_1.old" / "thesis.tex").read_text() == "mine"
+
+
+def test_a_model_folder_moved_aside_by_a_killed_overwrite_is_put_back(tmp_path):
+    """Killed between moving the previous output aside and moving the new one in: the next
+    run puts the previous one back rather than deleting it."""
+    from weightmix.io.locks import sweep_stale
+
+    aside = tmp_path / ".fold.weightmix-abcdefgh.old"
+    (aside / "previous").mkdir(parents=True)
+    (aside / "previous" / "model_index.json").write_text("{}")
+    done = sweep_stale(tmp_path)
+    assert done == [".fold.weightmix-abcdefgh.old (put back as fold)"]
+    assert (tmp_path / "fold" / "model_index.json").read_text() == "{}"
+    assert folder_listing(tmp_path) == ["fold"]

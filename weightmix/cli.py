@@ -154,6 +154,19 @@ def cli() -> None:
 )
 @click.option("--fsync", is_flag=True, help="Force the output to disk before moving it into place.")
 @click.option(
+    "--check-finite",
+    is_flag=True,
+    help="Read every input first and name each tensor holding NaN or inf (an error unless"
+    " --allow-nonfinite).",
+)
+@click.option(
+    "--allow-nonfinite",
+    is_flag=True,
+    default=None,
+    help="Write NaN/inf that the merge makes from finite inputs (e.g. fp16 overflow) instead of"
+    " stopping.",
+)
+@click.option(
     "--save-recipe",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the effective recipe as YAML.",
@@ -192,6 +205,18 @@ def merge(inputs: tuple[str, ...], output: Path | None, **flags: Any) -> None:
         try:
             folder = planned.base_folder is not None  # the output is a folder like it
             card_at = check_card(planned.output or Path(output), flags["overwrite"], folder)
+        except BaseException:
+            planned.close()
+            raise
+    if planned.output is not None:
+        from weightmix.output_checks import sweep_notes
+
+        planned.notes += sweep_notes(planned.output.parent)
+    if flags["check_finite"]:
+        from weightmix.finite import report_inputs
+
+        try:
+            planned.notes += report_inputs(planned.checkpoints, planned.recipe.allow_nonfinite)
         except BaseException:
             planned.close()
             raise
@@ -301,6 +326,7 @@ def _recipe_from(inputs: tuple[str, ...], flags: dict[str, Any]) -> tuple[Recipe
         "seed",
         "on_missing",
         "strict_rules",
+        "allow_nonfinite",
     )
     for name in (*settings, "max_shard_size", "title", "layout"):
         if flags[name] is not None:

@@ -31,6 +31,7 @@ from weightmix.expression import (
     statistic_id,
     streamed_ops,
 )
+from weightmix.finite import check_gained
 from weightmix.io import open_output
 from weightmix.io.folder_output import FolderOutput
 from weightmix.io.memory_output import MemoryOutput
@@ -356,6 +357,8 @@ def run_task(
         if same is None or same[0].dtype != out_dtype:
             same = buffers.get("out", out_dtype, count)
             same[0].copy_(result if stream is None else _rounded(result, out_dtype, stream, start))
+            if key.expr is not None and not plan.recipe.allow_nonfinite:
+                check_gained(key.key, same[0], result, inputs)
         writer.write_range(key.key, start * out_size, same[1])
 
 
@@ -432,7 +435,10 @@ def compute_key(
             return raw[model]  # the merge returned an input unchanged: keep its exact bytes
     if tuple(result.shape) != key.shape:
         raise RuntimeError(f"{key.key}: merge produced shape {list(result.shape)}, not {key.shape}")
-    return _rounded(result, out_dtype, stream, 0).to("cpu")
+    output = _rounded(result, out_dtype, stream, 0)
+    if not plan.recipe.allow_nonfinite:
+        check_gained(key.key, output, result, inputs)
+    return output.to("cpu")
 
 
 def _rounding_stream(plan: Plan, key: KeyPlan) -> int | None:

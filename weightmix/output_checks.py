@@ -30,7 +30,6 @@ def check_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
     if dest.is_dir():
         raise WeightmixError(f"output {dest}: is a folder; give a file path ending in .safetensors")
     folder = _check_writable(dest)
-    _sweep(folder, plan)
     if plan.shard_count > MAX_SHARDS:
         raise WeightmixError(
             f"output {dest}: max_shard_size {plan.recipe.max_shard_size} cuts the output into"
@@ -123,7 +122,6 @@ def _check_folder_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
             " mirrors it: give a folder path"
         )
     folder = _check_writable(dest)
-    _sweep(folder, plan)
     target = Path(os.path.realpath(dest))
     for name, ckpt in plan.checkpoints.items():
         for path in [ckpt.path, *ckpt.files]:
@@ -156,15 +154,14 @@ def _check_folder_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
     return dest
 
 
-def _sweep(folder: Path, plan: Plan) -> None:
-    """Remove what killed runs left in the output folder (see io/locks.py), and say so."""
-    removed = sweep_stale(folder)
-    if removed:
-        names = ", ".join(path.name for path in removed[:3]) + (", ..." if len(removed) > 3 else "")
-        plan.notes.append(
-            f"removed {len(removed)} temporary file(s) that an interrupted run left in"
-            f" {folder}: {names}"
-        )
+def sweep_notes(folder: Path) -> list[str]:
+    """Remove what killed runs left in the output folder (see io/locks.py); notes saying so.
+    Called when a merge is about to write (never for a dry run)."""
+    done = sweep_stale(folder)
+    if not done:
+        return []
+    names = ", ".join(done[:3]) + (", ..." if len(done) > 3 else "")
+    return [f"removed {len(done)} temporary file(s) an interrupted run left in {folder}: {names}"]
 
 
 def _check_space(dest: Path, folder: Path, plan: Plan) -> None:

@@ -155,6 +155,9 @@ class Recipe(_Strict):
     on_missing: OnMissing = "error"
     strict_rules: bool = False  # rules that match nothing (or take nothing) are errors
     rounding: Literal["nearest", "stochastic"] = "nearest"  # casts to a narrower output dtype
+    # write NaN/inf that the merge made from finite inputs (an fp16 overflow ...) instead of
+    # refusing; also lets --check-finite go on past inputs that hold them
+    allow_nonfinite: bool = False
     title: Text | None = None  # modelspec.title of the output; default: the output's file name
     components: list[Text] | None = None  # keep only these components (unet, vae ...)
     # whose layout the output takes: a model's name (default: the first model), or

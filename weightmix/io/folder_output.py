@@ -17,7 +17,7 @@ import torch
 
 from weightmix.errors import WeightmixError
 from weightmix.io.folders import WEIGHT_SUFFIXES, FolderCheckpoint
-from weightmix.io.locks import DestinationLock, sweep_stale, temporary_folder
+from weightmix.io.locks import MARK, DestinationLock, sweep_stale, temporary_folder
 from weightmix.io.reader import INDEX_SUFFIX
 from weightmix.io.writer import OutputTensor, SafetensorsOutput, out_of_space
 
@@ -49,9 +49,9 @@ class FolderOutput:
         self.index = pipeline_index(base, left_out)  # the plan checked that it loads
         self.needed = sum(t.nbytes for t in tensors)
         self._destination: DestinationLock | None = DestinationLock(dest)
-        self.swept = sweep_stale(dest.parent)
         try:
-            self.temp, self._held = temporary_folder(dest.parent, f".{dest.name}.", ".partial")
+            self.swept = sweep_stale(dest.parent)
+            self.temp, self._held = temporary_folder(dest.parent, f".{dest.name}{MARK}", ".partial")
         except BaseException:
             self._unlock()
             raise
@@ -94,18 +94,19 @@ class FolderOutput:
             _copy_other_files(self.base.path, self.temp, left_out - {self.base.path})
         old, held = None, None
         if self.dest.exists():  # --overwrite was given (the plan checked it is a model folder)
-            old, held = temporary_folder(self.dest.parent, f".{self.dest.name}.", ".old")
+            old, held = temporary_folder(self.dest.parent, f".{self.dest.name}{MARK}", ".old")
             os.replace(self.dest, old / "previous")
         try:
             os.replace(self.temp, self.dest)
         except BaseException:
             if old is not None:  # put the previous output back where it was
                 os.replace(old / "previous", self.dest)
-            raise
-        finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(old, ignore_errors=True)  # only once it is back
                 held.release()
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            held.release()
         self._held.release()
         self._unlock()
         return [self.dest]

@@ -1,7 +1,8 @@
 """Temporary files that a killed run cannot leave behind for long, and one writer per output.
 
 Every file or folder a run writes is first created under a hidden temporary name beside its
-destination (`.NAME.XXXXXXXX.partial`, `.NAME.XXXXXXXX.old`, `.weightmix-hyper-XXXXXXXX`) and
+destination (`.NAME.weightmix-XXXXXXXX.partial`, `.NAME.weightmix-XXXXXXXX.old`,
+`.weightmix-hyper-XXXXXXXX`) and
 held under an exclusive flock(2) for as long as the run lives. The kernel drops that lock when
 the process dies, even by `kill -9`, so a temporary entry nobody holds is known to be left over
 from a run that ended without cleaning up: the next run writing to the folder removes it
@@ -15,12 +16,13 @@ finds it held is refused with a message naming the run that holds it.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import re
 import shutil
+import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -28,28 +30,34 @@ from pathlib import Path
 from weightmix.errors import WeightmixError
 
 _RANDOM = r"[a-z0-9_]{8}"  # tempfile's names
-TEMPORARY = re.compile(rf"^\.(?:.+\.{_RANDOM}\.(?:partial|old)|weightmix-hyper-{_RANDOM})$")
+MARK = ".weightmix-"  # in every temporary name: a user's own hidden files never match
+TEMPORARY = re.compile(
+    rf"\.(?P<name>.+)\.weightmix-{_RANDOM}\.(?P<kind>partial|old)|\.weightmix-hyper-{_RANDOM}",
+    re.DOTALL,
+)
 LOCK_SUFFIX = ".weightmix-lock"
+GUARD_WAIT = 5.0  # seconds a folder's flock is waited for before going on unguarded
 
 
-def _try_lock(fd: int) -> bool:
-    """Take an exclusive flock on fd without waiting; False when another holder has it."""
+def _try_lock(fd: int) -> bool | None:
+    """Take an exclusive flock on fd without waiting: True when taken, False when another
+    holder has it, None when this file system cannot tell (no flock support)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
-    except OSError as error:  # file systems without flock: treat as unlocked, never block
-        if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-            return True
-        raise
+    except OSError:
+        return None
     return True
 
 
 @contextmanager
 def folder_guard(folder: Path) -> Iterator[None]:
-    """Hold the folder's own flock while temporary entries are created or swept. Not in a
-    run's own temporary folder: the run holds that one's lock, and no sweep looks inside it."""
-    if TEMPORARY.match(folder.name):
+    """Hold the folder's own flock while temporary entries are created or swept, waiting at
+    most GUARD_WAIT seconds (someone else may hold it, e.g. `flock DIR command`): the guard
+    only narrows a race, so past the wait the work goes on unguarded. Never in a run's own
+    temporary folder: the run holds that one's lock, and no sweep looks inside it."""
+    if TEMPORARY.fullmatch(folder.name):
         yield
         return
     try:
@@ -58,8 +66,9 @@ def folder_guard(folder: Path) -> Iterator[None]:
         yield  # unreadable folder: the write that follows reports the problem
         return
     try:
-        with suppress(OSError):  # no flock here: creation and sweep are only less guarded
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + GUARD_WAIT
+        while _try_lock(fd) is False and time.monotonic() < deadline:
+            time.sleep(0.01)
         yield
     finally:
         os.close(fd)  # closing drops the lock
@@ -78,15 +87,18 @@ class Held:
 
 
 def temporary_file(dest: Path) -> tuple[int, Path]:
-    """A new hidden `.NAME.XXXXXXXX.partial` file beside dest, open for writing and locked."""
+    """A new hidden `.NAME.weightmix-XXXXXXXX.partial` file beside dest, open and locked."""
     with folder_guard(dest.parent):
-        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+        fd, name = tempfile.mkstemp(
+            prefix=f".{dest.name}{MARK}", suffix=".partial", dir=dest.parent
+        )
         _try_lock(fd)
     return fd, Path(name)
 
 
 def temporary_folder(parent: Path, prefix: str, suffix: str = "") -> tuple[Path, Held]:
-    """A new hidden folder in parent (prefix must start with '.'), locked while held."""
+    """A new hidden folder in parent (prefix: `.NAME.weightmix-` or `.weightmix-hyper-`),
+    locked while held."""
     with folder_guard(parent):
         path = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
         fd = os.open(path, os.O_RDONLY)
@@ -94,40 +106,54 @@ def temporary_folder(parent: Path, prefix: str, suffix: str = "") -> tuple[Path,
     return path, Held(fd)
 
 
-def sweep_stale(folder: Path) -> list[Path]:
+def sweep_stale(folder: Path) -> list[str]:
     """Remove the temporary entries in folder that no live run holds (left by a run that was
-    killed), and lock files nobody holds; return what was removed."""
-    removed: list[Path] = []
+    killed), and lock files nobody holds; put back a model folder that a killed --overwrite
+    had moved aside. Returns what was done, one phrase per entry. Entries whose state cannot
+    be known (no flock support, not a plain file or folder, no permission) are left alone."""
+    done: list[str] = []
     try:
         names = sorted(os.listdir(folder))
     except OSError:
-        return removed
-    candidates = [n for n in names if TEMPORARY.match(n) or _is_lock_name(n)]
+        return done
+    candidates = [n for n in names if TEMPORARY.fullmatch(n) or _is_lock_name(n)]
     if not candidates:
-        return removed
+        return done
     with folder_guard(folder):
         for name in candidates:
-            path = folder / name
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError:
-                continue  # gone already, or a link: not ours
-            try:
-                if not _try_lock(fd):
-                    continue  # a live run holds it
-                if _is_lock_name(name):
-                    if _same_file(fd, path):
-                        path.unlink(missing_ok=True)
-                        removed.append(path)
-                    continue
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-                removed.append(path)
-            finally:
-                os.close(fd)
-    return removed
+            with suppress(OSError):
+                what = _sweep_one(folder, name)
+                if what:
+                    done.append(what)
+    return done
+
+
+def _sweep_one(folder: Path, name: str) -> str | None:
+    path = folder / name
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) or _try_lock(fd) is not True:
+            return None  # a live run holds it, or it cannot be known
+        if _is_lock_name(name):
+            if stat.S_ISREG(mode) and _same_file(fd, path):
+                path.unlink()
+                return name
+            return None
+        match = TEMPORARY.fullmatch(name)
+        if match and match["kind"] == "old" and stat.S_ISDIR(mode):
+            previous, dest = path / "previous", folder / match["name"]
+            if previous.is_dir() and not dest.exists():  # killed between the two renames
+                os.replace(previous, dest)
+                shutil.rmtree(path, ignore_errors=True)
+                return f"{name} (put back as {dest.name})"
+        if stat.S_ISDIR(mode):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+        return name
+    finally:
+        os.close(fd)
 
 
 def _is_lock_name(name: str) -> bool:
@@ -163,7 +189,7 @@ class DestinationLock:
                     f"output {dest}: cannot create the lock file {self.path}"
                     f" ({error.strerror}): the folder must be writable and have room"
                 ) from None
-            if not _try_lock(fd):
+            if _try_lock(fd) is False:  # None: no flock here, so no lock to honour
                 holder = _read_holder(fd)
                 os.close(fd)
                 raise WeightmixError(

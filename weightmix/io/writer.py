@@ -211,8 +211,8 @@ class SafetensorsOutput:
         self.needed = self.total_bytes()
         # one writer per destination; then what killed runs left in the folder goes
         self._destination = DestinationLock(dest) if lock else None
-        self.swept = sweep_stale(dest.parent) if lock else []
         try:
+            self.swept = sweep_stale(dest.parent) if lock else []
             with out_of_space(dest, self.needed):
                 for number, shard in enumerate(self.shards):
                     file = _TempFile(self.paths[number])
@@ -271,18 +271,20 @@ class SafetensorsOutput:
                     f"{key}: {self._written.get(key, 0)} of {tensor.nbytes} bytes were written"
                 )
         with out_of_space(self.dest, self.needed):
-            for file in self._files:
-                file.close(self.fsync)
             if self.index_path is not None:
                 index = _TempFile(self.index_path)
                 self._files.append(index)
                 index.write_at(json.dumps(self._index_document(), indent=2).encode("utf-8"), 0)
-                index.close(self.fsync)
+            if self.fsync:
+                for file in self._files:
+                    os.fsync(file.fd)
         stale = [p for p in existing_outputs(self.dest) if p not in {f.dest for f in self._files}]
         written = []
-        for file in self._files:
+        for file in self._files:  # still open, so still locked: no sweep takes them meanwhile
             os.replace(file.temp, file.dest)
             written.append(file.dest)
+        for file in self._files:
+            file.close(fsync=False)
         self._files = []
         for path in stale:  # an earlier output in another shard layout (the plan allowed it)
             path.unlink(missing_ok=True)

@@ -1,0 +1,89 @@
+"""Non-finite weights (NaN, ±inf): found in the inputs on request (--check-finite), and never
+introduced by a merge unless allowed (allow_nonfinite / --allow-nonfinite).
+
+A merge "gains" a non-finite value at an element whose output is NaN or ±inf while every input
+of that element is finite: an unstable method, or a cast that overflows the output dtype (fp16
+holds at most 65504). Values an input already had are carried, not gained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from weightmix.errors import WeightmixError
+from weightmix.io.reader import Checkpoint
+
+READ_ELEMENTS = 1 << 22
+
+
+def check_gained(
+    key: str, output: torch.Tensor, result: torch.Tensor, inputs: Mapping[str, torch.Tensor]
+) -> None:
+    """Raise when `output` (the result cast to the output dtype) is non-finite where every
+    input is finite. `result` is the value before the cast (same element order)."""
+    if not output.is_floating_point():
+        return
+    finite = torch.isfinite(output if output.element_size() > 1 else output.float())
+    if bool(finite.all()):
+        return
+    gained = ~finite.reshape(-1)
+    for tensor in inputs.values():
+        if tensor.is_floating_point() and tensor.numel() == gained.numel():
+            gained &= torch.isfinite(tensor.reshape(-1))
+    count = int(gained.sum())
+    if not count:
+        return
+    before = result.reshape(-1)[gained]
+    finite_before = before[torch.isfinite(before)]
+    if finite_before.numel():
+        largest = float(finite_before.abs().max())
+        limit = torch.finfo(output.dtype).max
+        cause = (
+            f"the cast to {str(output.dtype).removeprefix('torch.')} overflowed to ±inf (largest"
+            f" |value| {largest:.6g} > {limit:.6g}): use a wider --dtype (bf16, fp32)"
+        )
+    else:
+        cause = "the method made NaN or ±inf from finite inputs: check its parameters"
+    raise WeightmixError(
+        f"key '{key}': the merge made {count} value(s) non-finite that no input had; {cause},"
+        " or pass --allow-nonfinite to write them"
+    )
+
+
+def nonfinite_counts(checkpoints: Mapping[str, Checkpoint]) -> list[tuple[str, str, int]]:
+    """(model, key, count) for every float tensor of the inputs holding NaN or ±inf, read in
+    chunks (memory does not grow with tensor size)."""
+    found = []
+    for name, checkpoint in checkpoints.items():
+        for info in checkpoint.tensors.values():
+            dtype = info.dtype.torch
+            if not dtype.is_floating_point or not info.nbytes:
+                continue
+            size = info.dtype.itemsize
+            buffer = torch.empty(min(info.numel, READ_ELEMENTS), dtype=dtype)
+            bad = 0
+            for start in range(0, info.numel, READ_ELEMENTS):
+                chunk = buffer[: min(READ_ELEMENTS, info.numel - start)]
+                checkpoint.read_range(info, start * size, chunk.view(torch.uint8).numpy())
+                values = chunk if size > 1 else chunk.float()  # no isfinite for fp8
+                bad += int((~torch.isfinite(values)).sum())
+            if bad:
+                found.append((name, info.key, bad))
+    return found
+
+
+def report_inputs(checkpoints: Mapping[str, Checkpoint], allow: bool) -> list[str]:
+    """--check-finite: notes naming every input tensor with NaN/inf (per key, count); an error
+    when there are any, unless allowed."""
+    found = nonfinite_counts(checkpoints)
+    notes = [f"model '{m}': tensor '{k}' holds {n} NaN or infinite value(s)" for m, k, n in found]
+    if found and not allow:
+        model, key, number = found[0]
+        raise WeightmixError(
+            f"model '{model}': tensor '{key}' holds {number} NaN or infinite value(s)"
+            f" ({len(found)} tensor(s) in all have some): repair or drop them, or pass"
+            " --allow-nonfinite to merge anyway"
+        )
+    return notes
