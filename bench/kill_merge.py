@@ -5,7 +5,8 @@
 
 Each round starts `weightmix merge A B --alpha 0.5 -o OUT` (a sharded output with --shard),
 sends SIGKILL after a random delay drawn up to the time one full merge takes, and checks:
-nothing visible at the destination (no output file, shard or index); the inputs' size,
+nothing visible at the destination (no output file, shard or index), or, when the kill came
+after the rename, an output that `weightmix verify` passes; the inputs' size,
 modification time and sampled fingerprint unchanged; and that the next run writing to the
 folder (the following round, and a final complete merge) removes the killed runs' hidden
 temporary files and says so. The figures print as a table for docs/reliability.md.
@@ -24,8 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_merge import BIN, generate
 
+from weightmix.errors import WeightmixError
 from weightmix.io import open_checkpoint
 from weightmix.provenance import fingerprint
+from weightmix.verify import verify
 
 
 def state_of(path: Path) -> tuple[int, int, str]:
@@ -63,7 +66,10 @@ def main() -> None:
     print(f"one full merge: {full:.1f} s; killing {args.kills} runs at random points", flush=True)
     chance = random.Random(args.seed)
     problems, removed_notes, temporaries_seen = [], 0, 0
+    landed = 0
     for round_ in range(args.kills):
+        for path in visible_outputs(target, "out"):  # each round starts with no output
+            (target / path).unlink()
         delay = chance.uniform(0.0, full)
         started = subprocess.Popen(command[:-1], stderr=subprocess.PIPE, text=True)  # notes on
         time.sleep(delay)
@@ -75,8 +81,12 @@ def main() -> None:
             for path in visible_outputs(target, "out"):
                 (target / path).unlink()
             continue
-        if seen := visible_outputs(target, "out"):
-            problems.append(f"round {round_}: visible at the destination after kill: {seen}")
+        if visible_outputs(target, "out"):  # killed after its rename: must be whole
+            try:
+                verify(out)
+                landed += 1
+            except WeightmixError as error:
+                problems.append(f"round {round_}: a broken output after the kill: {error}")
         temporaries_seen += sum(1 for p in target.iterdir() if p.name.startswith(".out"))
     after = {p: state_of(p) for p in (a, b)}
     if after != before:
@@ -85,7 +95,8 @@ def main() -> None:
     left = sorted(p.name for p in target.iterdir() if p.name.startswith("."))
     if left:
         problems.append(f"hidden files left after the final run: {left}")
-    print(f"kills: {args.kills}; hidden temporary entries seen after kills: {temporaries_seen}")
+    print(f"kills: {args.kills}; hidden temporary entries seen after kills: {temporaries_seen};"
+          f" killed after the output had landed whole (verified): {landed}")  # fmt: skip
     print(f"runs that said they removed a killed run's files: {removed_notes}"
           f" (+ final run: {'yes' if 'interrupted run' in final.stderr else 'no'})")  # fmt: skip
     print(f"inputs unchanged: {after == before}; hidden files after the final run: {left or 0}")
