@@ -261,3 +261,15 @@ def test_a_model_folder_moved_aside_by_a_killed_overwrite_is_put_back(tmp_path):
     assert done == [".fold.weightmix-abcdefgh.old (put back as fold)"]
     assert (tmp_path / "fold" / "model_index.json").read_text() == "{}"
     assert folder_listing(tmp_path) == ["fold"]
+
+
+def test_an_output_written_after_planning_is_not_replaced_without_overwrite(tmp_path, models):
+    """Another run finished the same output after this one was planned: checked again under
+    the destination lock, so it is kept unless --overwrite was given."""
+    out = tmp_path / "out.safetensors"
+    planned = plan_of(models, out)
+    out.write_bytes(b"another run's output")
+    with pytest.raises(WeightmixError, match="exists \\(written since this merge was planned\\)"):
+        api.execute(planned)
+    assert out.read_bytes() == b"another run's output"
+    assert not [n for n in folder_listing(tmp_path) if n.startswith(".out")]

@@ -143,9 +143,11 @@ def run(
     began = time.monotonic()
     tensors, base = plan.output_tensors(), plan.base_folder
     if writer is None and base is not None:  # the output mirrors the base model folder
-        writer = FolderOutput(plan.output, base, tensors, metadata, plan.max_shard_bytes, fsync)
+        writer = FolderOutput(plan.output, base, tensors, metadata, plan.max_shard_bytes, fsync,
+                              overwrite=plan.overwrite)  # fmt: skip
     elif writer is None:
-        writer = open_output(plan.output, tensors, metadata, plan.max_shard_bytes, fsync=fsync)
+        writer = open_output(plan.output, tensors, metadata, plan.max_shard_bytes, fsync=fsync,
+                             overwrite=plan.overwrite)  # fmt: skip
     try:
         statistics = model_statistics(plan)
         progress.start(len(plan.keys), plan.output_bytes)

@@ -87,6 +87,7 @@ class Plan:
     architecture: Architecture | Unknown | None = None  # of the layout model
     block_values: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
     prompts: Prompts | None = None  # prompt parameters to encode before the merge
+    overwrite: bool = False  # the output may replace an existing one (checked again when written)
 
     @property
     def base_folder(self) -> FolderCheckpoint | None:
@@ -182,6 +183,7 @@ def build_plan(
             plan.notes += plan.prompts.notes
         if output is not None:
             plan.output = check_output(Path(output), plan, overwrite)
+            plan.overwrite = overwrite
         if save_recipe is not None:
             check_recipe_output(Path(save_recipe), plan, overwrite, [Path(p) for p in protected])
         return plan

@@ -35,6 +35,7 @@ class FolderOutput:
         metadata: dict[str, str],
         max_shard_bytes: int | None = None,
         fsync: bool = False,
+        overwrite: bool = True,
     ):
         self.dest, self.base = dest, base
         self._route: dict[str, tuple[str, str]] = {}
@@ -51,6 +52,11 @@ class FolderOutput:
         self._destination: DestinationLock | None = DestinationLock(dest)
         try:
             self.swept = sweep_stale(dest.parent)
+            if not overwrite and dest.exists():
+                raise WeightmixError(
+                    f"output {dest} exists (written since this merge was planned): pass"
+                    " --overwrite to replace it"
+                )
             self.temp, self._held = temporary_folder(dest.parent, f".{dest.name}{MARK}", ".partial")
         except BaseException:
             self._unlock()

@@ -198,6 +198,7 @@ class SafetensorsOutput:
         max_shard_bytes: int | None = None,
         fsync: bool = False,
         lock: bool = True,
+        overwrite: bool = True,
     ):
         self.dest = dest
         self.fsync = fsync
@@ -213,6 +214,11 @@ class SafetensorsOutput:
         self._destination = DestinationLock(dest) if lock else None
         try:
             self.swept = sweep_stale(dest.parent) if lock else []
+            if not overwrite and (present := existing_outputs(dest)):
+                raise WeightmixError(  # another run wrote it after this one was planned
+                    f"output {present[0]} exists (written since this merge was planned):"
+                    " pass --overwrite to replace it"
+                )
             with out_of_space(dest, self.needed):
                 for number, shard in enumerate(self.shards):
                     file = _TempFile(self.paths[number])
@@ -317,5 +323,8 @@ def open_output(
     metadata: dict[str, str],
     max_shard_bytes: int | None = None,
     fsync: bool = False,
+    overwrite: bool = True,
 ) -> SafetensorsOutput:
-    return SafetensorsOutput(Path(dest), tensors, metadata, max_shard_bytes, fsync)
+    return SafetensorsOutput(
+        Path(dest), tensors, metadata, max_shard_bytes, fsync, overwrite=overwrite
+    )
