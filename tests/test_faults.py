@@ -273,3 +273,39 @@ def test_an_output_written_after_planning_is_not_replaced_without_overwrite(tmp_
         api.execute(planned)
     assert out.read_bytes() == b"another run's output"
     assert not [n for n in folder_listing(tmp_path) if n.startswith(".out")]
+
+
+KILLED_BETWEEN_RENAMES = """
+import os, signal, sys
+from weightmix import api
+from weightmix.io import writer
+renames = 0
+real = os.replace
+def replace(source, target):
+    global renames
+    renames += 1
+    if renames > 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(source, target)
+writer.os.replace = replace
+recipe = {"models": {"a": sys.argv[1], "b": sys.argv[2]}, "max_shard_size": "64KB",
+          "merge": {"method": "weighted_sum", "inputs": ["a", "b"], "alpha": 1.0}}
+api.merge(recipe, sys.argv[3], overwrite=True)
+"""
+
+
+def test_a_kill_between_the_renames_of_a_sharded_overwrite_leaves_no_mixed_set(
+    run, tmp_path, models
+):
+    out = tmp_path / "out.safetensors"
+    result = run("merge", models["A"], models["B"], "--alpha", "0", "--max-shard-size", "64KB",
+                 "-o", out, "-q")  # fmt: skip
+    assert result.code == 0, result.err
+    index = tmp_path / "out.safetensors.index.json"
+    killed = python(KILLED_BETWEEN_RENAMES, models["A"], models["B"], out)
+    killed.wait()
+    assert killed.returncode == -9
+    # two new shards are in place and the rest are old: no index may present them as one set
+    assert not index.exists()
+    result = run("inspect", index)
+    assert result.code == 2

@@ -285,6 +285,8 @@ class SafetensorsOutput:
                 for file in self._files:
                     os.fsync(file.fd)
         stale = [p for p in existing_outputs(self.dest) if p not in {f.dest for f in self._files}]
+        if self.index_path is not None:  # the old set stops being a set before any shard is
+            self.index_path.unlink(missing_ok=True)  # replaced: a kill never leaves a mixed one
         written = []
         for file in self._files:  # still open, so still locked: no sweep takes them meanwhile
             os.replace(file.temp, file.dest)
