@@ -10,19 +10,18 @@ a time) and every output tensor must be byte-identical to the recomputed one.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy
 import yaml
 
 from weightmix.errors import WeightmixError
+from weightmix.finite import count_nonfinite, tensor_chunks
 from weightmix.io import open_checkpoint
-from weightmix.io.reader import Checkpoint, SafetensorsCheckpoint
+from weightmix.io.reader import Checkpoint, SafetensorsCheckpoint, TensorInfo
+from weightmix.io.writer import tensor_bytes
 from weightmix.provenance import FINGERPRINTS, KEY_FINGERPRINT, KEY_INPUTS, KEY_RECIPE, fingerprint
-
-READ_BYTES = 16 * 2**20  # a tensor is read and checked this many bytes at a time
 
 
 class VerifyFailed(WeightmixError):
@@ -86,25 +85,19 @@ def _check_file_ends(checkpoint: Checkpoint) -> None:
             )
 
 
-def _check_tensor(checkpoint: Checkpoint, info) -> None:
-    step = max(1, READ_BYTES // info.dtype.itemsize) * info.dtype.itemsize
-    buffer = torch.empty(min(step, max(info.nbytes, 1)), dtype=torch.uint8)
-    floating = info.dtype.torch.is_floating_point
-    for start in range(0, info.nbytes, step):
-        length = min(step, info.nbytes - start)
-        chunk = buffer[:length]
-        try:
-            checkpoint.read_range(info, start, chunk.numpy())
-        except WeightmixError as error:
-            raise VerifyFailed(str(error)) from None
-        if floating:
-            values = chunk.view(info.dtype.torch)
-            bad = int((~torch.isfinite(values)).sum())
-            if bad:
-                raise VerifyFailed(
-                    f"{checkpoint.path}: tensor '{info.key}' holds {bad} NaN or infinite"
-                    f" value(s) in bytes {start}-{start + length}"
-                )
+def _check_tensor(checkpoint: Checkpoint, info: TensorInfo) -> None:
+    """Read every byte of the tensor; a float one must hold only finite values."""
+    bad = 0
+    try:
+        for chunk in tensor_chunks(checkpoint, info):
+            if chunk.is_floating_point():
+                bad += count_nonfinite(chunk)
+    except WeightmixError as error:
+        raise VerifyFailed(str(error)) from None
+    if bad:
+        raise VerifyFailed(
+            f"{checkpoint.path}: tensor '{info.key}' holds {bad} NaN or infinite value(s)"
+        )
 
 
 def _provenance(checkpoint: Checkpoint) -> tuple[dict[str, str], dict[str, dict]]:
@@ -139,6 +132,7 @@ def _check_input(name: str, where: Path, recorded: dict, how_text: str | None) -
 
 
 def _recompute(checkpoint: Checkpoint, path: Path) -> None:
+    from weightmix import api
     from weightmix.recipe import parse_recipe
 
     text = checkpoint.metadata.get(KEY_RECIPE)
@@ -146,14 +140,14 @@ def _recompute(checkpoint: Checkpoint, path: Path) -> None:
         raise VerifyFailed(f"{path}: records no recipe, so --inputs has nothing to run")
     try:
         recipe = parse_recipe(yaml.safe_load(text), f"{path} (recorded recipe)", path.parent)
-        merged = _merged(recipe)
         seen = 0
-        for key, tensor in merged:
+        for key, tensor in api.merge_iter(recipe):
             info = checkpoint.tensors.get(key)
             if info is None:
                 raise VerifyFailed(f"{path}: the recipe makes '{key}', which the output lacks")
             stored = checkpoint.read(info)
-            if stored.dtype != tensor.dtype or not torch.equal(_bytes(stored), _bytes(tensor)):
+            same = numpy.array_equal(tensor_bytes(stored), tensor_bytes(tensor))
+            if stored.dtype != tensor.dtype or not same:
                 raise VerifyFailed(
                     f"{path}: tensor '{key}' differs from what its recorded recipe makes from"
                     " the inputs"
@@ -167,13 +161,3 @@ def _recompute(checkpoint: Checkpoint, path: Path) -> None:
         raise VerifyFailed(
             f"{path}: holds {len(checkpoint.tensors)} tensors; its recipe makes {seen}"
         )
-
-
-def _merged(recipe) -> Iterator[tuple[str, torch.Tensor]]:
-    from weightmix import api
-
-    yield from api.merge_iter(recipe)
-
-
-def _bytes(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
