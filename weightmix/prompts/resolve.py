@@ -36,7 +36,14 @@ EXTRA = "prompt parameters need transformers: pip install 'weightmix[prompts]'"
 
 def prompt_params(method: MethodSpec) -> list[str]:
     """The method's parameters whose text is a prompt (typed PromptText)."""
-    return [name for name, spec in method.params.items() if _is_prompt(spec.annotation)]
+    cached = _PROMPT_PARAMS.get(id(method))
+    if cached is None or cached[0] is not method:  # asked once per key of a plan: remember
+        names = [name for name, spec in method.params.items() if _is_prompt(spec.annotation)]
+        cached = _PROMPT_PARAMS[id(method)] = (method, names)
+    return list(cached[1])
+
+
+_PROMPT_PARAMS: dict[int, tuple[MethodSpec, list[str]]] = {}
 
 
 def _is_prompt(annotation: Any) -> bool:
