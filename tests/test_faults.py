@@ -4,6 +4,8 @@ tmpfs)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import subprocess
@@ -11,11 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import folder_listing, load
+import torch
+from helpers import folder_listing, load, save
 
 from weightmix import api
 from weightmix.errors import WeightmixError
-from weightmix.io.locks import lock_path
+from weightmix.io import open_checkpoint
+from weightmix.io.locks import lock_path, sweep_stale
 
 HOLD_LOCK = """
 import sys, time
@@ -134,6 +138,74 @@ def test_a_disk_that_fills_during_the_write(small_disk, models, shard_bytes, lea
     assert f"the disk is full in {small_disk}" in message
     needed = int(re.search(r"\((\d+) bytes\)", message).group(1))
     assert needed >= planned.output_bytes  # the data plus the headers
+    assert folder_listing(small_disk) == ["filler"]
+
+
+@pytest.fixture
+def few_inodes(tmp_path):
+    """A tmpfs with room for data but only 40 inodes: a file system that runs out of files."""
+    mount = tmp_path / "inodes"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=40", "tmpfs", str(mount)],
+        capture_output=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def use_inodes(disk: Path, leave: int) -> list[str]:
+    """Create empty files until creating one fails, then remove `leave` of them."""
+    made = []
+    with contextlib.suppress(OSError):
+        while True:
+            (disk / f"f{len(made):03d}").touch()
+            made.append(f"f{len(made):03d}")
+    for name in made[len(made) - leave :] if leave else []:
+        (disk / name).unlink()
+    return sorted(made[: len(made) - leave])
+
+
+@pytest.mark.parametrize("leave", range(6))
+@pytest.mark.parametrize("command", ["single", "sharded", "lora", "hyper"])
+def test_running_out_of_inodes_is_one_line(run, few_inodes, models, command, leave):
+    """No inode left for the lock, a temporary file or folder, a shard, the journal or the
+    spill file: one line and exit 2, and nothing new on the disk; or, with enough, success."""
+    fillers = use_inodes(few_inodes, leave)
+    out = few_inodes / "out.safetensors"
+    args = {
+        "single": ["merge", models["A"], models["B"], "-o", out],
+        "sharded": ["merge", models["A"], models["B"], "-o", out, "--max-shard-size", "64KB"],
+        "lora": ["lora", "extract", models["A"], models["B"], "-o", out, "--rank", "2"],
+    }
+    if command == "hyper":
+        config = models["A"].parent / "config.yaml"
+        settings = {"name": "toy", "models": [str(models[n]) for n in "ABC"], "iterations": 2,
+                    "ranks": [1], "output": str(few_inodes)}  # fmt: skip
+        config.write_text(json.dumps(settings))
+        args["hyper"] = ["hyper", config]
+    result = run(*args[command], "-q")
+    if result.code == 0:
+        assert len(folder_listing(few_inodes)) > len(fillers)
+        return
+    assert result.code == 2, result.err
+    lines = result.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("weightmix: error:"), result.err
+    assert "No space left on device" in lines[0] or "have room" in lines[0], lines[0]
+    assert folder_listing(few_inodes) == fillers
+
+
+@pytest.mark.parametrize("leave", [0, 3000, 30_000])
+def test_a_lora_extract_on_a_full_disk_is_one_line(run, small_disk, models, leave):
+    """The spill file of `lora extract` and its output fill the disk: one line, exit 2."""
+    fill(small_disk, leave)
+    out = small_disk / "lora.safetensors"
+    result = run("lora", "extract", models["A"], models["B"], "-o", out, "--rank", "8", "-q")
+    assert result.code == 2, result.err
+    lines = result.err.splitlines()
+    assert len(lines) == 1 and f"the disk is full in {small_disk}" in lines[0], result.err
     assert folder_listing(small_disk) == ["filler"]
 
 
@@ -309,3 +381,142 @@ def test_a_kill_between_the_renames_of_a_sharded_overwrite_leaves_no_mixed_set(
     assert not index.exists()
     result = run("inspect", index)
     assert result.code == 2
+    # the killed run's journal says which files were moving: the next run writing to the
+    # folder removes both sets' pieces (proved by inode) and says so; nothing of `out` stays
+    hidden = [n for n in folder_listing(tmp_path) if n.endswith(".commit")]
+    assert len(hidden) == 1, folder_listing(tmp_path)
+    # a plain rerun, no --overwrite: the pieces are swept before "exists" is checked
+    result = run("merge", models["A"], models["B"], "--alpha", "0.5", "--max-shard-size", "64KB",
+                 "-o", out)  # fmt: skip
+    assert result.code == 0, result.err
+    assert "left by a killed move into place" in result.err
+    assert not [n for n in folder_listing(tmp_path) if n.startswith(".")]
+    with open_checkpoint(index) as checkpoint:  # the new set, whole: every shard it names
+        assert len({info.file for info in checkpoint.tensors.values()}) > 1
+        for info in checkpoint.tensors.values():
+            checkpoint.read(info)
+
+
+KILLED_AFTER_THE_LAST_RENAME = """
+import os, signal, sys
+from pathlib import Path
+from weightmix.io import locks
+from weightmix.io.dtypes import dtype_from_name
+from weightmix.io.writer import OutputTensor, open_output
+real = locks.Path.unlink
+def unlink(self, missing_ok=False):
+    if self.name == "out.safetensors":  # the new set is in place, the old file not yet gone
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(self, missing_ok=missing_ok)
+locks.Path.unlink = unlink
+fp32 = dtype_from_name("fp32")
+layout = [OutputTensor(f"k{i}", fp32, (256,)) for i in range(8)]
+import torch
+writer = open_output(Path(sys.argv[1]), layout, {}, max_shard_bytes=int(sys.argv[2]) or None)
+for i in range(8):
+    writer.write(f"k{i}", torch.full((256,), float(i)))
+writer.commit()
+"""
+
+
+def test_a_set_killed_before_its_clean_up_is_finished_by_the_next_run(tmp_path):
+    """The new sharded set landed whole, the old single file was not yet removed: the next
+    run removes the old file (its inode proves it is the old one) and keeps the new set."""
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"old output in another layout")
+    killed = python(KILLED_AFTER_THE_LAST_RENAME, out, 3000)
+    killed.wait()
+    assert killed.returncode == -9
+    names = folder_listing(tmp_path)
+    assert "out.safetensors" in names and "out.safetensors.index.json" in names
+    swept = sweep_stale(tmp_path)
+    journals = [w for w in swept if ".commit" in w]
+    assert len(journals) == 1 and "(and out.safetensors, left by" in journals[0], swept
+    names = folder_listing(tmp_path)
+    assert "out.safetensors" not in names
+    assert not [n for n in names if n.startswith(".")]
+    with open_checkpoint(tmp_path / "out.safetensors.index.json") as checkpoint:
+        firsts = [float(checkpoint.read(checkpoint.tensors[f"k{i}"])[0]) for i in range(8)]
+    assert firsts == [float(i) for i in range(8)]
+
+
+KILLED_HYPER = """
+import os, signal, sys
+from pathlib import Path
+from weightmix.hyper.config import load_config
+from weightmix.hyper.run import hyper_merge
+renames = 0
+real = os.replace
+def replace(source, target):
+    global renames
+    if "weightmix" in Path(target).parent.name:  # inside the run's staging folder
+        return real(source, target)
+    renames += 1
+    if renames > 2:  # the average and the first LoRA are in place, the rest not
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(source, target)
+settings, folder = load_config(Path(sys.argv[1]))
+os.replace = replace
+hyper_merge(settings, folder, overwrite=True, progress=False)
+"""
+
+
+def test_a_hyper_merge_killed_while_moving_its_files_leaves_no_half_set(run, tmp_path):
+    """Hyper-Merge moves five files into place one by one: a kill part way leaves the new
+    average and LoRA beside the old multipliers; the next run writing to the folder removes
+    the pieces of both sets, says so, and the set it writes is whole."""
+    import yaml
+
+    paths = []
+    for m in range(3):
+        state = {"w.weight": torch.full((4, 3), float(m)) + torch.eye(4, 3) * m * m}
+        paths.append(save(tmp_path / f"model{m}.safetensors", state))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"name": "toy", "models": [str(p) for p in paths],
+                                      "iterations": 2, "ranks": [1, 1]}))  # fmt: skip
+    assert run("hyper", config, "-q").code == 0
+    before = {n: (tmp_path / n).stat().st_ino for n in folder_listing(tmp_path) if "toy" in n}
+    assert len(before) == 5
+    killed = python(KILLED_HYPER, config)
+    killed.wait()
+    assert killed.returncode == -9
+    left = [n for n in folder_listing(tmp_path) if n.startswith("toy")]
+    assert "toy_multipliers.json" not in left  # the old set's marker went first
+    result = run("hyper", config)
+    assert result.code == 0, result.err
+    assert "left by a killed move into place" in result.err, result.err
+    after = [n for n in folder_listing(tmp_path) if "toy" in n]
+    assert sorted(after) == sorted(before) and not any(n.startswith(".") for n in after)
+    document = json.loads((tmp_path / "toy_multipliers.json").read_text())
+    assert len(document["loras"]) == 2
+
+
+def test_a_move_stopped_before_the_old_set_broke_keeps_the_old_set(tmp_path, monkeypatch):
+    """A new sharded set replacing a single file stops after its first shard moved: the old
+    file is still whole, so the sweep removes only the new set's piece (by inode)."""
+    from weightmix.io import locks
+
+    old = tmp_path / "out.safetensors"
+    old.write_bytes(b"the old, whole output")
+    moves = []
+    for name in ("out-00001-of-00002.safetensors", "out-00002-of-00002.safetensors"):
+        temp = tmp_path / f".{name}.weightmix-abcdefgh.partial"
+        temp.write_bytes(name.encode())
+        moves.append((temp, tmp_path / name))
+    real, done = os.replace, []
+
+    def replace(source, target):
+        if done:
+            raise OSError(5, "Input/output error")  # the second move fails
+        done.append(target)
+        real(source, target)
+
+    monkeypatch.setattr(locks.os, "replace", replace)
+    with pytest.raises(OSError):
+        locks.replace_set(moves, [old], first=None)
+    monkeypatch.undo()
+    assert (tmp_path / "out-00001-of-00002.safetensors").exists()
+    swept = sweep_stale(tmp_path)
+    assert any("(and out-00001-of-00002.safetensors, left by" in w for w in swept), swept
+    assert old.read_bytes() == b"the old, whole output"
+    assert not (tmp_path / "out-00001-of-00002.safetensors").exists()

@@ -172,6 +172,22 @@ def test_index_naming_a_missing_shard_or_wrong_shard(tmp_path):
         open_checkpoint(index)
 
 
+@pytest.mark.parametrize(
+    "name", ["../s1.safetensors", "sub/s1.safetensors", "/tmp/s1.safetensors", "..", "a\\b"]
+)
+def test_an_index_naming_a_shard_outside_its_folder_is_refused(tmp_path, name):
+    """Shards lie beside their index (as transformers and diffusers write them): a name that
+    climbs out of the folder, or into another, is refused before anything is opened."""
+    inner = tmp_path / "model"
+    (inner / "sub").mkdir(parents=True)
+    for where in (tmp_path, inner / "sub"):
+        save(where / "s1.safetensors", {"a": torch.zeros(2)})
+    index = inner / "m.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": name}}))
+    with pytest.raises(WeightmixError, match="not a file name beside the index"):
+        open_checkpoint(index)
+
+
 def test_file_shrunk_after_opening_is_an_error_not_garbage(tmp_path):
     path = save(tmp_path / "m.safetensors", {"w": torch.ones(1000)})
     with open_checkpoint(path) as ckpt:

@@ -208,10 +208,6 @@ def merge(inputs: tuple[str, ...], output: Path | None, **flags: Any) -> None:
         except BaseException:
             planned.close()
             raise
-    if planned.output is not None:
-        from weightmix.output_checks import sweep_notes
-
-        planned.notes += sweep_notes(planned.output.parent)
     if flags["check_finite"]:
         from weightmix.finite import report_inputs
 
@@ -245,6 +241,11 @@ def plan_or_dry_run(
     if not flags["dry_run"] and output is None:
         raise WeightmixError("no output path: pass -o OUT.safetensors (or --dry-run)")
     save_to = flags["save_recipe"]
+    if not flags["dry_run"] and output is not None:
+        from weightmix.output_checks import sweep_notes
+
+        # before the plan's "exists" check: pieces a killed run left are not an output
+        _notes(sweep_notes(output.parent), flags["quiet"])
     planned = api.make_plan(
         recipe, output, flags["overwrite"], save_recipe=save_to, protected=protected
     )

@@ -21,11 +21,12 @@ from weightmix.hyper.shared import Residuals, Unit, fit_component
 from weightmix.io import open_checkpoint
 from weightmix.io.dtypes import OUTPUT_DTYPES, dtype_from_name
 from weightmix.io.folders import FolderCheckpoint
-from weightmix.io.locks import DestinationLock, sweep_stale, temporary_folder
-from weightmix.io.writer import OutputTensor, open_output, write_file
+from weightmix.io.locks import DestinationLock, replace_set, temporary_folder
+from weightmix.io.writer import OutputTensor, open_output, out_of_space, write_file
 from weightmix.lora.extract import units as lora_units
 from weightmix.lora.formats import KOHYA
 from weightmix.lora.targets import ModelIndex
+from weightmix.output_checks import sweep_notes
 from weightmix.plan import Plan
 from weightmix.progress import make_progress
 from weightmix.units import count
@@ -102,6 +103,7 @@ def hyper_merge(
     finals = [out / names["average"], *(out / n for n in names["loras"]),
               out / names["multipliers"], out / names["json"]]  # fmt: skip
     inputs = {p.resolve() for p in model_paths(config, folder)}
+    swept = sweep_notes(out)  # what a killed run left here, before anything is said to exist
     for path in finals:
         if path.resolve() in inputs:
             raise WeightmixError(f"{path} is one of the models: give another name or output")
@@ -111,17 +113,23 @@ def hyper_merge(
     out.mkdir(parents=True, exist_ok=True)
     lock = DestinationLock(out / names["average"])  # one run writes this set at a time
     try:
-        sweep_stale(out)  # what a killed run left here
-        staging, held = temporary_folder(out, ".weightmix-hyper-")
+        with out_of_space(out / names["average"], 0):  # no inode left for the folder
+            staging, held = temporary_folder(out, ".weightmix-hyper-")
     except BaseException:
         lock.release()
         raise
     try:
         result = _build(config, folder, staging, names, units, dtype, progress)
-        for path in result.files:
-            if (out / path.name).is_dir():
-                shutil.rmtree(out / path.name)  # an earlier average folder (--overwrite)
-            os.replace(path, out / path.name)
+        result.notes = swept + result.notes
+        average = out / names["average"]
+        if average.is_dir():  # an earlier average folder (--overwrite): aside, gone with staging
+            os.replace(average, staging / ".previous-average")
+        # one by one under a journal; the JSON twin, last, marks a whole set
+        replace_set(
+            [(path, out / path.name) for path in result.files],
+            [p for p in finals if p.is_file()],
+            first=out / names["json"],
+        )
         result.files = [out / path.name for path in result.files]
         return result
     except BaseException:

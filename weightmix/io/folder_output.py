@@ -11,6 +11,8 @@ import logging
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -57,7 +59,10 @@ class FolderOutput:
                     f"output {dest} exists (written since this merge was planned): pass"
                     " --overwrite to replace it"
                 )
-            self.temp, self._held = temporary_folder(dest.parent, f".{dest.name}{MARK}", ".partial")
+            with out_of_space(dest, self.needed):  # no inode left for the folder
+                self.temp, self._held = temporary_folder(
+                    dest.parent, f".{dest.name}{MARK}", ".partial"
+                )
         except BaseException:
             self._unlock()
             raise
@@ -75,6 +80,12 @@ class FolderOutput:
                             fsync,
                             lock=False,  # inside this output's own hidden folder
                         )
+            left_out = {c.folder for c in base.components if c.name not in self.outputs}
+            self.needed = (  # headers, data, index and copied files: what the disk must hold
+                sum(output.needed for output in self.outputs.values())
+                + len((self.index or "").encode())
+                + _other_bytes(base.path, left_out - {base.path})
+            )
         except BaseException:
             self.abort()
             raise
@@ -100,7 +111,8 @@ class FolderOutput:
             _copy_other_files(self.base.path, self.temp, left_out - {self.base.path})
         old, held = None, None
         if self.dest.exists():  # --overwrite was given (the plan checked it is a model folder)
-            old, held = temporary_folder(self.dest.parent, f".{self.dest.name}{MARK}", ".old")
+            with out_of_space(self.dest, self.needed):  # no inode left for the folder
+                old, held = temporary_folder(self.dest.parent, f".{self.dest.name}{MARK}", ".old")
             os.replace(self.dest, old / "previous")
         try:
             os.replace(self.temp, self.dest)
@@ -216,7 +228,7 @@ def _optional_components(class_name: object) -> tuple[set[str] | None, str]:
     return set(cls._optional_components), ""
 
 
-def _copy_other_files(source: Path, target: Path, left_out: set[Path]) -> None:
+def _other_files(source: Path, left_out: set[Path]) -> Iterator[Path]:
     """Every file of the base folder except weights: configs, tokenizers, schedulers, indexes
     of the pipeline (model_index.json), README ... (symlinks, as in the hub cache, followed)."""
     for path in sorted(source.rglob("*")):
@@ -227,6 +239,22 @@ def _copy_other_files(source: Path, target: Path, left_out: set[Path]) -> None:
             continue
         if any(folder in path.parents for folder in left_out):
             continue
+        yield path
+
+
+def _other_bytes(source: Path, left_out: set[Path]) -> int:
+    """What _copy_other_files will copy, in bytes."""
+    total = 0
+    for path in _other_files(source, left_out):
+        with suppress(OSError):
+            total += path.stat().st_size
+    return total
+
+
+def _copy_other_files(source: Path, target: Path, left_out: set[Path]) -> None:
+    """Copy the base folder's other files (_other_files) into target."""
+    for path in _other_files(source, left_out):
+        relative = path.relative_to(source)
         destination = target / relative
         if destination.exists():
             continue

@@ -12,11 +12,19 @@ sweep never sees an entry between its creation and its lock.
 A destination is written by one run at a time: DestinationLock holds `.NAME.weightmix-lock`
 beside it from before the first temporary file to after the last rename, and a second run that
 finds it held is refused with a message naming the run that holds it.
+
+A set of files (shards and their index, Hyper-Merge's outputs) cannot be moved into place in
+one step: replace_set first writes a locked journal, `.NAME.weightmix-XXXXXXXX.commit`, naming
+the new files and the old set's files with their inode numbers. A journal nobody holds means
+the run was killed while moving: the sweep finishes its clean-up when the new set is whole,
+and otherwise removes the files of both sets that it can prove (by inode) are the pieces the
+move left, so that neither a mixed set nor a headless half of one stays behind.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -32,7 +40,7 @@ from weightmix.errors import WeightmixError
 _RANDOM = r"[a-z0-9_]{8}"  # tempfile's names
 MARK = ".weightmix-"  # in every temporary name: a user's own hidden files never match
 TEMPORARY = re.compile(
-    rf"\.(?P<name>.+)\.weightmix-{_RANDOM}\.(?P<kind>partial|old)|\.weightmix-hyper-{_RANDOM}",
+    rf"\.(?P<name>.+)\.weightmix-{_RANDOM}\.(?P<kind>partial|old|commit)|\.weightmix-hyper-{_RANDOM}",
     re.DOTALL,
 )
 LOCK_SUFFIX = ".weightmix-lock"
@@ -141,6 +149,12 @@ def _sweep_one(folder: Path, name: str) -> str | None:
                 return name
             return None
         match = TEMPORARY.fullmatch(name)
+        if match and match["kind"] == "commit" and stat.S_ISREG(mode):
+            removed = _finish_set(folder, fd)
+            path.unlink()
+            if removed:
+                return f"{name} (and {', '.join(removed)}, left by a killed move into place)"
+            return name
         if match and match["kind"] == "old" and stat.S_ISDIR(mode):
             previous, dest = path / "previous", folder / match["name"]
             if previous.is_dir() and not dest.exists():  # killed between the two renames
@@ -226,3 +240,82 @@ def _read_holder(fd: int) -> str:
     except OSError:
         return ""
     return f" (process {text})" if text.isdigit() else ""
+
+
+def replace_set(moves: list[tuple[Path, Path]], old: list[Path], first: Path | None) -> None:
+    """Move each temporary file to its destination, in order (the last is the set's marker,
+    e.g. the shard index), under a journal a sweep can finish from; then remove the files of
+    `old` (what the destinations replace, in any layout) that the new set did not overwrite.
+    `first`, when given, is removed before anything moves (an old index: the old set stops
+    being a set before any of its files is replaced)."""
+    folder = moves[-1][1].parent
+    with folder_guard(folder):
+        fd, name = tempfile.mkstemp(
+            prefix=f".{moves[-1][1].name}{MARK}", suffix=".commit", dir=folder
+        )
+        _try_lock(fd)
+    journal = Path(name)
+    try:
+        marker = next((p for p in (first, *old) if p is not None and p.exists()), None)
+        record = {
+            "new": [[dest.name, os.stat(temp).st_ino] for temp, dest in moves],
+            "old": [[p.name, _inode(p)] for p in old if _inode(p) is not None],
+            "old_marker": [marker.name, _inode(marker)] if marker is not None else None,
+        }
+        try:
+            os.write(fd, json.dumps(record).encode())
+        except OSError:
+            journal.unlink(missing_ok=True)  # nothing moved yet: no journal is needed
+            raise
+        if first is not None:
+            first.unlink(missing_ok=True)
+        for temp, dest in moves:
+            os.replace(temp, dest)
+        placed = {dest for _, dest in moves}
+        for path in old:
+            if path not in placed:
+                path.unlink(missing_ok=True)
+        journal.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path, follow_symlinks=False).st_ino
+    except OSError:
+        return None
+
+
+def _finish_set(folder: Path, fd: int) -> list[str]:
+    """What a journal left by a killed replace_set asks: returns the names removed."""
+    try:
+        record = json.loads(os.pread(fd, 1 << 20, 0))
+        new = [(str(n), int(i)) for n, i in record["new"]]
+        old = [(str(n), int(i)) for n, i in record["old"]]
+        old_marker = record["old_marker"]
+        if old_marker is not None:
+            old_marker = (str(old_marker[0]), int(old_marker[1]))
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+        return []  # not a journal this code wrote: only the journal goes
+    if any("/" in n or "\0" in n or n in ("", ".", "..") for n, _ in (*new, *old)):
+        return []
+
+    def present(name: str, inode: int) -> bool:
+        return _inode(folder / name) == inode
+
+    if all(present(n, i) for n, i in new):
+        doomed = old  # the new set landed: the old files it did not overwrite go
+    elif old_marker is not None and present(*old_marker):
+        doomed = new  # it did not, and the old set is whole: only the new pieces go
+    else:
+        doomed = new + old  # neither set is whole: the pieces of both go
+    removed = []
+    for name, inode in doomed:
+        if present(name, inode):
+            if stat.S_ISDIR(os.stat(folder / name, follow_symlinks=False).st_mode):
+                shutil.rmtree(folder / name)  # a model folder of the set
+            else:
+                (folder / name).unlink()
+            removed.append(name)
+    return removed

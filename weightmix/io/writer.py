@@ -25,7 +25,7 @@ import torch
 
 from weightmix.errors import WeightmixError
 from weightmix.io.dtypes import DType
-from weightmix.io.locks import DestinationLock, sweep_stale, temporary_file
+from weightmix.io.locks import DestinationLock, replace_set, sweep_stale, temporary_file
 from weightmix.io.reader import INDEX_SUFFIX
 from weightmix.units import format_size
 
@@ -167,8 +167,15 @@ def space_error(dest: Path, needed: int, error: OSError) -> WeightmixError:
     folder = dest.parent
     try:
         free = f", {format_size(shutil.disk_usage(folder).free)} free now"
+        no_inode = error.errno == errno.ENOSPC and os.statvfs(folder).f_favail == 0
     except OSError:
-        free = ""
+        free, no_inode = "", False
+    if no_inode:  # the same ENOSPC: no more files, though bytes may be free
+        return WeightmixError(
+            f"output {dest}: the file system of {folder} has no inode left for a new file"
+            f" ({error.strerror}){free}; delete files there or choose another folder;"
+            " nothing was written at the output"
+        )
     how = "free space there or choose another folder"
     if error.errno == errno.EFBIG:
         how = "raise the file size limit (ulimit -f) or cut the output into shards"
@@ -284,18 +291,19 @@ class SafetensorsOutput:
             if self.fsync:
                 for file in self._files:
                     os.fsync(file.fd)
-        stale = [p for p in existing_outputs(self.dest) if p not in {f.dest for f in self._files}]
-        if self.index_path is not None:  # the old set stops being a set before any shard is
-            self.index_path.unlink(missing_ok=True)  # replaced: a kill never leaves a mixed one
-        written = []
-        for file in self._files:  # still open, so still locked: no sweep takes them meanwhile
-            os.replace(file.temp, file.dest)
-            written.append(file.dest)
+        # the files stay open, so locked, while they move: no sweep takes them meanwhile. The
+        # old index goes first (a kill never leaves a mixed set that loads), the new one last;
+        # earlier outputs in another shard layout (the plan allowed them) go after
+        with out_of_space(self.dest, self.needed):
+            replace_set(
+                [(file.temp, file.dest) for file in self._files],
+                existing_outputs(self.dest),
+                first=self.index_path,
+            )
+        written = [file.dest for file in self._files]
         for file in self._files:
             file.close(fsync=False)
         self._files = []
-        for path in stale:  # an earlier output in another shard layout (the plan allowed it)
-            path.unlink(missing_ok=True)
         self._unlock()
         return written
 

@@ -122,7 +122,9 @@ def extract_command(base: str, tuned: str, output: Path, **flags: Any) -> None:
         data["compute_dtype"] = flags["compute_dtype"]
     planned = api.make_plan(parse_recipe(data, "command line"))
     try:
-        _notes(planned.notes, flags["quiet"])
+        from weightmix.output_checks import sweep_notes
+
+        _notes(planned.notes + sweep_notes(output.parent), flags["quiet"])
         settings = (flags["fmt"], flags["rank"], flags["energy"], flags["dtype"])
         done = extract(planned, output, *settings, make_progress(not flags["quiet"]))
     finally:
@@ -164,6 +166,9 @@ def merge_command(loras: tuple[str, ...], output: Path, **flags: Any) -> None:
         if not math.isfinite(strength):
             raise WeightmixError(f"LoRA {path}: strength {strength} is not a finite number")
     check_file_output(output, flags["overwrite"], [Path(path) for path, _ in pairs])
+    from weightmix.output_checks import sweep_notes
+
+    _notes(sweep_notes(output.parent), flags["quiet"])
     sources = []
     try:
         for number, (path, strength) in enumerate(pairs):

@@ -17,7 +17,7 @@ import torch
 from weightmix import __version__
 from weightmix.errors import WeightmixError
 from weightmix.io.dtypes import OUTPUT_DTYPES, dtype_from_name
-from weightmix.io.writer import OutputTensor, open_output, tensor_bytes
+from weightmix.io.writer import OutputTensor, open_output, out_of_space, tensor_bytes
 from weightmix.lora.formats import DENOISER, KOHYA, PEFT, TEXT_1, TEXT_2
 from weightmix.lora.svd import gram_spectrum, truncated_factors
 from weightmix.lora.targets import DIFFUSERS, SINGLE, ModelIndex, Segment, module_name, normalized
@@ -127,7 +127,12 @@ def extract(
     placed: list[tuple[str, int, int]] = []  # (output key, spill offset, bytes)
     clamped, skipped = 0, 0
     progress.start(len(todo), sum(keys[u.key].numel * 4 for u in todo))
-    with tempfile.TemporaryFile(dir=output.parent, prefix=".weightmix-lora-") as spill:
+    with out_of_space(output, 0):  # no inode left for the spill file
+        # unbuffered: a full disk is said at the write, never again when the file closes
+        spill = tempfile.TemporaryFile(  # noqa: SIM115 (closed by the `with` below)
+            dir=output.parent, prefix=".weightmix-lora-", buffering=0
+        )
+    with spill:
         by_key: dict[str, list[Unit]] = {}
         for unit in todo:
             by_key.setdefault(unit.key, []).append(unit)
@@ -150,13 +155,15 @@ def extract(
                 for tensor, end in zip((up, down), suffix):
                     data = tensor.to(out_dtype.torch).contiguous()
                     offset = spill.tell()
-                    spill.write(tensor_bytes(data).tobytes())
+                    with out_of_space(output, offset + data.numel() * out_dtype.itemsize):
+                        _append(spill, tensor_bytes(data))
                     layout.append(OutputTensor(unit.name + end, out_dtype, tuple(data.shape)))
                     placed.append((unit.name + end, offset, data.numel() * out_dtype.itemsize))
                 if fmt == KOHYA:  # alpha = rank (scale 1), in fp32: exact for any rank
                     alpha = torch.tensor(float(down.shape[0]), dtype=torch.float32)
                     offset = spill.tell()
-                    spill.write(tensor_bytes(alpha).tobytes())
+                    with out_of_space(output, offset + 4):
+                        _append(spill, tensor_bytes(alpha))
                     layout.append(OutputTensor(unit.name + ".alpha", FP32, ()))
                     placed.append((unit.name + ".alpha", offset, 4))
         progress.close()
@@ -164,7 +171,6 @@ def extract(
             raise WeightmixError(
                 "the two models are identical in every layer a LoRA can carry: nothing to extract"
             )
-        spill.flush()
         files = _write(plan, output, layout, placed, spill, fmt, rank, energy)
     notes = []
     if clamped:
@@ -196,6 +202,13 @@ def _factors(rows: torch.Tensor, rank: int, energy: float | None):
         keep = min(keep, max(needed, 1))
     up, down = truncated_factors(rows, keep)
     return up.cpu(), down.cpu(), rank > limit
+
+
+def _append(spill, data) -> None:
+    """Write all of `data` at the end of the unbuffered spill file (writes may be short)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[spill.write(view) :]
 
 
 def _write(plan: Plan, output: Path, layout, placed, spill, fmt: str, rank: int, energy):
