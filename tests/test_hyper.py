@@ -176,3 +176,59 @@ def test_evaluate_refuses_reordered_models_and_outputs_into_a_file(run, tmp_path
     refused(run, ["hyper", "evaluate", reordered], "the multipliers follow the file's order")
     refused(run, ["hyper", write_config(tmp_path, paths, [1], {"output": str(paths[0])})],
             "is a file")  # fmt: skip
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 64 << 20])
+def test_evaluate_matches_a_dense_computation(run, tmp_path, monkeypatch, chunk_bytes):
+    """evaluate's three columns against dense torch on whole layers: a tall layer (12 × 5), a
+    wide one (4 × 9, a 3×3 conv's shape), a bias without LoRA; read a row at a time
+    (chunk_bytes 1) and all at once."""
+    from weightmix.hyper import evaluate as evaluation
+    from weightmix.hyper.config import load_config
+
+    monkeypatch.setattr(evaluation, "CHUNK_BYTES", chunk_bytes)
+    generator = torch.Generator().manual_seed(3)
+    shapes = {"tall.weight": (12, 5), "wide.weight": (4, 1, 3, 3), "tall.bias": (12,)}
+    paths = []
+    for m in range(4):
+        state = {k: torch.randn(s, generator=generator).double() for k, s in shapes.items()}
+        paths.append(save(tmp_path / f"m{m}.safetensors", state))
+    config = write_config(tmp_path, paths, [1, 2])
+    assert run("hyper", config, "-q").code == 0
+    settings, folder = load_config(config)
+    reports = evaluation.evaluate(settings, folder, evaluation.read_outputs(settings, folder, None))
+    rows = [[r.hyper, r.private, r.bound] for r in reports]
+    average = load(tmp_path / "toy_average.safetensors")
+    document = json.loads((tmp_path / "toy_multipliers.json").read_text())
+    loras = [load(tmp_path / entry["file"]) for entry in document["loras"]]
+    lam = [entry["multipliers"] for entry in document["loras"]]
+    total, hyper, private = (torch.zeros(4, dtype=torch.float64) for _ in range(3))
+    deltas = []
+    for m, path in enumerate(paths):
+        model = load(path)
+        flat = []
+        for key in shapes:
+            delta = (model[key] - average[key]).reshape(shapes[key][0], -1)
+            flat.append(delta.reshape(-1))
+            total[m] += delta.square().sum()
+            if key == "tall.bias":
+                hyper[m] += delta.square().sum()
+                private[m] += delta.square().sum()
+                continue
+            name = "lora_unet_" + key.removesuffix(".weight")
+            residual = delta.clone()
+            for k, lora in enumerate(loras):
+                up = lora[f"{name}.lora_up.weight"].reshape(delta.shape[0], -1).double()
+                down = lora[f"{name}.lora_down.weight"].reshape(-1, delta.shape[1]).double()
+                residual -= lam[k][m] * (up @ down)
+            hyper[m] += residual.square().sum()
+            private[m] += torch.linalg.svdvals(delta)[3:].square().sum()  # total rank 1 + 2
+        deltas.append(torch.cat(flat))
+    stacked = torch.stack(deltas)
+    tail = torch.linalg.eigvalsh(stacked @ stacked.T)[:2].clamp(min=0).sum()  # 4 − 2 LoRAs
+    for m in range(4):
+        expected = [float((hyper[m] / total[m]).sqrt()), float((private[m] / total[m]).sqrt())]
+        assert rows[m][:2] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    whole = total.sum()
+    expected = [float((x / whole).sqrt()) for x in (hyper.sum(), private.sum(), tail)]
+    assert rows[4] == pytest.approx(expected, rel=1e-9, abs=1e-12)

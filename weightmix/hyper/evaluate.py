@@ -4,6 +4,7 @@ mean + Σ_k λ_{k,m}·δ_k, and how far each model is from its rebuild, beside t
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from weightmix.engine import key_chunks
 from weightmix.errors import WeightmixError
 from weightmix.hyper.config import HyperConfig, file_names, output_folder
 from weightmix.hyper.run import model_names, models_plan, select_units
+from weightmix.hyper.shared import Unit
 from weightmix.io import open_checkpoint
 
 
@@ -103,6 +105,86 @@ class Report:
     bound: float | None  # all models only: no K shared directions do better (Gram tail)
 
 
+@dataclass
+class Sums:
+    """What evaluate adds up over keys, per model (the Gram matrix: per pair of models)."""
+
+    total: torch.Tensor  # ‖Δ_m‖²
+    hyper: torch.Tensor  # ‖Δ_m − Σ_k λ_{k,m}δ_k‖²
+    private: torch.Tensor  # what each layer's own rank-K SVD leaves of Δ_m
+    gram: torch.Tensor  # ⟨Δ_m, Δ_n⟩
+
+
+CHUNK_BYTES = 64 << 20  # float64 rows of all models at a time
+
+
+def read_rows(checkpoint, info, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a tensor of two or more dimensions, flattened to 2-d, in float64."""
+    cols = math.prod(info.shape[1:])
+    row_bytes = cols * info.dtype.itemsize
+    buffer = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+    if buffer.numel():
+        checkpoint.read_range(info, start * row_bytes, buffer.numpy())
+    return buffer.view(info.dtype.torch).reshape(stop - start, cols).double()
+
+
+def _lora_key(plan, key, names, units, loras, lam, total_rank: int, sums: Sums) -> None:
+    """One key that carries LoRA layers, a few rows of every model at a time (memory: CHUNK_BYTES
+    and each tall layer's R factor per model, not M copies of the layer). A layer's own SVD
+    tail comes from the singular values of the R of its rows' QR, built chunk by chunk
+    (tall layers: rows ≥ columns), or of the layer read whole one model at a time (wide ones)."""
+    count, rows, cols = len(names), key.shape[0], math.prod(key.shape[1:])
+    average, sources = plan.checkpoints["average"], key.sources
+    factors = {}
+    for unit in units:  # (up, down) of each LoRA, rows × r and r × columns: small
+        factors[unit] = []
+        for lora in loras:
+            up = lora.read(lora.tensors[f"{unit.name}.lora_up.weight"]).double()
+            down = lora.read(lora.tensors[f"{unit.name}.lora_down.weight"]).double()
+            factors[unit].append((up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)))
+    tall = [u for u in units if u.stop - u.start >= cols]
+    r_factor: dict[tuple[Unit, int], torch.Tensor] = {}
+    step = max(1, CHUNK_BYTES // max(1, count * cols * 8))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        mean = read_rows(average, sources["average"], r0, r1)
+        deltas = torch.empty(count, r1 - r0, cols, dtype=torch.float64)
+        for m, name in enumerate(names):
+            deltas[m] = read_rows(plan.checkpoints[name], sources[name], r0, r1)
+            deltas[m] -= mean
+        del mean
+        flat = deltas.reshape(count, -1)
+        sums.gram += flat @ flat.T
+        sums.total += torch.einsum("mi,mi->m", flat, flat)
+        uncovered = torch.ones(r1 - r0, dtype=torch.bool)
+        for unit in units:
+            a, b = max(r0, unit.start), min(r1, unit.stop)
+            if a >= b:
+                continue
+            uncovered[a - r0 : b - r0] = False
+            piece = deltas[:, a - r0 : b - r0]
+            if unit in tall:
+                for m in range(count):
+                    stacked = piece[m] if (unit, m) not in r_factor else torch.cat(
+                        [r_factor[unit, m], piece[m]])  # fmt: skip
+                    r_factor[unit, m] = torch.linalg.qr(stacked, mode="r")[1]
+            for k, (up, down) in enumerate(factors[unit]):
+                piece -= lam[k][:, None, None] * (up[a - unit.start : b - unit.start] @ down)
+        if bool(uncovered.any()):  # rows no LoRA carries: their delta is what is left
+            left = deltas[:, uncovered].reshape(count, -1)
+            sums.private += torch.einsum("mi,mi->m", left, left)
+        sums.hyper += torch.einsum("mi,mi->m", flat, flat)  # deltas are now the residuals
+    for unit in units:
+        for m, name in enumerate(names):
+            if unit in tall:
+                matrix = r_factor.pop((unit, m))
+            else:
+                matrix = read_rows(plan.checkpoints[name], sources[name], unit.start, unit.stop)
+                matrix -= read_rows(average, sources["average"], unit.start, unit.stop)
+            values = torch.linalg.svdvals(matrix)
+            sums.private[m] += values[total_rank:].square().sum()
+
+
 def evaluate(config: HyperConfig, folder: Path, outputs: Outputs) -> list[Report]:
     plan = models_plan(config, folder, outputs.average)
     loras = [open_checkpoint(path) for path in outputs.loras]
@@ -126,7 +208,7 @@ def evaluate(config: HyperConfig, folder: Path, outputs: Outputs) -> list[Report
         hyper = torch.zeros(count, dtype=torch.float64)
         private = torch.zeros(count, dtype=torch.float64)
         gram = torch.zeros(count, count, dtype=torch.float64)
-        dtype = torch.float64
+        sums = Sums(total, hyper, private, gram)
         for key in plan.keys:
             if not key.out_dtype.is_float:
                 continue
@@ -139,28 +221,7 @@ def evaluate(config: HyperConfig, folder: Path, outputs: Outputs) -> list[Report
                     hyper += energy
                     private += energy
                 continue
-            mean = plan.checkpoints["average"].read(key.sources["average"]).to(dtype)
-            deltas = torch.stack(
-                [plan.checkpoints[n].read(key.sources[n]).to(dtype) - mean for n in names]
-            ).reshape(count, key.shape[0] if key.shape else 1, -1)
-            flat = deltas.reshape(count, -1)
-            gram += flat @ flat.T
-            total += flat.square().sum(1)
-            residual = deltas.clone()
-            alone = deltas.clone()
-            for unit in by_key.get(key.key, []):
-                rows = slice(unit.start, unit.stop)
-                for k, lora in enumerate(loras):
-                    up = lora.read(lora.tensors[f"{unit.name}.lora_up.weight"]).to(dtype)
-                    down = lora.read(lora.tensors[f"{unit.name}.lora_down.weight"]).to(dtype)
-                    update = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
-                    residual[:, rows] -= lam[k][:, None, None] * update
-                for m in range(count):
-                    values = torch.linalg.svdvals(deltas[m, rows])
-                    alone[m, rows] = 0
-                    private[m] += values[total_rank:].square().sum()
-            hyper += residual.reshape(count, -1).square().sum(1)
-            private += alone.reshape(count, -1).square().sum(1)
+            _lora_key(plan, key, names, by_key[key.key], loras, lam, total_rank, sums)
         eigenvalues = torch.linalg.eigvalsh(gram)  # ascending
         tail = float(eigenvalues[: max(count - len(loras), 0)].clamp(min=0).sum())
         scale = total.clamp(min=1e-300)

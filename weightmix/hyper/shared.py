@@ -77,7 +77,11 @@ class Residuals:
 
     def of(self, unit: Unit) -> torch.Tensor:
         mean = self.rows(self.average, unit)
-        deltas = torch.stack([self.rows(m, unit) - mean for m in self.models])
+        deltas = torch.empty(len(self.models), *mean.shape, dtype=self.dtype, device=self.device)
+        for m, model in enumerate(self.models):  # filled in place: M layers, never 2M
+            deltas[m] = self.rows(model, unit)
+            deltas[m] -= mean
+        del mean
         for lora, multipliers in self.components:
             up = lora.read(lora.tensors[f"{unit.name}.lora_up.weight"])
             down = lora.read(lora.tensors[f"{unit.name}.lora_down.weight"])
@@ -100,8 +104,7 @@ def fit_component(
     count = len(residuals.models)
     gram = torch.zeros(count, count, dtype=torch.float64)
     for deltas in _each(residuals, units, advance):
-        flat = deltas.reshape(count, -1).double()
-        gram += (flat @ flat.T).cpu()
+        gram += _gram(deltas.reshape(count, -1))
     multipliers = top_eigenvector(gram)
     for _ in range(iterations):
         fitted = torch.zeros(count, dtype=torch.float64)
@@ -110,7 +113,7 @@ def fit_component(
             up, down = shared_update(deltas, multipliers, rank)
             update = up @ down
             fitted += torch.einsum("mij,ij->m", deltas, update).double().cpu()
-            energy += float(update.double().square().sum())
+            energy += float(_gram(update.reshape(1, -1)))
         if energy == 0:
             break
         multipliers = normalise(fitted / energy)
@@ -118,6 +121,18 @@ def fit_component(
         up, down = shared_update(deltas, multipliers, rank)
         write(unit, up, down)
     return multipliers
+
+
+GRAM_COLUMNS = 1 << 20  # columns of a float64 copy at a time: M × 8 MB, not a layer's worth
+
+
+def _gram(flat: torch.Tensor) -> torch.Tensor:
+    """flat · flatᵀ (M × M) summed in float64 over column chunks, on the CPU."""
+    gram = torch.zeros(flat.shape[0], flat.shape[0], dtype=torch.float64)
+    for chunk in flat.split(GRAM_COLUMNS, dim=1):
+        chunk = chunk.double()
+        gram += (chunk @ chunk.T).cpu()
+    return gram
 
 
 def _each(residuals: Residuals, units: list[Unit], advance) -> Iterator[torch.Tensor]:
