@@ -15,7 +15,7 @@ from weightmix.engine import key_chunks
 from weightmix.errors import WeightmixError
 from weightmix.hyper.config import HyperConfig, file_names, output_folder
 from weightmix.hyper.run import model_names, models_plan, select_units
-from weightmix.hyper.shared import Unit
+from weightmix.hyper.shared import Unit, read_rows
 from weightmix.io import open_checkpoint
 
 
@@ -118,16 +118,6 @@ class Sums:
 CHUNK_BYTES = 64 << 20  # float64 rows of all models at a time
 
 
-def read_rows(checkpoint, info, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of a tensor of two or more dimensions, flattened to 2-d, in float64."""
-    cols = math.prod(info.shape[1:])
-    row_bytes = cols * info.dtype.itemsize
-    buffer = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
-    if buffer.numel():
-        checkpoint.read_range(info, start * row_bytes, buffer.numpy())
-    return buffer.view(info.dtype.torch).reshape(stop - start, cols).double()
-
-
 def _lora_key(plan, key, names, units, loras, lam, total_rank: int, sums: Sums) -> None:
     """One key that carries LoRA layers, a few rows of every model at a time (memory: CHUNK_BYTES
     and each tall layer's R factor per model, not M copies of the layer). A layer's own SVD
@@ -147,10 +137,10 @@ def _lora_key(plan, key, names, units, loras, lam, total_rank: int, sums: Sums) 
     step = max(1, CHUNK_BYTES // max(1, count * cols * 8))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        mean = read_rows(average, sources["average"], r0, r1)
+        mean = read_rows(average, sources["average"], r0, r1).double()
         deltas = torch.empty(count, r1 - r0, cols, dtype=torch.float64)
         for m, name in enumerate(names):
-            deltas[m] = read_rows(plan.checkpoints[name], sources[name], r0, r1)
+            deltas[m].copy_(read_rows(plan.checkpoints[name], sources[name], r0, r1))
             deltas[m] -= mean
         del mean
         flat = deltas.reshape(count, -1)
@@ -179,8 +169,9 @@ def _lora_key(plan, key, names, units, loras, lam, total_rank: int, sums: Sums) 
             if unit in tall:
                 matrix = r_factor.pop((unit, m))
             else:
-                matrix = read_rows(plan.checkpoints[name], sources[name], unit.start, unit.stop)
-                matrix -= read_rows(average, sources["average"], unit.start, unit.stop)
+                rows = (unit.start, unit.stop)
+                matrix = read_rows(plan.checkpoints[name], sources[name], *rows).double()
+                matrix -= read_rows(average, sources["average"], *rows).double()
             values = torch.linalg.svdvals(matrix)
             sums.private[m] += values[total_rank:].square().sum()
 

@@ -14,6 +14,7 @@ layer of every model at a time."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -40,8 +41,9 @@ def normalise(multipliers: torch.Tensor) -> torch.Tensor:
 def shared_update(deltas: torch.Tensor, multipliers: torch.Tensor, rank: int):
     """δ = SVD_r(Σ λ_m Δ_m / Σ λ_m²) of one layer (deltas: M × rows × cols), as (up, down)
     with up = U_r·√S_r, down = √S_r·V_rᵀ (see lora/svd.py)."""
-    weights = multipliers.to(deltas.dtype)
-    combined = torch.einsum("m,mij->ij", weights, deltas) / weights.square().sum()
+    weights = multipliers.to(deltas.device, deltas.dtype)
+    combined = (weights @ deltas.reshape(deltas.shape[0], -1)).reshape(deltas.shape[1:])
+    combined /= weights.square().sum()
     return truncated_factors(combined, rank)
 
 
@@ -70,16 +72,16 @@ class Residuals:
         self.dtype, self.device = dtype, device
         self.components: list[tuple[Checkpoint, torch.Tensor]] = []  # (LoRA file, λ_k)
 
-    def rows(self, checkpoint: Checkpoint, unit: Unit) -> torch.Tensor:
-        whole = checkpoint.read(checkpoint.tensors[unit.key])
-        rows = whole[unit.start : unit.stop].reshape(unit.stop - unit.start, -1)
-        return rows.to(self.device, self.dtype)
-
     def of(self, unit: Unit) -> torch.Tensor:
-        mean = self.rows(self.average, unit)
-        deltas = torch.empty(len(self.models), *mean.shape, dtype=self.dtype, device=self.device)
+        """M × rows × cols; besides it, at most one layer in the compute dtype (the mean, then
+        a LoRA's update) and one model's rows as stored."""
+        info = self.average.tensors[unit.key]
+        shape = (unit.stop - unit.start, math.prod(info.shape[1:]))
+        mean = torch.empty(shape, dtype=self.dtype, device=self.device)
+        mean.copy_(read_rows(self.average, info, unit.start, unit.stop))
+        deltas = torch.empty(len(self.models), *shape, dtype=self.dtype, device=self.device)
         for m, model in enumerate(self.models):  # filled in place: M layers, never 2M
-            deltas[m] = self.rows(model, unit)
+            deltas[m].copy_(read_rows(model, model.tensors[unit.key], unit.start, unit.stop))
             deltas[m] -= mean
         del mean
         for lora, multipliers in self.components:
@@ -87,8 +89,20 @@ class Residuals:
             down = lora.read(lora.tensors[f"{unit.name}.lora_down.weight"])
             up = up.reshape(up.shape[0], -1).to(self.device, self.dtype)
             update = up @ down.reshape(down.shape[0], -1).to(self.device, self.dtype)
-            deltas -= multipliers.to(self.device, self.dtype)[:, None, None] * update
+            for m, strength in enumerate(multipliers.tolist()):  # no M-layer temporary
+                deltas[m].sub_(update, alpha=strength)
         return deltas
+
+
+def read_rows(checkpoint: Checkpoint, info, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a tensor of two or more dimensions, flattened to 2-d, as stored:
+    only those rows' bytes are read."""
+    cols = math.prod(info.shape[1:])
+    row_bytes = cols * info.dtype.itemsize
+    buffer = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+    if buffer.numel():
+        checkpoint.read_range(info, start * row_bytes, buffer.numpy())
+    return buffer.view(info.dtype.torch).reshape(stop - start, cols)
 
 
 def fit_component(
@@ -112,7 +126,7 @@ def fit_component(
         for deltas in _each(residuals, units, advance):
             up, down = shared_update(deltas, multipliers, rank)
             update = up @ down
-            fitted += torch.einsum("mij,ij->m", deltas, update).double().cpu()
+            fitted += (deltas.reshape(count, -1) @ update.reshape(-1)).double().cpu()
             energy += float(_gram(update.reshape(1, -1)))
         if energy == 0:
             break
