@@ -73,16 +73,15 @@ class Residuals:
         self.components: list[tuple[Checkpoint, torch.Tensor]] = []  # (LoRA file, λ_k)
 
     def of(self, unit: Unit) -> torch.Tensor:
-        """M × rows × cols; besides it, at most one layer in the compute dtype (the mean, then
-        a LoRA's update) and one model's rows as stored."""
+        """M × rows × cols; besides it, the mean's and one model's rows as stored, then one
+        LoRA update in the compute dtype."""
         info = self.average.tensors[unit.key]
         shape = (unit.stop - unit.start, math.prod(info.shape[1:]))
-        mean = torch.empty(shape, dtype=self.dtype, device=self.device)
-        mean.copy_(read_rows(self.average, info, unit.start, unit.stop))
+        mean = read_rows(self.average, info, unit.start, unit.stop).to(self.device)  # as stored
         deltas = torch.empty(len(self.models), *shape, dtype=self.dtype, device=self.device)
         for m, model in enumerate(self.models):  # filled in place: M layers, never 2M
             deltas[m].copy_(read_rows(model, model.tensors[unit.key], unit.start, unit.stop))
-            deltas[m] -= mean
+            deltas[m] -= mean  # each element widened exactly on the fly, no widened copy
         del mean
         for lora, multipliers in self.components:
             up = lora.read(lora.tensors[f"{unit.name}.lora_up.weight"])
@@ -117,8 +116,11 @@ def fit_component(
     that hands each layer's (up, down) to `write`. Returns λ."""
     count = len(residuals.models)
     gram = torch.zeros(count, count, dtype=torch.float64)
+    # each layer's tensors are dropped (del) before the next layer's are read: a loop
+    # variable would otherwise keep the last M deltas alive while the next M are built
     for deltas in _each(residuals, units, advance):
         gram += _gram(deltas.reshape(count, -1))
+        del deltas
     multipliers = top_eigenvector(gram)
     for _ in range(iterations):
         fitted = torch.zeros(count, dtype=torch.float64)
@@ -126,14 +128,18 @@ def fit_component(
         for deltas in _each(residuals, units, advance):
             up, down = shared_update(deltas, multipliers, rank)
             update = up @ down
+            del up, down
             fitted += (deltas.reshape(count, -1) @ update.reshape(-1)).double().cpu()
             energy += float(_gram(update.reshape(1, -1)))
+            del deltas, update
         if energy == 0:
             break
         multipliers = normalise(fitted / energy)
     for unit, deltas in zip(units, _each(residuals, units, advance)):
         up, down = shared_update(deltas, multipliers, rank)
+        del deltas
         write(unit, up, down)
+        del up, down
     return multipliers
 
 
