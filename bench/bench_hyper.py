@@ -2,6 +2,8 @@
 
     python bench/bench_hyper.py                  # SD1.5 size (about 2.1 GB per fp16 file)
     python bench/bench_hyper.py --divisor 4      # every dimension / 4, for a quick look
+    python bench/bench_hyper.py --keys 'model.diffusion_model.output_blocks.0.0.in_layers.2.weight'
+                                                 # memory of the largest layer, in minutes
 
 The models are generated once into a scratch folder: a random base with the real key names and
 shapes, plus, in every layer a LoRA can carry, two shared low-rank directions (rank 64 and 32)
@@ -15,6 +17,7 @@ share of its delta energy recovered (1 − relative error²) beside the two boun
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -68,6 +71,7 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/weightmix-bench-hyper"))
     parser.add_argument("--divisor", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=6)
+    parser.add_argument("--keys", nargs="*", help="only these keys (globs) carry LoRAs")
     args = parser.parse_args()
     folder = args.scratch / f"d{args.divisor}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -80,6 +84,7 @@ def main() -> None:
     config.write_text(
         "name: bench\nmodels: [" + ", ".join(p.name for p in models) + "]\ndevice: cpu\n"
         f"dtype: float16\niterations: {args.iterations}\nranks: [64, 32]\n"
+        + (f"keys: {json.dumps(args.keys)}\n" if args.keys else "")
     )
     size = sum(p.stat().st_size for p in models)
     out = folder / "floor.out"
