@@ -406,3 +406,34 @@ def test_glob_of_100000_brackets_is_refused_at_once(run, tmp_path):
     result = run("merge", *models, "--drop", "[" * DEEP, "--dry-run")
     assert time.perf_counter() - start < 5
     _one_line_exit_2(result, "rules.0: keys glob of 100,000 characters: key names are far shorter")
+
+
+def test_yaml_with_thousands_of_open_brackets_is_refused_before_yaml_reads_it(
+    run, tmp_path, monkeypatch
+):
+    """PyYAML's scanner is quadratic in flow nesting (10,000 `[` take it ~2 s to refuse, and
+    a fuzzed recipe hit the 10 s limit on a busy machine): a recipe, a hyper config and a CLI
+    value with more than 1,000 brackets open at once are refused before YAML reads them."""
+    import yaml
+
+    deep = "[" * 5000 + "{" * 5000
+    for name in ("load", "safe_load"):
+        real = getattr(yaml, name)
+
+        def guarded(text, *args, real=real, **kwargs):
+            assert "[" * 5000 not in str(text), "YAML was given the deep text"
+            return real(text, *args, **kwargs)
+
+        monkeypatch.setattr(yaml, name, guarded)
+    recipe = tmp_path / "deep.yaml"
+    recipe.write_text("models: {a: a.safetensors}\nmerge: " + deep + "\n")
+    config = tmp_path / "config.yaml"
+    config.write_text("name: x\nmodels: " + deep + "\n")
+    with pytest.raises(WeightmixError, match=re.escape(f"{recipe}: nested too deeply")):
+        load_recipe(recipe)
+    _one_line_exit_2(run("hyper", config), f"{config}: nested too deeply to be a config")
+    _one_line_exit_2(run("merge", "a", "b", "-p", f"w={deep}", "--dry-run"), "nested too deeply")
+    # brackets that close again are not nesting: 2,000 of them in a row, depth 1, still read
+    wide = tmp_path / "wide.yaml"
+    wide.write_text("models: {a: a.safetensors}\nmerge: a\ntitle: '" + "[]" * 2000 + "'\n")
+    assert load_recipe(wide).title == "[]" * 2000

@@ -482,7 +482,11 @@ def _number_or_value(text: str, where: str) -> Any:
 
 def _value(text: str, where: str) -> Any:
     """A flag value as YAML reads it: 0.3 -> float, [1, 2] -> list, true -> bool."""
+    from weightmix.recipe import MAX_FLOW_DEPTH, flow_depth
+
     try:
+        if flow_depth(text) > MAX_FLOW_DEPTH:  # PyYAML's scanner is quadratic in this depth
+            raise RecursionError
         return yaml.safe_load(text)
     except (yaml.YAMLError, ValueError, OverflowError):  # ValueError: 5000 digits, 2001-13-45
         return text

@@ -281,11 +281,30 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(read_recipe_data(path), str(path), path.parent)
 
 
+MAX_FLOW_DEPTH = 1000  # [ and { left open at once; a recipe needs a few
+
+
+def flow_depth(text: str) -> int:
+    """The most [ and { open at once, quotes not looked at: an upper bound on YAML's flow
+    nesting, counted in linear time (10,000 open brackets take PyYAML ~2 s to refuse)."""
+    depth = deepest = 0
+    for run in re.finditer(r"[\[{]+|[\]}]+", text):
+        if run[0][0] in "[{":
+            depth += len(run[0])
+            deepest = max(deepest, depth)
+        else:
+            depth = max(0, depth - len(run[0]))
+    return deepest
+
+
 def read_recipe_data(path: Path) -> dict[str, Any]:
     """A recipe file's YAML as plain data, exactly as written (a key given twice is an error,
     not silently the last value)."""
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader)
+        text = path.read_text(encoding="utf-8")
+        if flow_depth(text) > MAX_FLOW_DEPTH:  # PyYAML's scanner is quadratic in this depth
+            raise RecursionError
+        data = yaml.load(text, Loader=_RecipeLoader)
     except OSError as error:
         raise WeightmixError(f"{path}: cannot read recipe: {error.strerror}") from None
     except UnicodeDecodeError:

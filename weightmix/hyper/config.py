@@ -37,10 +37,22 @@ class HyperConfig(BaseModel):
 
 def load_config(path: Path) -> tuple[HyperConfig, Path]:
     """The config and the folder its relative paths are taken from."""
+    from weightmix.recipe import MAX_FLOW_DEPTH, flow_depth
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        if flow_depth(text) > MAX_FLOW_DEPTH:  # PyYAML's scanner is quadratic in this depth
+            raise RecursionError
+        data = yaml.safe_load(text)
     except OSError as error:
         raise WeightmixError(f"{path}: cannot read: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise WeightmixError(f"{path}: is not a text file; a config is UTF-8 YAML") from None
+    except RecursionError:
+        raise WeightmixError(f"{path}: nested too deeply to be a config") from None
+    except (ValueError, OverflowError) as error:  # a number of 5000 digits, a date 2001-13-45
+        problem = str(error).split(";")[0].splitlines()[0]
+        raise WeightmixError(f"{path}: holds a value YAML cannot read ({problem})") from None
     except yaml.YAMLError as error:
         raise WeightmixError(f"{path}: not YAML: {str(error).splitlines()[0]}") from None
     try:
