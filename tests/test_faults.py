@@ -520,3 +520,121 @@ def test_a_move_stopped_before_the_old_set_broke_keeps_the_old_set(tmp_path, mon
     assert any("(and out-00001-of-00002.safetensors, left by" in w for w in swept), swept
     assert old.read_bytes() == b"the old, whole output"
     assert not (tmp_path / "out-00001-of-00002.safetensors").exists()
+
+
+def folder_model(path: Path, scale: float) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    save(path / "model.safetensors", {"w.weight": torch.eye(4, 3) * scale + scale})
+    return path
+
+
+def test_a_failed_hyper_overwrite_puts_the_earlier_average_folder_back(run, tmp_path, monkeypatch):
+    """Folder models make a folder average: moved aside while the new set moves in, and put
+    back, whole, when the move fails (a review found it deleted with the staging folder)."""
+    from weightmix.hyper import run as hyper_run
+
+    models = [folder_model(tmp_path / f"m{m}", m + 1.0) for m in range(3)]
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"name": "toy", "models": [str(p) for p in models],
+                                  "iterations": 2, "ranks": [1], "output": "out"}))  # fmt: skip
+    assert run("hyper", config, "-q").code == 0
+    average = tmp_path / "out" / "toy_average"
+    before = {p.relative_to(average): p.read_bytes() for p in average.rglob("*") if p.is_file()}
+    assert before
+
+    def no_room(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hyper_run, "replace_set", no_room)
+    result = run("hyper", config, "-q", "--overwrite")
+    assert result.code == 2 and len(result.err.splitlines()) == 1, result.err
+    after = {p.relative_to(average): p.read_bytes() for p in average.rglob("*") if p.is_file()}
+    assert after == before
+    assert not [n for n in folder_listing(tmp_path / "out") if n.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    "journal",
+    [
+        '{"new": [["a", Infinity, "f"]], "old": [], "old_marker": null}',
+        '{"new": [["zz", 1, "f"]], "old": [], "old_marker": ["x\\u0000y", 1, "f"]}',
+        '{"new": [["\\ud800", 1, "f"]], "old": [], "old_marker": null}',
+        '{"new": [["a", 1]], "old": [], "old_marker": null}',
+        '{"new": [], "old": [["notes.txt", INODE, "f"], ["keep", DIR, "d"]], "old_marker": null}',
+        '{"new": [["zz", 1, "f"]], "old": [["notes.txt", INODE, "f"], ["keep", DIR, "d"]],'
+        ' "old_marker": null}',
+        "[" * 5000,
+        "",
+    ],
+)
+def test_a_journal_not_written_by_a_killed_run_never_stops_a_run_or_removes_a_folder(
+    run, tmp_path, models, journal
+):
+    """Corrupt or hostile journals: the run goes on (exit 0), the journal goes, and neither a
+    file it names nor a folder is touched unless it is a piece of a set (a folder never is,
+    unless the killed run made it)."""
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "data.txt").write_text("mine")
+    (tmp_path / "notes.txt").write_text("mine too")
+    text = journal.replace("INODE", str((tmp_path / "notes.txt").stat().st_ino))
+    text = text.replace("DIR", str((tmp_path / "keep").stat().st_ino))
+    (tmp_path / ".x.weightmix-abcdefgh.commit").write_text(text)
+    result = run("merge", models["A"], models["B"], "-o", tmp_path / "out.safetensors")
+    assert result.code == 0, result.err
+    assert (tmp_path / "keep" / "data.txt").read_text() == "mine"
+    assert not (tmp_path / ".x.weightmix-abcdefgh.commit").exists()
+    if '"new": []' in journal or "Infinity" in journal or "[" * 50 in journal:
+        assert (tmp_path / "notes.txt").read_text() == "mine too"
+
+
+def test_another_users_journal_is_not_followed(run, tmp_path, models):
+    """In a shared folder another user could plant a journal naming our files: it is not
+    followed (only the journal's owner's own runs write journals)."""
+    (tmp_path / "notes.txt").write_text("mine")
+    inode = (tmp_path / "notes.txt").stat().st_ino
+    journal = tmp_path / ".x.weightmix-abcdefgh.commit"
+    journal.write_text(json.dumps({"new": [["zz", 1, "f"]], "old": [["notes.txt", inode, "f"]],
+                                   "old_marker": None}))  # fmt: skip
+    os.chown(journal, 65534, 65534)
+    result = run("merge", models["A"], models["B"], "-o", tmp_path / "out.safetensors")
+    assert result.code == 0, result.err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_clean_up_that_fails_after_the_set_landed_is_not_an_error(run, tmp_path, models):
+    """The new set is whole once moved: an old entry that cannot be removed (a folder named
+    like a shard) stays, the run succeeds, and no later run removes that folder."""
+    odd = tmp_path / "out-00001-of-00002.safetensors"
+    odd.mkdir()
+    (odd / "data.txt").write_text("mine")
+    out = tmp_path / "out.safetensors"
+    result = run("merge", models["A"], models["B"], "-o", out, "--overwrite", "-q")
+    assert result.code == 0, result.err
+    assert load(out)
+    result = run("merge", models["A"], models["B"], "-o", tmp_path / "other.safetensors")
+    assert result.code == 0 and "removed" not in result.err, result.err
+    assert (odd / "data.txt").read_text() == "mine"
+    assert not [n for n in folder_listing(tmp_path) if n.startswith(".")]
+
+
+def test_a_full_disk_that_counts_no_inodes_is_not_called_out_of_inodes(tmp_path):
+    """tmpfs with nr_inodes=0 (like btrfs) reports 0 inodes, 0 free: a full disk there is
+    said as a full disk."""
+    from weightmix.io.writer import space_error
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=0", "tmpfs",
+                           str(mount)], capture_output=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        fill(mount, 0)
+        with pytest.raises(OSError) as caught, open(mount / "more", "wb") as handle:
+            handle.write(b"\0" * 65536)
+            handle.flush()
+        message = str(space_error(mount / "out.safetensors", 8192, caught.value))
+        assert "the disk is full" in message and "inode" not in message, message
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

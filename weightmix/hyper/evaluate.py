@@ -15,7 +15,7 @@ from weightmix.engine import key_chunks
 from weightmix.errors import WeightmixError
 from weightmix.hyper.config import HyperConfig, file_names, output_folder
 from weightmix.hyper.run import model_names, models_plan, select_units
-from weightmix.hyper.shared import Unit, read_rows
+from weightmix.hyper.shared import read_rows
 from weightmix.io import open_checkpoint
 
 
@@ -119,10 +119,9 @@ CHUNK_BYTES = 64 << 20  # float64 rows of all models at a time
 
 
 def _lora_key(plan, key, names, units, loras, lam, total_rank: int, sums: Sums) -> None:
-    """One key that carries LoRA layers, a few rows of every model at a time (memory: CHUNK_BYTES
-    and each tall layer's R factor per model, not M copies of the layer). A layer's own SVD
-    tail comes from the singular values of the R of its rows' QR, built chunk by chunk
-    (tall layers: rows ≥ columns), or of the layer read whole one model at a time (wide ones)."""
+    """One key that carries LoRA layers, a few rows of every model at a time (CHUNK_BYTES of
+    float64) for the Gram matrix, totals and residuals; then each layer's own SVD tail, one
+    model's layer at a time (float64: about two float32 deltas, never M)."""
     count, rows, cols = len(names), key.shape[0], math.prod(key.shape[1:])
     average, sources = plan.checkpoints["average"], key.sources
     factors = {}
@@ -132,8 +131,6 @@ def _lora_key(plan, key, names, units, loras, lam, total_rank: int, sums: Sums) 
             up = lora.read(lora.tensors[f"{unit.name}.lora_up.weight"]).double()
             down = lora.read(lora.tensors[f"{unit.name}.lora_down.weight"]).double()
             factors[unit].append((up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)))
-    tall = [u for u in units if u.stop - u.start >= cols]
-    r_factor: dict[tuple[Unit, int], torch.Tensor] = {}
     step = max(1, CHUNK_BYTES // max(1, count * cols * 8))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
@@ -153,26 +150,20 @@ def _lora_key(plan, key, names, units, loras, lam, total_rank: int, sums: Sums) 
                 continue
             uncovered[a - r0 : b - r0] = False
             piece = deltas[:, a - r0 : b - r0]
-            if unit in tall:
-                for m in range(count):
-                    stacked = piece[m] if (unit, m) not in r_factor else torch.cat(
-                        [r_factor[unit, m], piece[m]])  # fmt: skip
-                    r_factor[unit, m] = torch.linalg.qr(stacked, mode="r")[1]
             for k, (up, down) in enumerate(factors[unit]):
                 piece -= lam[k][:, None, None] * (up[a - unit.start : b - unit.start] @ down)
         if bool(uncovered.any()):  # rows no LoRA carries: their delta is what is left
             left = deltas[:, uncovered].reshape(count, -1)
             sums.private += torch.einsum("mi,mi->m", left, left)
         sums.hyper += torch.einsum("mi,mi->m", flat, flat)  # deltas are now the residuals
-    for unit in units:
+    for unit in units:  # each layer's own SVD, one model at a time
+        rows = (unit.start, unit.stop)
+        mean = read_rows(average, sources["average"], *rows)
         for m, name in enumerate(names):
-            if unit in tall:
-                matrix = r_factor.pop((unit, m))
-            else:
-                rows = (unit.start, unit.stop)
-                matrix = read_rows(plan.checkpoints[name], sources[name], *rows).double()
-                matrix -= read_rows(average, sources["average"], *rows).double()
+            matrix = read_rows(plan.checkpoints[name], sources[name], *rows).double()
+            matrix -= mean
             values = torch.linalg.svdvals(matrix)
+            del matrix
             sums.private[m] += values[total_rank:].square().sum()
 
 

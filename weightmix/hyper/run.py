@@ -21,7 +21,7 @@ from weightmix.hyper.shared import Residuals, Unit, fit_component
 from weightmix.io import open_checkpoint
 from weightmix.io.dtypes import OUTPUT_DTYPES, dtype_from_name
 from weightmix.io.folders import FolderCheckpoint
-from weightmix.io.locks import DestinationLock, replace_set, temporary_folder
+from weightmix.io.locks import MARK, DestinationLock, replace_set, temporary_folder
 from weightmix.io.writer import OutputTensor, open_output, out_of_space, write_file
 from weightmix.lora.extract import units as lora_units
 from weightmix.lora.formats import KOHYA
@@ -121,15 +121,8 @@ def hyper_merge(
     try:
         result = _build(config, folder, staging, names, units, dtype, progress)
         result.notes = swept + result.notes
-        average = out / names["average"]
-        if average.is_dir():  # an earlier average folder (--overwrite): aside, gone with staging
-            os.replace(average, staging / ".previous-average")
-        # one by one under a journal; the JSON twin, last, marks a whole set
-        replace_set(
-            [(path, out / path.name) for path in result.files],
-            [p for p in finals if p.is_file()],
-            first=out / names["json"],
-        )
+        with out_of_space(out / names["average"], 0):  # no inode left for the journal
+            _move_into_place(out, result.files, finals, names)
         result.files = [out / path.name for path in result.files]
         return result
     except BaseException:
@@ -141,6 +134,32 @@ def hyper_merge(
         shutil.rmtree(staging, ignore_errors=True)
         held.release()
         lock.release()
+
+
+def _move_into_place(out: Path, files: list[Path], finals: list[Path], names) -> None:
+    """Move the staged files into `out` one by one under a journal (replace_set; the JSON
+    twin, last, marks a whole set). An earlier average folder (--overwrite) waits in a hidden
+    `.old` folder meanwhile: put back if the move fails, and by the next run's sweep if this
+    one is killed before the new average is in place."""
+    average = out / names["average"]
+    aside, held = None, None
+    if average.is_dir():
+        aside, held = temporary_folder(out, f".{average.name}{MARK}", ".old")
+        os.replace(average, aside / "previous")
+    try:
+        replace_set(
+            [(path, out / path.name) for path in files],
+            [p for p in finals if p.is_file()],
+            first=out / names["json"],
+        )
+    except BaseException:
+        if aside is not None and not average.exists():
+            os.replace(aside / "previous", average)
+        raise
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+            held.release()
 
 
 def _build(config, folder, staging, names, units, dtype, progress) -> HyperResult:

@@ -36,6 +36,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from weightmix.errors import WeightmixError
+from weightmix.io.header import is_text
 
 _RANDOM = r"[a-z0-9_]{8}"  # tempfile's names
 MARK = ".weightmix-"  # in every temporary name: a user's own hidden files never match
@@ -129,7 +130,7 @@ def sweep_stale(folder: Path) -> list[str]:
         return done
     with folder_guard(folder):
         for name in candidates:
-            with suppress(OSError):
+            with suppress(OSError, ValueError):  # a sweep never stops the run that sweeps
                 what = _sweep_one(folder, name)
                 if what:
                     done.append(what)
@@ -243,11 +244,12 @@ def _read_holder(fd: int) -> str:
 
 
 def replace_set(moves: list[tuple[Path, Path]], old: list[Path], first: Path | None) -> None:
-    """Move each temporary file to its destination, in order (the last is the set's marker,
-    e.g. the shard index), under a journal a sweep can finish from; then remove the files of
-    `old` (what the destinations replace, in any layout) that the new set did not overwrite.
-    `first`, when given, is removed before anything moves (an old index: the old set stops
-    being a set before any of its files is replaced)."""
+    """Move each temporary file (or folder) to its destination, in order (the last is the
+    set's marker, e.g. the shard index), under a journal a sweep can finish from; then remove
+    the files of `old` (what the destinations replace, in any layout) that the new set did not
+    overwrite. `first`, when given, is removed before anything moves (an old index: the old set
+    stops being a set before any of its files is replaced). A destination that is a folder
+    must not exist (move an old one aside first)."""
     folder = moves[-1][1].parent
     with folder_guard(folder):
         fd, name = tempfile.mkstemp(
@@ -258,12 +260,12 @@ def replace_set(moves: list[tuple[Path, Path]], old: list[Path], first: Path | N
     try:
         marker = next((p for p in (first, *old) if p is not None and p.exists()), None)
         record = {
-            "new": [[dest.name, os.stat(temp).st_ino] for temp, dest in moves],
-            "old": [[p.name, _inode(p)] for p in old if _inode(p) is not None],
-            "old_marker": [marker.name, _inode(marker)] if marker is not None else None,
+            "new": [_entry(dest.name, temp) for temp, dest in moves],
+            "old": [_entry(p.name, p) for p in old if _inode(p) is not None],
+            "old_marker": _entry(marker.name, marker) if marker is not None else None,
         }
         try:
-            os.write(fd, json.dumps(record).encode())
+            _write_all(fd, json.dumps(record).encode())
         except OSError:
             journal.unlink(missing_ok=True)  # nothing moved yet: no journal is needed
             raise
@@ -271,50 +273,90 @@ def replace_set(moves: list[tuple[Path, Path]], old: list[Path], first: Path | N
             first.unlink(missing_ok=True)
         for temp, dest in moves:
             os.replace(temp, dest)
-        placed = {dest for _, dest in moves}
-        for path in old:
-            if path not in placed:
-                path.unlink(missing_ok=True)
-        journal.unlink(missing_ok=True)
-    finally:
-        os.close(fd)
+    except BaseException:
+        os.close(fd)  # the journal stays, unheld: the next sweep finishes or undoes the move
+        raise
+    placed = {dest for _, dest in moves}
+    for path in old:  # the new set is whole: the rest is clean-up, best effort
+        if path not in placed:
+            with suppress(OSError):
+                path.unlink()
+    journal.unlink(missing_ok=True)
+    os.close(fd)
+
+
+def _entry(name: str, path: Path) -> list:
+    """[name, inode, 'd' for a folder or 'f']: what a sweep may remove, and how."""
+    info = os.stat(path, follow_symlinks=False)
+    return [name, info.st_ino, "d" if stat.S_ISDIR(info.st_mode) else "f"]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _inode(path: Path) -> int | None:
     try:
         return os.stat(path, follow_symlinks=False).st_ino
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL or a lone surrogate in the name
         return None
 
 
+def _entries(value: object) -> list[tuple[str, int, str]]:
+    """A journal's list of [name, inode, kind], checked: plain names in the folder only."""
+    if not isinstance(value, list):
+        raise ValueError("not a list")
+    found = []
+    for item in value:
+        name, inode, kind = item
+        if not (isinstance(name, str) and type(inode) is int and kind in ("d", "f")):
+            raise ValueError("not [name, inode, kind]")
+        if "/" in name or "\0" in name or name in ("", ".", "..") or not is_text(name):
+            raise ValueError("not a plain name")
+        found.append((name, inode, kind))
+    return found
+
+
 def _finish_set(folder: Path, fd: int) -> list[str]:
-    """What a journal left by a killed replace_set asks: returns the names removed."""
+    """What a journal left by a killed replace_set asks: returns the names removed. Only a
+    journal this user owns is followed (another user's could name our files), and only
+    entries whose inode and kind still match are removed."""
     try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            return []
         record = json.loads(os.pread(fd, 1 << 20, 0))
-        new = [(str(n), int(i)) for n, i in record["new"]]
-        old = [(str(n), int(i)) for n, i in record["old"]]
-        old_marker = record["old_marker"]
-        if old_marker is not None:
-            old_marker = (str(old_marker[0]), int(old_marker[1]))
-    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+        new = _entries(record["new"])
+        old = _entries(record["old"])
+        marker = _entries([record["old_marker"]]) if record["old_marker"] is not None else []
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError, OverflowError):
         return []  # not a journal this code wrote: only the journal goes
-    if any("/" in n or "\0" in n or n in ("", ".", "..") for n, _ in (*new, *old)):
+    if not new:
         return []
 
-    def present(name: str, inode: int) -> bool:
-        return _inode(folder / name) == inode
+    def present(name: str, inode: int, kind: str) -> bool:
+        try:
+            info = os.stat(folder / name, follow_symlinks=False)
+        except (OSError, ValueError):
+            return False
+        is_dir = stat.S_ISDIR(info.st_mode)
+        return info.st_ino == inode and (is_dir if kind == "d" else stat.S_ISREG(info.st_mode))
 
-    if all(present(n, i) for n, i in new):
+    if all(present(*entry) for entry in new):
         doomed = old  # the new set landed: the old files it did not overwrite go
-    elif old_marker is not None and present(*old_marker):
+    elif marker and present(*marker[0]):
         doomed = new  # it did not, and the old set is whole: only the new pieces go
     else:
         doomed = new + old  # neither set is whole: the pieces of both go
     removed = []
-    for name, inode in doomed:
-        if present(name, inode):
-            if stat.S_ISDIR(os.stat(folder / name, follow_symlinks=False).st_mode):
-                shutil.rmtree(folder / name)  # a model folder of the set
+    folders = {(name, inode) for name, inode, kind in new if kind == "d"}
+    for name, inode, kind in doomed:
+        if kind == "d" and (name, inode) not in folders:
+            continue  # only a folder this run made is removed whole
+        if present(name, inode, kind):
+            if kind == "d":
+                shutil.rmtree(folder / name)  # a model folder of the set (Hyper's average)
             else:
                 (folder / name).unlink()
             removed.append(name)

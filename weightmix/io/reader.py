@@ -229,10 +229,11 @@ def _open_index(index: Path) -> Checkpoint:
         raise WeightmixError(f"{index}: shard index has no 'weight_map' of key -> file name")
     by_shard: dict[str, set[str]] = {}
     for key, shard in weight_map.items():
-        if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+        parts = shard.replace("\\", "/").split("/")
+        if shard.startswith(("/", "\\")) or ".." in parts or not shard.strip("./\\"):
             raise WeightmixError(
-                f"{index}: names shard {shard!r} for '{key}', which is not a file name beside"
-                " the index: shards must lie in the index's own folder"
+                f"{index}: names shard {shard!r} for '{key}', which is not a file name inside"
+                " the index's folder: shards must lie in the index's own folder"
             )
         by_shard.setdefault(shard, set()).add(key)
     headers, tensors = [], {}

@@ -167,7 +167,8 @@ def space_error(dest: Path, needed: int, error: OSError) -> WeightmixError:
     folder = dest.parent
     try:
         free = f", {format_size(shutil.disk_usage(folder).free)} free now"
-        no_inode = error.errno == errno.ENOSPC and os.statvfs(folder).f_favail == 0
+        counts = os.statvfs(folder)  # f_files 0: this file system does not count inodes
+        no_inode = error.errno == errno.ENOSPC and counts.f_files > 0 and counts.f_favail == 0
     except OSError:
         free, no_inode = "", False
     if no_inode:  # the same ENOSPC: no more files, though bytes may be free
@@ -297,7 +298,7 @@ class SafetensorsOutput:
         with out_of_space(self.dest, self.needed):
             replace_set(
                 [(file.temp, file.dest) for file in self._files],
-                existing_outputs(self.dest),
+                [path for path in existing_outputs(self.dest) if path.is_file()],
                 first=self.index_path,
             )
         written = [file.dest for file in self._files]

@@ -113,6 +113,9 @@ def extract_command(base: str, tuned: str, output: Path, **flags: Any) -> None:
     from weightmix.progress import make_progress
 
     check_rank(flags["rank"], flags["energy"])
+    from weightmix.output_checks import sweep_notes
+
+    swept = sweep_notes(output.parent)  # before "exists", as merge does
     check_file_output(output, flags["overwrite"], [Path(base), Path(tuned)])
     data: dict[str, Any] = {
         "models": {"base": base, "tuned": tuned},
@@ -122,9 +125,7 @@ def extract_command(base: str, tuned: str, output: Path, **flags: Any) -> None:
         data["compute_dtype"] = flags["compute_dtype"]
     planned = api.make_plan(parse_recipe(data, "command line"))
     try:
-        from weightmix.output_checks import sweep_notes
-
-        _notes(planned.notes + sweep_notes(output.parent), flags["quiet"])
+        _notes(swept + planned.notes, flags["quiet"])
         settings = (flags["fmt"], flags["rank"], flags["energy"], flags["dtype"])
         done = extract(planned, output, *settings, make_progress(not flags["quiet"]))
     finally:
@@ -165,10 +166,11 @@ def merge_command(loras: tuple[str, ...], output: Path, **flags: Any) -> None:
             raise WeightmixError(f"LoRA {path}: strength {strength!r} is not a number")
         if not math.isfinite(strength):
             raise WeightmixError(f"LoRA {path}: strength {strength} is not a finite number")
-    check_file_output(output, flags["overwrite"], [Path(path) for path, _ in pairs])
     from weightmix.output_checks import sweep_notes
 
-    _notes(sweep_notes(output.parent), flags["quiet"])
+    if output.parent.is_dir():  # before "exists": pieces a killed run left are not an output
+        _notes(sweep_notes(output.parent), flags["quiet"])
+    check_file_output(output, flags["overwrite"], [Path(path) for path, _ in pairs])
     sources = []
     try:
         for number, (path, strength) in enumerate(pairs):
