@@ -24,6 +24,8 @@ import torch
 
 from weightmix.allocator import keep_chunk_buffers
 from weightmix.expression import (
+    Leaf,
+    Op,
     evaluate,
     is_elementwise,
     ops,
@@ -36,6 +38,7 @@ from weightmix.io import open_output
 from weightmix.io.folder_output import FolderOutput
 from weightmix.io.memory_output import MemoryOutput
 from weightmix.io.writer import SafetensorsOutput, tensor_bytes
+from weightmix.methods.arithmetic import linear_combination
 from weightmix.methods.streaming import CHUNK, ModelStatistic, Streamer
 from weightmix.plan import KeyPlan, Plan
 from weightmix.progress import Progress
@@ -344,10 +347,18 @@ def run_task(
     out_dtype = key.out_dtype.torch
     out_size = key.out_dtype.itemsize
     stream = _rounding_stream(plan, key)
-    for start, raw, inputs in _read_chunks(plan, key, task.start, task.stop, buffers):
+    linear = linear_call(plan, key) if streamers is None else None
+    chunks = _read_chunks(plan, key, task.start, task.stop, buffers, widen=linear is None)
+    for start, raw, inputs in chunks:
         count = min(CHUNK_ELEMENTS, task.stop - start)
         if key.expr is None:
             result = inputs[key.copy_from]
+        elif linear is not None:  # inputs as stored, widened inside the products
+            models, coefficients = linear
+            terms = [inputs[model] for model in models]
+            result = linear_combination(terms, coefficients, plan.compute_dtype.torch)
+            if result.dtype not in (plan.compute_dtype.torch, out_dtype):
+                result = result.to(plan.compute_dtype.torch)  # an input returned as it is
         else:
             result = evaluate(key.expr, inputs, _draw(key, start), streamers, known)
             if result.numel() != count:
@@ -368,12 +379,36 @@ def _draw(key: KeyPlan, start: int) -> Draw | None:
     return Draw(key.stream, start) if key.stream is not None else None
 
 
+# stored dtypes that torch's mixed-dtype arithmetic widens to each compute dtype, exactly
+WIDENS_EXACTLY = {
+    torch.float32: (torch.float16, torch.bfloat16, torch.float32),
+    torch.float64: (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+}
+
+
+def linear_call(plan: Plan, key: KeyPlan) -> tuple[list[str], list[float]] | None:
+    """(models, coefficients) when the key's merge is one call of a linear method (see
+    MethodSpec.linear) on the models themselves, each stored in a dtype the compute dtype
+    holds exactly: the engine then feeds it the chunks as read (no widened copies), with the
+    same result to the bit. None otherwise."""
+    node = key.expr
+    if not isinstance(node, Op) or node.method.linear is None:
+        return None
+    if not all(isinstance(child, Leaf) for child in node.inputs):
+        return None
+    exact = WIDENS_EXACTLY.get(plan.compute_dtype.torch, ())
+    if any(info.dtype.torch not in exact for info in key.sources.values()):
+        return None  # (torch promotes no float8 type: those are widened by copies)
+    models = [child.model for child in node.inputs]
+    return models, node.method.linear(len(models), node.params)
+
+
 def _read_chunks(
-    plan: Plan, key: KeyPlan, first: int, stop: int, buffers: _Buffers
+    plan: Plan, key: KeyPlan, first: int, stop: int, buffers: _Buffers, widen: bool = True
 ) -> Iterator[tuple[int, dict[str, tuple[torch.Tensor, memoryview]], dict[str, torch.Tensor]]]:
     """Each chunk of elements [first, stop) of the key's inputs, in order: its start, the raw
-    buffers (typed and bytes) and the tensors in compute dtype (raw ones for copies). The
-    buffers are reused: a chunk is valid until the next is read."""
+    buffers (typed and bytes) and the tensors in compute dtype (raw ones for copies, or when
+    `widen` is False). The buffers are reused: a chunk is valid until the next is read."""
     sources = [
         (plan.checkpoints[m], m, info, f"raw{n}") for n, (m, info) in enumerate(key.sources.items())
     ]
@@ -385,7 +420,7 @@ def _read_chunks(
             raw[model] = buffers.get(name, info.dtype.torch, count)
             checkpoint.read_range(info, start * info.dtype.itemsize, raw[model][1])
         inputs = {model: tensor for model, (tensor, _) in raw.items()}
-        if key.expr is not None:
+        if key.expr is not None and widen:
             for model, tensor in inputs.items():
                 if tensor.dtype != compute_dtype:
                     inputs[model] = buffers.get(f"in{model}", compute_dtype, count)[0].copy_(tensor)

@@ -20,16 +20,25 @@ from weightmix.methods.registry import (
 )
 
 
-def linear_combination(tensors: Sequence[Tensor], coefficients: Sequence[float]) -> Tensor:
+def linear_combination(
+    tensors: Sequence[Tensor], coefficients: Sequence[float], dtype: torch.dtype | None = None
+) -> Tensor:
     """Σ cᵢ·tᵢ. Terms with cᵢ = 0 are skipped, and a single term with c = 1 is returned
-    as it is, so that e.g. alpha 0 reproduces the first model bit for bit."""
+    as it is, so that e.g. alpha 0 reproduces the first model bit for bit.
+
+    With `dtype` (wider than or equal to every tensor's) the tensors may be given as stored:
+    each is widened inside the products, element by element, which gives exactly the result of
+    widening them first (widening is exact) without a widened copy of each."""
     terms = [(c, t) for c, t in zip(coefficients, tensors) if c != 0]
     if not terms:
-        return tensors[0] * 0.0
+        return (tensors[0] if dtype is None else tensors[0].to(dtype)) * 0.0
     if len(terms) == 1 and terms[0][0] == 1.0:
         return terms[0][1]
     (first_c, first), *rest = terms
-    result = first * first_c
+    if dtype is None or first.dtype == dtype:
+        result = first * first_c
+    else:  # a one-element tensor of `dtype` promotes (a 0-d one or a float would not)
+        result = first * torch.full((1,), first_c, dtype=dtype, device=first.device)
     for c, tensor in rest:
         result.add_(tensor, alpha=c)
     return result
@@ -63,7 +72,18 @@ def _check_weighted_sum(count: int, params: dict[str, Any]) -> str | None:
     return None
 
 
-@merge_method(inputs=ANY, output=SAME, min_inputs=2, check=_check_weighted_sum, elementwise=True)
+def _weighted_sum_linear(count: int, params: dict[str, Any]) -> list[float]:
+    return weighted_sum_coefficients(count, params["alpha"], params["weights"], params["normalize"])
+
+
+@merge_method(
+    inputs=ANY,
+    output=SAME,
+    min_inputs=2,
+    check=_check_weighted_sum,
+    elementwise=True,
+    linear=_weighted_sum_linear,
+)
 def weighted_sum(
     *models: Tensor,
     alpha: Fraction | None = None,
@@ -91,7 +111,13 @@ def subtract(a: Tensor, b: Tensor) -> Tensor:
     return a - b
 
 
-@merge_method(inputs=(WEIGHT, DELTA), output=WEIGHT, min_inputs=2, elementwise=True)
+@merge_method(
+    inputs=(WEIGHT, DELTA),
+    output=WEIGHT,
+    min_inputs=2,
+    elementwise=True,
+    linear=lambda count, params: [1.0] + [params["alpha"]] * (count - 1),
+)
 def add(base: Tensor, *deltas: Tensor, alpha: Finite = 1.0) -> Tensor:
     """base + α·Σ deltas: apply task vectors (from subtract) to a model."""
     return linear_combination([base, *deltas], [1.0] + [alpha] * len(deltas))

@@ -105,6 +105,9 @@ class MethodSpec:
     model_statistic: type[ModelStatistic] | None = None  # gathered over all keys first
     # how many elements each input supplies (per-element choice methods; for --dry-run)
     census: Callable[[Sequence[Tensor], dict[str, Any]], list[int]] | None = None
+    # the call is exactly linear_combination(inputs, linear(count, params)): the engine may
+    # hand it inputs as stored and widen them inside the arithmetic (engine.linear_call)
+    linear: Callable[[int, dict[str, Any]], list[float]] | None = None
 
     def streams(self, params: dict[str, Any]) -> bool:
         """Whether a call with these parameters can run in chunks with statistics passes."""
@@ -177,6 +180,7 @@ def merge_method(
     streamer: type[Streamer] | None = None,
     model_statistic: type[ModelStatistic] | None = None,
     census: Callable[[Sequence[Tensor], dict[str, Any]], list[int]] | None = None,
+    linear: Callable[[int, dict[str, Any]], list[float]] | None = None,
 ) -> Callable[[Callable[..., Tensor]], MethodSpec]:
     """Register a merge method. `inputs` gives the merge space (weight, delta or any) of each
     input (the last repeats), `output` the space of the result (or 'same' as the inputs).
@@ -186,6 +190,8 @@ def merge_method(
     a `model_statistic` is gathered over every key the call merges, before the merge, and given
     to the function as its keyword `statistic`. A `census(inputs, params)` of a method that
     picks each element from one input counts how many each input supplies (for --dry-run).
+    `linear(count, params)` declares that the function is exactly
+    arithmetic.linear_combination(inputs, those coefficients).
     A keyword `draw` (not a recipe parameter) asks for seeded random numbers: the engine passes
     a rounding.Draw for the elements at hand. A trailing _ is dropped from parameter names
     (lambda_ is written `lambda`)."""
@@ -220,6 +226,7 @@ def merge_method(
             streamer=streamer,
             model_statistic=model_statistic,
             census=census,
+            linear=linear,
             summary=" ".join((inspect.getdoc(func) or "").split("\n\n")[0].split()),
         )
         if spec.name in METHODS:
