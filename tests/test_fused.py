@@ -114,3 +114,51 @@ def test_the_fused_path_is_taken_only_where_it_is_exact(tmp_path):
     assert not linear({"a": fp16, "b": fp16}, nested)
     assert not linear({"a": fp16, "b": fp16, "c": fp16},
                       {"method": "add_difference", "inputs": ["a", "b", "c"]})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("stored", "out_dtype", "merge", "rounding", "screened"),
+    [
+        (torch.float16, "fp16", {"alpha": 0.5}, "nearest", False),
+        (torch.float16, "fp16", {"weights": [1.0, 2.0]}, "nearest", False),
+        (torch.float16, "bf16", {"alpha": 0.25}, "nearest", False),
+        (torch.bfloat16, "fp16", {"alpha": 0.5}, "nearest", True),  # bf16 reaches 3e38
+        (torch.float32, "bf16", {"alpha": 0.5}, "nearest", True),
+        (torch.float16, "fp16", {"weights": [2.0, -1.0]}, "nearest", True),  # not convex
+        (torch.float16, "fp16", {"weights": [2.0, 1.0], "normalize": False}, "nearest", True),
+        (torch.float16, "fp16", {"alpha": 0.5}, "stochastic", True),
+    ],
+)
+def test_the_non_finite_screen_is_skipped_only_for_convex_blends_that_cannot_overflow(
+    tmp_path, monkeypatch, stored, out_dtype, merge, rounding, screened
+):
+    """A convex blend of fp16 models written as fp16 cannot make inf or NaN from finite
+    values: the screen is skipped there, and the output (inputs at ±65504, the largest fp16
+    value, in every pairing) is finite. Everywhere else each chunk is screened."""
+    import weightmix.engine as engine_module
+
+    calls = []
+    real = engine_module.check_gained
+    monkeypatch.setattr(engine_module, "check_gained", lambda *args: calls.append(1) or real(*args))
+    edge = torch.tensor([65504.0, -65504.0, 65504.0, -65504.0, 1.0, 0.0])
+    if screened:  # values that stay finite whatever the blend: the screen must still run
+        edge = edge / 1024
+    paths = [save(tmp_path / "a.safetensors", {"w": edge.to(stored)}),
+             save(tmp_path / "b.safetensors", {"w": edge.flip(0).to(stored)})]  # fmt: skip
+    recipe = {
+        "models": {"a": str(paths[0]), "b": str(paths[1])},
+        "merge": {"method": "weighted_sum", "inputs": ["a", "b"], **merge},
+        "dtype": out_dtype,
+        "rounding": rounding,
+    }
+    planned = api.make_plan(recipe)
+    try:
+        key = planned.keys[0]
+        linear = engine.linear_call(planned, key)
+        assert engine.gains_no_nonfinite(planned, key, linear[1]) is not screened
+    finally:
+        planned.close()
+    api.merge(recipe, tmp_path / "out.safetensors")
+    assert bool(calls) is screened
+    with open_checkpoint(tmp_path / "out.safetensors") as checkpoint:
+        assert bool(torch.isfinite(checkpoint.read(checkpoint.tensors["w"]).float()).all())
