@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo
 
-.PHONY: demo test lint bench-sd1 fuzz clean
+.PHONY: demo test lint bench bench-sd1 fuzz clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ lint: $(BIN)/.installed
 
 bench-sd1: $(BIN)/.installed
 	$(BIN)/python bench/bench_merge.py --arch sd1
+
+# The merge benchmarks against the I/O floor, SD1.5 then SDXL (inputs generated once into
+# $$WEIGHTMIX_BENCH_DIR, default /tmp/weightmix-bench; about 30 GB of disk for SDXL)
+bench: $(BIN)/.installed
+	$(BIN)/python bench/bench_merge.py --arch sd1
+	$(BIN)/python bench/bench_merge.py --arch sdxl
 
 # Every parser a stranger's file reaches, 100,000 mutated inputs each (hours on 2 cores;
 # e.g. `make fuzz FUZZ_ARGS="--examples 2000 --parsers safetensors,pickle"`). Failing
