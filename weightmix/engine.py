@@ -359,7 +359,8 @@ def run_task(
         elif linear is not None:  # inputs as stored, widened inside the products
             models, coefficients = linear
             terms = [inputs[model] for model in models]
-            result = linear_combination(terms, coefficients, plan.compute_dtype.torch)
+            into = buffers.get("sum", plan.compute_dtype.torch, count)[0]
+            result = linear_combination(terms, coefficients, plan.compute_dtype.torch, into)
             if result.dtype not in (plan.compute_dtype.torch, out_dtype):
                 result = result.to(plan.compute_dtype.torch)  # an input returned as it is
         else:

@@ -21,14 +21,18 @@ from weightmix.methods.registry import (
 
 
 def linear_combination(
-    tensors: Sequence[Tensor], coefficients: Sequence[float], dtype: torch.dtype | None = None
+    tensors: Sequence[Tensor],
+    coefficients: Sequence[float],
+    dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Σ cᵢ·tᵢ. Terms with cᵢ = 0 are skipped, and a single term with c = 1 is returned
     as it is, so that e.g. alpha 0 reproduces the first model bit for bit.
 
     With `dtype` (wider than or equal to every tensor's) the tensors may be given as stored:
     each is widened inside the products, element by element, which gives exactly the result of
-    widening them first (widening is exact) without a widened copy of each."""
+    widening them first (widening is exact) without a widened copy of each; `out` (of `dtype`
+    and the tensors' size) then receives the sum, so that nothing is allocated per call."""
     terms = [(c, t) for c, t in zip(coefficients, tensors) if c != 0]
     if not terms:
         return (tensors[0] if dtype is None else tensors[0].to(dtype)) * 0.0
@@ -36,9 +40,10 @@ def linear_combination(
         return terms[0][1]
     (first_c, first), *rest = terms
     if dtype is None or first.dtype == dtype:
-        result = first * first_c
+        result = torch.mul(first, first_c, out=out)
     else:  # a one-element tensor of `dtype` promotes (a 0-d one or a float would not)
-        result = first * torch.full((1,), first_c, dtype=dtype, device=first.device)
+        factor = torch.full((1,), first_c, dtype=dtype, device=first.device)
+        result = torch.mul(first, factor, out=out)
     for c, tensor in rest:
         result.add_(tensor, alpha=c)
     return result
