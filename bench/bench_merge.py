@@ -2,6 +2,7 @@
 
     python bench/bench_merge.py --arch sd1     # SD1.5 layout, about 2.1 GB per fp16 file
     python bench/bench_merge.py --arch sdxl    # SDXL layout, about 6.9 GB per fp16 file
+    python bench/bench_merge.py --cold         # page cache dropped before each command (root)
 
 Random, seeded checkpoints with the real key names and shapes are generated once into a
 scratch folder (not the repo). Each repeat runs, in the same conditions (previous outputs
@@ -35,10 +36,23 @@ def size_text(size: float) -> str:
     return f"{size:.2f} TB"
 
 
+COLD = False  # --cold: drop the page cache before every timed command
+
+
+def drop_caches() -> None:
+    """Empty the page cache (root only): the next command reads its inputs from the disk."""
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as error:
+        raise SystemExit(f"--cold needs root to write /proc/sys/vm/drop_caches: {error}") from None
+
+
 def measure(command: list[str]) -> tuple[float, int, float]:
     """Wall seconds, peak RSS (bytes) and CPU seconds (user + system) of one command, after a
-    sync outside the timing."""
+    sync (and with --cold, dropping the page cache) outside the timing."""
     subprocess.run(["sync"], check=True)
+    if COLD:
+        drop_caches()
     began = time.perf_counter()
     with open(os.devnull, "wb") as null:
         actions = [(os.POSIX_SPAWN_DUP2, null.fileno(), 1)]
@@ -75,7 +89,12 @@ def main() -> None:
     parser.add_argument(
         "--research", action="store_true", help="ties, dare_ties, slerp, model_stock instead"
     )
+    parser.add_argument(
+        "--cold", action="store_true", help="drop the page cache before each timed command"
+    )
     args = parser.parse_args()
+    global COLD
+    COLD = args.cold
 
     folder = args.scratch / args.arch
     folder.mkdir(parents=True, exist_ok=True)
@@ -116,7 +135,8 @@ def main() -> None:
         return statistics.median(sample[index] for sample in rows[name])
 
     torch_rss, startup = median("import torch", 1), median("startup", 0)
-    title = f"{args.arch}, {size_text(size)} per input, median of {args.repeat}"
+    cache = ", cold page cache" if args.cold else ""
+    title = f"{args.arch}, {size_text(size)} per input, median of {args.repeat}{cache}"
     print(
         f"\n| {title} | wall s | vs floor | vs floor, start-up off | CPU s | peak RSS"
         " | RSS above import torch |"
