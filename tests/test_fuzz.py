@@ -437,3 +437,14 @@ def test_yaml_with_thousands_of_open_brackets_is_refused_before_yaml_reads_it(
     wide = tmp_path / "wide.yaml"
     wide.write_text("models: {a: a.safetensors}\nmerge: a\ntitle: '" + "[]" * 2000 + "'\n")
     assert load_recipe(wide).title == "[]" * 2000
+
+
+@pytest.mark.parametrize("character", ["\x1d", "\x1c", "\x0b", "\x0c", "\x85", "\u2028", "\x1b"])
+def test_control_characters_in_a_value_stay_one_line(run, character):
+    """str.splitlines() also breaks at \\x1c-\\x1e, \\v, \\f, \\x85 and U+2028 (the CLI fuzzer
+    found `--take '*\\x1dB'` printed as two lines), and \\x1b starts terminal escapes: all are
+    written as escapes."""
+    code = ord(character)
+    escaped = f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    result = run("merge", "a", "b", "--take", f"*{character}B", "--dry-run")
+    _one_line_exit_2(result, f"--take '*{escaped}B'")

@@ -15,7 +15,7 @@ import yaml
 
 from weightmix import __version__, api
 from weightmix.blocks import presets as block_presets
-from weightmix.errors import WeightmixError
+from weightmix.errors import WeightmixError, one_line
 from weightmix.io import open_checkpoint
 from weightmix.methods import METHODS, describe_method
 from weightmix.plan import Plan
@@ -280,7 +280,7 @@ def _save_recipe(recipe: Recipe, path: Path | None, quiet: bool, output: Path | 
 def _notes(notes: list[str], quiet: bool) -> None:
     """What the user should know, said before the merge starts."""
     for note in [] if quiet else notes:
-        click.echo(f"weightmix: note: {note}", err=True)
+        click.echo(f"weightmix: note: {one_line(note)}", err=True)
 
 
 def _summary(result: api.MergeResult, quiet: bool) -> None:
@@ -634,8 +634,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # disk full, too many open files ... while writing
         where = f": {error.filename}" if error.filename else ""
         click.echo(
-            f"weightmix: error: {error.strerror or error}{where};"
-            " nothing was written at the output",
+            one_line(
+                f"weightmix: error: {error.strerror or error}{where};"
+                " nothing was written at the output"
+            ),
             err=True,
         )
         return 1
