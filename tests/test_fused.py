@@ -1,5 +1,6 @@
-"""The fused linear path (issue 12): weighted_sum fed its inputs as stored, widened inside the
-arithmetic, writes exactly the bytes of the plain path (inputs widened by copies first)."""
+"""The fused path (issue 12): weighted_sum and add_difference fed their inputs as stored,
+widened inside the arithmetic, write exactly the bytes of the plain path (inputs widened by
+copies first)."""
 
 from __future__ import annotations
 
@@ -67,13 +68,34 @@ def test_fused_weighted_sum_writes_the_plain_paths_bytes(
     }
     planned = api.make_plan(recipe)
     try:
-        assert all(engine.linear_call(planned, key) is not None for key in planned.keys)
+        assert all(engine.fused_call(planned, key) is not None for key in planned.keys)
     finally:
         planned.close()
     fused = merged_bytes(recipe, tmp_path / "fused.safetensors")
-    monkeypatch.setattr(engine, "linear_call", lambda plan, key: None)
+    monkeypatch.setattr(engine, "fused_call", lambda plan, key: None)
     plain = merged_bytes(recipe, tmp_path / "plain.safetensors")
     assert fused == plain
+
+
+MIXED = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.3, 1.7, 0.0])
+@pytest.mark.parametrize(("stored", "compute"), [((torch.float16,) * 3, "fp32"), (MIXED, "fp64")])
+def test_fused_add_difference_writes_the_plain_paths_bytes(
+    tmp_path, monkeypatch, alpha, stored, compute
+):
+    paths = [model(tmp_path / f"m{n}.safetensors", n, dtype) for n, dtype in enumerate(stored)]
+    recipe = {
+        "models": {name: str(p) for name, p in zip("abc", paths)},
+        "merge": {"method": "add_difference", "inputs": list("abc"), "alpha": alpha},
+        "dtype": "fp16",
+        "compute_dtype": compute,
+        "allow_nonfinite": True,
+    }
+    fused = merged_bytes(recipe, tmp_path / "fused.safetensors")
+    monkeypatch.setattr(engine, "fused_call", lambda plan, key: None)
+    assert fused == merged_bytes(recipe, tmp_path / "plain.safetensors")
 
 
 def test_fused_weighted_sum_of_three_models_with_weights(tmp_path, monkeypatch):
@@ -85,7 +107,7 @@ def test_fused_weighted_sum_of_three_models_with_weights(tmp_path, monkeypatch):
         "allow_nonfinite": True,
     }
     fused = merged_bytes(recipe, tmp_path / "fused.safetensors")
-    monkeypatch.setattr(engine, "linear_call", lambda plan, key: None)
+    monkeypatch.setattr(engine, "fused_call", lambda plan, key: None)
     assert fused == merged_bytes(recipe, tmp_path / "plain.safetensors")
 
 
@@ -101,7 +123,7 @@ def test_the_fused_path_is_taken_only_where_it_is_exact(tmp_path):
                   "compute_dtype": compute}  # fmt: skip
         planned = api.make_plan(recipe)
         try:
-            return engine.linear_call(planned, planned.keys[0]) is not None
+            return engine.fused_call(planned, planned.keys[0]) is not None
         finally:
             planned.close()
 
@@ -112,8 +134,9 @@ def test_the_fused_path_is_taken_only_where_it_is_exact(tmp_path):
     inner = {"method": "weighted_sum", "inputs": ["a", "b"], "alpha": 0.2}
     nested = {"method": "weighted_sum", "alpha": 0.5, "inputs": ["a", inner]}
     assert not linear({"a": fp16, "b": fp16}, nested)
-    assert not linear({"a": fp16, "b": fp16, "c": fp16},
-                      {"method": "add_difference", "inputs": ["a", "b", "c"]})  # fmt: skip
+    assert linear({"a": fp16, "b": fp16, "c": fp16},
+                  {"method": "add_difference", "inputs": ["a", "b", "c"]})  # fmt: skip
+    assert not linear({"a": fp16, "b": fp16}, {"method": "slerp", "inputs": ["a", "b"]})
 
 
 @pytest.mark.parametrize(
@@ -154,8 +177,8 @@ def test_the_non_finite_screen_is_skipped_only_for_convex_blends_that_cannot_ove
     planned = api.make_plan(recipe)
     try:
         key = planned.keys[0]
-        linear = engine.linear_call(planned, key)
-        assert engine.gains_no_nonfinite(planned, key, linear[1]) is not screened
+        node = engine.fused_call(planned, key)
+        assert engine.gains_no_nonfinite(planned, key, node) is not screened
     finally:
         planned.close()
     api.merge(recipe, tmp_path / "out.safetensors")

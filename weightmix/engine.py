@@ -38,7 +38,6 @@ from weightmix.io import open_output
 from weightmix.io.folder_output import FolderOutput
 from weightmix.io.memory_output import MemoryOutput
 from weightmix.io.writer import SafetensorsOutput, tensor_bytes
-from weightmix.methods.arithmetic import linear_combination
 from weightmix.methods.streaming import CHUNK, ModelStatistic, Streamer
 from weightmix.plan import KeyPlan, Plan
 from weightmix.progress import Progress
@@ -347,20 +346,19 @@ def run_task(
     out_dtype = key.out_dtype.torch
     out_size = key.out_dtype.itemsize
     stream = _rounding_stream(plan, key)
-    linear = linear_call(plan, key) if streamers is None else None
+    fused = fused_call(plan, key) if streamers is None else None
     screen = key.expr is not None and not plan.recipe.allow_nonfinite
-    if linear is not None and gains_no_nonfinite(plan, key, linear[1]):
+    if fused is not None and gains_no_nonfinite(plan, key, fused):
         screen = False  # a convex blend into a dtype as wide as its inputs: nothing to find
-    chunks = _read_chunks(plan, key, task.start, task.stop, buffers, widen=linear is None)
+    chunks = _read_chunks(plan, key, task.start, task.stop, buffers, widen=fused is None)
     for start, raw, inputs in chunks:
         count = min(CHUNK_ELEMENTS, task.stop - start)
         if key.expr is None:
             result = inputs[key.copy_from]
-        elif linear is not None:  # inputs as stored, widened inside the products
-            models, coefficients = linear
-            terms = [inputs[model] for model in models]
-            into = buffers.get("sum", plan.compute_dtype.torch, count)[0]
-            result = linear_combination(terms, coefficients, plan.compute_dtype.torch, into)
+        elif fused is not None:  # inputs as stored, widened inside the arithmetic
+            terms = [inputs[leaf.model] for leaf in fused.inputs]
+            into = buffers.get("fused", plan.compute_dtype.torch, count)[0]
+            result = fused.method.fused(terms, fused.params, plan.compute_dtype.torch, into)
             if result.dtype not in (plan.compute_dtype.torch, out_dtype):
                 result = result.to(plan.compute_dtype.torch)  # an input returned as it is
         else:
@@ -390,29 +388,32 @@ WIDENS_EXACTLY = {
 }
 
 
-def linear_call(plan: Plan, key: KeyPlan) -> tuple[list[str], list[float]] | None:
-    """(models, coefficients) when the key's merge is one call of a linear method (see
-    MethodSpec.linear) on the models themselves, each stored in a dtype the compute dtype
-    holds exactly: the engine then feeds it the chunks as read (no widened copies), with the
-    same result to the bit. None otherwise."""
+def fused_call(plan: Plan, key: KeyPlan) -> Op | None:
+    """The key's merge when it is one call of a method with a fused form (MethodSpec.fused)
+    on the models themselves, each stored in a dtype the compute dtype holds exactly: the
+    engine then feeds it the chunks as read (no widened copies), with the same result to the
+    bit. None otherwise."""
     node = key.expr
-    if not isinstance(node, Op) or node.method.linear is None:
+    if not isinstance(node, Op) or node.method.fused is None:
         return None
     if not all(isinstance(child, Leaf) for child in node.inputs):
         return None
     exact = WIDENS_EXACTLY.get(plan.compute_dtype.torch, ())
     if any(info.dtype.torch not in exact for info in key.sources.values()):
         return None  # (torch promotes no float8 type: those are widened by copies)
-    models = [child.model for child in node.inputs]
-    return models, node.method.linear(len(models), node.params)
+    return node
 
 
-def gains_no_nonfinite(plan: Plan, key: KeyPlan, coefficients: list[float]) -> bool:
-    """Whether a linear call's output can be non-finite only where an input is: true when the
+def gains_no_nonfinite(plan: Plan, key: KeyPlan, node: Op) -> bool:
+    """Whether a call's output can be non-finite only where an input is: true for a linear
+    method (MethodSpec.linear) on the models themselves when the
     coefficients are ≥ 0 and sum to at most 1 (|Σ cᵢ·xᵢ| ≤ max |xᵢ|; rounding adds a few
     float32 ulps, far from the half ulp of the output dtype that would round its largest value
     to inf), the output is rounded to nearest, and the output dtype holds every stored dtype's
     largest value. Then the engine skips the non-finite screen of the output."""
+    if node.method.linear is None or not all(isinstance(c, Leaf) for c in node.inputs):
+        return False
+    coefficients = node.method.linear(len(node.inputs), node.params)
     if any(c < 0 for c in coefficients) or sum(coefficients) > 1.0 + 1e-9:
         return False
     if _rounding_stream(plan, key) is not None:  # stochastic rounding may round up past max

@@ -81,6 +81,19 @@ def _weighted_sum_linear(count: int, params: dict[str, Any]) -> list[float]:
     return weighted_sum_coefficients(count, params["alpha"], params["weights"], params["normalize"])
 
 
+def _fused_linear(linear):
+    """The fused form of a method that is linear_combination(inputs, linear(count, params))."""
+
+    def fused(tensors: Sequence[Tensor], params: dict[str, Any], dtype, out: Tensor) -> Tensor:
+        return linear_combination(tensors, linear(len(tensors), params), dtype, out)
+
+    return fused
+
+
+def _add_linear(count: int, params: dict[str, Any]) -> list[float]:
+    return [1.0] + [params["alpha"]] * (count - 1)
+
+
 @merge_method(
     inputs=ANY,
     output=SAME,
@@ -88,6 +101,7 @@ def _weighted_sum_linear(count: int, params: dict[str, Any]) -> list[float]:
     check=_check_weighted_sum,
     elementwise=True,
     linear=_weighted_sum_linear,
+    fused=_fused_linear(_weighted_sum_linear),
 )
 def weighted_sum(
     *models: Tensor,
@@ -102,7 +116,21 @@ def weighted_sum(
     )
 
 
-@merge_method(inputs=WEIGHT, output=WEIGHT, elementwise=True)
+def _fused_add_difference(
+    tensors: Sequence[Tensor], params: dict[str, Any], dtype: torch.dtype, out: Tensor
+) -> Tensor:
+    """add_difference on inputs as stored: out = B widened, out −= C (C widened on the fly),
+    out = A + α·out (A widened on the fly): the operations of torch.add(A, B − C, alpha=α) on
+    widened inputs, so the same bits, with one widening copy instead of three."""
+    a, b, c = tensors
+    if params["alpha"] == 0:
+        return a
+    out.copy_(b)
+    out.sub_(c)
+    return torch.add(a, out, alpha=params["alpha"], out=out)
+
+
+@merge_method(inputs=WEIGHT, output=WEIGHT, elementwise=True, fused=_fused_add_difference)
 def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: Finite = 1.0) -> Tensor:
     """A + α·(B − C): add what B learned relative to C onto A."""
     if alpha == 0:
@@ -121,7 +149,8 @@ def subtract(a: Tensor, b: Tensor) -> Tensor:
     output=WEIGHT,
     min_inputs=2,
     elementwise=True,
-    linear=lambda count, params: [1.0] + [params["alpha"]] * (count - 1),
+    linear=_add_linear,
+    fused=_fused_linear(_add_linear),
 )
 def add(base: Tensor, *deltas: Tensor, alpha: Finite = 1.0) -> Tensor:
     """base + α·Σ deltas: apply task vectors (from subtract) to a model."""

@@ -105,9 +105,11 @@ class MethodSpec:
     model_statistic: type[ModelStatistic] | None = None  # gathered over all keys first
     # how many elements each input supplies (per-element choice methods; for --dry-run)
     census: Callable[[Sequence[Tensor], dict[str, Any]], list[int]] | None = None
-    # the call is exactly linear_combination(inputs, linear(count, params)): the engine may
-    # hand it inputs as stored and widen them inside the arithmetic (engine.linear_call)
+    # the call is exactly linear_combination(inputs, linear(count, params))
     linear: Callable[[int, dict[str, Any]], list[float]] | None = None
+    # fused(inputs as stored, params, compute dtype, out): the same bits as the function on
+    # inputs widened to the compute dtype, widening inside its arithmetic (engine.fused_call)
+    fused: Callable[[Sequence[Tensor], dict[str, Any], torch.dtype, Tensor], Tensor] | None = None
 
     def streams(self, params: dict[str, Any]) -> bool:
         """Whether a call with these parameters can run in chunks with statistics passes."""
@@ -181,6 +183,8 @@ def merge_method(
     model_statistic: type[ModelStatistic] | None = None,
     census: Callable[[Sequence[Tensor], dict[str, Any]], list[int]] | None = None,
     linear: Callable[[int, dict[str, Any]], list[float]] | None = None,
+    fused: Callable[[Sequence[Tensor], dict[str, Any], torch.dtype, Tensor], Tensor]
+    | None = None,
 ) -> Callable[[Callable[..., Tensor]], MethodSpec]:
     """Register a merge method. `inputs` gives the merge space (weight, delta or any) of each
     input (the last repeats), `output` the space of the result (or 'same' as the inputs).
@@ -191,7 +195,9 @@ def merge_method(
     to the function as its keyword `statistic`. A `census(inputs, params)` of a method that
     picks each element from one input counts how many each input supplies (for --dry-run).
     `linear(count, params)` declares that the function is exactly
-    arithmetic.linear_combination(inputs, those coefficients).
+    arithmetic.linear_combination(inputs, those coefficients); `fused(inputs, params, dtype,
+    out)` computes the same bits from inputs as stored (fp16, bf16 ... that `dtype` holds
+    exactly), widening them inside its arithmetic, into `out` where it can.
     A keyword `draw` (not a recipe parameter) asks for seeded random numbers: the engine passes
     a rounding.Draw for the elements at hand. A trailing _ is dropped from parameter names
     (lambda_ is written `lambda`)."""
@@ -227,6 +233,7 @@ def merge_method(
             model_statistic=model_statistic,
             census=census,
             linear=linear,
+            fused=fused,
             summary=" ".join((inspect.getdoc(func) or "").split("\n\n")[0].split()),
         )
         if spec.name in METHODS:
