@@ -406,8 +406,8 @@ def fused_call(plan: Plan, key: KeyPlan) -> Op | None:
 
 def gains_no_nonfinite(plan: Plan, key: KeyPlan, node: Op) -> bool:
     """Whether a call's output can be non-finite only where an input is: true for a linear
-    method (MethodSpec.linear) on the models themselves when the
-    coefficients are ≥ 0 and sum to at most 1 (|Σ cᵢ·xᵢ| ≤ max |xᵢ|; rounding adds a few
+    method (MethodSpec.linear) on the models themselves whose coefficients are ≥ 0 and sum
+    to at most 1 (|Σ cᵢ·xᵢ| ≤ max |xᵢ|; rounding adds a few
     float32 ulps, far from the half ulp of the output dtype that would round its largest value
     to inf), the output is rounded to nearest, and the output dtype holds every stored dtype's
     largest value. Then the engine skips the non-finite screen of the output."""
