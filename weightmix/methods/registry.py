@@ -183,8 +183,7 @@ def merge_method(
     model_statistic: type[ModelStatistic] | None = None,
     census: Callable[[Sequence[Tensor], dict[str, Any]], list[int]] | None = None,
     linear: Callable[[int, dict[str, Any]], list[float]] | None = None,
-    fused: Callable[[Sequence[Tensor], dict[str, Any], torch.dtype, Tensor], Tensor]
-    | None = None,
+    fused: Callable[[Sequence[Tensor], dict[str, Any], torch.dtype, Tensor], Tensor] | None = None,
 ) -> Callable[[Callable[..., Tensor]], MethodSpec]:
     """Register a merge method. `inputs` gives the merge space (weight, delta or any) of each
     input (the last repeats), `output` the space of the result (or 'same' as the inputs).
