@@ -448,3 +448,19 @@ def test_control_characters_in_a_value_stay_one_line(run, character):
     escaped = f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
     result = run("merge", "a", "b", "--take", f"*{character}B", "--dry-run")
     _one_line_exit_2(result, f"--take '*{escaped}B'")
+
+
+def test_a_size_of_thousands_of_digits_is_refused_at_once(run, tmp_path):
+    """`[0-9]*\\.?[0-9]+` tried every split of a digit run before failing (15,000 digits: ~4 s,
+    a 10 s timeout on the busy machine; found by the CLI fuzzer). Sizes are matched one way
+    now, and a size written in more than 100 characters is refused unread."""
+    from weightmix.units import _SIZE, parse_size
+
+    digits = "9" * 15_000 + "x!"
+    _one_line_exit_2(run("merge", "a", "b", "--max-shard-size", digits, "--dry-run"),
+                     "(15002 characters) is not a size")  # fmt: skip
+    assert _SIZE.match("9" * 97 + "x!") is None
+    assert [parse_size(t) for t in ("5GB", "1.5 GiB", ".5GB", "1000", "5e3MB")] == [
+        5 * 10**9, 1536 * 2**20, 5 * 10**8, 1000, 5 * 10**9]  # fmt: skip
+    with pytest.raises(WeightmixError, match="is not a size"):
+        parse_size("5.GB")  # as before: a point needs digits after it

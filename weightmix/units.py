@@ -18,7 +18,11 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+# one way to match each number (`[0-9]*\.?[0-9]+` tried every split of a digit run: quadratic)
+_SIZE = re.compile(
+    r"^\s*((?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE
+)
+MAX_SIZE_TEXT = 100  # characters: no size needs more
 
 
 def parse_size(text: str | int, what: str = "size") -> int:
@@ -26,6 +30,12 @@ def parse_size(text: str | int, what: str = "size") -> int:
     if isinstance(text, int) and not isinstance(text, bool):
         size = text
     else:
+        if len(str(text)) > MAX_SIZE_TEXT:
+            shown = str(text)[:20]
+            raise WeightmixError(
+                f"{what} '{shown}...' ({len(str(text))} characters) is not a size: write e.g."
+                " 5GB, 500MB or 2GiB"
+            )
         match = _SIZE.match(str(text))
         unit = match.group(2).lower() if match else None
         if not match or unit not in _UNITS:
