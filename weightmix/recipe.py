@@ -297,20 +297,21 @@ def flow_depth(text: str) -> int:
     return deepest
 
 
-def read_recipe_data(path: Path) -> dict[str, Any]:
-    """A recipe file's YAML as plain data, exactly as written (a key given twice is an error,
-    not silently the last value)."""
+def read_yaml_file(path: Path, what: str, loader: type = yaml.SafeLoader) -> Any:
+    """A YAML file (a recipe, a hyper config: `what`) as plain data, every way it can fail
+    said in one line: unreadable, not UTF-8, nested too deeply (refused before PyYAML's
+    quadratic scanner sees it), values YAML cannot hold, syntax."""
     try:
         text = path.read_text(encoding="utf-8")
         if flow_depth(text) > MAX_FLOW_DEPTH:  # PyYAML's scanner is quadratic in this depth
             raise RecursionError
-        data = yaml.load(text, Loader=_RecipeLoader)
+        return yaml.load(text, Loader=loader)
     except OSError as error:
-        raise WeightmixError(f"{path}: cannot read recipe: {error.strerror}") from None
+        raise WeightmixError(f"{path}: cannot read {what}: {error.strerror or error}") from None
     except UnicodeDecodeError:
-        raise WeightmixError(f"{path}: is not a text file; a recipe is UTF-8 YAML") from None
+        raise WeightmixError(f"{path}: is not a text file; a {what} is UTF-8 YAML") from None
     except RecursionError:
-        raise WeightmixError(f"{path}: nested too deeply to be a recipe") from None
+        raise WeightmixError(f"{path}: nested too deeply to be a {what}") from None
     except (ValueError, OverflowError) as error:  # a number of 5000 digits, a date 2001-13-45
         problem = str(error).split(";")[0].splitlines()[0]
         raise WeightmixError(
@@ -322,8 +323,14 @@ def read_recipe_data(path: Path) -> dict[str, Any]:
         problem = getattr(error, "problem", None)
         detail = f" ({problem})" if problem and "given twice" in problem else ""
         raise WeightmixError(
-            f"{path}: not valid YAML{where}{detail}: fix the recipe's syntax"
+            f"{path}: not valid YAML{where}{detail}: fix the {what}'s syntax"
         ) from None
+
+
+def read_recipe_data(path: Path) -> dict[str, Any]:
+    """A recipe file's YAML as plain data, exactly as written (a key given twice is an error,
+    not silently the last value)."""
+    data = read_yaml_file(path, "recipe", _RecipeLoader)
     if not isinstance(data, dict):
         raise WeightmixError(f"{path}: a recipe is a YAML mapping with 'models' and 'merge'")
     if _refers_to_itself(data):

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from weightmix.errors import WeightmixError
@@ -37,24 +36,9 @@ class HyperConfig(BaseModel):
 
 def load_config(path: Path) -> tuple[HyperConfig, Path]:
     """The config and the folder its relative paths are taken from."""
-    from weightmix.recipe import MAX_FLOW_DEPTH, flow_depth
+    from weightmix.recipe import read_yaml_file
 
-    try:
-        text = path.read_text(encoding="utf-8")
-        if flow_depth(text) > MAX_FLOW_DEPTH:  # PyYAML's scanner is quadratic in this depth
-            raise RecursionError
-        data = yaml.safe_load(text)
-    except OSError as error:
-        raise WeightmixError(f"{path}: cannot read: {error.strerror or error}") from None
-    except UnicodeDecodeError:
-        raise WeightmixError(f"{path}: is not a text file; a config is UTF-8 YAML") from None
-    except RecursionError:
-        raise WeightmixError(f"{path}: nested too deeply to be a config") from None
-    except (ValueError, OverflowError) as error:  # a number of 5000 digits, a date 2001-13-45
-        problem = str(error).split(";")[0].splitlines()[0]
-        raise WeightmixError(f"{path}: holds a value YAML cannot read ({problem})") from None
-    except yaml.YAMLError as error:
-        raise WeightmixError(f"{path}: not YAML: {str(error).splitlines()[0]}") from None
+    data = read_yaml_file(path, "config")
     try:
         config = HyperConfig.model_validate(data)
     except ValidationError as error:

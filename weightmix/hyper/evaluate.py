@@ -114,8 +114,25 @@ class Sums:
     private: torch.Tensor  # what each layer's own rank-K SVD leaves of Δ_m
     gram: torch.Tensor  # ⟨Δ_m, Δ_n⟩
 
+    @classmethod
+    def zeros(cls, count: int) -> Sums:
+        zero = torch.zeros(count, dtype=torch.float64)
+        return cls(zero, zero.clone(), zero.clone(), torch.zeros(count, count, dtype=torch.float64))
+
 
 CHUNK_BYTES = 64 << 20  # float64 rows of all models at a time
+
+
+def _plain_key(plan, key, names, sums: Sums) -> None:
+    """A key no LoRA carries: its delta is all residual, for the rebuild and the private SVD
+    alike; read chunk by chunk."""
+    for chunk in key_chunks(plan, key):
+        flat = torch.stack([chunk[n].double() - chunk["average"] for n in names])
+        sums.gram += flat @ flat.T
+        energy = flat.square().sum(1)
+        sums.total += energy
+        sums.hyper += energy
+        sums.private += energy
 
 
 def _lora_key(plan, key, names, units, loras, lam, total_rank: int, sums: Sums) -> None:
@@ -186,25 +203,16 @@ def evaluate(config: HyperConfig, folder: Path, outputs: Outputs) -> list[Report
         count = len(names)
         lam = torch.tensor(outputs.multipliers, dtype=torch.float64)  # LoRAs × models
         total_rank = sum(outputs.ranks)
-        total = torch.zeros(count, dtype=torch.float64)
-        hyper = torch.zeros(count, dtype=torch.float64)
-        private = torch.zeros(count, dtype=torch.float64)
-        gram = torch.zeros(count, count, dtype=torch.float64)
-        sums = Sums(total, hyper, private, gram)
+        sums = Sums.zeros(count)
         for key in plan.keys:
             if not key.out_dtype.is_float:
                 continue
-            if key.key not in by_key:  # no LoRA layer: the delta is the residual, chunk by chunk
-                for chunk in key_chunks(plan, key):
-                    flat = torch.stack([chunk[n].double() - chunk["average"] for n in names])
-                    gram += flat @ flat.T
-                    energy = flat.square().sum(1)
-                    total += energy
-                    hyper += energy
-                    private += energy
-                continue
-            _lora_key(plan, key, names, by_key[key.key], loras, lam, total_rank, sums)
-        eigenvalues = torch.linalg.eigvalsh(gram)  # ascending
+            if key.key in by_key:
+                _lora_key(plan, key, names, by_key[key.key], loras, lam, total_rank, sums)
+            else:
+                _plain_key(plan, key, names, sums)
+        total, hyper, private = sums.total, sums.hyper, sums.private
+        eigenvalues = torch.linalg.eigvalsh(sums.gram)  # ascending
         tail = float(eigenvalues[: max(count - len(loras), 0)].clamp(min=0).sum())
         scale = total.clamp(min=1e-300)
         shares = [(x / scale).sqrt().tolist() for x in (hyper, private)]
