@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 from collections import Counter
 
 import pytest
@@ -77,6 +79,33 @@ def test_interrupt_through_cli_exits_130_and_writes_nothing(run, tmp_path, model
     result = run("merge", models["A"], models["B"], "-o", tmp_path / "out.safetensors")
     assert result.code == 130 and "nothing was written" in result.err
     assert folder_listing(tmp_path) == before
+
+
+def test_sigterm_through_cli_exits_130_and_the_callers_handler_comes_back(
+    run, tmp_path, models, monkeypatch
+):
+    original = _TempFile.write_at
+    calls = Counter()
+
+    def terminated(self, data, offset):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, data, offset)
+
+    def callers_handler(signum, frame):
+        calls["caller"] += 1
+
+    monkeypatch.setattr(_TempFile, "write_at", terminated)
+    before = signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        result = run("merge", models["A"], models["B"], "-o", tmp_path / "out.safetensors")
+        assert signal.getsignal(signal.SIGTERM) is callers_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert result.code == 130 and "nothing was written" in result.err
+    assert calls["caller"] == 0  # the CLI's handler, not the caller's, took the merge's signal
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_same_recipe_gives_identical_bytes_twice_and_across_threads(tmp_path, models):

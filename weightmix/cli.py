@@ -611,7 +611,14 @@ def methods() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors are one line on stderr and exit code 2."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run(argv)
+    finally:  # a caller's own SIGTERM handling comes back after a call from Python
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="weightmix", standalone_mode=False)
     except WeightmixError as error:
