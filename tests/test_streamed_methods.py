@@ -6,6 +6,7 @@ and a dense formula written here, and never take the whole-tensor path."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from helpers import load, save
 import weightmix
 from weightmix import engine
 from weightmix.api import make_plan
+from weightmix.io.reader import SafetensorsCheckpoint
 from weightmix.methods import METHODS
 from weightmix.methods.selection import StreamedTopK
 
@@ -207,3 +209,34 @@ def _top(values, k):
     mask = torch.zeros_like(values, dtype=torch.bool)
     mask[order[:k]] = True
     return mask
+
+
+@pytest.mark.parametrize(
+    ("method", "count", "params"),
+    [("ties", 3, {"density": 0.3}), ("slerp", 2, {"t": 0.3}), ("model_stock", 3, {})],
+)
+def test_held_inputs_and_inputs_read_each_pass_give_the_same_bytes(
+    tmp_path, monkeypatch, method, count, params
+):
+    """A streamed key small enough is read once and held for its passes (engine.HOLD_BYTES);
+    a bigger one is read again each pass. Both give the same output; holding reads each
+    input byte once."""
+    _, paths = fine_tunes(tmp_path, count, torch.float16)
+    stored = sum(p.stat().st_size - (8 + int.from_bytes(p.read_bytes()[:8], "little"))
+                 for p in paths)  # fmt: skip
+    read = Counter()
+    original = SafetensorsCheckpoint.read_range
+
+    def counted(self, info, start, out):
+        read["bytes"] += memoryview(out).nbytes
+        return original(self, info, start, out)
+
+    monkeypatch.setattr(SafetensorsCheckpoint, "read_range", counted)
+    held = merged_streaming(tmp_path, monkeypatch, paths, method, **params)
+    assert read["bytes"] == stored  # every input byte once, whatever the passes
+    monkeypatch.setattr(engine, "HOLD_BYTES", 0)
+    read.clear()
+    again = merged_streaming(tmp_path, monkeypatch, paths, method, **params)
+    assert read["bytes"] >= 2 * stored  # a statistics pass and the output pass
+    assert all(torch.equal(held[k].view(-1).view(torch.uint8), again[k].view(-1).view(torch.uint8))
+               for k in SHAPES)  # fmt: skip

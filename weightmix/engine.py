@@ -45,6 +45,9 @@ from weightmix.rounding import Draw, key_stream, stochastic_round, uniform
 
 Output = SafetensorsOutput | FolderOutput | MemoryOutput  # a file, a folder, or memory
 DEFAULT_BUDGET = 512 * 2**20  # bytes of whole-tensor work in flight
+# a streamed key whose stored inputs take at most this many bytes is read once and held for
+# its statistics passes and its output pass (else each pass reads it again)
+HOLD_BYTES = 256 * 2**20
 CHUNK_ELEMENTS = CHUNK  # elements per compute step: a few MB, stays in cache
 TASK_ELEMENTS = 1 << 24  # elements per task: big tensors are shared out between workers
 
@@ -110,8 +113,17 @@ def tasks(plan: Plan) -> Iterator[Task]:
 
 
 def task_cost(plan: Plan, task: Task) -> int:
-    """Memory a task holds while in flight: chunked tasks reuse their worker's buffers."""
-    return 0 if task.chunked else plan.working_set(task.key)
+    """Memory a task holds while in flight: chunked tasks reuse their worker's buffers, but
+    for the inputs a streamed task holds between its passes."""
+    if task.chunked:
+        return held_bytes(task.key) if task.streamed else 0
+    return plan.working_set(task.key)
+
+
+def held_bytes(key: KeyPlan) -> int:
+    """Bytes of stored inputs a streamed key holds for its passes (0: it reads them again)."""
+    stored = sum(info.nbytes for info in key.sources.values())
+    return stored if stored <= HOLD_BYTES else 0
 
 
 def estimate_peak(plan: Plan, budget: int = DEFAULT_BUDGET, threads: int | None = None) -> int:
@@ -120,6 +132,8 @@ def estimate_peak(plan: Plan, budget: int = DEFAULT_BUDGET, threads: int | None 
     workers = threads or default_threads()
     widest = max(len(k.sources) for k in plan.keys)
     buffers = workers * CHUNK_ELEMENTS * 8 * (2 * widest + 2)
+    held = sorted((held_bytes(k) for k in plan.keys if mode(plan, k) == STREAMED), reverse=True)
+    buffers += sum(held[:workers])
     whole = [plan.working_set(k) for k in plan.keys if not chunked(plan, k)]
     if not whole:
         return buffers
@@ -341,7 +355,8 @@ def run_task(
     if not task.chunked:
         writer.write(key.key, compute_key(plan, key, statistics))
         return
-    streamers = _gather_statistics(plan, key, buffers) if task.streamed else None
+    held = _hold(plan, key) if task.streamed else None
+    streamers = _gather_statistics(plan, key, buffers, held) if task.streamed else None
     known = statistics_for(plan, key, statistics)
     out_dtype = key.out_dtype.torch
     out_size = key.out_dtype.itemsize
@@ -350,7 +365,7 @@ def run_task(
     screen = key.expr is not None and not plan.recipe.allow_nonfinite
     if fused is not None and gains_no_nonfinite(plan, key, fused):
         screen = False  # a convex blend into a dtype as wide as its inputs: nothing to find
-    chunks = _read_chunks(plan, key, task.start, task.stop, buffers, widen=fused is None)
+    chunks = _read_chunks(plan, key, task.start, task.stop, buffers, fused is None, held)
     for start, raw, inputs in chunks:
         count = min(CHUNK_ELEMENTS, task.stop - start)
         if key.expr is None:
@@ -422,12 +437,36 @@ def gains_no_nonfinite(plan: Plan, key: KeyPlan, node: Op) -> bool:
     return all(torch.finfo(info.dtype.torch).max <= out for info in key.sources.values())
 
 
+Held = dict[str, tuple[torch.Tensor, memoryview]]  # a key's whole stored inputs, by model
+
+
+def _hold(plan: Plan, key: KeyPlan) -> Held | None:
+    """A streamed key's stored inputs, read once for all its passes (None: too big to hold,
+    see HOLD_BYTES; each pass reads them again)."""
+    if not held_bytes(key):
+        return None
+    held: Held = {}
+    for model, info in key.sources.items():
+        typed = torch.empty(key.numel, dtype=info.dtype.torch)
+        raw = memoryview(tensor_bytes(typed))
+        plan.checkpoints[model].read_range(info, 0, raw)
+        held[model] = (typed, raw)
+    return held
+
+
 def _read_chunks(
-    plan: Plan, key: KeyPlan, first: int, stop: int, buffers: _Buffers, widen: bool = True
+    plan: Plan,
+    key: KeyPlan,
+    first: int,
+    stop: int,
+    buffers: _Buffers,
+    widen: bool = True,
+    held: Held | None = None,
 ) -> Iterator[tuple[int, dict[str, tuple[torch.Tensor, memoryview]], dict[str, torch.Tensor]]]:
     """Each chunk of elements [first, stop) of the key's inputs, in order: its start, the raw
     buffers (typed and bytes) and the tensors in compute dtype (raw ones for copies, or when
-    `widen` is False). The buffers are reused: a chunk is valid until the next is read."""
+    `widen` is False). Read from the files, or sliced from `held` inputs (see _hold). The
+    buffers are reused: a chunk is valid until the next is read."""
     sources = [
         (plan.checkpoints[m], m, info, f"raw{n}") for n, (m, info) in enumerate(key.sources.items())
     ]
@@ -436,6 +475,11 @@ def _read_chunks(
         count = min(CHUNK_ELEMENTS, stop - start)
         raw: dict[str, tuple[torch.Tensor, memoryview]] = {}
         for checkpoint, model, info, name in sources:
+            if held is not None:
+                typed, data = held[model]
+                size = info.dtype.itemsize
+                raw[model] = typed[start : start + count], data[start * size :][: count * size]
+                continue
             raw[model] = buffers.get(name, info.dtype.torch, count)
             checkpoint.read_range(info, start * info.dtype.itemsize, raw[model][1])
         inputs = {model: tensor for model, (tensor, _) in raw.items()}
@@ -454,7 +498,9 @@ def key_chunks(plan: Plan, key: KeyPlan) -> Iterator[dict[str, torch.Tensor]]:
         yield inputs
 
 
-def _gather_statistics(plan: Plan, key: KeyPlan, buffers: _Buffers) -> dict[int, Streamer]:
+def _gather_statistics(
+    plan: Plan, key: KeyPlan, buffers: _Buffers, held: Held | None = None
+) -> dict[int, Streamer]:
     """Run the statistics passes of the key's streamed calls over its chunks, in element
     order; return the streamers, ready to compute the output chunk by chunk."""
     assert key.expr is not None
@@ -466,7 +512,7 @@ def _gather_statistics(plan: Plan, key: KeyPlan, buffers: _Buffers) -> dict[int,
     if key.numel == 0:  # no chunk to look at, none to compute
         return streamers
     while pending := [op for op in calls if streamers[id(op)].wants_pass()]:
-        for start, _, inputs in _read_chunks(plan, key, 0, key.numel, buffers):
+        for start, _, inputs in _read_chunks(plan, key, 0, key.numel, buffers, held=held):
             draw = _draw(key, start)
             for op in pending:
                 streamers[id(op)].observe([evaluate(child, inputs, draw) for child in op.inputs])
