@@ -356,7 +356,8 @@ def run_task(
         writer.write(key.key, compute_key(plan, key, statistics))
         return
     held = _hold(plan, key) if task.streamed else None
-    streamers = _gather_statistics(plan, key, buffers, held) if task.streamed else None
+    stored = task.streamed and stored_streamed_call(plan, key)
+    streamers = _gather_statistics(plan, key, buffers, held, stored) if task.streamed else None
     known = statistics_for(plan, key, statistics)
     out_dtype = key.out_dtype.torch
     out_size = key.out_dtype.itemsize
@@ -365,7 +366,8 @@ def run_task(
     screen = key.expr is not None and not plan.recipe.allow_nonfinite
     if fused is not None and gains_no_nonfinite(plan, key, fused):
         screen = False  # a convex blend into a dtype as wide as its inputs: nothing to find
-    chunks = _read_chunks(plan, key, task.start, task.stop, buffers, fused is None, held)
+    widen = fused is None and not stored
+    chunks = _read_chunks(plan, key, task.start, task.stop, buffers, widen, held)
     for start, raw, inputs in chunks:
         count = min(CHUNK_ELEMENTS, task.stop - start)
         if key.expr is None:
@@ -419,6 +421,22 @@ def fused_call(plan: Plan, key: KeyPlan) -> Op | None:
     return node
 
 
+def stored_streamed_call(plan: Plan, key: KeyPlan) -> bool:
+    """Whether the key's merge is one streamed call on the models themselves whose streamer
+    takes chunks as stored (Streamer.takes_stored), each in a dtype the compute dtype holds
+    exactly: the engine then reads them without widened copies."""
+    node = key.expr
+    if not isinstance(node, Op) or not node.method.streams(node.params):
+        return False
+    assert node.method.streamer is not None
+    if not node.method.streamer.takes_stored:
+        return False
+    if not all(isinstance(child, Leaf) for child in node.inputs):
+        return False
+    exact = WIDENS_EXACTLY.get(plan.compute_dtype.torch, ())
+    return all(info.dtype.torch in exact for info in key.sources.values())
+
+
 def gains_no_nonfinite(plan: Plan, key: KeyPlan, node: Op) -> bool:
     """Whether a call's output can be non-finite only where an input is: true for a linear
     method (MethodSpec.linear) on the models themselves whose coefficients are ≥ 0 and sum
@@ -437,21 +455,28 @@ def gains_no_nonfinite(plan: Plan, key: KeyPlan, node: Op) -> bool:
     return all(torch.finfo(info.dtype.torch).max <= out for info in key.sources.values())
 
 
-Held = dict[str, tuple[torch.Tensor, memoryview]]  # a key's whole stored inputs, by model
+class Held:
+    """A streamed key's stored inputs, whole, for all its passes: the first pass reads each
+    chunk from the files into them (and its statistics see the chunk while it is in cache),
+    later passes slice them."""
+
+    def __init__(self, key: KeyPlan) -> None:
+        self.filled = False
+        self.inputs: dict[str, tuple[torch.Tensor, memoryview]] = {}
+        for model, info in key.sources.items():
+            typed = torch.empty(key.numel, dtype=info.dtype.torch)
+            self.inputs[model] = (typed, memoryview(tensor_bytes(typed)))
+
+    def chunk(self, model: str, start: int, count: int) -> tuple[torch.Tensor, memoryview]:
+        typed, data = self.inputs[model]
+        size = typed.element_size()
+        return typed[start : start + count], data[start * size :][: count * size]
 
 
 def _hold(plan: Plan, key: KeyPlan) -> Held | None:
-    """A streamed key's stored inputs, read once for all its passes (None: too big to hold,
-    see HOLD_BYTES; each pass reads them again)."""
-    if not held_bytes(key):
-        return None
-    held: Held = {}
-    for model, info in key.sources.items():
-        typed = torch.empty(key.numel, dtype=info.dtype.torch)
-        raw = memoryview(tensor_bytes(typed))
-        plan.checkpoints[model].read_range(info, 0, raw)
-        held[model] = (typed, raw)
-    return held
+    """Room for a streamed key's stored inputs, read once for all its passes (None: too big
+    to hold, see HOLD_BYTES; each pass reads them again)."""
+    return Held(key) if held_bytes(key) else None
 
 
 def _read_chunks(
@@ -465,8 +490,8 @@ def _read_chunks(
 ) -> Iterator[tuple[int, dict[str, tuple[torch.Tensor, memoryview]], dict[str, torch.Tensor]]]:
     """Each chunk of elements [first, stop) of the key's inputs, in order: its start, the raw
     buffers (typed and bytes) and the tensors in compute dtype (raw ones for copies, or when
-    `widen` is False). Read from the files, or sliced from `held` inputs (see _hold). The
-    buffers are reused: a chunk is valid until the next is read."""
+    `widen` is False). Read from the files (into `held`, if given and not yet filled), or
+    sliced from `held`. The buffers are reused: a chunk is valid until the next is read."""
     sources = [
         (plan.checkpoints[m], m, info, f"raw{n}") for n, (m, info) in enumerate(key.sources.items())
     ]
@@ -476,11 +501,11 @@ def _read_chunks(
         raw: dict[str, tuple[torch.Tensor, memoryview]] = {}
         for checkpoint, model, info, name in sources:
             if held is not None:
-                typed, data = held[model]
-                size = info.dtype.itemsize
-                raw[model] = typed[start : start + count], data[start * size :][: count * size]
-                continue
-            raw[model] = buffers.get(name, info.dtype.torch, count)
+                raw[model] = held.chunk(model, start, count)
+                if held.filled:
+                    continue
+            else:
+                raw[model] = buffers.get(name, info.dtype.torch, count)
             checkpoint.read_range(info, start * info.dtype.itemsize, raw[model][1])
         inputs = {model: tensor for model, (tensor, _) in raw.items()}
         if key.expr is not None and widen:
@@ -488,6 +513,8 @@ def _read_chunks(
                 if tensor.dtype != compute_dtype:
                     inputs[model] = buffers.get(f"in{model}", compute_dtype, count)[0].copy_(tensor)
         yield start, raw, inputs
+    if held is not None and first == 0 and stop == key.numel:
+        held.filled = True  # (a pass broken off early leaves it to be read again)
 
 
 def key_chunks(plan: Plan, key: KeyPlan) -> Iterator[dict[str, torch.Tensor]]:
@@ -499,7 +526,7 @@ def key_chunks(plan: Plan, key: KeyPlan) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def _gather_statistics(
-    plan: Plan, key: KeyPlan, buffers: _Buffers, held: Held | None = None
+    plan: Plan, key: KeyPlan, buffers: _Buffers, held: Held | None = None, stored: bool = False
 ) -> dict[int, Streamer]:
     """Run the statistics passes of the key's streamed calls over its chunks, in element
     order; return the streamers, ready to compute the output chunk by chunk."""
@@ -512,7 +539,8 @@ def _gather_statistics(
     if key.numel == 0:  # no chunk to look at, none to compute
         return streamers
     while pending := [op for op in calls if streamers[id(op)].wants_pass()]:
-        for start, _, inputs in _read_chunks(plan, key, 0, key.numel, buffers, held=held):
+        chunks = _read_chunks(plan, key, 0, key.numel, buffers, not stored, held)
+        for start, _, inputs in chunks:
             draw = _draw(key, start)
             for op in pending:
                 streamers[id(op)].observe([evaluate(child, inputs, draw) for child in op.inputs])

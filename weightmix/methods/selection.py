@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from weightmix import kernels
+
 Tensor = torch.Tensor
 _BUCKETS = 1 << 15  # top 16 bits of a non-negative float32 (the sign bit is 0)
 
@@ -63,7 +65,7 @@ class StreamedTopK:
     above it and the first `need` elements equal to it."""
 
     def __init__(self, k: int, numel: int, dtype: torch.dtype) -> None:
-        self.k = k
+        self.k, self.numel = k, numel
         self.keep_all = k >= numel
         wide = dtype == torch.float64
         self.float_dtype = torch.float64 if wide else torch.float32
@@ -81,11 +83,38 @@ class StreamedTopK:
     def wants_pass(self) -> bool:
         return not self.keep_all and self.threshold is None
 
+    def observe_delta(self, base: Tensor, model: Tensor) -> None:
+        """observe(model − base), fused in C where kernels.magnitude_histogram takes them."""
+        if self.float_dtype == torch.float32 and base.numel() < self.numel:
+            if self.counts is None:
+                self.counts = torch.zeros(1 << 16, dtype=torch.int64)
+            if kernels.magnitude_histogram(base, model, self.stage, self.prefix, self.counts):
+                return
+        self.observe(model.to(self.float_dtype) - base.to(self.float_dtype))
+
+    def chunk_cut(self) -> kernels.Cut:
+        """The next chunk's mask for kernels.ties_chunk (which reports back through `took`)."""
+        if self.keep_all:
+            return kernels.KEEP_ALL, 0.0, 0
+        assert self.threshold is not None
+        if self.taken >= self.need:
+            return kernels.ABOVE, float(self.threshold), 0
+        if self.ties == self.need:
+            return kernels.AT_LEAST, float(self.threshold), 0
+        return kernels.FIRST_AT_CUT, float(self.threshold), self.need - self.taken
+
+    def took(self, count: int) -> None:
+        """The chunk's mask kept `count` elements at the cut (FIRST_AT_CUT)."""
+        self.taken += count
+
     def _magnitudes(self, values: Tensor) -> Tensor:
         return values.reshape(-1).to(self.float_dtype).abs()
 
     def observe(self, values: Tensor) -> None:
         bits = self._magnitudes(values).view(self.int_dtype)
+        if self.stage == 0 and bits.numel() == self.numel:  # the whole tensor in one chunk
+            self._select(bits)
+            return
         shift = self.shifts[self.stage]
         if self.stage == 0:
             fields = bits >> shift  # the sign bit is 0: fields run 0 .. 2^15 - 1
@@ -95,12 +124,26 @@ class StreamedTopK:
         counts = torch.bincount(fields, minlength=(1 << 16) + (2 if self.stage else 0))
         if self.stage:
             counts = counts[1 : (1 << 16) + 1]
+        self._add(counts)
+
+    def _add(self, counts: Tensor) -> None:
         if self.counts is None:
             self.counts = counts
         else:
             self.counts += counts
 
+    def _select(self, bits: Tensor) -> None:
+        """The cut from all the bit patterns at once: what the radix passes find, in one."""
+        cut = bits.kthvalue(bits.numel() - self.k + 1).values  # the k-th largest
+        self.above = int((bits > cut).sum())
+        self.ties = int((bits == cut).sum())
+        self.need = self.k - self.above
+        self.threshold = cut.reshape(1).view(self.float_dtype)[0]
+        self.stage = len(self.shifts)
+
     def end_pass(self) -> None:
+        if self.threshold is not None:  # settled whole by _select
+            return
         counts = self.counts if self.counts is not None else torch.zeros(1 << 16, dtype=torch.int64)
         from_top = counts.flip(0).cumsum(0)
         wanted = torch.tensor(self.k - self.above, dtype=from_top.dtype)

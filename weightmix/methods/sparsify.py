@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from weightmix import kernels
 from weightmix.methods.registry import WEIGHT, Density, Finite, Fraction, Tensor, merge_method
 from weightmix.methods.selection import StreamedTopK, top_magnitude_mask
 from weightmix.methods.streaming import Streamer
@@ -167,13 +168,15 @@ def task_arithmetic_(
     """base + λ·combine(sparsify(M_m − base)): every method of this module."""
     deltas = [sparsify(model - base, index) for index, model in enumerate(models)]
     merged = combine(deltas, weights or [1.0] * len(models), consensus, normalize)
-    return torch.add(base, merged, alpha=lambda_) if lambda_ != 1 else base + merged
+    return base + merged * lambda_ if lambda_ != 1 else base + merged  # no fused multiply-add
 
 
 class MagnitudeCutStreamer(Streamer):
     """TIES and breadcrumbs in chunks: statistics passes find each model's magnitude cuts of
     its delta exactly (selection.StreamedTopK), then every chunk is trimmed and combined as
-    the whole-tensor function does it."""
+    the whole-tensor function does it (fused in C where weightmix.kernels takes the chunks)."""
+
+    takes_stored = True
 
     def __init__(
         self, params: dict[str, Any], shape: tuple[int, ...], dtype: torch.dtype, inputs: int
@@ -198,13 +201,15 @@ class MagnitudeCutStreamer(Streamer):
         return any(cut.wants_pass() for cuts in self.cuts for cut in cuts)
 
     def observe(self, inputs: Sequence[Tensor]) -> None:
-        base, *models = inputs
+        base, *models = inputs  # as stored (takes_stored) or in the compute dtype
         for model, cuts in zip(models, self.cuts):
-            if any(cut.wants_pass() for cut in cuts):
-                delta = model - base
-                for cut in cuts:
-                    if cut.wants_pass():
-                        cut.observe(delta)
+            wanting = [cut for cut in cuts if cut.wants_pass()]
+            if len(wanting) == 1:
+                wanting[0].observe_delta(base, model)
+            elif wanting:
+                delta = model.to(self.dtype) - base.to(self.dtype)
+                for cut in wanting:
+                    cut.observe(delta)
 
     def end_pass(self) -> None:
         for cuts in self.cuts:
@@ -213,7 +218,19 @@ class MagnitudeCutStreamer(Streamer):
                     cut.end_pass()
 
     def apply(self, inputs: Sequence[Tensor], draw: Draw | None) -> Tensor:
-        base, *models = inputs
+        p = self.params
+        if self.dtype == torch.float32 and all(len(cuts) <= 1 for cuts in self.cuts):
+            chunk_cuts = [cuts[0].chunk_cut() if cuts else (kernels.KEEP_ALL, 0.0, 0)
+                          for cuts in self.cuts]  # fmt: skip
+            weights = p["weights"] or [1.0] * len(self.cuts)
+            fused = kernels.ties_chunk(inputs[0], inputs[1:], chunk_cuts, weights,
+                                       p.get("consensus"), p["normalize"], p["lambda"])  # fmt: skip
+            if fused is not None:
+                for cuts, count in zip(self.cuts, fused[1]):
+                    if cuts:
+                        cuts[0].took(count)
+                return fused[0]
+        base, *models = [x.to(self.dtype) for x in inputs]
 
         def trim(delta: Tensor, index: int) -> Tensor:
             masks = [cut.mask(delta) for cut in self.cuts[index]]  # None: every element
@@ -225,7 +242,6 @@ class MagnitudeCutStreamer(Streamer):
             assert top is not None  # top < n - kept: never every element
             return delta * (1 - top if upper is None else upper - top)
 
-        p = self.params
         return task_arithmetic_(
             base, models, trim, p.get("consensus"),
             p["lambda"], p["weights"], p["normalize"],

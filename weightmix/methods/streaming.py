@@ -27,6 +27,9 @@ class Streamer:
     `accepts(params)` says whether a call with these parameters streams at all."""
 
     takes_draw: ClassVar[bool] = False
+    # whether `observe` and `apply` take the models' chunks as stored (float16, bfloat16 or
+    # the compute dtype, widened by the method itself) when the call's inputs are the models
+    takes_stored: ClassVar[bool] = False
 
     def __init__(
         self, params: dict[str, Any], shape: tuple[int, ...], dtype: torch.dtype, inputs: int

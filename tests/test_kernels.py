@@ -1,0 +1,214 @@
+"""The C loops (weightmix/_kernels.c) compute exactly what the torch code computes: the widening
+of every float16 and bfloat16 bit pattern, the radix histogram of delta magnitudes, and TIES's
+output chunk, on values chosen to hit every branch (zeros of both signs, subnormals, infinities,
+NaN, magnitudes equal to the cut); and a merge gives the same bytes with and without them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import load, save
+
+import weightmix
+from weightmix import kernels
+from weightmix.methods.sparsify import task_arithmetic_
+
+pytestmark = pytest.mark.skipif(
+    kernels._kernels is None, reason="the C extension was not built (no C compiler)"
+)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, except that any NaN equals any NaN (payloads may differ)."""
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    return torch.equal(torch.where(both_nan, 0, a).view(torch.int32),
+                       torch.where(both_nan, 0, b).view(torch.int32))  # fmt: skip
+
+
+def awkward(count: int, seed: int, dtype: torch.dtype, cut: float = 0.05) -> torch.Tensor:
+    """Normal values scaled by 0.1 with specials spread in: ±0, ±inf, NaN, subnormals and
+    values whose delta from the others may land exactly on `cut`."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(count, generator=generator) * 0.1
+    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-40, -1e-40, cut, -cut])
+    where = torch.randint(0, count, (count // 8,), generator=generator)
+    values[where] = specials[torch.randint(0, len(specials), (len(where),), generator=generator)]
+    return values.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_16_bit_pattern_widens_as_torch_widens_it(dtype):
+    patterns = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    out = torch.empty(patterns.numel(), dtype=torch.float32)
+    kernels._kernels.widen(out.data_ptr(), patterns.data_ptr(), kernels.CODES[dtype],
+                           patterns.numel())  # fmt: skip
+    assert same_bits(out, patterns.float())
+    finite = ~torch.isnan(out)
+    assert torch.equal(out[finite].view(torch.int32), patterns.float()[finite].view(torch.int32))
+
+
+def torch_histogram(base, model, stage, prefix):
+    """The radix counts written out in torch: top 16 bits, or low 16 bits under `prefix`."""
+    bits = (model.float() - base.float()).abs().view(torch.int32)
+    if stage == 0:
+        return torch.bincount(bits >> 16, minlength=1 << 16)
+    return torch.bincount(bits[(bits >> 16) == prefix] & 0xFFFF, minlength=1 << 16)
+
+
+@pytest.mark.parametrize("base_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("model_dtype", DTYPES, ids=str)
+def test_the_magnitude_histogram_counts_as_torch_does(base_dtype, model_dtype):
+    count = 5000  # several blocks of the C loop and a remainder
+    base, model = awkward(count, 1, base_dtype), awkward(count, 2, model_dtype)
+    top = torch.zeros(1 << 16, dtype=torch.int64)
+    assert kernels.magnitude_histogram(base, model, 0, 0, top)
+    assert torch.equal(top, torch_histogram(base, model, 0, 0))
+    busiest = int(top[:0x7F80].argmax())  # a bucket of finite magnitudes with most elements
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    assert kernels.magnitude_histogram(base, model, 1, busiest, low)
+    expected = torch_histogram(base, model, 1, busiest)
+    assert int(expected.sum()) > 1 and torch.equal(low, expected)
+
+
+def torch_ties(base, models, cuts, weights, consensus, normalize, lambda_):
+    """The torch code's TIES for given cuts: MagnitudeCutStreamer.apply's masks."""
+
+    def trim(delta, index):
+        mode, cut, left = cuts[index]
+        magnitude = delta.abs()
+        if mode == kernels.KEEP_ALL:
+            return delta
+        if mode == kernels.AT_LEAST:
+            return delta * (1 - torch.sign(torch.relu(cut - magnitude)))
+        keep = torch.sign(torch.relu(magnitude - cut))
+        if mode == kernels.FIRST_AT_CUT:  # the first `left` elements at the cut, by index
+            at_cut = (magnitude == cut).nonzero().reshape(-1)[:left]
+            keep[at_cut] = 1.0
+        return delta * keep
+
+    widened = [m.float() for m in models]
+    return task_arithmetic_(base.float(), widened, trim, consensus, lambda_, weights, normalize)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("weights", "consensus", "normalize", "lambda_"),
+    [
+        ([1.0, 1.0, 1.0], "sum", True, 1.0),
+        ([1.0, 0.5, 2.0], "sum", True, 0.8),
+        ([0.3, 1.0, -1.5], "sum", False, 1.7),
+        ([1.0, 1.0, 1.0], "count", True, 1.0),
+        ([2.0, 1.0, 0.5], "count", False, 0.5),
+    ],
+)
+def test_the_ties_chunk_equals_the_torch_code(dtype, weights, consensus, normalize, lambda_):
+    count = 4099
+    base = torch.zeros(count, dtype=dtype)  # deltas are the models: some land on the cut
+    base[::97], base[1::97], base[2::97] = math.nan, -math.inf, -0.0
+    models = [awkward(count, 11 + m, dtype) for m in range(4)]
+    cut = float(torch.tensor(0.05, dtype=dtype))
+    at_cut = int((models[3].float().abs() == cut).sum())
+    assert at_cut > 20
+    cuts = [(kernels.ABOVE, cut, 0), (kernels.AT_LEAST, cut, 0), (kernels.KEEP_ALL, 0.0, 0),
+            (kernels.FIRST_AT_CUT, cut, at_cut // 2)]  # fmt: skip
+    weights = [*weights, 1.25]
+    fused = kernels.ties_chunk(base, models, cuts, weights, consensus, normalize, lambda_)
+    assert fused is not None and fused[0].dtype == torch.float32
+    assert fused[1] == [0, 0, 0, at_cut // 2]
+    expected = torch_ties(base, models, cuts, weights, consensus, normalize, lambda_)
+    assert same_bits(fused[0], expected)
+    assert torch.isnan(expected).any() and torch.isinf(expected).any()  # specials reached
+
+
+def test_mixed_input_dtypes_and_one_model():
+    base = awkward(3000, 20, torch.float16)
+    models = [awkward(3000, 21, torch.bfloat16)]
+    cuts = [(kernels.ABOVE, 0.1, 0)]
+    fused = kernels.ties_chunk(base, models, cuts, [1.0], "sum", True, 1.0)
+    assert fused is not None
+    assert same_bits(fused[0], torch_ties(base, models, cuts, [1.0], "sum", True, 1.0))
+
+
+def test_what_the_loops_cannot_take_is_left_to_torch(monkeypatch):
+    base, keep = torch.zeros(10), [(kernels.KEEP_ALL, 0.0, 0)]
+    assert kernels.ties_chunk(base, [base], keep, [1.0], "sum", True, 1.0) is not None
+    wide = base.double()
+    assert kernels.ties_chunk(wide, [wide], keep, [1.0], "sum", True, 1.0) is None
+    assert kernels.ties_chunk(base, [base], keep, [1.0], "none", True, 1.0) is None
+    strided = torch.zeros(20)[::2]
+    assert kernels.ties_chunk(base, [strided], keep, [1.0], "sum", True, 1.0) is None
+    counts = torch.zeros(1 << 16, dtype=torch.int64)
+    assert not kernels.magnitude_histogram(wide, wide, 0, 0, counts)
+    assert not kernels.magnitude_histogram(base, base, 2, 0, counts)
+    monkeypatch.setenv("WEIGHTMIX_KERNELS", "0")
+    assert not kernels.enabled()
+    assert kernels.ties_chunk(base, [base], keep, [1.0], "sum", True, 1.0) is None
+    assert not kernels.magnitude_histogram(base, base, 0, 0, counts)
+
+
+class Counting:
+    """The extension module with its calls counted."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, {"ties": 0, "histogram": 0}
+
+    def __getattr__(self, name):
+        function = getattr(self.module, name)
+
+        def counted(*args):
+            self.calls[name] += 1
+            return function(*args)
+
+        return counted
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "compute"),
+    [((torch.float16,) * 3, "fp32"), ((torch.bfloat16, torch.float16, torch.float32), "fp32"),
+     ((torch.float16,) * 3, "fp64")],
+    ids=["fp16", "mixed", "fp16-in-fp64"],
+)  # fmt: skip
+@pytest.mark.parametrize("params", [{"density": 0.3}, {"density": 0.5, "lambda": 0.7,
+                                    "weights": [1.0, 0.5], "consensus": "count"}])  # fmt: skip
+def test_a_ties_merge_gives_the_same_bytes_with_and_without_the_loops(
+    tmp_path, monkeypatch, dtypes, compute, params
+):
+    generator = torch.Generator().manual_seed(5)
+    shapes = {"big": (700, 1000), "odd": (3, 262_145), "small": (5, 7)}
+    base = {k: torch.randn(s, generator=generator) for k, s in shapes.items()}
+    states = [base] + [
+        {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in base.items()}
+        for _ in range(2)
+    ]
+    states[2]["small"][0, :3] = states[0]["small"][0, :3]  # deltas of 0: ties at the cut
+    paths = [
+        save(tmp_path / f"m{i}.safetensors", {k: v.to(d) for k, v in s.items()})
+        for i, (s, d) in enumerate(zip(states, dtypes))
+    ]
+    recipe = {
+        "models": {f"M{i}": str(p) for i, p in enumerate(paths)},
+        "merge": {"method": "ties", "inputs": ["M0", "M1", "M2"], **params},
+        "compute_dtype": compute,
+        "dtype": "fp32",
+    }
+    outputs = []
+    counting = Counting(kernels._kernels)
+    monkeypatch.setattr(kernels, "_kernels", counting)
+    for setting in ("1", "0"):
+        monkeypatch.setenv("WEIGHTMIX_KERNELS", setting)
+        out = tmp_path / f"out-{setting}.safetensors"
+        weightmix.merge(recipe, out, threads=2)
+        outputs.append(out.read_bytes())
+        if setting == "1":
+            used = dict(counting.calls)
+    assert outputs[0] == outputs[1]
+    if compute == "fp32":  # the big keys' chunks went through C, but for a split run of ties
+        assert used["ties"] >= 4 and used["histogram"] >= 4
+    else:
+        assert used == {"ties": 0, "histogram": 0}
+    assert counting.calls == used  # nothing more with WEIGHTMIX_KERNELS=0
+    merged = load(tmp_path / "out-1.safetensors")
+    assert not torch.equal(merged["big"], states[0]["big"].to(dtypes[0]).float())

@@ -1,0 +1,93 @@
+"""The optional C loops of weightmix/_kernels.c, for tensors they can take.
+
+TIES runs its statistics passes (a histogram of delta magnitudes per model and radix stage) and
+its output chunks as one fused loop each instead of a dozen torch operations, each with its own
+temporary: on a 2-core machine 0.8-1 ns an element per histogram instead of ~2.5 and 1.7 ns
+for a two-model output chunk instead of ~13 (bench/RESULTS.md). The loops compute exactly
+what the torch code of methods/selection.py and methods/sparsify.py computes, step by step in
+float32 (tests/test_kernels.py compares the bytes), so an output never depends on whether the
+extension was built. Each function returns False when it cannot take its arguments (another
+dtype, a float64 computation, no extension, WEIGHTMIX_KERNELS=0): the caller then runs torch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+try:
+    from weightmix import _kernels
+except ImportError:  # built without a C compiler: torch does the same arithmetic
+    _kernels = None
+
+CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MAX_MODELS = 16
+# masks of a magnitude cut c: every element, |d| > c, |d| >= c, and |d| > c with the first r
+# elements at |d| = c (in index order: where the cut splits a run of equal magnitudes)
+KEEP_ALL, ABOVE, AT_LEAST, FIRST_AT_CUT = 0, 1, 2, 3
+
+
+def enabled() -> bool:
+    """Whether the C loops are built and not switched off (WEIGHTMIX_KERNELS=0)."""
+    return _kernels is not None and os.environ.get("WEIGHTMIX_KERNELS", "1") != "0"
+
+
+def _takes(tensors: Sequence[torch.Tensor], numel: int) -> bool:
+    return all(
+        t.dtype in CODES and t.device.type == "cpu" and t.is_contiguous() and t.numel() == numel
+        for t in tensors
+    )
+
+
+def magnitude_histogram(
+    base: torch.Tensor, model: torch.Tensor, stage: int, prefix: int, counts: torch.Tensor
+) -> bool:
+    """Add to `counts` (int64) the radix-select counts of the float32 bit patterns of
+    |model − base| into 65,536 bins: stage 0 by the top 16 bits (the sign bit is 0: the upper
+    half stays empty), stage 1 by the low 16 bits of the elements whose top 16 bits are
+    `prefix`."""
+    if not enabled() or stage not in (0, 1) or not _takes([base, model], base.numel()):
+        return False
+    if counts.dtype != torch.int64 or counts.numel() != 1 << 16 or not counts.is_contiguous():
+        return False
+    assert _kernels is not None
+    codes = CODES[base.dtype], CODES[model.dtype]
+    _kernels.histogram(base.data_ptr(), codes[0], model.data_ptr(), codes[1], base.numel(),
+                       stage, prefix, counts.data_ptr())  # fmt: skip
+    return True
+
+
+Cut = tuple[int, float, int]  # (mask kind, cut magnitude, elements at the cut still to keep)
+
+
+def ties_chunk(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    cuts: Sequence[Cut],
+    weights: Sequence[float],
+    consensus: str | None,
+    normalize: bool,
+    lambda_: float,
+) -> tuple[torch.Tensor, list[int]] | None:
+    """TIES's output for one chunk in float32 and the elements each model kept at its cut
+    (None: not taken): each model's delta masked by its cut (see KEEP_ALL ... FIRST_AT_CUT),
+    weighted, the sign elected by the sum ('sum') or by the signs ('count'), the agreeing
+    deltas summed (and divided by the agreeing weights with `normalize`), base + λ·that."""
+    count = base.numel()
+    if not enabled() or not 1 <= len(models) <= MAX_MODELS or consensus not in ("sum", "count"):
+        return None
+    if not _takes([base, *models], count):
+        return None
+    assert _kernels is not None
+    out = torch.empty(count, dtype=torch.float32)
+    taken = _kernels.ties(
+        out.data_ptr(), base.data_ptr(), CODES[base.dtype], count,
+        [m.data_ptr() for m in models], [CODES[m.dtype] for m in models],
+        [float(cut) for _, cut, _ in cuts], [mode for mode, _, _ in cuts],
+        [left for _, _, left in cuts],
+        [None if w == 1 else float(w) for w in weights],  # the torch code skips w = 1
+        consensus == "count", normalize, float(lambda_),
+    )  # fmt: skip
+    return out.reshape(base.shape), taken
