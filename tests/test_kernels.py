@@ -51,8 +51,10 @@ def test_every_16_bit_pattern_widens_as_torch_widens_it(dtype):
 
 
 def torch_histogram(base, model, stage, prefix):
-    """The radix counts written out in torch: top 16 bits, or low 16 bits under `prefix`."""
+    """The radix counts written out in torch: top 16 bits, or low 16 bits under `prefix`,
+    every NaN magnitude counted as the quiet NaN 0x7FC00000."""
     bits = (model.float() - base.float()).abs().view(torch.int32)
+    bits = torch.where(bits > 0x7F800000, 0x7FC00000, bits)
     if stage == 0:
         return torch.bincount(bits >> 16, minlength=1 << 16)
     return torch.bincount(bits[(bits >> 16) == prefix] & 0xFFFF, minlength=1 << 16)
@@ -212,3 +214,31 @@ def test_a_ties_merge_gives_the_same_bytes_with_and_without_the_loops(
     assert counting.calls == used  # nothing more with WEIGHTMIX_KERNELS=0
     merged = load(tmp_path / "out-1.safetensors")
     assert not torch.equal(merged["big"], states[0]["big"].to(dtypes[0]).float())
+
+
+def streamed_cut(base, model, k, chunk, monkeypatch, setting):
+    """A StreamedTopK's cut over |model − base| seen in chunks, kernels on ('1') or off."""
+    from weightmix.methods.selection import StreamedTopK
+
+    monkeypatch.setenv("WEIGHTMIX_KERNELS", setting)
+    cut = StreamedTopK(k, base.numel(), torch.float32)
+    while cut.wants_pass():
+        for start in range(0, base.numel(), chunk):
+            cut.observe_delta(base[start : start + chunk], model[start : start + chunk])
+        cut.end_pass()
+    return cut.threshold.view(torch.int32).item(), cut.above, cut.need, cut.ties
+
+
+def test_nan_deltas_count_alike_whatever_their_payloads(monkeypatch):
+    """NaN − NaN keeps one operand's payload, and which one differs between the C loop and
+    torch: the histograms count every NaN magnitude as the one quiet NaN (a review found the
+    tie count at a NaN cut differing, and with it the kept elements)."""
+    count = 2048
+    base, model = torch.zeros(count), torch.full((count,), 0.5)
+    payloads = torch.tensor([0x7FC00002, 0x7FC00001, 0x7FC00002, 0xFFC00005], dtype=torch.int64)
+    model.view(torch.int32)[:2] = payloads[:2].to(torch.int32)
+    base.view(torch.int32)[:2] = payloads[2:].to(torch.int32)
+    model.view(torch.int32)[7] = 0x7F800001  # a signalling NaN against a finite base
+    found = {s: streamed_cut(base, model, 1, 1024, monkeypatch, s) for s in ("1", "0")}
+    assert found["1"] == found["0"]
+    assert found["1"][0] == 0x7FC00000 and found["1"][3] == 3  # the cut: 3 NaNs as one value

@@ -101,6 +101,26 @@ def test_ties_in_chunks_equals_the_whole_tensor_and_the_sorted_formula(
         assert torch.equal(merged[key], dense_ties(base, others, 0.3).to(dtype)), key
 
 
+@pytest.mark.parametrize(
+    ("dtype", "compute"), [(torch.float16, "fp16"), (torch.bfloat16, "bf16")], ids=["fp16", "bf16"]
+)
+def test_ties_computed_in_a_half_dtype_cuts_the_deltas_it_masks(
+    tmp_path, monkeypatch, dtype, compute
+):
+    """The cut is found on the deltas as the compute dtype rounds them (a review found it
+    taken on float32 deltas while the masks saw fp16 ones: one element too few kept)."""
+    generator = torch.Generator().manual_seed(0)
+    base = {k: torch.randn(s, generator=generator) for k, s in SHAPES.items()}
+    states = [base, {k: 3 * torch.randn(v.shape, generator=generator) for k, v in base.items()}]
+    states = [{k: v.to(dtype) for k, v in state.items()} for state in states]
+    paths = [save(tmp_path / f"m{i}.safetensors", s) for i, s in enumerate(states)]
+    merged = merged_streaming(tmp_path, monkeypatch, paths, "ties", compute, density=0.3)
+    params = {"density": 0.3, "lambda": 1.0, "weights": None, "normalize": True}
+    for key in SHAPES:
+        whole = whole_tensor(states, "ties", params | {"consensus": "sum"}, key, dtype)
+        assert torch.equal(merged[key], whole), key
+
+
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
 def test_breadcrumbs_in_chunks_equals_the_whole_tensor(tmp_path, monkeypatch, method):
     states, paths = fine_tunes(tmp_path, 3, torch.float16, coarse=True)

@@ -95,6 +95,9 @@ static inline uint32_t bits_of(float x) {
     return u;
 }
 
+/* a magnitude's bits with every NaN as the one quiet NaN (as StreamedTopK._bits) */
+static inline uint32_t quiet(uint32_t u) { return u > 0x7f800000u ? 0x7fc00000u : u; }
+
 /* histogram(base, base_code, model, model_code, n, stage, prefix, counts):
  * the radix-select counts of |model - base| (float32 bit patterns) over n elements, added to
  * the int64 array at `counts` (65,536 bins): stage 0 counts the top 16 bits (the sign bit is 0:
@@ -108,6 +111,11 @@ WM_CLONES static PyObject *histogram(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KiKinIIK", &base_at, &base_code, &model_at, &model_code, &n,
                           &stage, &prefix, &counts_at))
         return NULL;
+    if (base_code < F32 || base_code > BF16 || model_code < F32 || model_code > BF16 ||
+        stage < 0 || stage > 1) {
+        PyErr_SetString(PyExc_ValueError, "histogram: dtype codes are 0-2, stages 0-1");
+        return NULL;
+    }
     const void *base = (const void *)(uintptr_t)base_at;
     const void *model = (const void *)(uintptr_t)model_at;
     int64_t *counts = (int64_t *)(uintptr_t)counts_at;
@@ -121,10 +129,10 @@ WM_CLONES static PyObject *histogram(PyObject *self, PyObject *args) {
             m[i] = fabsf(m[i] - b[i]); /* clears the sign bit, as torch's abs */
         }
         if (stage == 0) {
-            for (Py_ssize_t i = 0; i < count; i++) counts[(bits_of(m[i]) >> 16) & 0x7fffu]++;
+            for (Py_ssize_t i = 0; i < count; i++) counts[quiet(bits_of(m[i])) >> 16]++;
         } else {
             for (Py_ssize_t i = 0; i < count; i++) {
-                uint32_t u = bits_of(m[i]);
+                uint32_t u = quiet(bits_of(m[i]));
                 if ((u >> 16) == prefix) counts[u & 0xffffu]++;
             }
         }
@@ -178,6 +186,7 @@ WM_CLONES static PyObject *ties(PyObject *self, PyObject *args) {
     if (read_addresses(models, model_at, count) < 0) return NULL;
     for (Py_ssize_t k = 0; k < count; k++) {
         code[k] = (int)PyLong_AsLong(PyList_GET_ITEM(codes, k));
+        if (PyErr_Occurred()) return NULL;
         mode[k] = (int)PyLong_AsLong(PyList_GET_ITEM(modes, k));
         remaining[k] = PyLong_AsLongLong(PyList_GET_ITEM(remainders, k));
         taken[k] = 0;
@@ -186,6 +195,14 @@ WM_CLONES static PyObject *ties(PyObject *self, PyObject *args) {
         weighted[k] = w != Py_None;
         weight[k] = weighted[k] ? (float)PyFloat_AsDouble(w) : 1.0f;
         if (PyErr_Occurred()) return NULL;
+        if (code[k] < F32 || code[k] > BF16 || mode[k] < 0 || mode[k] > 3) {
+            PyErr_SetString(PyExc_ValueError, "ties: dtype codes are 0-2, modes 0-3");
+            return NULL;
+        }
+    }
+    if (base_code < F32 || base_code > BF16) {
+        PyErr_SetString(PyExc_ValueError, "ties: dtype codes are 0-2");
+        return NULL;
     }
     float *out = (float *)(uintptr_t)out_at;
     const void *base = (const void *)(uintptr_t)base_at;
@@ -208,7 +225,8 @@ WM_CLONES static PyObject *ties(PyObject *self, PyObject *args) {
                 }
             } else if (mode[k] == 3) { /* above the cut, and the first `remaining` at it */
                 for (Py_ssize_t i = 0; i < size; i++) delta[i] = tk[i] - b[i];
-                for (Py_ssize_t i = 0; i < size; i++) tk[i] = delta[i] * positive(fabsf(delta[i]) - c);
+                for (Py_ssize_t i = 0; i < size; i++)
+                    tk[i] = delta[i] * positive(fabsf(delta[i]) - c);
                 for (Py_ssize_t i = 0; i < size && remaining[k] > 0; i++) {
                     if (fabsf(delta[i]) == c) {
                         tk[i] = delta[i] * 1.0f;

@@ -355,9 +355,10 @@ def run_task(
     if not task.chunked:
         writer.write(key.key, compute_key(plan, key, statistics))
         return
-    held = _hold(plan, key) if task.streamed else None
     stored = task.streamed and stored_streamed_call(plan, key)
-    streamers = _gather_statistics(plan, key, buffers, held, stored) if task.streamed else None
+    streamers, held = (
+        _gather_statistics(plan, key, buffers, stored) if task.streamed else (None, None)
+    )
     known = statistics_for(plan, key, statistics)
     out_dtype = key.out_dtype.torch
     out_size = key.out_dtype.itemsize
@@ -536,9 +537,12 @@ def _gather_statistics(
     streamers = {
         id(op): op.method.streamer(op.params, key.shape, dtype, len(op.inputs)) for op in calls
     }
+    held = None
     if key.numel == 0:  # no chunk to look at, none to compute
-        return streamers
+        return streamers, held
     while pending := [op for op in calls if streamers[id(op)].wants_pass()]:
+        if held is None:
+            held = _hold(plan, key)
         chunks = _read_chunks(plan, key, 0, key.numel, buffers, not stored, held)
         for start, _, inputs in chunks:
             draw = _draw(key, start)
@@ -546,7 +550,7 @@ def _gather_statistics(
                 streamers[id(op)].observe([evaluate(child, inputs, draw) for child in op.inputs])
         for op in pending:
             streamers[id(op)].end_pass()
-    return streamers
+    return streamers, held
 
 
 def compute_key(

@@ -6,8 +6,10 @@ temporary: on a 2-core machine 0.8-1 ns an element per histogram instead of ~2.5
 for a two-model output chunk instead of ~13 (bench/RESULTS.md). The loops compute exactly
 what the torch code of methods/selection.py and methods/sparsify.py computes, step by step in
 float32 (tests/test_kernels.py compares the bytes), so an output never depends on whether the
-extension was built. Each function returns False when it cannot take its arguments (another
-dtype, a float64 computation, no extension, WEIGHTMIX_KERNELS=0): the caller then runs torch.
+extension was built, but for the payload of a NaN carried through from an input (torch's own
+float16 widening gives NaNs different payloads in its vector and scalar loops). Each
+function returns False when it cannot take its arguments (another dtype, a float64 or half
+computation, no extension, WEIGHTMIX_KERNELS=0): the caller then runs torch.
 """
 
 from __future__ import annotations

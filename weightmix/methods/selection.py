@@ -65,7 +65,7 @@ class StreamedTopK:
     above it and the first `need` elements equal to it."""
 
     def __init__(self, k: int, numel: int, dtype: torch.dtype) -> None:
-        self.k, self.numel = k, numel
+        self.k, self.numel, self.dtype = k, numel, dtype  # dtype: of the deltas (compute)
         self.keep_all = k >= numel
         wide = dtype == torch.float64
         self.float_dtype = torch.float64 if wide else torch.float32
@@ -84,13 +84,14 @@ class StreamedTopK:
         return not self.keep_all and self.threshold is None
 
     def observe_delta(self, base: Tensor, model: Tensor) -> None:
-        """observe(model − base), fused in C where kernels.magnitude_histogram takes them."""
-        if self.float_dtype == torch.float32 and base.numel() < self.numel:
+        """observe(model − base), the difference taken in the compute dtype; fused in C where
+        kernels.magnitude_histogram takes the chunks (a float32 difference)."""
+        if self.dtype == torch.float32 and base.numel() < self.numel:
             if self.counts is None:
                 self.counts = torch.zeros(1 << 16, dtype=torch.int64)
             if kernels.magnitude_histogram(base, model, self.stage, self.prefix, self.counts):
                 return
-        self.observe(model.to(self.float_dtype) - base.to(self.float_dtype))
+        self.observe(model.to(self.dtype) - base.to(self.dtype))
 
     def chunk_cut(self) -> kernels.Cut:
         """The next chunk's mask for kernels.ties_chunk (which reports back through `took`)."""
@@ -110,8 +111,19 @@ class StreamedTopK:
     def _magnitudes(self, values: Tensor) -> Tensor:
         return values.reshape(-1).to(self.float_dtype).abs()
 
-    def observe(self, values: Tensor) -> None:
+    def _bits(self, values: Tensor) -> Tensor:
+        """The magnitudes' bit patterns, every NaN as the one quiet NaN (a NaN's payload
+        depends on which operand it came from and on torch's code path, not on the data)."""
         bits = self._magnitudes(values).view(self.int_dtype)
+        wide = self.int_dtype == torch.int64
+        infinity = 0x7FF0000000000000 if wide else 0x7F800000
+        if bits.numel() and int(bits.max()) > infinity:
+            quiet = 0x7FF8000000000000 if wide else 0x7FC00000
+            bits = torch.where(bits > infinity, quiet, bits)
+        return bits
+
+    def observe(self, values: Tensor) -> None:
+        bits = self._bits(values)
         if self.stage == 0 and bits.numel() == self.numel:  # the whole tensor in one chunk
             self._select(bits)
             return

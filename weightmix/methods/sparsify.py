@@ -168,7 +168,9 @@ def task_arithmetic_(
     """base + λ·combine(sparsify(M_m − base)): every method of this module."""
     deltas = [sparsify(model - base, index) for index, model in enumerate(models)]
     merged = combine(deltas, weights or [1.0] * len(models), consensus, normalize)
-    return base + merged * lambda_ if lambda_ != 1 else base + merged  # no fused multiply-add
+    # base + (merged·λ), two roundings: torch.add(..., alpha=λ) fuses them on CPUs with FMA and
+    # not on others, so its result would depend on the machine (and the C loop could not match)
+    return base + merged * lambda_ if lambda_ != 1 else base + merged
 
 
 class MagnitudeCutStreamer(Streamer):
