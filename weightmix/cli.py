@@ -660,9 +660,11 @@ def _add_groups() -> None:
     from weightmix.analysis.commands import preview, similarity
     from weightmix.hyper.commands import hyper
     from weightmix.lora.commands import lora
+    from weightmix.search.commands import search
 
     cli.add_command(lora)
     cli.add_command(hyper)
+    cli.add_command(search)
     cli.add_command(similarity)
     cli.add_command(preview)
 

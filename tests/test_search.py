@@ -1,0 +1,236 @@
+"""`weightmix search`: Optuna searches over recipe values on tiny SD1.5-layout models (every
+12th key, so every block is there): recovering a target merge's block weights, the same trials
+locally and on a local Ray instance, resuming an interrupted search, failed trials recorded,
+and bad input refused in one line before anything is merged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from fuzzing import sd1_spread_state
+from helpers import load, save
+
+import weightmix
+from weightmix.errors import WeightmixError
+from weightmix.search.run import ERROR_ATTR, search
+from weightmix.search.spec import load_search
+
+TARGET_ALPHA = {"IN": 0.2, "OUT": 0.8, "default": 0.5}
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Models A and B, and T = A and B blended by TARGET_ALPHA per block group."""
+    for name, seed in (("A", 1), ("B", 2)):
+        save(tmp_path / f"{name}.safetensors", sd1_spread_state(seed))
+    recipe = {
+        "models": {"A": "A.safetensors", "B": "B.safetensors"},
+        "merge": {"method": "weighted_sum", "inputs": ["A", "B"], "alpha": TARGET_ALPHA},
+    }
+    weightmix.merge(weightmix.api.parse_recipe(recipe, base_dir=tmp_path),
+                    tmp_path / "T.safetensors")  # fmt: skip
+    return tmp_path
+
+
+def write_search(folder: Path, name: str = "search.yaml", **settings) -> Path:
+    """A search for alpha per block group against T (distance), with `settings` over the
+    defaults; `merge` / `objective` replace the merge or the objective."""
+    merge = settings.pop("merge", None) or {
+        "method": "weighted_sum",
+        "inputs": ["A", "B"],
+        "alpha": {"search": [0, 1], "step": 0.05, "per": ["IN", "OUT", "default"]},
+    }
+    section = {"objective": {"distance": "T.safetensors"}, "trials": 8, "seed": 3} | settings
+    data = {"models": {"A": "A.safetensors", "B": "B.safetensors"}, "merge": merge,
+            "search": section}  # fmt: skip
+    path = folder / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def study_of(path: Path, **flags):
+    """Run the search in `path` (no output); its Optuna study."""
+    return search(load_search(path), echo=lambda _: None, **flags).study
+
+
+def test_a_search_recovers_the_block_weights_of_a_target_merge(folder):
+    """40 TPE trials on a 0.05 grid find each group's weight within 0.1, and the best
+    recipe file reproduces the best trial's merge."""
+    path = write_search(folder, trials=40, sampler="tpe", seed=0)
+    study = study_of(path)
+    best = study.best_trial.params
+    for group, expected in TARGET_ALPHA.items():
+        assert abs(best[f"merge.alpha.{group}"] - expected) <= 0.1, (group, best)
+    assert len(study.trials) == 40
+    from weightmix.search import report
+
+    paths = report.outputs(load_search(path))
+    assert report.write_best_recipe(load_search(path), study, paths["recipe"])
+    written = yaml.safe_load(paths["recipe"].read_text())
+    assert written["merge"]["alpha"] == {g: best[f"merge.alpha.{g}"] for g in TARGET_ALPHA}
+    merged = weightmix.api.merge_to_state_dict(paths["recipe"])
+    target = load(folder / "T.safetensors")
+    distance = sum(float(((merged[k].double() - target[k].double()) ** 2).sum())
+                   for k in target if target[k].is_floating_point()) ** 0.5  # fmt: skip
+    assert distance == pytest.approx(study.best_value, rel=1e-9)
+
+
+def test_the_cli_writes_the_best_recipe_and_plots_and_show_repeats_them(run, folder):
+    path = write_search(folder, trials=4)
+    result = run("search", path)
+    assert result.code == 0, result.err
+    assert "4 trials: 4 scored, 0 failed" in result.out
+    for suffix in (".best.yaml", ".trials.png", ".importance.png"):
+        assert (folder / f"search{suffix}").stat().st_size > 0
+    assert (folder / "search.trials.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = run("search", path)
+    assert again.code == 2 and "--resume continues it" in again.err
+    shown = run("search", path, "--show")
+    assert shown.code == 0 and "4 trials: 4 scored" in shown.out
+
+
+def test_resume_after_an_interrupted_search_continues_the_trial_count(folder, monkeypatch):
+    from weightmix.search import run as runner
+
+    path = write_search(folder, trials=6)
+    original, calls = runner.run_trial, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(runner, "run_trial", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        study_of(path)
+    monkeypatch.setattr(runner, "run_trial", original)
+    stored = study_of(path, resume=True)
+    states = [t.state.name for t in stored.trials]
+    assert len(states) == 6 and [t.number for t in stored.trials] == list(range(6))
+    assert states[:3] == ["COMPLETE", "COMPLETE", "FAIL"] and states[3:] == ["COMPLETE"] * 3
+    assert stored.trials[2].user_attrs[ERROR_ATTR] == "interrupted"
+
+
+def test_a_trial_that_raises_is_recorded_and_the_search_goes_on(folder, monkeypatch):
+    a, b = load(folder / "A.safetensors"), load(folder / "B.safetensors")
+    key = next(
+        k for k in sorted(a) if a[k].is_floating_point() and a[k].flatten()[0] != b[k].flatten()[0]
+    )
+    low, high = sorted((float(a[key].flatten()[0]), float(b[key].flatten()[0])))
+    (folder / "scores.py").write_text(  # fails for alpha past the middle, on either side
+        "def score(state):\n"
+        f"    value = float(state[{key!r}].flatten()[0])\n"
+        f"    if value > {(low + high) / 2!r}:\n"
+        "        raise ValueError('too bright')\n"
+        "    return value\n"
+    )
+    monkeypatch.syspath_prepend(str(folder))
+    merge = {"method": "weighted_sum", "inputs": ["A", "B"], "alpha": {"search": [0, 1]}}
+    path = write_search(folder, trials=8, merge=merge, objective={"callable": "scores:score"})
+    study = study_of(path)
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    scored = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(study.trials) == 8 and failed and scored
+    assert all(t.user_attrs[ERROR_ATTR] == "ValueError: too bright" for t in failed)
+
+
+def test_an_objective_that_cannot_be_imported_stops_after_the_first_trials(run, folder):
+    merge = {"method": "weighted_sum", "inputs": ["A", "B"], "alpha": {"search": [0, 1]}}
+    path = write_search(folder, trials=20, merge=merge, objective={"callable": "nowhere:score"})
+    result = run("search", path)
+    assert result.code == 2
+    assert result.err.startswith("weightmix: error: the first 5 trials all failed; the first:")
+    assert "cannot import nowhere" in result.err and len(result.err.splitlines()) == 1
+
+
+def test_an_objective_returning_no_number_fails_its_trials(folder, monkeypatch):
+    (folder / "words.py").write_text("def score(state):\n    return 'good'\n")
+    monkeypatch.syspath_prepend(str(folder))
+    merge = {"method": "weighted_sum", "inputs": ["A", "B"], "alpha": {"search": [0, 1]}}
+    path = write_search(folder, trials=5, merge=merge, objective={"callable": "words:score"})
+    with pytest.raises(WeightmixError, match="returned str, not a number"):
+        study_of(path)
+
+
+@pytest.mark.parametrize(
+    ("variable", "says"),
+    [
+        ({"search": [1, 0]}, "is empty or reversed"),
+        ({"search": [0.5, 0.5]}, "is empty or reversed"),
+        ({"search": [0, "x"]}, "two finite numbers"),
+        ({"choice": []}, "non-empty list"),
+        ({"search": [0, 1], "per": "blocks"}, "per is 'block' or a list"),
+        ({"search": [0, 1], "bogus": 1}, "unknown ['bogus']"),
+    ],
+)
+def test_bad_search_variables_are_one_line(run, folder, variable, says):
+    merge = {"method": "weighted_sum", "inputs": ["A", "B"], "alpha": variable}
+    result = run("search", write_search(folder, merge=merge))
+    assert result.code == 2 and says in result.err and len(result.err.splitlines()) == 1
+
+
+def test_a_variable_on_a_parameter_the_method_lacks_is_refused_before_merging(run, folder):
+    merge = {"method": "weighted_sum", "inputs": ["A", "B"], "alpha": 0.5,
+             "density": {"search": [0.1, 0.9]}}  # fmt: skip
+    result = run("search", write_search(folder, merge=merge))
+    assert result.code == 2 and "density" in result.err and len(result.err.splitlines()) == 1
+    assert not (folder / "search.db").exists()  # refused before the study was made
+
+
+def test_an_unreachable_ray_address_is_one_line_before_any_merge(run, folder):
+    result = run("search", write_search(folder), "--ray", "127.0.0.1:1")
+    assert result.code == 2 and "--ray 127.0.0.1:1: cannot connect" in result.err
+    assert not (folder / "search.best.yaml").exists()
+
+
+def test_per_block_gives_one_variable_per_block_of_the_architecture(folder):
+    merge = {"method": "weighted_sum", "inputs": ["A", "B"],
+             "alpha": {"search": [0, 1], "per": "block"}}  # fmt: skip
+    study = study_of(write_search(folder, trials=2, merge=merge))
+    names = list(study.trials[0].params)
+    assert len(names) == 26 and names[0] == "merge.alpha.BASE" and names[-1] == "merge.alpha.OUT11"
+
+
+def test_choices_may_be_block_values(folder):
+    merge = {"method": "weighted_sum", "inputs": ["A", "B"],
+             "alpha": {"choice": [[0.1] * 26, "GRAD_V", {"IN": 0.2, "default": 0.9}]}}  # fmt: skip
+    study = study_of(write_search(folder, trials=6, merge=merge, sampler="random"))
+    seen = {t.params["merge.alpha"] for t in study.trials}  # searched by index
+    assert seen <= {0, 1, 2} and len(seen) >= 2 and all(t.value is not None for t in study.trials)
+
+
+def test_the_same_search_on_local_processes_and_on_ray_finds_the_same_best_trial(folder):
+    import ray
+
+    local = study_of(write_search(folder, "local.yaml", trials=6, workers=2))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = study_of(write_search(folder, "ray.yaml", trials=6, workers=2), ray=ray)
+    finally:
+        ray.shutdown()
+    assert [t.params for t in remote.trials] == [t.params for t in local.trials]
+    assert remote.best_trial.number == local.best_trial.number
+    assert remote.best_value == local.best_value
+
+
+def test_a_range_past_what_the_parameter_takes_is_refused_before_merging(run, folder):
+    merge = {"method": "weighted_sum", "inputs": ["A", "B"], "alpha": {"search": [0, 1.5]}}
+    result = run("search", write_search(folder, merge=merge))
+    assert result.code == 2 and "merge.alpha=1.5" in result.err
+    assert len(result.err.splitlines()) == 1 and not (folder / "search.db").exists()
+
+
+def test_the_example_search_runs_on_tiny_models(tmp_path):
+    example = Path(__file__).parent.parent / "examples" / "search-block-weights.yaml"
+    data = yaml.safe_load(example.read_text())
+    for seed, name in enumerate(data["models"]):
+        data["models"][name] = str(save(tmp_path / f"{name}.safetensors", sd1_spread_state(seed)))
+    data["search"]["trials"] = 3
+    path = tmp_path / "example.yaml"
+    path.write_text(yaml.safe_dump(data))
+    study = study_of(path)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert -2 <= study.best_value <= 0  # balance: minus a mean spread of cosines

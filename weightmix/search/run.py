@@ -1,0 +1,381 @@
+"""Running a search: an Optuna study in a storage (SQLite beside the search file by default),
+trials asked in rounds of `concurrency`, run in this process, in local worker processes, or as
+Ray tasks, and told back in trial order, so that the same seed and sampler give the same
+trials wherever they run. A trial that fails is recorded with its reason and the search goes
+on; a search stopped (Ctrl-C, a crash) resumes from its storage with --resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from weightmix import engine
+from weightmix.api import make_plan
+from weightmix.errors import WeightmixError, one_line
+from weightmix.recipe import parse_recipe
+from weightmix.search.objectives import TrialFailed, check_target, score
+from weightmix.search.spec import (
+    Objective,
+    SearchSpec,
+    Variable,
+    expand_blocks,
+    pending_blocks,
+)
+
+ERROR_ATTR = "error"  # a failed trial's reason, in its user attributes
+
+
+def need_optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise WeightmixError(
+            "weightmix search needs Optuna: pip install 'weightmix[search]'"
+        ) from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+@dataclass
+class Outcome:
+    """How a search run ended."""
+
+    study: Any  # optuna.Study
+    ran: int  # trials run now
+    stopped: str | None = None  # why it stopped early (time budget ...)
+
+
+def prepare(spec: SearchSpec) -> None:
+    """Validate the search before anything is merged: per-block variables get the models'
+    blocks, trials at the ends and middles of the ranges and with each choice are planned
+    (headers only: a variable on a parameter the method lacks, a range past what the parameter
+    takes ... is refused now), the target fits."""
+    if pending_blocks(spec):
+        plan = _plan(spec, spec.first_values())
+        try:
+            expand_blocks(spec, getattr(plan.architecture, "blocks", None))
+        finally:
+            plan.close()
+    for values in corner_values(spec):
+        _plan(spec, values).close()
+    check_target(spec.trial_data(spec.first_values()), spec.folder, spec.settings.objective)
+
+
+def corner_values(spec: SearchSpec) -> list[dict[str, Any]]:
+    """The trials prepare() plans: every range at its middle, then at its low end and at its
+    high end, and each choice of each choice variable with the rest in the middle."""
+    middle = spec.first_values()
+    found = [middle]
+    for end in ("low", "high"):
+        found.append(
+            middle | {v.name: getattr(v, end) for v in spec.variables if v.choices is None}
+        )
+    for v in spec.variables:
+        found += [middle | {v.name: choice} for choice in (v.choices or ())[1:]]
+    return found
+
+
+def _plan(spec: SearchSpec, values: dict[str, Any]) -> Any:
+    data = spec.trial_data(values)
+    try:
+        return make_plan(parse_recipe(data, str(spec.source), spec.folder))
+    except WeightmixError as error:
+        shown = ", ".join(f"{name}={_short(value)}" for name, value in values.items())
+        raise WeightmixError(f"{error} (with the search variables at {shown})") from None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, float) else f"{value:g}"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def distributions(spec: SearchSpec) -> dict[str, Any]:
+    """Optuna's distribution of each variable; choices that are not plain values (block
+    lists, mappings) are searched by their index."""
+    optuna = need_optuna()
+    found: dict[str, Any] = {}
+    for v in spec.variables:
+        if v.choices is not None:
+            found[v.name] = optuna.distributions.CategoricalDistribution(_choice_keys(v))
+        else:
+            found[v.name] = optuna.distributions.FloatDistribution(
+                v.low, v.high, step=v.step, log=v.log
+            )
+    return found
+
+
+def _plain_choice(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _choice_keys(variable: Variable) -> list[Any]:
+    assert variable.choices is not None
+    if all(_plain_choice(c) for c in variable.choices):
+        return list(variable.choices)
+    return list(range(len(variable.choices)))
+
+
+def values_of(spec: SearchSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """The recipe values of a trial's Optuna parameters (indexes back to their choices)."""
+    values = {}
+    for v in spec.variables:
+        value = params[v.name]
+        if v.choices is not None and not all(_plain_choice(c) for c in v.choices):
+            value = v.choices[value]
+        values[v.name] = value
+    return values
+
+
+def make_sampler(spec: SearchSpec, offset: int) -> Any:
+    optuna = need_optuna()
+    seed = spec.settings.seed + offset  # a resumed search does not redraw its first trials
+    if spec.settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.settings.sampler == "cmaes":
+        if any(v.choices is not None for v in spec.variables):
+            raise WeightmixError(
+                f"{spec.source}: the cmaes sampler searches numbers only: use tpe or random"
+                " with choice variables"
+            )
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def open_study(spec: SearchSpec, resume: bool, overwrite: bool, create: bool = True) -> Any:
+    """The search's study: new (refused if one of that name exists, unless --resume or
+    --overwrite), or the existing one."""
+    optuna = need_optuna()
+    url, name = spec.storage_url(), spec.study_name()
+    try:
+        storage = optuna.storages.RDBStorage(url)
+        names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    except Exception as error:  # a URL SQLAlchemy cannot open, an unreachable server
+        raise WeightmixError(
+            f"search storage {url}: cannot open it: {one_line(str(error))}"
+        ) from None
+    exists = name in names
+    if exists and overwrite:
+        optuna.delete_study(study_name=name, storage=storage)
+        exists = False
+    if exists and not resume and create:
+        raise WeightmixError(
+            f"search {name!r} exists in {url}: --resume continues it, --overwrite starts again"
+        )
+    if not exists and not create:
+        raise WeightmixError(f"no search {name!r} in {url}: run it first")
+    finished = 0
+    if exists:
+        study = optuna.load_study(study_name=name, storage=storage)
+        finished = len(study.trials)
+    direction = spec.settings.objective.goal()
+    study = optuna.create_study(
+        storage=storage, study_name=name, direction=direction,
+        sampler=make_sampler(spec, finished), load_if_exists=True,
+    )  # fmt: skip
+    if study.direction.name.lower() != direction:
+        raise WeightmixError(f"search {name!r} in {url} was run to {study.direction.name.lower()}")
+    return study
+
+
+def run_trial(
+    objective: dict[str, Any], data: dict[str, Any], folder: str, threads: int
+) -> tuple[float | None, str | None]:
+    """One trial, wherever it runs: (value, None), or (None, why it failed)."""
+    try:
+        value = score(Objective.model_validate(objective), data, Path(folder), threads)
+    except (WeightmixError, TrialFailed) as error:
+        return None, one_line(str(error))
+    except Exception as error:  # the user's objective, an out-of-memory ...
+        return None, one_line(f"{type(error).__name__}: {error}")
+    return value, None
+
+
+def memory_per_trial(spec: SearchSpec, threads: int) -> int:
+    """Bytes a trial holds at most: the engine's peak, and the merged model in memory when
+    the objective takes it whole (a callable)."""
+    plan = _plan(spec, spec.first_values())
+    try:
+        peak = engine.estimate_peak(plan, threads=threads)
+        if spec.settings.objective.kind() == "callable":
+            peak += plan.output_bytes
+        else:
+            peak += 3 * max((k.out_nbytes for k in plan.keys), default=0)
+        return peak + (300 << 20)  # torch and the interpreter in a worker process
+    finally:
+        plan.close()
+
+
+def available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class TrialRunner:
+    """Runs rounds of trials: in this process, local processes or Ray tasks."""
+
+    def __init__(self, concurrency: int, threads: int, ray: Any = None, gpus: float = 0,
+                 memory: int = 0) -> None:  # fmt: skip
+        self.concurrency, self.threads, self.ray = concurrency, threads, ray
+        self.pool: Executor | None = None
+        self.remote: Any = None
+        if ray is not None:
+            options: dict[str, Any] = {"num_cpus": threads, "num_gpus": gpus, "max_retries": 0}
+            if memory:
+                options["memory"] = memory
+            self.remote = ray.remote(run_trial).options(**options)
+        elif concurrency > 1:
+            self.pool = ProcessPoolExecutor(concurrency, mp_context=get_context("spawn"))
+
+    def run(self, jobs: list[tuple[dict, dict, str]]) -> list[tuple[float | None, str | None]]:
+        if self.remote is not None:
+            return self.ray.get([self.remote.remote(o, d, f, self.threads) for o, d, f in jobs])
+        if self.pool is not None:
+            futures = [self.pool.submit(run_trial, o, d, f, self.threads) for o, d, f in jobs]
+            return [future.result() for future in futures]
+        return [run_trial(o, d, f, self.threads) for o, d, f in jobs]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def search(
+    spec: SearchSpec,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    ray: Any = None,
+    workers: int | None = None,
+    threads: int = 1,
+    echo: Callable[[str], None] = print,
+) -> Outcome:
+    """Run the search `spec` describes until its trial budget (counting a resumed study's
+    trials) or time budget is spent. `ray`: the ray module, initialised, to run trials as
+    Ray tasks."""
+    optuna = need_optuna()
+    prepare(spec)
+    study = open_study(spec, resume, overwrite)
+    for trial in study.trials:  # trials a stopped run left running (no reason: interrupted)
+        if trial.state == optuna.trial.TrialState.RUNNING:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    settings = spec.settings
+    concurrency = workers or settings.workers
+    per_trial = memory_per_trial(spec, threads)
+    if ray is None:
+        free = available_memory()
+        if free is not None and concurrency > 1:
+            fits = max(1, int(free * 0.8) // per_trial)
+            if fits < concurrency:
+                echo(f"note: {fits} trial(s) at once, not {concurrency}: each needs about"
+                     f" {per_trial >> 20} MB and {free >> 20} MB are free")  # fmt: skip
+                concurrency = fits
+    runner = TrialRunner(concurrency, threads, ray, settings.gpus, per_trial if ray else 0)
+    spaces = distributions(spec)
+    objective = settings.objective.model_dump(exclude_none=True)
+    began, ran = time.monotonic(), 0
+    stopped = None
+    try:
+        while (done := len(study.trials)) < settings.trials:
+            if settings.timeout is not None and time.monotonic() - began > settings.timeout:
+                stopped = f"the time budget of {settings.timeout:g} s is spent"
+                break
+            trials = [study.ask(spaces) for _ in range(min(concurrency, settings.trials - done))]
+            jobs = [
+                (objective, spec.trial_data(values_of(spec, t.params)), str(spec.folder))
+                for t in trials
+            ]
+            try:
+                results = runner.run(jobs)
+            except BaseException:
+                for trial in trials:
+                    trial.set_user_attr(ERROR_ATTR, "interrupted")
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise
+            for trial, (value, error) in zip(trials, results):
+                ran += 1
+                if error is None:
+                    study.tell(trial, value)
+                    echo(f"trial {trial.number}: {value:.6g}")
+                else:
+                    trial.set_user_attr(ERROR_ATTR, error)
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    echo(f"trial {trial.number} failed: {error}")
+            _give_up_if_all_failed(study, settings.give_up_after)
+    finally:
+        runner.close()
+    return Outcome(study, ran, stopped)
+
+
+def _give_up_if_all_failed(study: Any, first: int) -> None:
+    trials = study.trials
+    if len(trials) < first or any(t.value is not None for t in trials):
+        return
+    if all(t.state.name == "FAIL" for t in trials[:first]):
+        reason = trials[0].user_attrs.get(ERROR_ATTR, "no reason recorded")
+        raise WeightmixError(f"the first {first} trials all failed; the first: {reason}")
+
+
+def connect_ray(address: str) -> Any:
+    """The ray module, connected to `address` ('auto', 'local', or host:port / ray://...);
+    WeightmixError when it cannot be, before any merge runs."""
+    try:
+        import ray
+    except ImportError:
+        raise WeightmixError("--ray needs Ray: pip install 'weightmix[ray]'") from None
+    if ray.is_initialized():
+        return ray
+    if address not in ("auto", "local"):
+        _reachable(address)  # ray.init retries an address nobody answers at for minutes
+    try:
+        if address == "local":
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    except Exception as error:
+        raise WeightmixError(
+            f"--ray {address}: cannot connect: {one_line(str(error)).split('. ')[0]}"
+            " (is a Ray cluster running there? `ray start --head` starts one)"
+        ) from None
+    return ray
+
+
+def _reachable(address: str) -> None:
+    """A Ray head's address (host:port, or ray://host:port for Ray Client) answers a TCP
+    connection within 5 s, or WeightmixError."""
+    text = address.removeprefix("ray://")
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise WeightmixError(
+            f"--ray {address}: give 'auto', 'local', or the head's HOST:PORT (ray://HOST:PORT"
+            " for Ray Client)"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as error:
+        raise WeightmixError(
+            f"--ray {address}: cannot connect: {error.strerror or error} (is a Ray cluster"
+            " running there? `ray start --head` starts one)"
+        ) from None
+
+
+def best_values(spec: SearchSpec, study: Any) -> dict[str, Any] | None:
+    complete = [t for t in study.trials if t.value is not None and math.isfinite(t.value)]
+    if not complete:
+        return None
+    return values_of(spec, study.best_trial.params)
