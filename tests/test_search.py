@@ -234,3 +234,48 @@ def test_the_example_search_runs_on_tiny_models(tmp_path):
     study = study_of(path)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
     assert -2 <= study.best_value <= 0  # balance: minus a mean spread of cosines
+
+
+@pytest.fixture(scope="module")
+def loadable_pipelines(tmp_path_factory):
+    """test_preview's two tiny runnable Stable Diffusion pipelines."""
+    from test_preview import loadable_pipelines as build
+
+    return build.__wrapped__(tmp_path_factory)
+
+
+def test_an_images_objective_scores_what_the_merged_pipeline_draws(
+    tmp_path, monkeypatch, loadable_pipelines
+):
+    """Each trial's score is the scorer's number for the images the merge draws: checked by
+    drawing a trial's image again in a freshly loaded pipeline."""
+    import numpy as np
+
+    from weightmix.analysis.preview import generate, load_merged, load_pipeline
+
+    (tmp_path / "brightness.py").write_text(
+        "import numpy as np\n"
+        "def score(images):\n"
+        "    return float(np.mean([np.asarray(i, dtype=np.float64).mean() for i in images]))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    images = {"score": "brightness:score", "prompts": ["a cat", "a dog"], "steps": 5, "size": 16}
+    data = {
+        "models": {"A": str(loadable_pipelines[0]), "B": str(loadable_pipelines[1])},
+        "merge": {"method": "weighted_sum", "inputs": ["A", "B"], "alpha": {"search": [0, 1]}},
+        "search": {"objective": {"images": images}, "trials": 3, "seed": 1},
+    }
+    path = tmp_path / "images.yaml"
+    path.write_text(yaml.safe_dump(data))
+    study = study_of(path)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3, study.trials[0].user_attrs
+    assert len({t.value for t in study.trials}) == 3  # the blend changes the images
+    trial = study.trials[1]
+    recipe = dict(data, merge=data["merge"] | {"alpha": trial.params["merge.alpha"]})
+    del recipe["search"]
+    pipeline = load_pipeline(loadable_pipelines[0], "cpu")
+    load_merged(pipeline, weightmix.api.merge_to_state_dict(recipe))
+    folder, steps, size = loadable_pipelines[0], images["steps"], images["size"]
+    drawn = [generate(pipeline, folder, p, 0, steps, size, "cpu") for p in images["prompts"]]
+    expected = float(np.mean([np.asarray(i, dtype=np.float64).mean() for i in drawn]))
+    assert trial.value == expected

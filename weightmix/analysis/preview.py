@@ -184,6 +184,44 @@ def load_merged(pipeline, state: dict[str, torch.Tensor]) -> None:
                 own[name].copy_(tensor.to(own[name].device, own[name].dtype))
 
 
+def load_pipeline(folder: Path, device: str) -> Any:
+    """The diffusers pipeline in `folder` (local files only), quiet, on `device`."""
+    try:
+        from diffusers import DiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        raise WeightmixError(EXTRA) from None
+    for library in (diffusers_logging, transformers_logging):  # their chatter is not ours
+        library.disable_progress_bar()
+        library.set_verbosity_error()
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    except Exception as error:
+        problem = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise WeightmixError(
+            f"preview: {folder} does not load as a diffusers pipeline ({type(error).__name__}:"
+            f" {problem})"
+        ) from None
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def generate(pipeline: Any, folder: Path, prompt: str, seed: int, steps: int, size: int,
+             device: str) -> Any:  # fmt: skip
+    """One image (PIL) of `prompt` from a generator seeded with `seed`."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    try:
+        return pipeline(prompt, num_inference_steps=steps, generator=generator,
+                        height=size, width=size, output_type="pil").images[0]  # fmt: skip
+    except Exception as error:  # the pipeline's own errors, as one line
+        problem = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise WeightmixError(
+            f"preview: the pipeline of {folder} failed ({type(error).__name__}:"
+            f" {problem}); try other --steps or --size"
+        ) from None
+
+
 @dataclass
 class Grid:
     image: Any  # PIL.Image
@@ -202,28 +240,12 @@ def run_preview(
     size: int,
 ) -> Grid:
     try:
-        from diffusers import DiffusionPipeline
         from PIL import Image, ImageDraw
     except ImportError:
         raise WeightmixError(EXTRA) from None
     columns = sweeps[0]
     rows = sweeps[1] if len(sweeps) == 2 else Sweep("", [None])
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for library in (diffusers_logging, transformers_logging):  # their chatter is not ours
-        library.disable_progress_bar()
-        library.set_verbosity_error()
-    try:
-        pipeline = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
-    except Exception as error:
-        problem = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise WeightmixError(
-            f"preview: {folder} does not load as a diffusers pipeline ({type(error).__name__}:"
-            f" {problem})"
-        ) from None
-    pipeline.set_progress_bar_config(disable=True)
-    pipeline.to(device)
+    pipeline = load_pipeline(folder, device)
     cells: list[list[Any]] = []
     for row_value in rows.values:
         line = []
@@ -235,17 +257,7 @@ def run_preview(
             state = api.merge_to_state_dict(variant)
             load_merged(pipeline, state)
             del state
-            generator = torch.Generator(device=device).manual_seed(seed)
-            try:
-                image = pipeline(prompt, num_inference_steps=steps, generator=generator,
-                                 height=size, width=size, output_type="pil").images[0]  # fmt: skip
-            except Exception as error:  # the pipeline's own errors, as one line
-                problem = str(error).strip().splitlines()[0] if str(error).strip() else ""
-                raise WeightmixError(
-                    f"preview: the pipeline of {folder} failed ({type(error).__name__}:"
-                    f" {problem}); try other --steps or --size"
-                ) from None
-            line.append(image)
+            line.append(generate(pipeline, folder, prompt, seed, steps, size, device))
         cells.append(line)
     left = LABEL * 3 if rows.name else 0
     grid = Image.new("RGB", (left + size * len(columns.values), LABEL + size * len(cells)), "white")

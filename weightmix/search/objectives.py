@@ -9,6 +9,8 @@ the folder its relative paths start from) and returns a float.
   each input as to the others (maximised).
 - callable: "package.module:function", called with the merged {key: tensor} (in memory) and
   returning a number.
+- images: the merge loaded into a diffusers pipeline (kept loaded between a worker's trials),
+  one image per prompt, and "package.module:function" called with the list of PIL images.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def score(objective: Objective, data: dict[str, Any], folder: Path, threads: int
         return as_number(value, objective.callable)
     if kind == "balance":
         return _balance(recipe, threads)
+    if kind == "images":
+        assert objective.images is not None
+        return _images(objective.images, recipe, threads)
     target = objective.distance if kind == "distance" else objective.cosine
     assert target is not None
     return _against_target(recipe, recipe.resolve(target), kind, threads)
@@ -164,3 +169,25 @@ def _balance(recipe: Any, threads: int) -> float:
     if not spreads:
         raise TrialFailed("objective balance: no block holds two inputs to compare")
     return -sum(spreads) / len(spreads)
+
+
+_PIPELINES: dict[tuple[str, str], Any] = {}  # a worker's pipeline, loaded once
+
+
+def _images(images: Any, recipe: Any, threads: int) -> float:
+    from weightmix.analysis.preview import generate, load_merged, load_pipeline, pipeline_folder
+
+    given = recipe.resolve(images.pipeline) if images.pipeline else None
+    folder = pipeline_folder(recipe, given, None)
+    score_images = load_callable(images.score)
+    key = (str(folder), images.device)
+    if key not in _PIPELINES:
+        _PIPELINES.clear()  # one pipeline in memory
+        _PIPELINES[key] = load_pipeline(folder, images.device)
+    pipeline = _PIPELINES[key]
+    state = merge_to_state_dict(recipe, threads=threads)
+    load_merged(pipeline, state)
+    del state
+    drawn = [generate(pipeline, folder, prompt, images.seed, images.steps, images.size,
+                      images.device) for prompt in images.prompts]  # fmt: skip
+    return as_number(score_images(drawn), images.score)

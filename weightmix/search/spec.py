@@ -35,6 +35,23 @@ from weightmix.recipe import _first_problem, read_recipe_data
 Sampler = Literal["tpe", "cmaes", "random"]
 
 
+class Images(BaseModel):
+    """A score of images the merged model draws (diffusion models; the `preview` extra): one
+    image per prompt from a diffusers pipeline folder with the merge loaded into it, each from
+    a generator seeded with `seed`; `score` ("package.module:function") gets the list of PIL
+    images and returns a number."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    score: str
+    prompts: list[str] = Field(min_length=1)
+    steps: int = Field(20, ge=1)
+    size: int = Field(512, ge=8, multiple_of=8)
+    seed: int = 0
+    device: str = "cpu"
+    pipeline: str | None = None  # default: the layout model, when it is a pipeline folder
+
+
 class Objective(BaseModel):
     """What a trial's merge is scored by: exactly one of the fields."""
 
@@ -44,22 +61,24 @@ class Objective(BaseModel):
     cosine: str | None = None  # a checkpoint: maximise the cosine similarity to it
     balance: bool | None = None  # maximise how evenly each block resembles every input
     callable: str | None = None  # "package.module:function" of the merged {key: tensor}
-    direction: Literal["maximize", "minimize"] | None = None  # the callable's; default maximize
+    images: Images | None = None  # a score of images the merge draws
+    # for callable and images (default maximize); the others set their own
+    direction: Literal["maximize", "minimize"] | None = None
 
     def kind(self) -> str:
-        given = [name for name in ("distance", "cosine", "balance", "callable")
+        given = [name for name in ("distance", "cosine", "balance", "callable", "images")
                  if getattr(self, name) not in (None, False)]  # fmt: skip
         if len(given) != 1:
             raise WeightmixError(
-                "search.objective: give exactly one of distance, cosine, balance, callable"
-                f" (got {', '.join(given) or 'none'})"
+                "search.objective: give exactly one of distance, cosine, balance, callable,"
+                f" images (got {', '.join(given) or 'none'})"
             )
         return given[0]
 
     def goal(self) -> str:
         """'maximize' or 'minimize'."""
         kind = self.kind()
-        if kind == "callable":
+        if kind in ("callable", "images"):
             return self.direction or "maximize"
         if self.direction is not None:
             raise WeightmixError(f"search.objective: {kind} sets its own direction; drop it")
