@@ -202,18 +202,45 @@ def test_choices_may_be_block_values(folder):
     assert seen <= {0, 1, 2} and len(seen) >= 2 and all(t.value is not None for t in study.trials)
 
 
-def test_the_same_search_on_local_processes_and_on_ray_finds_the_same_best_trial(folder):
+def test_the_same_search_on_local_processes_and_on_ray_finds_the_same_best_trial(
+    folder, monkeypatch
+):
+    """Local worker processes and Ray tasks (a local instance with 2 CPUs) run the same trials
+    for the same seed and sampler; with ship_inputs the Ray workers read the models and the
+    target from the copies sent through the object store (the originals moved away)."""
     import ray
+
+    from weightmix.search import run as runner
 
     local = study_of(write_search(folder, "local.yaml", trials=6, workers=2))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    original = runner.ship_inputs
+
+    def ship_then_move(*args):
+        shipped = original(*args)
+        for name in ("A", "B", "T"):
+            (folder / f"{name}.safetensors").rename(folder / f"{name}.moved")
+        return shipped
+
     try:
         remote = study_of(write_search(folder, "ray.yaml", trials=6, workers=2), ray=ray)
+        monkeypatch.setattr(runner, "ship_inputs", ship_then_move)
+        path = write_search(folder, "shipped.yaml", trials=6, workers=2, ship_inputs=True)
+        shipped = study_of(path, ray=ray)
     finally:
         ray.shutdown()
     assert [t.params for t in remote.trials] == [t.params for t in local.trials]
     assert remote.best_trial.number == local.best_trial.number
     assert remote.best_value == local.best_value
+    assert not (folder / "A.safetensors").exists()  # the shipped run read copies
+    assert [t.value for t in shipped.trials] == [t.value for t in local.trials], [
+        t.user_attrs for t in shipped.trials
+    ]
+
+
+def test_ship_inputs_without_ray_is_refused(run, folder):
+    result = run("search", write_search(folder, ship_inputs=True))
+    assert result.code == 2 and "ship_inputs needs --ray" in result.err
 
 
 def test_a_range_past_what_the_parameter_takes_is_refused_before_merging(run, folder):

@@ -7,10 +7,13 @@ on; a search stopped (Ctrl-C, a crash) resumes from its storage with --resume.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -226,25 +229,112 @@ def available_memory() -> int | None:
     return None
 
 
+SHIP_PIECE = 64 << 20  # bytes of a shipped file per object in Ray's object store
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """An input file sent through Ray's object store: its pieces, and the name it gets in a
+    node's scratch folder (unique per path, size and modification time)."""
+
+    name: str
+    pieces: tuple[Any, ...]  # ray.ObjectRef of each piece, in order
+    size: int
+
+
+def ship_inputs(ray: Any, spec: SearchSpec) -> dict[str, Shipped]:
+    """Put each model file (and a distance/cosine target) into Ray's object store, a piece at
+    a time (the driver holds one piece); by the path the search file gives."""
+    recipe = parse_recipe(spec.trial_data(spec.first_values()), str(spec.source), spec.folder)
+    objective = spec.settings.objective
+    written = dict(recipe.models)
+    target = objective.distance or objective.cosine
+    if target is not None:
+        written["objective target"] = target
+    shipped: dict[str, Shipped] = {}
+    for name, text in written.items():
+        path = recipe.resolve(text)
+        if not path.is_file():
+            raise WeightmixError(
+                f"ship_inputs sends single files; {name} ({path}) is not one: put it on a file"
+                " system every node sees instead"
+            )
+        stat = path.stat()
+        tag = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        pieces = []
+        with open(path, "rb") as source:
+            while piece := source.read(SHIP_PIECE):
+                pieces.append(ray.put(piece))
+        shipped[text] = Shipped(f"{tag.hexdigest()[:16]}-{path.name}", tuple(pieces), stat.st_size)
+    return shipped
+
+
+def _receive(shipped: dict[str, Shipped]) -> dict[str, str]:
+    """On a Ray worker: each shipped file in this node's scratch folder (written once per
+    node, moved into place whole); the path each written path stands for."""
+    import ray
+
+    folder = Path(tempfile.gettempdir()) / "weightmix-shipped"
+    folder.mkdir(exist_ok=True)
+    found = {}
+    for written, item in shipped.items():
+        path = folder / item.name
+        if not path.is_file():
+            handle, temporary = tempfile.mkstemp(dir=folder, prefix=".incoming-")
+            try:
+                with os.fdopen(handle, "wb") as out:
+                    for piece in item.pieces:
+                        out.write(ray.get(piece))
+                # linked only if absent: a copy another trial on this node placed first and
+                # may be reading stays as it is (replacing it would look like an input
+                # changing under that trial's merge)
+                with contextlib.suppress(FileExistsError):
+                    os.link(temporary, path)
+            finally:
+                Path(temporary).unlink(missing_ok=True)
+        found[written] = str(path)
+    return found
+
+
+def run_shipped_trial(
+    objective: dict[str, Any], data: dict[str, Any], folder: str, threads: int,
+    shipped: dict[str, Shipped],
+) -> tuple[float | None, str | None]:  # fmt: skip
+    """run_trial on a node that reads the inputs from their shipped copies."""
+    try:
+        local = _receive(shipped)
+    except OSError as error:
+        return None, one_line(f"receiving the shipped inputs: {error}")
+    data = dict(data, models={n: local.get(p, p) for n, p in data["models"].items()})
+    objective = {k: local.get(v, v) if k in ("distance", "cosine") else v
+                 for k, v in objective.items()}  # fmt: skip
+    return run_trial(objective, data, folder, threads)
+
+
 class TrialRunner:
     """Runs rounds of trials: in this process, local processes or Ray tasks."""
 
     def __init__(self, concurrency: int, threads: int, ray: Any = None, gpus: float = 0,
-                 memory: int = 0) -> None:  # fmt: skip
+                 memory: int = 0, shipped: dict[str, Shipped] | None = None) -> None:  # fmt: skip
         self.concurrency, self.threads, self.ray = concurrency, threads, ray
         self.pool: Executor | None = None
         self.remote: Any = None
+        self.shipped = shipped
         if ray is not None:
             options: dict[str, Any] = {"num_cpus": threads, "num_gpus": gpus, "max_retries": 0}
             if memory:
                 options["memory"] = memory
-            self.remote = ray.remote(run_trial).options(**options)
+            task = run_trial if shipped is None else run_shipped_trial
+            self.remote = ray.remote(task).options(**options)
         elif concurrency > 1:
             self.pool = ProcessPoolExecutor(concurrency, mp_context=get_context("spawn"))
 
     def run(self, jobs: list[tuple[dict, dict, str]]) -> list[tuple[float | None, str | None]]:
         if self.remote is not None:
-            return self.ray.get([self.remote.remote(o, d, f, self.threads) for o, d, f in jobs])
+            extra = () if self.shipped is None else (self.shipped,)
+            return self.ray.get(
+                [self.remote.remote(o, d, f, self.threads, *extra) for o, d, f in jobs]
+            )
         if self.pool is not None:
             futures = [self.pool.submit(run_trial, o, d, f, self.threads) for o, d, f in jobs]
             return [future.result() for future in futures]
@@ -269,6 +359,8 @@ def search(
     trials) or time budget is spent. `ray`: the ray module, initialised, to run trials as
     Ray tasks."""
     optuna = need_optuna()
+    if spec.settings.ship_inputs and ray is None:
+        raise WeightmixError(f"{spec.source}: search.ship_inputs needs --ray (trials on Ray)")
     prepare(spec)
     study = open_study(spec, resume, overwrite)
     for trial in study.trials:  # trials a stopped run left running (no reason: interrupted)
@@ -285,7 +377,9 @@ def search(
                 echo(f"note: {fits} trial(s) at once, not {concurrency}: each needs about"
                      f" {per_trial >> 20} MB and {free >> 20} MB are free")  # fmt: skip
                 concurrency = fits
-    runner = TrialRunner(concurrency, threads, ray, settings.gpus, per_trial if ray else 0)
+    shipped = ship_inputs(ray, spec) if settings.ship_inputs else None
+    runner = TrialRunner(concurrency, threads, ray, settings.gpus, per_trial if ray else 0,
+                         shipped)  # fmt: skip
     spaces = distributions(spec)
     objective = settings.objective.model_dump(exclude_none=True)
     began, ran = time.monotonic(), 0

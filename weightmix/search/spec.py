@@ -100,6 +100,9 @@ class Settings(BaseModel):
     study: str | None = None  # the study's name in the storage; default: the file's stem
     gpus: float = Field(0, ge=0)  # GPUs per trial (Ray)
     give_up_after: int = Field(5, ge=1)  # stop when this many first trials all failed
+    # with --ray: send the input files (and a distance/cosine target) through Ray's object
+    # store once, for nodes that do not see the driver's paths
+    ship_inputs: bool = False
 
     @field_validator("storage", "study")
     @classmethod
