@@ -7,6 +7,7 @@ import io
 import json
 import os
 import signal
+import threading
 from collections import Counter
 
 import pytest
@@ -106,6 +107,31 @@ def test_sigterm_through_cli_exits_130_and_the_callers_handler_comes_back(
     assert result.code == 130 and "nothing was written" in result.err
     assert calls["caller"] == 0  # the CLI's handler, not the caller's, took the merge's signal
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_long_task_does_not_hold_back_the_tasks_behind_it(tmp_path, models, monkeypatch):
+    """The first key's task waits until every other task has run: with tasks yielded in
+    plan order but started as workers free up, they all run meanwhile (the scheduler used to
+    stop at 4 tasks per worker behind the first)."""
+    original = engine.run_task
+    plan = weightmix.make_plan(two_model_recipe(models))
+    keys = [key.key for key in plan.keys]  # plan order: keys[0] is the first task
+    plan.close()
+    done, gate, seen = [], threading.Event(), []
+
+    def first_waits(plan, writer, task, *rest):
+        if task.key.key == keys[0]:
+            gate.wait(20)
+            seen.append(len(done))
+        original(plan, writer, task, *rest)
+        done.append(task.key.key)
+        if len(done) == len(keys) - 1:
+            gate.set()
+
+    monkeypatch.setattr(engine, "run_task", first_waits)
+    assert len(keys) > 4 * 2 + 2
+    weightmix.merge(two_model_recipe(models), tmp_path / "out.safetensors", threads=2)
+    assert seen == [len(keys) - 1]
 
 
 def test_same_recipe_gives_identical_bytes_twice_and_across_threads(tmp_path, models):

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,33 +292,35 @@ def census(plan: Plan) -> list[Census]:
 def _run_tasks(
     plan: Plan, writer: Output, workers: int, budget: int, statistics: dict[str, ModelStatistic]
 ) -> Iterator[Task]:
-    """Run tasks on a pool, at most `budget` bytes of whole-tensor work in flight; yield each
-    task as it completes, in plan order (so errors surface in order too)."""
+    """Run tasks on a pool, at most `budget` bytes of whole-tensor work in flight and at most
+    4 tasks per worker unfinished; yield each task once it and every task before it are done,
+    in plan order (so errors surface in order too). Tasks finished behind a long one (a whole
+    streamed key) do not hold the workers back: new ones start as they finish."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="weightmix")
     buffers = _Buffers()
-    queue: deque[tuple[Task, int, Future[None]]] = deque()
-    in_flight = 0
+    queue: deque[tuple[Task, int, Future[None]]] = deque()  # not yet yielded, in plan order
     upcoming = tasks(plan)
     following = next(upcoming, None)
     try:
         while following is not None or queue:
-            while following is not None and len(queue) < 4 * workers:
+            active = [(cost, future) for _, cost, future in queue if not future.done()]
+            failed = any(f.done() and f.exception() is not None for _, _, f in queue)
+            in_flight = sum(cost for cost, _ in active)
+            while following is not None and not failed and len(active) < 4 * workers:
                 cost = task_cost(plan, following)
-                if queue and in_flight + cost > budget:
+                if active and in_flight + cost > budget:
                     break
-                queue.append(
-                    (
-                        following,
-                        cost,
-                        pool.submit(run_task, plan, writer, following, buffers, statistics),
-                    )
-                )
+                future = pool.submit(run_task, plan, writer, following, buffers, statistics)
+                queue.append((following, cost, future))
+                active.append((cost, future))
                 in_flight += cost
                 following = next(upcoming, None)
-            task, cost, future = queue.popleft()
-            future.result()
-            in_flight -= cost
-            yield task
+            if not queue[0][2].done():
+                wait([future for _, future in active], return_when=FIRST_COMPLETED)
+            while queue and queue[0][2].done():
+                task, _, future = queue.popleft()
+                future.result()
+                yield task
     finally:
         for _, _, future in queue:
             future.cancel()
