@@ -260,3 +260,22 @@ def test_held_inputs_and_inputs_read_each_pass_give_the_same_bytes(
     assert read["bytes"] >= 2 * stored  # a statistics pass and the output pass
     assert all(torch.equal(held[k].view(-1).view(torch.uint8), again[k].view(-1).view(torch.uint8))
                for k in SHAPES)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("colinear", [False, True], ids=["slerp", "lerp"])
+def test_slerp_of_chunks_as_stored_equals_slerp_of_widened_chunks(
+    tmp_path, monkeypatch, dtype, colinear
+):
+    """slerp takes the chunks as stored (Streamer.takes_stored) and widens inside its sums
+    and products: the same bytes as from chunks widened to the compute dtype first."""
+    from weightmix.methods.spherical import SlerpStreamer
+
+    states, paths = fine_tunes(tmp_path, 2, dtype)
+    if colinear:  # B = 2·A: lerp
+        paths[1] = save(tmp_path / "double.safetensors", {k: 2 * v for k, v in states[0].items()})
+    stored = merged_streaming(tmp_path, monkeypatch, paths, "slerp", t=0.3)
+    monkeypatch.setattr(SlerpStreamer, "takes_stored", False)
+    widened = merged_streaming(tmp_path, monkeypatch, paths, "slerp", t=0.3)
+    for key in SHAPES:
+        assert torch.equal(stored[key].view(torch.int16), widened[key].view(torch.int16)), key

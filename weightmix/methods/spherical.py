@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from weightmix.methods.arithmetic import linear_combination
 from weightmix.methods.reductions import combination, gram
 from weightmix.methods.registry import (
     ANY,
@@ -60,14 +61,25 @@ def slerp_scales(
     return math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
 
 
-def _slerp_with(a: Tensor, b: Tensor, t: float, scales: tuple[float, float] | None) -> Tensor:
+def _slerp_with(
+    a: Tensor,
+    b: Tensor,
+    t: float,
+    scales: tuple[float, float] | None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """s₀·a + s₁·b (lerp without scales), in `dtype` when a and b come as stored (each
+    widened inside the products: the same bits as widening them first)."""
     if scales is None:
-        return _lerp(a, b, t)
-    return torch.add(a * scales[0], b, alpha=scales[1])
+        return _lerp(a, b, t) if dtype is None else _lerp(a.to(dtype), b.to(dtype), t)
+    return linear_combination([a, b], list(scales), dtype)
 
 
 class SlerpStreamer(GramStreamer):
-    """slerp and nuslerp over flattened tensors in chunks: one pass sums the dot products."""
+    """slerp and nuslerp over flattened tensors in chunks: one pass sums the dot products
+    (float64 products of the chunks as stored), then a linear combination of them."""
+
+    takes_stored = True
 
     @classmethod
     def accepts(cls, params: dict[str, Any]) -> bool:
@@ -86,7 +98,8 @@ class SlerpStreamer(GramStreamer):
         t = self.t()
         if t in (0, 1):
             return a if t == 0 else b
-        return _slerp_with(a, b, t, slerp_scales(gram[0][1], gram[0][0], gram[1][1], t))
+        scales = slerp_scales(gram[0][1], gram[0][0], gram[1][1], t)
+        return _slerp_with(a, b, t, scales, self.dtype)
 
 
 def _check_two(count: int, params: dict[str, Any]) -> str | None:
