@@ -306,3 +306,119 @@ def test_an_images_objective_scores_what_the_merged_pipeline_draws(
     drawn = [generate(pipeline, folder, p, 0, steps, size, "cpu") for p in images["prompts"]]
     expected = float(np.mean([np.asarray(i, dtype=np.float64).mean() for i in drawn]))
     assert trial.value == expected
+
+
+def callable_search(folder, name, body, trials=4, **settings):
+    """A search of alpha with the objective `name`:score defined by `body` in a module
+    beside the search file (found without touching sys.path: the search adds the folder)."""
+    (folder / f"{name}.py").write_text(body)
+    merge = {"method": "weighted_sum", "inputs": ["A", "B"], "alpha": {"search": [0, 1]}}
+    return write_search(folder, f"{name}.yaml", trials=trials, merge=merge,
+                        objective={"callable": f"{name}:score"}, **settings)  # fmt: skip
+
+
+def test_a_worker_that_dies_fails_its_trial_and_the_search_goes_on(folder):
+    path = callable_search(folder, "dies_sometimes", (
+        "import os, signal\n"
+        "def score(state):\n"
+        "    value = float(sum(float(t.float().sum()) for t in state.values()))\n"
+        "    if int(abs(value) * 1000) % 2:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return value\n"
+    ), trials=6, workers=2)  # fmt: skip
+    study = study_of(path)
+    states = [t.state.name for t in study.trials]
+    assert len(states) == 6 and "FAIL" in states and "COMPLETE" in states
+    for trial in study.trials:
+        if trial.state.name == "FAIL":
+            assert trial.user_attrs[ERROR_ATTR].startswith("the worker running it died")
+
+
+def test_an_objective_calling_sys_exit_fails_its_trial(folder):
+    path = callable_search(folder, "exits", "import sys\ndef score(state):\n    sys.exit(3)\n")
+    with pytest.raises(WeightmixError, match=r"no trial of 4 scored; the first: the objective"
+                       r" called sys.exit\(3\)"):  # fmt: skip
+        study_of(path)
+
+
+def test_a_search_in_which_no_trial_scores_is_an_error(run, folder):
+    path = callable_search(folder, "never", "def score(state):\n    raise ValueError('no')\n",
+                           trials=3)  # fmt: skip
+    result = run("search", path)
+    assert result.code == 2 and "no trial of 3 scored; the first: ValueError: no" in result.err
+
+
+def test_nan_from_a_built_in_objective_fails_the_trial(folder):
+    a = load(folder / "A.safetensors")
+    key = next(k for k in a if a[k].is_floating_point())
+    a[key].view(-1)[0] = float("nan")
+    save(folder / "A.safetensors", a)
+    path = write_search(folder, trials=2)
+    data = yaml.safe_load(path.read_text())
+    data["allow_nonfinite"] = True
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(WeightmixError, match="objective distance returned nan"):
+        study_of(path)
+
+
+def test_resuming_a_search_whose_variables_changed_is_refused(run, folder):
+    path = write_search(folder, trials=2)
+    assert run("search", path).code == 0
+    data = yaml.safe_load(path.read_text())
+    data["merge"]["alpha"]["per"] = ["IN", "M00", "OUT", "default"]
+    path.write_text(yaml.safe_dump(data))
+    for flag in ("--resume", "--show"):
+        result = run("search", path, flag)
+        assert result.code == 2 and "searched other variables" in result.err, flag
+
+
+def test_show_before_any_run_and_odd_values_are_one_line(run, folder):
+    path = write_search(folder)
+    result = run("search", path, "--show")
+    assert result.code == 2 and "run it first" in result.err
+    assert not (folder / "search.db").exists()
+    merge = {"method": "weighted_sum", "inputs": ["A", "B"],
+             "alpha": {"search": [0, 1], "step": 0.3}}  # fmt: skip
+    result = run("search", write_search(folder, merge=merge))
+    assert result.code == 2 and "does not divide" in result.err
+    dated = folder / "dated.yaml"
+    dated.write_text(
+        "models: {A: A.safetensors, B: B.safetensors}\n"
+        "merge: {method: weighted_sum, inputs: [A, B], alpha: {choice: [0.5, 2019-01-01]}}\n"
+        "search: {objective: {distance: T.safetensors}, trials: 2}\n"
+    )
+    result = run("search", dated)
+    assert result.code == 2 and len(result.err.splitlines()) == 1, result.err
+
+
+def test_a_variable_repeated_by_a_yaml_alias_is_searched_in_each_place(folder):
+    path = folder / "alias.yaml"
+    path.write_text(
+        "models: {A: A.safetensors, B: B.safetensors}\n"
+        "merge:\n"
+        "  method: weighted_sum\n"
+        "  alpha: 0.5\n"
+        "  inputs:\n"
+        "    - &inner {method: weighted_sum, inputs: [A, B], alpha: {search: [0, 1]}}\n"
+        "    - *inner\n"
+        "search: {objective: {distance: T.safetensors}, trials: 2, seed: 0}\n"
+    )
+    spec = load_search(path)
+    assert [v.name for v in spec.variables] == ["merge.inputs[0].alpha", "merge.inputs[1].alpha"]
+    data = spec.trial_data({"merge.inputs[0].alpha": 0.25, "merge.inputs[1].alpha": 0.75})
+    assert [node["alpha"] for node in data["merge"]["inputs"]] == [0.25, 0.75]
+
+
+def test_no_ray_node_big_enough_is_refused():
+    from weightmix.search.run import check_ray_resources
+
+    class Cluster:
+        @staticmethod
+        def nodes():
+            return [{"Alive": True, "Resources": {"CPU": 2.0, "memory": 8e9}}]
+
+    check_ray_resources(Cluster, 2, 0, 1 << 30)
+    with pytest.raises(WeightmixError, match="no node of the Ray cluster"):
+        check_ray_resources(Cluster, 4, 0, 1 << 30)
+    with pytest.raises(WeightmixError, match="1 GPU"):
+        check_ray_resources(Cluster, 1, 1, 1 << 30)

@@ -40,7 +40,7 @@ def search(file: Path, **flags: Any) -> None:
     stopped search resumes; the best recipe goes to NAME.best.yaml, plots beside it."""
     from weightmix.errors import WeightmixError
     from weightmix.search import report
-    from weightmix.search.run import connect_ray, need_optuna, open_study
+    from weightmix.search.run import need_optuna, open_study
     from weightmix.search.run import search as run
     from weightmix.search.spec import load_search
 
@@ -57,10 +57,13 @@ def search(file: Path, **flags: Any) -> None:
         prepare(spec)
         study = open_study(spec, resume=True, overwrite=False, create=False)
     else:
-        ray = connect_ray(flags["ray_address"]) if flags["ray_address"] else None
+        if flags["overwrite"]:  # what the dropped search wrote is not this one's
+            for path in report.outputs(spec, folder).values():
+                path.unlink(missing_ok=True)
         outcome = run(
-            spec, resume=flags["resume"], overwrite=flags["overwrite"], ray=ray,
-            workers=flags["workers"], threads=flags["threads"], echo=click.echo,
+            spec, resume=flags["resume"], overwrite=flags["overwrite"],
+            ray_address=flags["ray_address"], workers=flags["workers"],
+            threads=flags["threads"], echo=click.echo,
         )  # fmt: skip
         study = outcome.study
         if outcome.stopped:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import sys
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,8 @@ def score(objective: Objective, data: dict[str, Any], folder: Path, threads: int
     """The objective's value for the merge `data` describes."""
     recipe = parse_recipe(data, "trial recipe", folder)
     kind = objective.kind()
+    if str(folder) not in sys.path:  # a scorer module beside the search file imports
+        sys.path.append(str(folder))
     if kind == "callable":
         assert objective.callable is not None
         function = load_callable(objective.callable)
@@ -46,13 +49,13 @@ def score(objective: Objective, data: dict[str, Any], folder: Path, threads: int
         value = function(state)
         return as_number(value, objective.callable)
     if kind == "balance":
-        return _balance(recipe, threads)
+        return as_number(_balance(recipe, threads), "balance")
     if kind == "images":
         assert objective.images is not None
         return _images(objective.images, recipe, threads)
     target = objective.distance if kind == "distance" else objective.cosine
     assert target is not None
-    return _against_target(recipe, recipe.resolve(target), kind, threads)
+    return as_number(_against_target(recipe, recipe.resolve(target), kind, threads), kind)
 
 
 def load_callable(text: str) -> Callable[[dict[str, torch.Tensor]], Any]:
@@ -73,7 +76,7 @@ def load_callable(text: str) -> Callable[[dict[str, torch.Tensor]], Any]:
 
 
 def as_number(value: Any, what: str) -> float:
-    """A finite float from an objective's return value, or TrialFailed."""
+    """A finite float from an objective's value, or TrialFailed (NaN from NaN weights ...)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -14,9 +14,12 @@ import math
 import os
 import socket
 import tempfile
+import threading
 import time
+import warnings
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -36,6 +39,8 @@ from weightmix.search.spec import (
 )
 
 ERROR_ATTR = "error"  # a failed trial's reason, in its user attributes
+VARIABLES_ATTR = "variables"  # the study's variables, to refuse resuming another search
+RAY_CONNECT_SECONDS = 60
 
 
 def need_optuna() -> Any:
@@ -45,7 +50,8 @@ def need_optuna() -> Any:
         raise WeightmixError(
             "weightmix search needs Optuna: pip install 'weightmix[search]'"
         ) from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"optuna(\..*)?$")  # its notes are not errors
     return optuna
 
 
@@ -70,7 +76,14 @@ def prepare(spec: SearchSpec) -> None:
         finally:
             plan.close()
     for values in corner_values(spec):
-        _plan(spec, values).close()
+        plan = _plan(spec, values)
+        blocks = getattr(plan.architecture, "blocks", None)
+        plan.close()
+        if spec.settings.objective.kind() == "balance" and not blocks:
+            raise WeightmixError(
+                f"{spec.source}: objective balance compares blocks, and the models'"
+                " architecture has none known: use distance, cosine or a callable"
+            )
     check_target(spec.trial_data(spec.first_values()), spec.folder, spec.settings.objective)
 
 
@@ -98,7 +111,7 @@ def _plan(spec: SearchSpec, values: dict[str, Any]) -> Any:
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, float) else f"{value:g}"
+    text = json.dumps(value, default=str) if not isinstance(value, float) else f"{value:g}"
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -154,39 +167,64 @@ def make_sampler(spec: SearchSpec, offset: int) -> Any:
     return optuna.samplers.TPESampler(seed=seed)
 
 
+def shown_url(url: str) -> str:
+    """A storage URL with any password hidden."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1] if "@" in url else url
+
+
 def open_study(spec: SearchSpec, resume: bool, overwrite: bool, create: bool = True) -> Any:
     """The search's study: new (refused if one of that name exists, unless --resume or
-    --overwrite), or the existing one."""
+    --overwrite), or the existing one (create=False: --show), searching the same variables."""
     optuna = need_optuna()
     url, name = spec.storage_url(), spec.study_name()
+    shown = shown_url(url)
+    direction = spec.settings.objective.goal()
+    make_sampler(spec, 0)  # refuses a sampler that cannot search these variables
+    database = spec.sqlite_file()
+    if not create and database is not None and not database.is_file():
+        raise WeightmixError(f"no search {name!r} in {shown}: run it first")
     try:
         storage = optuna.storages.RDBStorage(url)
         names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     except Exception as error:  # a URL SQLAlchemy cannot open, an unreachable server
-        raise WeightmixError(
-            f"search storage {url}: cannot open it: {one_line(str(error))}"
-        ) from None
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise WeightmixError(f"search storage {shown}: cannot open it: {one_line(first)}") from None
     exists = name in names
     if exists and overwrite:
         optuna.delete_study(study_name=name, storage=storage)
         exists = False
     if exists and not resume and create:
         raise WeightmixError(
-            f"search {name!r} exists in {url}: --resume continues it, --overwrite starts again"
+            f"search {name!r} exists in {shown}: --resume continues it, --overwrite starts again"
         )
     if not exists and not create:
-        raise WeightmixError(f"no search {name!r} in {url}: run it first")
+        raise WeightmixError(f"no search {name!r} in {shown}: run it first")
     finished = 0
     if exists:
         study = optuna.load_study(study_name=name, storage=storage)
         finished = len(study.trials)
-    direction = spec.settings.objective.goal()
+        stored = study.user_attrs.get(VARIABLES_ATTR)
+        if stored is not None and stored != spec.fingerprint():
+            raise WeightmixError(
+                f"search {name!r} in {shown} searched other variables or ranges than"
+                f" {spec.source.name} now marks: --overwrite starts it again, or name a new"
+                " study (search.study)"
+            )
+        if study.direction.name.lower() != direction:
+            raise WeightmixError(
+                f"search {name!r} in {shown} was run to {study.direction.name.lower()}"
+            )
     study = optuna.create_study(
         storage=storage, study_name=name, direction=direction,
         sampler=make_sampler(spec, finished), load_if_exists=True,
     )  # fmt: skip
-    if study.direction.name.lower() != direction:
-        raise WeightmixError(f"search {name!r} in {url} was run to {study.direction.name.lower()}")
+    if not exists:
+        study.set_user_attr(VARIABLES_ATTR, spec.fingerprint())
     return study
 
 
@@ -198,6 +236,8 @@ def run_trial(
         value = score(Objective.model_validate(objective), data, Path(folder), threads)
     except (WeightmixError, TrialFailed) as error:
         return None, one_line(str(error))
+    except SystemExit as error:  # the user's objective called sys.exit()
+        return None, f"the objective called sys.exit({error.code!r})"
     except Exception as error:  # the user's objective, an out-of-memory ...
         return None, one_line(f"{type(error).__name__}: {error}")
     return value, None
@@ -311,13 +351,19 @@ def run_shipped_trial(
     return run_trial(objective, data, folder, threads)
 
 
+Job = tuple[dict[str, Any], dict[str, Any], str]  # objective, trial recipe data, its folder
+Result = tuple[float | None, str | None]  # the value, or why the trial failed
+DIED = "the worker running it died (killed, out of memory, or a crash in native code)"
+
+
 class TrialRunner:
-    """Runs rounds of trials: in this process, local processes or Ray tasks."""
+    """Runs rounds of trials: in this process, local processes or Ray tasks. A worker that
+    dies fails its trial (the pool is rebuilt); an interrupted round stops its workers."""
 
     def __init__(self, concurrency: int, threads: int, ray: Any = None, gpus: float = 0,
                  memory: int = 0, shipped: dict[str, Shipped] | None = None) -> None:  # fmt: skip
         self.concurrency, self.threads, self.ray = concurrency, threads, ray
-        self.pool: Executor | None = None
+        self.pool: ProcessPoolExecutor | None = None
         self.remote: Any = None
         self.shipped = shipped
         if ray is not None:
@@ -326,23 +372,62 @@ class TrialRunner:
                 options["memory"] = memory
             task = run_trial if shipped is None else run_shipped_trial
             self.remote = ray.remote(task).options(**options)
-        elif concurrency > 1:
-            self.pool = ProcessPoolExecutor(concurrency, mp_context=get_context("spawn"))
 
-    def run(self, jobs: list[tuple[dict, dict, str]]) -> list[tuple[float | None, str | None]]:
+    def run(self, jobs: list[Job]) -> list[Result]:
         if self.remote is not None:
-            extra = () if self.shipped is None else (self.shipped,)
-            return self.ray.get(
-                [self.remote.remote(o, d, f, self.threads, *extra) for o, d, f in jobs]
-            )
-        if self.pool is not None:
-            futures = [self.pool.submit(run_trial, o, d, f, self.threads) for o, d, f in jobs]
-            return [future.result() for future in futures]
+            return self._run_ray(jobs)
+        if self.concurrency > 1:
+            return self._run_pool(jobs)
         return [run_trial(o, d, f, self.threads) for o, d, f in jobs]
 
+    def _run_pool(
+        self, jobs: list[tuple[dict, dict, str]]
+    ) -> list[tuple[float | None, str | None]]:
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(self.concurrency, mp_context=get_context("spawn"))
+        futures = [self.pool.submit(run_trial, o, d, f, self.threads) for o, d, f in jobs]
+        results: list[Result] = []
+        try:
+            for future in futures:
+                try:
+                    results.append(future.result())
+                except BrokenProcessPool:
+                    results.append((None, DIED))
+        except BaseException:
+            self.close()
+            raise
+        if any(error == DIED for _, error in results):
+            self.close()  # a new pool for the next round
+        return results
+
+    def _run_ray(self, jobs: list[Job]) -> list[Result]:
+        ray = self.ray
+        extra = () if self.shipped is None else (self.shipped,)
+        refs = [self.remote.remote(o, d, f, self.threads, *extra) for o, d, f in jobs]
+        results: list[Result] = []
+        try:
+            for ref in refs:
+                try:
+                    results.append(ray.get(ref))
+                except ray.exceptions.RayError as error:  # a dead worker, an out-of-memory kill
+                    first = one_line(str(error).strip().splitlines()[0] if str(error) else "")
+                    results.append((None, f"{DIED}: {type(error).__name__}: {first}"[:400]))
+        except BaseException:
+            for ref in refs:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+            raise
+        return results
+
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the worker processes now (a running merge is not waited for)."""
+        pool, self.pool = self.pool, None
+        if pool is None:
+            return
+        for process in list(getattr(pool, "_processes", {}).values()):
+            with contextlib.suppress(Exception):
+                process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def search(
@@ -351,24 +436,30 @@ def search(
     resume: bool = False,
     overwrite: bool = False,
     ray: Any = None,
+    ray_address: str | None = None,
     workers: int | None = None,
     threads: int = 1,
     echo: Callable[[str], None] = print,
 ) -> Outcome:
     """Run the search `spec` describes until its trial budget (counting a resumed study's
-    trials) or time budget is spent. `ray`: the ray module, initialised, to run trials as
-    Ray tasks."""
+    trials) or time budget is spent. Trials run as Ray tasks with `ray` (the ray module,
+    initialised) or `ray_address` (connected once the search file is checked). Raises
+    WeightmixError when no trial scored."""
     optuna = need_optuna()
-    if spec.settings.ship_inputs and ray is None:
+    if spec.settings.ship_inputs and ray is None and ray_address is None:
         raise WeightmixError(f"{spec.source}: search.ship_inputs needs --ray (trials on Ray)")
     prepare(spec)
+    settings = spec.settings
+    per_trial = memory_per_trial(spec, threads)
+    if ray_address is not None:
+        ray = connect_ray(ray_address)
+    if ray is not None:
+        check_ray_resources(ray, threads, settings.gpus, per_trial)
     study = open_study(spec, resume, overwrite)
     for trial in study.trials:  # trials a stopped run left running (no reason: interrupted)
         if trial.state == optuna.trial.TrialState.RUNNING:
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-    settings = spec.settings
     concurrency = workers or settings.workers
-    per_trial = memory_per_trial(spec, threads)
     if ray is None:
         free = available_memory()
         if free is not None and concurrency > 1:
@@ -413,7 +504,26 @@ def search(
             _give_up_if_all_failed(study, settings.give_up_after)
     finally:
         runner.close()
+    if best_values(spec, study) is None:
+        failed = [t for t in study.trials if t.state.name == "FAIL"]
+        reason = failed[0].user_attrs.get(ERROR_ATTR, "interrupted") if failed else "none ran"
+        raise WeightmixError(f"no trial of {len(study.trials)} scored; the first: {reason}")
     return Outcome(study, ran, stopped)
+
+
+def check_ray_resources(ray: Any, threads: int, gpus: float, memory: int) -> None:
+    """Some node of the cluster can run a trial (CPUs, GPUs, memory), or WeightmixError: Ray
+    would wait for such a node forever."""
+    needs = {"CPU": float(threads), "GPU": float(gpus), "memory": float(memory)}
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(all(node.get(k, 0.0) >= v for k, v in needs.items() if v) for node in nodes):
+        return
+    largest = {k: max((node.get(k, 0.0) for node in nodes), default=0.0) for k in needs}
+    raise WeightmixError(
+        f"no node of the Ray cluster has what a trial needs: {threads} CPU(s) (--threads),"
+        f" {gpus:g} GPU(s) (search.gpus), {memory >> 20} MB; the largest node has"
+        f" {largest['CPU']:g} CPUs, {largest['GPU']:g} GPUs, {int(largest['memory']) >> 20} MB"
+    )
 
 
 def _give_up_if_all_failed(study: Any, first: int) -> None:
@@ -436,16 +546,34 @@ def connect_ray(address: str) -> Any:
         return ray
     if address not in ("auto", "local"):
         _reachable(address)  # ray.init retries an address nobody answers at for minutes
-    try:
-        if address == "local":
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    except Exception as error:
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:
+            if address == "local":
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                         logging_level="ERROR")  # fmt: skip
+            else:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                         logging_level="ERROR")  # fmt: skip
+            outcome.append(None)
+        except Exception as error:
+            outcome.append(error)
+
+    worker = threading.Thread(target=connect, name="weightmix-ray-connect", daemon=True)
+    worker.start()
+    worker.join(RAY_CONNECT_SECONDS)
+    if not outcome:
         raise WeightmixError(
-            f"--ray {address}: cannot connect: {one_line(str(error)).split('. ')[0]}"
+            f"--ray {address}: no Ray cluster answered within {RAY_CONNECT_SECONDS} s (is that"
+            " the head's GCS port, 6379 by default?)"
+        )
+    if outcome[0] is not None:
+        first = str(outcome[0]).strip().splitlines()[0] if str(outcome[0]).strip() else ""
+        raise WeightmixError(
+            f"--ray {address}: cannot connect: {one_line(first).split('. ')[0]}"
             " (is a Ray cluster running there? `ray start --head` starts one)"
-        ) from None
+        )
     return ray
 
 

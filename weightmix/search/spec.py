@@ -21,6 +21,7 @@ recipe is the file with every variable replaced by a value and without `search:`
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -65,6 +66,13 @@ class Objective(BaseModel):
     # for callable and images (default maximize); the others set their own
     direction: Literal["maximize", "minimize"] | None = None
 
+    @field_validator("distance", "cosine", "callable")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
     def kind(self) -> str:
         given = [name for name in ("distance", "cosine", "balance", "callable", "images")
                  if getattr(self, name) not in (None, False)]  # fmt: skip
@@ -91,15 +99,15 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     objective: Objective
-    trials: int = Field(50, ge=1)
+    trials: int = Field(50, ge=1, strict=True)
     timeout: float | None = Field(None, gt=0)  # seconds for the whole search
     sampler: Sampler = "tpe"
-    seed: int = 0
-    workers: int = Field(1, ge=1)  # trials at once (bounded by memory per trial)
+    seed: int = Field(0, strict=True)
+    workers: int = Field(1, ge=1, strict=True)  # trials at once (bounded by memory per trial)
     storage: str | None = None  # an SQLAlchemy URL; default: sqlite file beside the search file
     study: str | None = None  # the study's name in the storage; default: the file's stem
     gpus: float = Field(0, ge=0)  # GPUs per trial (Ray)
-    give_up_after: int = Field(5, ge=1)  # stop when this many first trials all failed
+    give_up_after: int = Field(5, ge=1, strict=True)  # stop when this many first trials all failed
     # with --ray: send the input files (and a distance/cosine target) through Ray's object
     # store once, for nodes that do not see the driver's paths
     ship_inputs: bool = False
@@ -162,9 +170,25 @@ class SearchSpec:
         return self.source.name.removesuffix(".yaml").removesuffix(".yml")
 
     def storage_url(self) -> str:
-        if self.settings.storage:
-            return self.settings.storage
-        return f"sqlite:///{(self.folder / (self.stem + '.db')).resolve()}"
+        """search.storage (a relative SQLite path taken from the search file's folder), or
+        NAME.db beside the search file."""
+        url = self.settings.storage
+        if not url:
+            return f"sqlite:///{(self.folder / (self.stem + '.db')).resolve()}"
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and url != prefix and not Path(url[len(prefix) :]).is_absolute():
+            return prefix + str((self.folder / url[len(prefix) :]).resolve())
+        return url
+
+    def sqlite_file(self) -> Path | None:
+        url = self.storage_url()
+        return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
+
+    def fingerprint(self) -> str:
+        """The variables and their ranges or choices, as stored with the study: a resumed
+        search must search the same space (Optuna's records would not fit another)."""
+        return json.dumps([[v.name, v.low, v.high, v.step, v.log, v.choices]
+                           for v in self.variables], default=repr)  # fmt: skip
 
     def study_name(self) -> str:
         return self.settings.study or self.stem
@@ -212,7 +236,11 @@ def load_search(path: Path) -> SearchSpec:
         settings = Settings.model_validate(section)
     except ValidationError as error:
         raise WeightmixError(f"{path}: search.{_first_problem(error)}") from None
-    settings.objective.goal()  # one objective, a direction that fits it
+    try:
+        settings.objective.goal()  # one objective, a direction that fits it
+    except WeightmixError as error:
+        raise WeightmixError(f"{path}: {error}") from None
+    data = _unshared(data)  # a YAML alias repeats a node: each place gets its own variables
     spec = SearchSpec(path, data, settings)
     for where, value in list(_walk(data, ())):
         if isinstance(value, dict) and ("search" in value or "choice" in value):
@@ -246,6 +274,15 @@ def pending_blocks(spec: SearchSpec) -> bool:
 def _renamed(variable: Variable, name: str) -> Variable:
     return Variable(name, variable.low, variable.high, variable.step, variable.log,
                     variable.choices)  # fmt: skip
+
+
+def _unshared(value: Any) -> Any:
+    """A copy in which no dict or list appears twice (YAML aliases share them)."""
+    if isinstance(value, dict):
+        return {key: _unshared(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_unshared(item) for item in value]
+    return value
 
 
 def _walk(value: Any, where: tuple[str | int, ...]) -> Iterator[tuple[tuple, Any]]:
@@ -333,4 +370,9 @@ def _variable(name: str, value: dict, path: Path) -> Variable:
         raise WeightmixError(f"{path}: {name}: log is true or false")
     if log and (low <= 0 or step is not None):
         raise WeightmixError(f"{path}: {name}: a log scale needs low > 0 and no step")
+    if step is not None and abs((high - low) / step - round((high - low) / step)) > 1e-9:
+        raise WeightmixError(
+            f"{path}: {name}: step {step:g} does not divide [{low:g}, {high:g}] into equal"
+            " steps: change the step or the range"
+        )
     return Variable(name, low, high, float(step) if step is not None else None, log)
