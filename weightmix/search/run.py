@@ -13,8 +13,9 @@ import json
 import math
 import os
 import socket
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from weightmix.search.spec import (
 
 ERROR_ATTR = "error"  # a failed trial's reason, in its user attributes
 VARIABLES_ATTR = "variables"  # the study's variables, to refuse resuming another search
-RAY_CONNECT_SECONDS = 60
+RAY_CONNECT_SECONDS = 30
 
 
 def need_optuna() -> Any:
@@ -545,36 +546,45 @@ def connect_ray(address: str) -> Any:
     if ray.is_initialized():
         return ray
     if address not in ("auto", "local"):
-        _reachable(address)  # ray.init retries an address nobody answers at for minutes
-    outcome: list[BaseException | None] = []
-
-    def connect() -> None:
-        try:
-            if address == "local":
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                         logging_level="ERROR")  # fmt: skip
-            else:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                         logging_level="ERROR")  # fmt: skip
-            outcome.append(None)
-        except Exception as error:
-            outcome.append(error)
-
-    worker = threading.Thread(target=connect, name="weightmix-ray-connect", daemon=True)
-    worker.start()
-    worker.join(RAY_CONNECT_SECONDS)
-    if not outcome:
-        raise WeightmixError(
-            f"--ray {address}: no Ray cluster answered within {RAY_CONNECT_SECONDS} s (is that"
-            " the head's GCS port, 6379 by default?)"
-        )
-    if outcome[0] is not None:
-        first = str(outcome[0]).strip().splitlines()[0] if str(outcome[0]).strip() else ""
+        _reachable(address)  # nobody listening: said at once
+        _probe(address)  # a port that is not a Ray head would make ray.init end the process
+    try:
+        if address == "local":
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                     logging_level="ERROR")  # fmt: skip
+        else:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     logging_level="ERROR")  # fmt: skip
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise WeightmixError(
             f"--ray {address}: cannot connect: {one_line(first).split('. ')[0]}"
             " (is a Ray cluster running there? `ray start --head` starts one)"
-        )
+        ) from None
     return ray
+
+
+def _probe(address: str) -> None:
+    """Connect to `address` from a child process first, for at most RAY_CONNECT_SECONDS:
+    ray.init on a port where no Ray head answers retries for a minute and then ends the
+    process it runs in."""
+    code = (
+        "import sys, ray\n"
+        "ray.init(address=sys.argv[1], include_dashboard=False, log_to_driver=False,"
+        " logging_level='ERROR')\n"
+    )
+    try:
+        probe = subprocess.run([sys.executable, "-c", code, address], capture_output=True,
+                               text=True, timeout=RAY_CONNECT_SECONDS)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        probe = None
+    if probe is None or probe.returncode != 0:
+        lines = [] if probe is None else (probe.stderr or "").strip().splitlines()
+        said = f": {one_line(lines[-1])[:200]}" if lines else ""
+        raise WeightmixError(
+            f"--ray {address}: no Ray cluster answered there within {RAY_CONNECT_SECONDS} s"
+            f"{said} (is that the head's GCS address, port 6379 by default?)"
+        )
 
 
 def _reachable(address: str) -> None:
