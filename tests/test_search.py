@@ -306,6 +306,10 @@ def test_an_images_objective_scores_what_the_merged_pipeline_draws(
     drawn = [generate(pipeline, folder, p, 0, steps, size, "cpu") for p in images["prompts"]]
     expected = float(np.mean([np.asarray(i, dtype=np.float64).mean() for i in drawn]))
     assert trial.value == expected
+    from weightmix.search.run import memory_per_trial
+
+    weights = sum(f.stat().st_size for f in loadable_pipelines[0].rglob("*.safetensors"))
+    assert weights > 0 and memory_per_trial(load_search(path), 1) > 2 * weights + (300 << 20)
 
 
 def callable_search(folder, name, body, trials=4, **settings):

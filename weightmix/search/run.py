@@ -250,13 +250,32 @@ def memory_per_trial(spec: SearchSpec, threads: int) -> int:
     plan = _plan(spec, spec.first_values())
     try:
         peak = engine.estimate_peak(plan, threads=threads)
-        if spec.settings.objective.kind() == "callable":
+        kind = spec.settings.objective.kind()
+        if kind == "callable":
             peak += plan.output_bytes
+        elif kind == "images":  # the merged state, and the pipeline (float32: twice fp16)
+            peak += plan.output_bytes + 2 * _pipeline_bytes(spec)
         else:
             peak += 3 * max((k.out_nbytes for k in plan.keys), default=0)
         return peak + (300 << 20)  # torch and the interpreter in a worker process
     finally:
         plan.close()
+
+
+def _pipeline_bytes(spec: SearchSpec) -> int:
+    """The weights files' bytes of the images objective's pipeline folder (0 if unknown)."""
+    from weightmix.analysis.preview import pipeline_folder
+
+    images = spec.settings.objective.images
+    assert images is not None
+    recipe = parse_recipe(spec.trial_data(spec.first_values()), str(spec.source), spec.folder)
+    try:
+        given = recipe.resolve(images.pipeline) if images.pipeline else None
+        folder = pipeline_folder(recipe, given, None)
+    except WeightmixError:
+        return 0
+    weights = (".safetensors", ".bin", ".pt", ".ckpt")
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.suffix in weights)
 
 
 def available_memory() -> int | None:
