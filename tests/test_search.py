@@ -426,3 +426,15 @@ def test_no_ray_node_big_enough_is_refused():
         check_ray_resources(Cluster, 4, 0, 1 << 30)
     with pytest.raises(WeightmixError, match="1 GPU"):
         check_ray_resources(Cluster, 1, 1, 1 << 30)
+
+
+def test_the_method_itself_can_be_a_choice(folder):
+    """Categorical choice of the method: weighted_sum or add_cosine_a, both with alpha."""
+    merge = {"method": {"choice": ["weighted_sum", "add_cosine_a"]}, "inputs": ["A", "B"],
+             "alpha": {"search": [0, 1], "step": 0.5}}  # fmt: skip
+    study = study_of(write_search(folder, trials=6, merge=merge, sampler="random", seed=2))
+    methods = {t.params["merge.method"] for t in study.trials}
+    assert methods == {"weighted_sum", "add_cosine_a"}
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    best = study.best_trial.params
+    assert best["merge.method"] == "weighted_sum"  # T is a weighted sum of A and B
