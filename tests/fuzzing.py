@@ -569,6 +569,23 @@ class Workspace:
             b"  - {regex: '^first_stage_model\\.', take: a}\n"
             b"dtype: fp16\nseed: 7\non_missing: keep\nmax_shard_size: 5GB\n",
         ]
+        # search files (weightmix search): read and prepared (planned), no trial run
+        self.search_seeds = [
+            b"models: {A: cli/A.safetensors, B: cli/B.safetensors}\n"
+            b"merge:\n  method: weighted_sum\n  inputs: [A, B]\n"
+            b"  alpha: {search: [0, 1], step: 0.05, per: [IN, M00, OUT, default]}\n"
+            b"search:\n  objective: {distance: cli/B.safetensors}\n  trials: 30\n  seed: 0\n",
+            b"models: {A: cli/A.safetensors, B: cli/B.safetensors}\n"
+            b"merge: {method: {choice: [weighted_sum, add_cosine_a]}, inputs: [A, B],"
+            b" alpha: {search: [0.1, 1], log: true, per: block}}\n"
+            b"rules:\n  - {blocks: [IN00-IN03], params: {alpha: {choice: [0.2, GRAD_V]}}}\n"
+            b"search: {objective: {callable: 'scores:score', direction: minimize},"
+            b" sampler: random, workers: 2, timeout: 60, study: s, storage: 'sqlite:///s.db'}\n",
+            b"models: {A: cli/A.safetensors, B: cli/B.safetensors}\n"
+            b"merge:\n  method: weighted_sum\n  alpha: 0.5\n  inputs:\n"
+            b"    - {method: weighted_sum, inputs: [A, B], alpha: {search: [0, 1]}}\n    - B\n"
+            b"search: {objective: {balance: true}, trials: 5, sampler: cmaes}\n",
+        ]
         # two small SD1.5 checkpoints for CLI merges (dry runs): every 12th key, so that each
         # block and component is there (the architecture is detected, 26 block values apply)
         # and a dry run plans in ~17 ms, not the ~130 ms of all 1,132 keys
@@ -601,6 +618,9 @@ class Workspace:
                 "recipe", self.recipe_seeds, byte_mutations(self.recipe_seeds), self.run_recipe
             ),
             "cli": Target("cli", CLI_SEEDS, cli_values(), self.run_cli),
+            "search": Target(
+                "search", self.search_seeds, byte_mutations(self.search_seeds), self.run_search
+            ),
         }
 
     def _safetensors(self) -> st.SearchStrategy[bytes]:
@@ -681,6 +701,18 @@ class Workspace:
         path.write_bytes(data)
         recipe = load_recipe(path)
         _printable(recipe.to_yaml())
+
+    def run_search(self, data: bytes) -> None:
+        """Read a search file and prepare it (every variable planned at its ends and middle,
+        a target's keys checked), as `weightmix search` does before its first trial."""
+        from weightmix.search.run import prepare
+        from weightmix.search.spec import load_search
+
+        path = self.root / "search.yaml"
+        path.write_bytes(data)
+        spec = load_search(path)
+        prepare(spec)
+        _printable("\n".join(v.describe() for v in spec.variables))
 
     def run_cli(self, data: bytes) -> str:
         """`weightmix merge A B --dry-run` with fuzzed option values: exit 0, or exit 2 with one

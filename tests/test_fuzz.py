@@ -38,6 +38,7 @@ EXAMPLES = {
     "pickle": 100,
     "recipe": 60,
     "cli": 15,
+    "search": 40,
 }
 
 

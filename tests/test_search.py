@@ -161,6 +161,8 @@ def test_an_objective_returning_no_number_fails_its_trials(folder, monkeypatch):
         ({"search": [1, 0]}, "is empty or reversed"),
         ({"search": [0.5, 0.5]}, "is empty or reversed"),
         ({"search": [0, "x"]}, "two finite numbers"),
+        ({"search": [10**400, 1]}, "two finite numbers"),  # fuzzing: OverflowError before
+        ({"search": [0, 1], "step": 10**400}, "step must be a number"),
         ({"choice": []}, "non-empty list"),
         ({"search": [0, 1], "per": "blocks"}, "per is 'block' or a list"),
         ({"search": [0, 1], "bogus": 1}, "unknown ['bogus']"),

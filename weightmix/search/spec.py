@@ -339,6 +339,18 @@ def _slot(where: tuple, value: dict, path: Path) -> Slot:
     return Slot(where, variables, blocks)
 
 
+def _finite(value: Any) -> float | None:
+    """A YAML number as a finite float, or None (not a number, a bool, inf, NaN, or an
+    integer too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _variable(name: str, value: dict, path: Path) -> Variable:
     if "choice" in value:
         choices = value["choice"]
@@ -348,24 +360,20 @@ def _variable(name: str, value: dict, path: Path) -> Variable:
             raise WeightmixError(f"{path}: {name}: step and log go with search ranges, not choice")
         return Variable(name, choices=tuple(choices))
     bounds = value["search"]
-    if (
-        not isinstance(bounds, list)
-        or len(bounds) != 2
-        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
-        or not all(math.isfinite(b) for b in bounds)
-    ):
+    if not isinstance(bounds, list) or len(bounds) != 2 or None in map(_finite, bounds):
         raise WeightmixError(f"{path}: {name}: search is [low, high], two finite numbers")
-    low, high = float(bounds[0]), float(bounds[1])
+    low, high = _finite(bounds[0]), _finite(bounds[1])
+    assert low is not None and high is not None
     if not low < high:
         raise WeightmixError(
             f"{path}: {name}: the range [{bounds[0]}, {bounds[1]}] is empty or reversed:"
             " give [low, high] with low < high"
         )
     step, log = value.get("step"), value.get("log", False)
-    if step is not None and (
-        not isinstance(step, (int, float)) or isinstance(step, bool) or not 0 < step <= high - low
-    ):
-        raise WeightmixError(f"{path}: {name}: step must be a number in (0, high - low]")
+    if step is not None:
+        step = _finite(step)
+        if step is None or not 0 < step <= high - low:
+            raise WeightmixError(f"{path}: {name}: step must be a number in (0, high - low]")
     if not isinstance(log, bool):
         raise WeightmixError(f"{path}: {name}: log is true or false")
     if log and (low <= 0 or step is not None):
