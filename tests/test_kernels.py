@@ -152,16 +152,18 @@ def test_what_the_loops_cannot_take_is_left_to_torch(monkeypatch):
 
 
 class Counting:
-    """The extension module with its calls counted."""
+    """The extension module with its calls counted, and the dtype codes histograms get."""
 
     def __init__(self, module):
-        self.module, self.calls = module, {"ties": 0, "histogram": 0}
+        self.module, self.calls, self.codes = module, {"ties": 0, "histogram": 0}, set()
 
     def __getattr__(self, name):
         function = getattr(self.module, name)
 
         def counted(*args):
             self.calls[name] += 1
+            if name == "histogram":
+                self.codes.update((args[1], args[3]))
             return function(*args)
 
         return counted
@@ -209,6 +211,8 @@ def test_a_ties_merge_gives_the_same_bytes_with_and_without_the_loops(
     assert outputs[0] == outputs[1]
     if compute == "fp32":  # the big keys' chunks went through C, but for a split run of ties
         assert used["ties"] >= 4 and used["histogram"] >= 4
+        # the statistics passes read the chunks as stored, not widened copies
+        assert counting.codes == {kernels.CODES[d] for d in set(dtypes)}
     else:
         assert used == {"ties": 0, "histogram": 0}
     assert counting.calls == used  # nothing more with WEIGHTMIX_KERNELS=0

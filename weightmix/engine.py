@@ -298,31 +298,32 @@ def _run_tasks(
     streamed key) do not hold the workers back: new ones start as they finish."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="weightmix")
     buffers = _Buffers()
-    queue: deque[tuple[Task, int, Future[None]]] = deque()  # not yet yielded, in plan order
+    queue: deque[tuple[Task, Future[None]]] = deque()  # not yet yielded, in plan order
+    active: dict[Future[None], int] = {}  # unfinished tasks and the memory each holds
+    failed = False
     upcoming = tasks(plan)
     following = next(upcoming, None)
     try:
         while following is not None or queue:
-            active = [(cost, future) for _, cost, future in queue if not future.done()]
-            failed = any(f.done() and f.exception() is not None for _, _, f in queue)
-            in_flight = sum(cost for cost, _ in active)
             while following is not None and not failed and len(active) < 4 * workers:
                 cost = task_cost(plan, following)
-                if active and in_flight + cost > budget:
+                if active and sum(active.values()) + cost > budget:
                     break
                 future = pool.submit(run_task, plan, writer, following, buffers, statistics)
-                queue.append((following, cost, future))
-                active.append((cost, future))
-                in_flight += cost
+                queue.append((following, future))
+                active[future] = cost
                 following = next(upcoming, None)
-            if not queue[0][2].done():
-                wait([future for _, future in active], return_when=FIRST_COMPLETED)
-            while queue and queue[0][2].done():
-                task, _, future = queue.popleft()
+            if not queue[0][1].done():
+                wait(active, return_when=FIRST_COMPLETED)
+            for future in [f for f in active if f.done()]:
+                del active[future]
+                failed = failed or future.exception() is not None  # start nothing more
+            while queue and queue[0][1].done():
+                task, future = queue.popleft()
                 future.result()
                 yield task
     finally:
-        for _, _, future in queue:
+        for _, future in queue:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -408,36 +409,35 @@ WIDENS_EXACTLY = {
 }
 
 
-def fused_call(plan: Plan, key: KeyPlan) -> Op | None:
-    """The key's merge when it is one call of a method with a fused form (MethodSpec.fused)
-    on the models themselves, each stored in a dtype the compute dtype holds exactly: the
-    engine then feeds it the chunks as read (no widened copies), with the same result to the
-    bit. None otherwise."""
+def _call_on_stored_models(plan: Plan, key: KeyPlan) -> Op | None:
+    """The key's merge when it is one call on the models themselves, each stored in a dtype
+    the compute dtype holds exactly (torch promotes no float8 type: those are widened by
+    copies); None otherwise."""
     node = key.expr
-    if not isinstance(node, Op) or node.method.fused is None:
-        return None
-    if not all(isinstance(child, Leaf) for child in node.inputs):
+    if not isinstance(node, Op) or not all(isinstance(c, Leaf) for c in node.inputs):
         return None
     exact = WIDENS_EXACTLY.get(plan.compute_dtype.torch, ())
     if any(info.dtype.torch not in exact for info in key.sources.values()):
-        return None  # (torch promotes no float8 type: those are widened by copies)
+        return None
     return node
 
 
+def fused_call(plan: Plan, key: KeyPlan) -> Op | None:
+    """The key's merge when it is such a call of a method with a fused form (MethodSpec.fused):
+    the engine then feeds it the chunks as read (no widened copies), with the same result to
+    the bit. None otherwise."""
+    node = _call_on_stored_models(plan, key)
+    return node if node is not None and node.method.fused is not None else None
+
+
 def stored_streamed_call(plan: Plan, key: KeyPlan) -> bool:
-    """Whether the key's merge is one streamed call on the models themselves whose streamer
-    takes chunks as stored (Streamer.takes_stored), each in a dtype the compute dtype holds
-    exactly: the engine then reads them without widened copies."""
-    node = key.expr
-    if not isinstance(node, Op) or not node.method.streams(node.params):
+    """Whether the key's merge is such a call of a streamed method whose streamer takes
+    chunks as stored (Streamer.takes_stored): the engine then reads them without widened
+    copies, for the statistics passes and the output."""
+    node = _call_on_stored_models(plan, key)
+    if node is None or not node.method.streams(node.params):
         return False
-    assert node.method.streamer is not None
-    if not node.method.streamer.takes_stored:
-        return False
-    if not all(isinstance(child, Leaf) for child in node.inputs):
-        return False
-    exact = WIDENS_EXACTLY.get(plan.compute_dtype.torch, ())
-    return all(info.dtype.torch in exact for info in key.sources.values())
+    return node.method.streamer is not None and node.method.streamer.takes_stored
 
 
 def gains_no_nonfinite(plan: Plan, key: KeyPlan, node: Op) -> bool:
@@ -529,10 +529,11 @@ def key_chunks(plan: Plan, key: KeyPlan) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def _gather_statistics(
-    plan: Plan, key: KeyPlan, buffers: _Buffers, held: Held | None = None, stored: bool = False
-) -> dict[int, Streamer]:
+    plan: Plan, key: KeyPlan, buffers: _Buffers, stored: bool = False
+) -> tuple[dict[int, Streamer], Held | None]:
     """Run the statistics passes of the key's streamed calls over its chunks, in element
-    order; return the streamers, ready to compute the output chunk by chunk."""
+    order (as stored when `stored`); return the streamers, ready to compute the output chunk
+    by chunk, and the inputs the passes read and hold (None: no pass, or too big to hold)."""
     assert key.expr is not None
     calls = streamed_ops(key.expr) or []
     dtype = plan.compute_dtype.torch
