@@ -8,8 +8,8 @@ what the torch code of methods/selection.py and methods/sparsify.py computes, st
 float32 (tests/test_kernels.py compares the bytes), so an output never depends on whether the
 extension was built, but for the payload of a NaN carried through from an input (torch's own
 float16 widening gives NaNs different payloads in its vector and scalar loops). Each
-function returns False when it cannot take its arguments (another dtype, a float64 or half
-computation, no extension, WEIGHTMIX_KERNELS=0): the caller then runs torch.
+function returns False or None when it cannot take its arguments (another dtype, a float64
+or half computation, no extension, WEIGHTMIX_KERNELS=0): the caller then runs torch.
 """
 
 from __future__ import annotations
