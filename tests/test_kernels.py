@@ -75,6 +75,24 @@ def test_the_magnitude_histogram_counts_as_torch_does(base_dtype, model_dtype):
     assert int(expected.sum()) > 1 and torch.equal(low, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_the_histogram_of_every_16_bit_pattern_against_others(dtype):
+    """Every pattern as base, against the patterns rolled by a few offsets as model (the
+    vectorised float16 loops see infinities, NaNs of every payload, subnormals, both zeros);
+    stage 1 under the busiest, the infinity and the NaN prefixes."""
+    patterns = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    for shift in (1, 977, 32768):
+        base, model = patterns[1:], patterns.roll(shift)[1:]  # 65,535: a remainder of 7
+        top = torch.zeros(1 << 16, dtype=torch.int64)
+        assert kernels.magnitude_histogram(base, model, 0, 0, top)
+        assert torch.equal(top, torch_histogram(base, model, 0, 0))
+        for prefix in (int(top[:0x7F80].argmax()), 0x7F80, 0x7FC0):
+            low = torch.zeros(1 << 16, dtype=torch.int64)
+            assert kernels.magnitude_histogram(base, model, 1, prefix, low)
+            expected = torch_histogram(base, model, 1, prefix)
+            assert int(expected.sum()) > 0 and torch.equal(low, expected)
+
+
 def torch_ties(base, models, cuts, weights, consensus, normalize, lambda_):
     """The torch code's TIES for given cuts: MagnitudeCutStreamer.apply's masks."""
 
@@ -155,7 +173,8 @@ class Counting:
     """The extension module with its calls counted, and the dtype codes histograms get."""
 
     def __init__(self, module):
-        self.module, self.calls, self.codes = module, {"ties": 0, "histogram": 0}, set()
+        self.module, self.codes = module, set()
+        self.calls = {"ties": 0, "histogram": 0, "gram": 0}
 
     def __getattr__(self, name):
         function = getattr(self.module, name)
@@ -214,7 +233,7 @@ def test_a_ties_merge_gives_the_same_bytes_with_and_without_the_loops(
         # the statistics passes read the chunks as stored, not widened copies
         assert counting.codes == {kernels.CODES[d] for d in set(dtypes)}
     else:
-        assert used == {"ties": 0, "histogram": 0}
+        assert used == {"ties": 0, "histogram": 0, "gram": 0}
     assert counting.calls == used  # nothing more with WEIGHTMIX_KERNELS=0
     merged = load(tmp_path / "out-1.safetensors")
     assert not torch.equal(merged["big"], states[0]["big"].to(dtypes[0]).float())
@@ -246,3 +265,79 @@ def test_nan_deltas_count_alike_whatever_their_payloads(monkeypatch):
     found = {s: streamed_cut(base, model, 1, 1024, monkeypatch, s) for s in ("1", "0")}
     assert found["1"] == found["0"]
     assert found["1"][0] == 0x7FC00000 and found["1"][3] == 3  # the cut: 3 NaNs as one value
+
+
+def lane_order_dot(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Σ x_e·y_e in Python floats (float64) in the documented order: 8 partial sums by e mod 8,
+    each in index order, then added in lane order."""
+    lanes = [0.0] * 8
+    for e, (a, b) in enumerate(zip(x.double().tolist(), y.double().tolist())):
+        lanes[e % 8] += a * b
+    total = lanes[0]
+    for partial in lanes[1:]:
+        total += partial
+    return total
+
+
+@pytest.mark.parametrize("dtypes", [(d, d, d) for d in DTYPES] + [tuple(DTYPES)], ids=str)
+def test_the_dot_products_are_summed_in_the_documented_order(dtypes, monkeypatch):
+    """The C loop and the torch code (streaming.lane_dot) both add in the documented order."""
+    from weightmix.methods.streaming import Gram
+
+    count = 2053  # two blocks of the C loop and a remainder of 5 (not a multiple of 8)
+    values = [awkward(count, seed, dtype) for seed, dtype in enumerate(dtypes)]
+    values = [torch.where(torch.isfinite(v), v, 0) for v in values]
+    base = awkward(count, 9, dtypes[0])
+    base = torch.where(torch.isfinite(base), base, 0)
+    found = kernels.gram(values)
+    deltas = [v.float() - base.float() for v in values]
+    found_deltas = kernels.gram(values, base)
+    pairs = [(i, j) for i in range(3) for j in range(i, 3)]
+    assert found == [lane_order_dot(values[i], values[j]) for i, j in pairs]
+    assert found_deltas == [lane_order_dot(deltas[i], deltas[j]) for i, j in pairs]
+    monkeypatch.setenv("WEIGHTMIX_KERNELS", "0")
+    in_torch, deltas_in_torch = Gram(3), Gram(3)
+    in_torch.add(values)
+    deltas_in_torch.add_deltas(base, values, torch.float32)
+    assert [in_torch.sums[i][j] for i, j in pairs] == found
+    assert [deltas_in_torch.sums[i][j] for i, j in pairs] == found_deltas
+
+
+@pytest.mark.parametrize(
+    ("method", "count", "params"),
+    [("slerp", 2, {"t": 0.3}), ("model_stock", 3, {}), ("multislerp", 3, {}),
+     ("karcher", 3, {})],
+)  # fmt: skip
+def test_dot_product_merges_give_the_same_bytes_with_and_without_the_loops(
+    tmp_path, monkeypatch, method, count, params
+):
+    generator = torch.Generator().manual_seed(8)
+    shapes = {"big": (700, 1000), "odd": (3, 262_145), "small": (5, 7)}
+    base = {k: torch.randn(s, generator=generator) for k, s in shapes.items()}
+    states = [base] + [
+        {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in base.items()}
+        for _ in range(count - 1)
+    ]
+    dtypes = [torch.float16, torch.bfloat16, torch.float16][:count]
+    paths = [
+        save(tmp_path / f"m{i}.safetensors", {k: v.to(d) for k, v in s.items()})
+        for i, (s, d) in enumerate(zip(states, dtypes))
+    ]
+    names = [f"M{i}" for i in range(count)]
+    recipe = {
+        "models": dict(zip(names, map(str, paths))),
+        "merge": {"method": method, "inputs": names, **params},
+        "dtype": "fp32",
+    }
+    counting = Counting(kernels._kernels)
+    monkeypatch.setattr(kernels, "_kernels", counting)
+    outputs = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("WEIGHTMIX_KERNELS", setting)
+        out = tmp_path / f"out-{setting}.safetensors"
+        weightmix.merge(recipe, out, threads=2)
+        outputs.append(out.read_bytes())
+        if setting == "1":
+            used = counting.calls["gram"]
+    assert outputs[0] == outputs[1]
+    assert used >= 3 and counting.calls["gram"] == used  # the loop ran only when enabled

@@ -279,3 +279,19 @@ def test_slerp_of_chunks_as_stored_equals_slerp_of_widened_chunks(
     widened = merged_streaming(tmp_path, monkeypatch, paths, "slerp", t=0.3)
     for key in SHAPES:
         assert torch.equal(stored[key].view(torch.int16), widened[key].view(torch.int16)), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_model_stock_of_chunks_as_stored_equals_model_stock_of_widened_chunks(
+    tmp_path, monkeypatch, dtype
+):
+    """model_stock takes the chunks as stored and takes the deltas in the compute dtype
+    itself: the same bytes as from chunks widened first."""
+    from weightmix.methods.robust import StockStreamer
+
+    _, paths = fine_tunes(tmp_path, 3, dtype)
+    stored = merged_streaming(tmp_path, monkeypatch, paths, "model_stock")
+    monkeypatch.setattr(StockStreamer, "takes_stored", False)
+    widened = merged_streaming(tmp_path, monkeypatch, paths, "model_stock")
+    for key in SHAPES:
+        assert torch.equal(stored[key].view(torch.int16), widened[key].view(torch.int16)), key

@@ -98,6 +98,72 @@ static inline uint32_t bits_of(float x) {
 /* a magnitude's bits with every NaN as the one quiet NaN (as StreamedTopK._bits) */
 static inline uint32_t quiet(uint32_t u) { return u > 0x7f800000u ? 0x7fc00000u : u; }
 
+#ifdef WM_X86
+/* magnitude_bits for two float16 vectors, 8 elements a step (the same IEEE operations) */
+__attribute__((target("avx2,f16c")))
+static void magnitude_bits_f16(uint32_t *u, const uint16_t *b, const uint16_t *m, Py_ssize_t n) {
+    const __m256 signless = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i inf = _mm256_set1_epi32(0x7f800000), nan = _mm256_set1_epi32(0x7fc00000);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 vb = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i)));
+        __m256 vm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + i)));
+        __m256i bits = _mm256_castps_si256(_mm256_and_ps(_mm256_sub_ps(vm, vb), signless));
+        bits = _mm256_blendv_epi8(bits, nan, _mm256_cmpgt_epi32(bits, inf));
+        _mm256_storeu_si256((__m256i *)(u + i), bits);
+    }
+    for (; i < n; i++) u[i] = quiet(bits_of(fabsf(half_to_float(m[i]) - half_to_float(b[i]))));
+}
+
+/* the radix stage 1 counts of two float16 vectors: the low 16 bits of the magnitudes whose
+ * top 16 bits are `prefix`, found 8 at a time */
+__attribute__((target("avx2,f16c")))
+static void low_counts_f16(int64_t *counts, const uint16_t *b, const uint16_t *m, Py_ssize_t n,
+                           uint32_t prefix) {
+    const __m256 signless = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i inf = _mm256_set1_epi32(0x7f800000), nan = _mm256_set1_epi32(0x7fc00000);
+    const __m256i top = _mm256_set1_epi32((int)prefix);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 vb = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i)));
+        __m256 vm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + i)));
+        __m256i bits = _mm256_castps_si256(_mm256_and_ps(_mm256_sub_ps(vm, vb), signless));
+        bits = _mm256_blendv_epi8(bits, nan, _mm256_cmpgt_epi32(bits, inf));
+        __m256i hit = _mm256_cmpeq_epi32(_mm256_srli_epi32(bits, 16), top);
+        int mask = _mm256_movemask_ps(_mm256_castsi256_ps(hit));
+        if (mask) {
+            uint32_t lanes[8];
+            _mm256_storeu_si256((__m256i *)lanes, bits);
+            for (int l = 0; l < 8; l++)
+                if (mask & (1 << l)) counts[lanes[l] & 0xffffu]++;
+        }
+    }
+    for (; i < n; i++) {
+        uint32_t u = quiet(bits_of(fabsf(half_to_float(m[i]) - half_to_float(b[i]))));
+        if ((u >> 16) == prefix) counts[u & 0xffffu]++;
+    }
+}
+static int has_avx2 = 0;
+#endif
+
+/* u[i] = the float32 bits of |model[i] - base[i]| (each widened to float32), every NaN as
+ * the quiet NaN 0x7FC00000 (as StreamedTopK._bits); n <= BLOCK */
+static void magnitude_bits(uint32_t *u, const void *base, int base_code, const void *model,
+                           int model_code, Py_ssize_t n) {
+#ifdef WM_X86
+    if (has_avx2 && has_f16c && base_code == F16 && model_code == F16) {
+        magnitude_bits_f16(u, (const uint16_t *)base, (const uint16_t *)model, n);
+        return;
+    }
+#endif
+    float b[BLOCK], m[BLOCK];
+    widen(b, base, base_code, n);
+    widen(m, model, model_code, n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        u[i] = quiet(bits_of(fabsf(m[i] - b[i]))); /* fabsf clears the sign bit, as torch's abs */
+    }
+}
+
 /* histogram(base, base_code, model, model_code, n, stage, prefix, counts):
  * the radix-select counts of |model - base| (float32 bit patterns) over n elements, added to
  * the int64 array at `counts` (65,536 bins): stage 0 counts the top 16 bits (the sign bit is 0:
@@ -120,21 +186,32 @@ WM_CLONES static PyObject *histogram(PyObject *self, PyObject *args) {
     const void *model = (const void *)(uintptr_t)model_at;
     int64_t *counts = (int64_t *)(uintptr_t)counts_at;
     Py_BEGIN_ALLOW_THREADS
-    float b[BLOCK], m[BLOCK];
+    uint32_t u[BLOCK];
+    uint8_t match[BLOCK];
+#ifdef WM_X86
+    if (stage == 1 && has_avx2 && has_f16c && base_code == F16 && model_code == F16) {
+        low_counts_f16(counts, (const uint16_t *)base, (const uint16_t *)model, n, prefix);
+        n = 0;
+    }
+#endif
     for (Py_ssize_t first = 0; first < n; first += BLOCK) {
         Py_ssize_t count = n - first < BLOCK ? n - first : BLOCK;
-        widen(b, offset(base, base_code, first), base_code, count);
-        widen(m, offset(model, model_code, first), model_code, count);
-        for (Py_ssize_t i = 0; i < count; i++) {
-            m[i] = fabsf(m[i] - b[i]); /* clears the sign bit, as torch's abs */
-        }
+        magnitude_bits(u, offset(base, base_code, first), base_code,
+                       offset(model, model_code, first), model_code, count);
         if (stage == 0) {
-            for (Py_ssize_t i = 0; i < count; i++) counts[quiet(bits_of(m[i])) >> 16]++;
-        } else {
-            for (Py_ssize_t i = 0; i < count; i++) {
-                uint32_t u = quiet(bits_of(m[i]));
-                if ((u >> 16) == prefix) counts[u & 0xffffu]++;
+            for (Py_ssize_t i = 0; i < count; i++) counts[u[i] >> 16]++;
+        } else { /* few elements match: find them 8 at a time after a vectorised pass */
+            for (Py_ssize_t i = 0; i < count; i++) match[i] = (u[i] >> 16) == prefix;
+            Py_ssize_t i = 0;
+            for (; i + 8 <= count; i += 8) {
+                uint64_t word;
+                memcpy(&word, match + i, sizeof word);
+                if (word == 0) continue;
+                for (Py_ssize_t j = i; j < i + 8; j++)
+                    if (match[j]) counts[u[j] & 0xffffu]++;
             }
+            for (; i < count; i++)
+                if (match[i]) counts[u[i] & 0xffffu]++;
         }
     }
     Py_END_ALLOW_THREADS
@@ -302,6 +379,108 @@ WM_CLONES static PyObject *ties(PyObject *self, PyObject *args) {
     return counts;
 }
 
+enum { LANES = 8 };
+
+/* acc[l] += x[e] * y[e] (in float64) for e = l, l + LANES, ... < n (n a multiple of LANES);
+ * the partial sums stay in registers through the loop */
+WM_CLONES static void dot_lanes(double *acc, const float *x, const float *y, Py_ssize_t n) {
+    double a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+    double a4 = acc[4], a5 = acc[5], a6 = acc[6], a7 = acc[7];
+    for (Py_ssize_t e = 0; e < n; e += LANES) {
+        a0 = a0 + (double)x[e] * (double)y[e];
+        a1 = a1 + (double)x[e + 1] * (double)y[e + 1];
+        a2 = a2 + (double)x[e + 2] * (double)y[e + 2];
+        a3 = a3 + (double)x[e + 3] * (double)y[e + 3];
+        a4 = a4 + (double)x[e + 4] * (double)y[e + 4];
+        a5 = a5 + (double)x[e + 5] * (double)y[e + 5];
+        a6 = a6 + (double)x[e + 6] * (double)y[e + 6];
+        a7 = a7 + (double)x[e + 7] * (double)y[e + 7];
+    }
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+    acc[4] = a4, acc[5] = a5, acc[6] = a6, acc[7] = a7;
+}
+
+/* gram(vectors, codes, base, base_code, n) -> [<v_i, v_j> for i <= j, row by row]:
+ * the dot products of 1 to 16 vectors of n elements in float64. Each vector is v_k widened to
+ * float32, or with a base (not None) the float32 difference v_k - base (one rounding, as torch's
+ * subtraction of widened chunks); each element then widened to float64 and the products added
+ * into LANES partial sums by index mod LANES, each in index order, and the partial sums added
+ * in lane order: a fixed order whatever the vector width of the machine. */
+WM_CLONES static PyObject *gram(PyObject *self, PyObject *args) {
+    PyObject *vectors, *codes, *base_obj;
+    int base_code;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "O!O!Oin", &PyList_Type, &vectors, &PyList_Type, &codes,
+                          &base_obj, &base_code, &n))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(vectors);
+    if (count < 1 || count > MAX_MODELS || PyList_GET_SIZE(codes) != count) {
+        PyErr_SetString(PyExc_ValueError, "gram: 1 to 16 vectors, one code each");
+        return NULL;
+    }
+    unsigned long long vector_at[MAX_MODELS];
+    int code[MAX_MODELS];
+    if (read_addresses(vectors, vector_at, count) < 0) return NULL;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        code[k] = (int)PyLong_AsLong(PyList_GET_ITEM(codes, k));
+        if (PyErr_Occurred()) return NULL;
+        if (code[k] < F32 || code[k] > BF16) {
+            PyErr_SetString(PyExc_ValueError, "gram: dtype codes are 0-2");
+            return NULL;
+        }
+    }
+    const void *base = NULL;
+    if (base_obj != Py_None) {
+        base = (const void *)(uintptr_t)PyLong_AsUnsignedLongLong(base_obj);
+        if (PyErr_Occurred()) return NULL;
+        if (base_code < F32 || base_code > BF16) {
+            PyErr_SetString(PyExc_ValueError, "gram: dtype codes are 0-2");
+            return NULL;
+        }
+    }
+    Py_ssize_t pairs = count * (count + 1) / 2;
+    double sums[MAX_MODELS * (MAX_MODELS + 1) / 2][LANES];
+    memset(sums, 0, sizeof sums);
+    float (*v)[BLOCK] = PyMem_RawMalloc(sizeof(float[BLOCK]) * (size_t)count);
+    if (v == NULL) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    float b[BLOCK];
+    for (Py_ssize_t first = 0; first < n; first += BLOCK) {
+        Py_ssize_t size = n - first < BLOCK ? n - first : BLOCK;
+        if (base != NULL) widen(b, offset(base, base_code, first), base_code, size);
+        for (Py_ssize_t k = 0; k < count; k++) {
+            widen(v[k], offset((const void *)(uintptr_t)vector_at[k], code[k], first), code[k],
+                  size);
+            if (base != NULL)
+                for (Py_ssize_t i = 0; i < size; i++) v[k][i] = v[k][i] - b[i];
+        }
+        Py_ssize_t whole = size - size % LANES; /* BLOCK is a multiple of LANES */
+        Py_ssize_t pair = 0;
+        for (Py_ssize_t i = 0; i < count; i++) {
+            for (Py_ssize_t j = i; j < count; j++, pair++) {
+                dot_lanes(sums[pair], v[i], v[j], whole);
+                for (Py_ssize_t e = whole; e < size; e++)
+                    sums[pair][e % LANES] += (double)v[i][e] * (double)v[j][e];
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(v);
+    PyObject *result = PyList_New(pairs);
+    if (result == NULL) return NULL;
+    for (Py_ssize_t p = 0; p < pairs; p++) {
+        double total = sums[p][0];
+        for (int l = 1; l < LANES; l++) total = total + sums[p][l];
+        PyObject *number = PyFloat_FromDouble(total);
+        if (number == NULL) {
+            Py_DECREF(result);
+            return NULL;
+        }
+        PyList_SET_ITEM(result, p, number);
+    }
+    return result;
+}
+
 /* widen(out, in, code, n): n elements as float32 (for tests of the exact conversion) */
 static PyObject *widen_py(PyObject *self, PyObject *args) {
     unsigned long long out_at, in_at;
@@ -317,6 +496,7 @@ static PyObject *widen_py(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"histogram", histogram, METH_VARARGS, "Radix-select counts of |model - base| bits."},
     {"ties", ties, METH_VARARGS, "The TIES output of one chunk."},
+    {"gram", gram, METH_VARARGS, "Dot products of a few vectors in float64, in a fixed order."},
     {"widen", widen_py, METH_VARARGS, "float16/bfloat16/float32 to float32."},
     {NULL, NULL, 0, NULL},
 };
@@ -327,6 +507,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
 #ifdef WM_X86
     __builtin_cpu_init();
     has_f16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+    has_avx2 = __builtin_cpu_supports("avx2");
 #endif
     return PyModule_Create(&module);
 }

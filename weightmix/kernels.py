@@ -1,5 +1,11 @@
 """The optional C loops of weightmix/_kernels.c, for tensors they can take.
 
+Dot products (slerp, multislerp, karcher, model stock): one loop widens each chunk and sums its
+products in float64 into LANES partial sums in a fixed order (by index mod LANES, then the
+lanes in order), ~0.85 ns an element for two vectors against ~6-13 for torch's widened copies
+and three BLAS calls; the torch code (streaming.lane_dot) adds in the same order, and every
+product of two float32 values is exact in float64, so both give the same bits.
+
 TIES runs its statistics passes (a histogram of delta magnitudes per model and radix stage) and
 its output chunks as one fused loop each instead of a dozen torch operations, each with its own
 temporary: on a 2-core machine 0.8-1 ns an element per histogram instead of ~2.5 and 1.7 ns
@@ -26,6 +32,7 @@ except ImportError:  # built without a C compiler: torch does the same arithmeti
 
 CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MAX_MODELS = 16
+LANES = 8  # partial sums of a float64 dot product (as _kernels.c)
 # masks of a magnitude cut c: every element, |d| > c, |d| >= c, and |d| > c with the first r
 # elements at |d| = c (in index order: where the cut splits a run of equal magnitudes)
 KEEP_ALL, ABOVE, AT_LEAST, FIRST_AT_CUT = 0, 1, 2, 3
@@ -93,3 +100,20 @@ def ties_chunk(
         consensus == "count", normalize, float(lambda_),
     )  # fmt: skip
     return out.reshape(base.shape), taken
+
+
+def gram(vectors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> list[float] | None:
+    """The dot products ⟨v_i, v_j⟩ (i ≤ j, row by row) of the vectors as float32, or with
+    `base` of the float32 differences v_i − base, summed in float64 (see above); None when the
+    loop cannot take them (then the caller runs torch)."""
+    count = vectors[0].numel() if vectors else 0
+    if not enabled() or not 1 <= len(vectors) <= MAX_MODELS:
+        return None
+    if not _takes([*vectors] + ([] if base is None else [base]), count):
+        return None
+    assert _kernels is not None
+    return _kernels.gram(
+        [v.data_ptr() for v in vectors], [CODES[v.dtype] for v in vectors],
+        None if base is None else base.data_ptr(), 0 if base is None else CODES[base.dtype],
+        count,
+    )  # fmt: skip

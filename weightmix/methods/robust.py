@@ -19,7 +19,7 @@ from weightmix.methods.registry import (
     Tensor,
     merge_method,
 )
-from weightmix.methods.streaming import GramStreamer
+from weightmix.methods.streaming import Gram, GramStreamer
 
 
 def _mean_offset(tensors: list[Tensor], weights: list[float] | None = None) -> Tensor:
@@ -43,18 +43,23 @@ def _check_stock(count: int, params: dict[str, Any]) -> str | None:
 
 
 class StockStreamer(GramStreamer):
-    """model_stock over whole tensors in chunks: one pass sums the task vectors' Gram matrix."""
+    """model_stock over whole tensors in chunks: one pass sums the task vectors' Gram matrix
+    (from the chunks as stored: the deltas are taken in the compute dtype), then the step."""
+
+    takes_stored = True
 
     @classmethod
     def accepts(cls, params: dict[str, Any]) -> bool:
         return not params.get("filter_wise", False)
 
-    def vectors(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+    def observe(self, inputs: Sequence[Tensor]) -> None:
         base, *models = inputs
-        return [model - base for model in models]
+        if self.gram is None:
+            self.gram = Gram(len(models))
+        self.gram.add_deltas(base, models, self.dtype)
 
     def apply_with(self, products: list[list[float]], inputs: Sequence[Tensor]) -> Tensor:
-        base, *models = inputs
+        base, *models = [x.to(self.dtype) for x in inputs]
         return _stock_step(base, models, _stock_factor(products))
 
 

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from weightmix import kernels
 from weightmix.rounding import Draw
 
 Tensor = torch.Tensor
@@ -55,19 +56,61 @@ class Streamer:
         raise NotImplementedError
 
 
+def lane_dot(x: Tensor, y: Tensor) -> float:
+    """Σ x_e·y_e of two float64 vectors in the C loop's order (weightmix/kernels.py): the
+    products added into kernels.LANES partial sums by e mod LANES, each in index order (a
+    cumulative sum runs in order), then the partial sums added in lane order. Products of
+    widened float32 values are exact, so the C loop and this give the same bits."""
+    products = x * y
+    if products.numel() == 0:
+        return 0.0
+    padding = -products.numel() % kernels.LANES
+    if padding:
+        products = torch.cat([products, products.new_zeros(padding)])
+    lanes = products.view(-1, kernels.LANES).cumsum(0)[-1].tolist()
+    total = lanes[0]
+    for partial in lanes[1:]:
+        total += partial
+    return total
+
+
 class Gram:
     """Dot products ⟨v_i, v_j⟩ (i ≤ j) of a few vectors seen chunk by chunk, in float64, each
-    chunk's products added to a Python float (reductions.gram feeds it whole tensors)."""
+    chunk's products added to a Python float (reductions.gram feeds it whole tensors). A
+    chunk's products are summed by the C loop where it takes them (weightmix/kernels.py),
+    else by torch."""
 
     def __init__(self, count: int) -> None:
         self.count = count
         self.sums = [[0.0] * count for _ in range(count)]
 
     def add(self, vectors: Sequence[Tensor]) -> None:
-        wide = [v.reshape(-1).double() for v in vectors]
+        flat = [v.reshape(-1) for v in vectors]
+        products = kernels.gram(flat)
+        if products is None:
+            wide = [v.double() for v in flat]
+            products = [
+                lane_dot(wide[i], wide[j]) for i in range(self.count) for j in range(i, self.count)
+            ]
+        self._add(products)
+
+    def add_deltas(self, base: Tensor, models: Sequence[Tensor], dtype: torch.dtype) -> None:
+        """Add the products of the deltas M_i − base, computed in `dtype` from chunks given as
+        stored or widened (in float32 by the C loop where it takes them)."""
+        flat = [m.reshape(-1) for m in models]
+        products = kernels.gram(flat, base.reshape(-1)) if dtype == torch.float32 else None
+        if products is None:
+            wide = base.to(dtype)
+            self.add([m.to(dtype) - wide for m in models])
+        else:
+            self._add(products)
+
+    def _add(self, products: Sequence[float]) -> None:
+        pair = 0
         for i in range(self.count):
             for j in range(i, self.count):
-                self.sums[i][j] += float(torch.dot(wide[i], wide[j]))
+                self.sums[i][j] += products[pair]
+                pair += 1
 
     def matrix(self) -> list[list[float]]:
         """The symmetric matrix of sums."""
