@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from weightmix import kernels
 from weightmix.allocator import keep_chunk_buffers
 from weightmix.expression import (
     Leaf,
@@ -392,8 +393,13 @@ def run_task(
         same = next((raw[m] for m, t in inputs.items() if t is result), None)
         if same is None or same[0].dtype != out_dtype:
             same = buffers.get("out", out_dtype, count)
-            same[0].copy_(result if stream is None else _rounded(result, out_dtype, stream, start))
-            if screen:
+            # cast and count non-finite values in one C loop where it takes them
+            found = kernels.cast(result.reshape(-1), same[0]) if stream is None else None
+            if found is None:
+                same[0].copy_(
+                    result if stream is None else _rounded(result, out_dtype, stream, start)
+                )
+            if screen and found != 0:
                 check_gained(key.key, same[0], result, inputs)
         writer.write_range(key.key, start * out_size, same[1])
 

@@ -117,3 +117,14 @@ def gram(vectors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> l
         None if base is None else base.data_ptr(), 0 if base is None else CODES[base.dtype],
         count,
     )  # fmt: skip
+
+
+def cast(result: torch.Tensor, out: torch.Tensor) -> int | None:
+    """Round a float32 result to nearest into `out` (float32, float16 or bfloat16, the same
+    size) and count the inf and NaN values written, in one pass (None: not taken, the caller
+    casts with torch). The values equal torch's cast; NaN payloads may differ, as they do
+    between torch's own vector and scalar loops."""
+    if not enabled() or result.dtype != torch.float32 or not _takes([result, out], out.numel()):
+        return None
+    assert _kernels is not None
+    return _kernels.cast(out.data_ptr(), CODES[out.dtype], result.data_ptr(), out.numel())
