@@ -363,3 +363,22 @@ def test_the_cast_rounds_as_torch_and_counts_what_is_not_finite(dtype):
     assert torch.equal(torch.isnan(out), torch.isnan(expected))
     assert found == int((~torch.isfinite(expected)).sum()) > 0
     assert kernels.cast(values.double(), out) is None  # float64 results: torch casts them
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float16,) * 3, (torch.bfloat16,) * 2,
+                                    (torch.float32, torch.float16, torch.bfloat16),
+                                    (torch.float32,)], ids=str)  # fmt: skip
+@pytest.mark.parametrize("count", [5000, 13])
+def test_a_linear_combination_equals_torchs(dtypes, count):
+    """torch.mul(x₀, c₀) then .add_(x_k, alpha=c_k), in float32, as methods/arithmetic.py ran
+    it before the C loop: the same values (specials included), with and without `out`."""
+    values = [awkward(count, seed, dtype) for seed, dtype in enumerate(dtypes)]
+    coefficients = [0.3123456789, -1.7345678912, 2.5][: len(values)]
+    expected = torch.mul(values[0], torch.full((1,), coefficients[0]))
+    for value, coefficient in zip(values[1:], coefficients[1:]):
+        expected.add_(value, alpha=coefficient)
+    found = kernels.combine(values, coefficients, None)
+    assert found is not None and same_bits(found, expected)
+    into = torch.empty(count)
+    assert kernels.combine(values, coefficients, into) is not None and same_bits(into, expected)
+    assert kernels.combine([v.double() for v in values], coefficients, None) is None

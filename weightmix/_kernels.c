@@ -563,6 +563,70 @@ static PyObject *cast(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(nonfinite);
 }
 
+#ifdef WM_X86
+static int has_fma = 0;
+
+__attribute__((target("avx2,fma")))
+static void combine_fma(float *out, const unsigned long long *at, const int *code,
+                        const float *coefficient, Py_ssize_t count, Py_ssize_t n) {
+    float x[BLOCK];
+    for (Py_ssize_t first = 0; first < n; first += BLOCK) {
+        Py_ssize_t size = n - first < BLOCK ? n - first : BLOCK;
+        float *r = out + first;
+        widen(x, offset((const void *)(uintptr_t)at[0], code[0], first), code[0], size);
+        float c = coefficient[0];
+        for (Py_ssize_t i = 0; i < size; i++) r[i] = x[i] * c;
+        for (Py_ssize_t k = 1; k < count; k++) {
+            widen(x, offset((const void *)(uintptr_t)at[k], code[k], first), code[k], size);
+            c = coefficient[k];
+            for (Py_ssize_t i = 0; i < size; i++) r[i] = fmaf(x[i], c, r[i]);
+        }
+    }
+}
+#endif
+
+/* combine(out, inputs, codes, coefficients, n) -> True, or None where the machine has no
+ * fused multiply-add: the float32 linear combination of 1 to 16 vectors as torch's
+ * `torch.mul(x_0, c_0)` then `.add_(x_k, alpha=c_k)` computes it on AVX2 machines: the
+ * first product rounded, then each term added by a fused multiply-add (one rounding), the
+ * coefficients as float32. */
+static PyObject *combine(PyObject *self, PyObject *args) {
+    unsigned long long out_at;
+    PyObject *inputs, *codes, *coefficients;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "KO!O!O!n", &out_at, &PyList_Type, &inputs, &PyList_Type, &codes,
+                          &PyList_Type, &coefficients, &n))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(inputs);
+    if (count < 1 || count > MAX_MODELS || PyList_GET_SIZE(codes) != count ||
+        PyList_GET_SIZE(coefficients) != count) {
+        PyErr_SetString(PyExc_ValueError, "combine: 1 to 16 vectors, one code, coefficient each");
+        return NULL;
+    }
+    unsigned long long at[MAX_MODELS];
+    int code[MAX_MODELS];
+    float coefficient[MAX_MODELS];
+    if (read_addresses(inputs, at, count) < 0) return NULL;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        code[k] = (int)PyLong_AsLong(PyList_GET_ITEM(codes, k));
+        coefficient[k] = (float)PyFloat_AsDouble(PyList_GET_ITEM(coefficients, k));
+        if (PyErr_Occurred()) return NULL;
+        if (code[k] < F32 || code[k] > BF16) {
+            PyErr_SetString(PyExc_ValueError, "combine: dtype codes are 0-2");
+            return NULL;
+        }
+    }
+#ifdef WM_X86
+    if (!(has_fma && has_avx2)) Py_RETURN_NONE;
+    Py_BEGIN_ALLOW_THREADS
+    combine_fma((float *)(uintptr_t)out_at, at, code, coefficient, count, n);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_TRUE;
+#else
+    Py_RETURN_NONE;
+#endif
+}
+
 /* widen(out, in, code, n): n elements as float32 (for tests of the exact conversion) */
 static PyObject *widen_py(PyObject *self, PyObject *args) {
     unsigned long long out_at, in_at;
@@ -580,6 +644,7 @@ static PyMethodDef methods[] = {
     {"ties", ties, METH_VARARGS, "The TIES output of one chunk."},
     {"gram", gram, METH_VARARGS, "Dot products of a few vectors in float64, in a fixed order."},
     {"cast", cast, METH_VARARGS, "float32 to float32/float16/bfloat16, counting inf and NaN."},
+    {"combine", combine, METH_VARARGS, "A float32 linear combination, as torch computes it."},
     {"widen", widen_py, METH_VARARGS, "float16/bfloat16/float32 to float32."},
     {NULL, NULL, 0, NULL},
 };
@@ -591,6 +656,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     __builtin_cpu_init();
     has_f16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
     has_avx2 = __builtin_cpu_supports("avx2");
+    has_fma = __builtin_cpu_supports("fma");
 #endif
     return PyModule_Create(&module);
 }

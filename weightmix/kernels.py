@@ -128,3 +128,26 @@ def cast(result: torch.Tensor, out: torch.Tensor) -> int | None:
         return None
     assert _kernels is not None
     return _kernels.cast(out.data_ptr(), CODES[out.dtype], result.data_ptr(), out.numel())
+
+
+def combine(
+    tensors: Sequence[torch.Tensor], coefficients: Sequence[float], out: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Σ c_k·x_k in float32 as torch computes `torch.mul(x_0, c_0)` then `.add_(x_k,
+    alpha=c_k)` on machines with AVX2 (the first product rounded, each further term added by a
+    fused multiply-add), the x_k as stored and widened inside the loop; into `out` (float32,
+    the same size) or a new tensor of x_0's shape. None: not taken (no extension, another
+    dtype, no FMA), the caller runs torch."""
+    first = tensors[0]
+    count = first.numel()
+    if not enabled() or not 1 <= len(tensors) <= MAX_MODELS or not _takes(tensors, count):
+        return None
+    if out is None:
+        out = torch.empty(first.shape, dtype=torch.float32)
+    elif out.dtype != torch.float32 or not _takes([out], count):
+        return None
+    assert _kernels is not None
+    done = _kernels.combine(out.data_ptr(), [t.data_ptr() for t in tensors],
+                            [CODES[t.dtype] for t in tensors], [float(c) for c in coefficients],
+                            count)  # fmt: skip
+    return out.view(first.shape) if done else None

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from weightmix import kernels
 from weightmix.methods.registry import (
     ANY,
     DELTA,
@@ -39,6 +40,10 @@ def linear_combination(
     if len(terms) == 1 and terms[0][0] == 1.0:
         return terms[0][1]
     (first_c, first), *rest = terms
+    if (dtype or first.dtype) == torch.float32:  # the same bits from one C loop, if built
+        combined = kernels.combine([t for _, t in terms], [c for c, _ in terms], out)
+        if combined is not None:
+            return combined
     if dtype is None or first.dtype == dtype:
         result = torch.mul(first, first_c, out=out)
     else:  # a one-element tensor of `dtype` promotes (a 0-d one or a float would not)
