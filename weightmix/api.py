@@ -16,7 +16,7 @@ from weightmix import engine
 from weightmix.io.memory_output import Cancelled, MemoryOutput
 from weightmix.io.writer import write_file
 from weightmix.plan import Plan, build_plan
-from weightmix.progress import make_progress
+from weightmix.progress import Progress, make_progress
 from weightmix.prompts import encode_prompts
 from weightmix.provenance import build_metadata
 from weightmix.recipe import Recipe, load_recipe, parse_recipe
@@ -159,17 +159,20 @@ def execute(
     planned: Plan,
     *,
     threads: int | None = None,
-    progress: bool = False,
+    progress: bool | Progress = False,
     fingerprint: str = "sampled",
     fsync: bool = False,
     budget: int = engine.DEFAULT_BUDGET,
 ) -> MergeResult:
-    """Run a plan from make_plan() (with an output path); closes the plan."""
+    """Run a plan from make_plan() (with an output path); closes the plan. `progress`: a bar
+    or lines on stderr (True), or a Progress that receives the engine's calls (an exception
+    it raises stops the merge, leaving nothing at the output)."""
     try:
         if planned.prompts is not None:
             encode_prompts(planned, planned.prompts)
         metadata = build_metadata(planned, fingerprint)
-        stats = engine.run(planned, metadata, threads, make_progress(progress), budget, fsync)
+        shown = make_progress(progress) if isinstance(progress, bool) else progress
+        stats = engine.run(planned, metadata, threads, shown, budget, fsync)
     finally:
         planned.close()
     return MergeResult(

@@ -661,12 +661,14 @@ def _add_groups() -> None:
     from weightmix.hyper.commands import hyper
     from weightmix.lora.commands import lora
     from weightmix.search.commands import search
+    from weightmix.ui.commands import ui
 
     cli.add_command(lora)
     cli.add_command(hyper)
     cli.add_command(search)
     cli.add_command(similarity)
     cli.add_command(preview)
+    cli.add_command(ui)
 
 
 _add_groups()

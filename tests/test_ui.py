@@ -1,0 +1,385 @@
+"""`weightmix ui` (issue 15): the server's API on tiny models (paths kept inside the models
+directories, merges queued one at a time and cancelled without a trace, errors as one line, the
+history in SQLite, the bytes of `weightmix merge`), the command's bad input, and the page in a
+real headless Chromium driven by Selenium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from fastapi.testclient import TestClient
+from helpers import random_state, save
+
+from weightmix.ui import jobs as jobs_module
+from weightmix.ui.app import Settings, create_app
+from weightmix.ui.history import FILE_NAME, History
+from weightmix.ui.library import ModelDirs
+
+
+@pytest.fixture
+def library(tmp_path: Path) -> Path:
+    """A models directory with three tiny fp16 SD1.5-layout models A, B, C."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name, seed in (("A", 1), ("B", 2), ("C", 3)):
+        save(folder / f"{name}.safetensors", random_state(seed, torch.float16))
+    return folder
+
+
+@pytest.fixture
+def client(library: Path):
+    with TestClient(create_app(Settings(ModelDirs([library]))), raise_server_exceptions=False) as c:
+        yield c
+
+
+def recipe(library: Path, *names: str, **params: object) -> dict:
+    letters = [chr(ord("A") + i) for i in range(len(names))]
+    return {
+        "models": {letter: str(library / f"{n}.safetensors") for letter, n in zip(letters, names)},
+        "merge": {"method": params.pop("method", "weighted_sum"), "inputs": letters, **params},
+    }
+
+
+def wait(client: TestClient, job: dict, timeout: float = 60) -> dict:
+    ends = time.monotonic() + timeout
+    while job["status"] in ("queued", "running"):
+        assert time.monotonic() < ends, job
+        time.sleep(0.05)
+        job = client.get(f"/api/jobs/{job['id']}").json()
+    return job
+
+
+def listing(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_models_are_listed_with_their_architecture_blocks_dtype_and_size(client, library):
+    found = {Path(m["path"]).name: m for m in client.get("/api/models").json()}
+    assert set(found) == {"A.safetensors", "B.safetensors", "C.safetensors"}
+    model = found["A.safetensors"]
+    assert model["architecture"] == "sd1" and model["dtype"] == "F16"
+    assert model["blocks"][:2] == ["BASE", "IN00"] and len(model["blocks"]) == 26
+    assert model["size"] == (library / "A.safetensors").stat().st_size
+    presets = client.get("/api/presets", params={"model": model["path"]}).json()
+    assert presets["GRAD_V"][0] == 0 and len(presets["GRAD_V"]) == 26
+    methods = {m["name"]: m for m in client.get("/api/state").json()["methods"]}
+    alpha = next(p for p in methods["weighted_sum"]["params"] if p["name"] == "alpha")
+    assert alpha["numeric"]
+    density = next(p for p in methods["ties"]["params"] if p["name"] == "density")
+    assert density["maximum"] == 1
+
+
+def test_paths_outside_the_models_directories_are_refused(client, library, tmp_path):
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(library / "A.safetensors", outside)
+    (library / "link.safetensors").symlink_to(outside)  # a link inside that leads out
+    names = {Path(m["path"]).name for m in client.get("/api/models").json()}
+    assert "link.safetensors" not in names
+    before = listing(library)
+    good = recipe(library, "A", "B", alpha=0.5)
+    cases = [
+        ({**good, "models": {"A": str(outside), "B": good["models"]["B"]}}, "x.safetensors",
+         "outside the models directories"),
+        ({**good, "models": {"A": str(library / "link.safetensors"), "B": good["models"]["B"]}},
+         "x.safetensors", "outside the models directories"),
+        ({**good, "models": {"A": str(library / ".." / "outside.safetensors"),
+                             "B": good["models"]["B"]}}, "x.safetensors", "'..' is not allowed"),
+        (good, "../x.safetensors", "'..' is not allowed"),
+        (good, str(tmp_path / "x.safetensors"), "outside the models directories"),
+        (good, "A.safetensors", "one of the merge's inputs"),
+        (good, "x.txt", "name a .safetensors file"),
+    ]  # fmt: skip
+    for body, output, message in cases:
+        for endpoint in ("/api/dry-run", "/api/merge"):
+            answer = client.post(endpoint, json={"recipe": body, "output": output})
+            assert answer.status_code == 400 and message in answer.json()["error"], (output, answer)
+    (library / "exists.safetensors").write_bytes(b"")
+    answer = client.post("/api/merge", json={"recipe": good, "output": "exists.safetensors"})
+    assert answer.status_code == 400 and "tick 'overwrite'" in answer.json()["error"]
+    assert listing(library) == before | {"exists.safetensors"}
+    assert (library / "exists.safetensors").read_bytes() == b""
+
+
+def test_a_merge_in_the_ui_writes_the_bytes_of_the_cli(client, library, tmp_path, run):
+    body = {"recipe": recipe(library, "A", "B", alpha="GRAD_V"), "output": "merged.safetensors"}
+    shown = client.post("/api/dry-run", json=body).json()
+    assert "plan:" in shown["plan"] and "per block" in shown["plan"]
+    job = wait(client, client.post("/api/merge", json=body).json())
+    assert job["status"] == "done" and job["progress"] == 1.0
+    output = library / "merged.safetensors"
+    from_ui = output.read_bytes()
+    output.unlink()
+    recipe_file = tmp_path / "shown.yaml"
+    recipe_file.write_text(shown["recipe"])
+    assert run("merge", recipe_file, "-o", output).code == 0
+    assert output.read_bytes() == from_ui
+    row = client.get("/api/history").json()[0]
+    assert row["status"] == "done" and row["output"] == str(output)
+    assert [i["name"] for i in row["inputs"]] == ["A", "B"] and all(
+        len(i["fingerprint"]) == 64 for i in row["inputs"]
+    )
+    assert yaml.safe_load(client.get(f"/api/history/{row['id']}/recipe.yaml").text) == (
+        yaml.safe_load(shown["recipe"])
+    )
+
+
+@pytest.fixture
+def held(monkeypatch):
+    """Merges stop in their first progress step until `release` is set (the test then sees
+    one running and the next queued)."""
+    release, reached = threading.Event(), threading.Event()
+    original = jobs_module.JobProgress.start
+
+    def start(self, tensors, nbytes):
+        reached.set()
+        assert release.wait(60)
+        original(self, tensors, nbytes)
+
+    monkeypatch.setattr(jobs_module.JobProgress, "start", start)
+    return release, reached
+
+
+def test_one_merge_runs_at_a_time_and_others_queue(client, library, held):
+    release, reached = held
+    first = client.post("/api/merge", json={"recipe": recipe(library, "A", "B", alpha=0.3),
+                                            "output": "one.safetensors"}).json()  # fmt: skip
+    assert reached.wait(60)
+    second = client.post("/api/merge", json={"recipe": recipe(library, "B", "C", alpha=0.6),
+                                             "output": "two.safetensors"}).json()  # fmt: skip
+    assert second["status"] == "queued" and second["ahead"] == 1
+    assert client.get(f"/api/jobs/{first['id']}").json()["status"] == "running"
+    assert client.get(f"/api/jobs/{second['id']}").json()["status"] == "queued"
+    release.set()
+    assert wait(client, first)["status"] == wait(client, second)["status"] == "done"
+    assert (library / "one.safetensors").is_file() and (library / "two.safetensors").is_file()
+
+
+def test_a_cancelled_merge_leaves_nothing(client, library, held):
+    release, reached = held
+    before = listing(library)
+    running = client.post("/api/merge", json={"recipe": recipe(library, "A", "B"),
+                                              "output": "running.safetensors"}).json()  # fmt: skip
+    assert reached.wait(60)
+    waiting = client.post("/api/merge", json={"recipe": recipe(library, "A", "C"),
+                                              "output": "waiting.safetensors"}).json()  # fmt: skip
+    for job in (running, waiting):
+        cancelled = client.post(f"/api/jobs/{job['id']}/cancel").json()
+        assert cancelled["status"] in ("running", "queued")
+    release.set()
+    assert wait(client, running)["status"] == "cancelled"
+    assert wait(client, waiting)["message"] == "cancelled before it started"
+    assert listing(library) == before | {FILE_NAME}  # no output, no temporary file
+
+
+def test_errors_reach_the_browser_as_one_line_and_the_details_go_to_the_log(
+    client, library, monkeypatch, caplog
+):
+    from weightmix.ui import app as app_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("deep inside\nline two")
+
+    monkeypatch.setattr(app_module.api, "dry_run", broken)
+    answer = client.post("/api/dry-run", json={"recipe": recipe(library, "A", "B"),
+                                               "output": "x.safetensors"})  # fmt: skip
+    assert answer.status_code == 500
+    assert answer.json() == {"error": "internal error (RuntimeError); the details are in the"
+                                      " server's log"}  # fmt: skip
+    assert "Traceback" not in answer.text and "deep inside" not in answer.text
+    assert any("deep inside" in (r.exc_text or "") for r in caplog.records)
+    # a merge that fails while running (fp16 overflow): its one line, and no output
+    body = {"recipe": {**recipe(library, "A", "B", weights=[3e4, -3e4], normalize=False),
+                       "dtype": "fp16"}, "output": "overflow.safetensors"}  # fmt: skip
+    job = wait(client, client.post("/api/merge", json=body).json())
+    assert job["status"] == "failed" and "overflowed" in job["message"]
+    assert "\n" not in job["message"] and not (library / "overflow.safetensors").exists()
+    assert client.get("/api/history").json()[0]["status"] == "failed"
+
+
+def test_uploads_that_are_not_recipes_are_refused(client, library):
+    cases = [
+        (b"models: [1, 2", "not valid YAML"),
+        (b"- a list\n", "a recipe is a YAML mapping"),
+        (b"\xff\xfe", "is not a text file"),
+        (b"models: {A: /etc/hostname}\nmerge: A\n", "outside the models directories"),
+        (b"models: {A: ../A.safetensors}\nmerge: A\n", "'..' is not allowed"),
+        (b"x" * (2 << 20), "a recipe is a few kB"),
+    ]
+    for body, message in cases:
+        answer = client.post("/api/recipe/parse", content=body)
+        assert answer.status_code == 400 and message in answer.json()["error"], (body[:40], answer)
+        assert "upload.yaml" not in answer.text  # the server's temporary name is not shown
+    good = b"models: {A: A.safetensors, B: B.safetensors}\nmerge: {method: add, inputs: [A, B]}\n"
+    found = client.post("/api/recipe/parse", content=good).json()["recipe"]
+    assert found["models"] == {"A": str(library / "A.safetensors"),
+                               "B": str(library / "B.safetensors")}  # fmt: skip
+    assert found["merge"]["method"] == "add"
+
+
+def test_the_history_lives_in_the_first_models_directory(library):
+    app = create_app(Settings(ModelDirs([library])))
+    with TestClient(app) as client:
+        body = {"recipe": recipe(library, "A", "B"), "output": "h.safetensors"}
+        wait(client, client.post("/api/merge", json=body).json())
+    left = History(library)
+    left.add("models: {}", "left.safetensors")  # queued when a server stopped
+    left.close()
+    assert (library / FILE_NAME).is_file()
+    with TestClient(create_app(Settings(ModelDirs([library])))) as client:
+        rows = client.get("/api/history").json()
+    assert [r["status"] for r in rows] == ["interrupted", "done"]
+    assert rows[1]["output"] == str(library / "h.safetensors")
+
+
+def test_a_password_guards_every_page(library):
+    settings = Settings(ModelDirs([library]), auth=("ann", "secret"))
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/api/models").status_code == 401
+        assert client.get("/", auth=("ann", "wrong")).status_code == 401
+        assert client.get("/api/models", auth=("ann", "secret")).status_code == 200
+
+
+def test_the_command_refuses_bad_settings_in_one_line(run, tmp_path, library):
+    result = run("ui", "--models-dir", tmp_path / "missing")
+    assert result.code == 2 and "does not exist" in result.err and "Traceback" not in result.err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run("ui", "--models-dir", library, "--port", port)
+    assert result.code == 2 and f"port {port} is in use" in result.err and "--port " in result.err
+    assert run("ui", "--models-dir", library, "--auth", "nopassword").code == 2
+    result = run("ui", "--models-dir", library, "--listen", "example.org")
+    assert result.code == 2 and "give an IP address" in result.err
+
+
+# ---- the page in a real browser ----
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+ARTIFACTS = Path(os.environ.get("WEIGHTMIX_TEST_ARTIFACTS", "test-artifacts")) / "ui"
+
+
+@pytest.fixture
+def server(library):
+    """The UI served on a free port of 127.0.0.1 from a thread of this process."""
+    import uvicorn
+
+    from weightmix.ui.commands import bind
+
+    listener = bind("127.0.0.1", 0)
+    app = create_app(Settings(ModelDirs([library])))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    ends = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < ends and thread.is_alive(), "the UI server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    server.should_exit = True
+    thread.join(30)
+
+
+@pytest.fixture
+def browser():
+    if CHROMIUM is None or DRIVER is None:
+        pytest.skip(
+            "needs Debian's chromium and chromium-driver packages (`make test` installs them"
+            " with apt-get; as root: apt-get install -y chromium chromium-driver)"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                     "--window-size=1400,1800"):  # fmt: skip
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=Service(DRIVER))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    yield driver
+    driver.quit()
+
+
+def test_the_page_merges_uploads_and_reports_in_a_real_browser(
+    server, browser, library, tmp_path, run
+):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    find = lambda element_id: browser.find_element(By.ID, element_id)  # noqa: E731
+    until = WebDriverWait(browser, 60).until
+    browser.get(server)
+    until(lambda _: find("version").text.startswith("v") and find("pick-2"))
+    # two models, alpha per block from a preset with two blocks moved by hand
+    find("pick-0").click()
+    find("pick-1").click()
+    until(lambda _: "weighted_sum(A, B)" in find("plan").text)
+    find("pb-alpha").click()
+    until(lambda _: len(Select(find("preset-alpha")).options) > 1)
+    Select(find("preset-alpha")).select_by_value("GRAD_V")
+    browser.execute_script("""
+        for (const [id, v] of [["b-alpha-M00", 0.25], ["b-alpha-OUT11", 0.5]]) {
+          const s = document.getElementById(id); s.value = v;
+          s.dispatchEvent(new Event("input"));
+        }""")
+    until(lambda _: "0.25" in find("recipe").text and "per block" in find("plan").text)
+    output = find("output")
+    output.clear()
+    output.send_keys("browser.safetensors")
+    until(lambda _: "browser.safetensors" in find("plan").text)
+    shown = yaml.safe_load(find("recipe").get_attribute("textContent"))
+    assert shown["merge"]["alpha"][13] == 0.25 and shown["merge"]["alpha"][25] == 0.5
+    assert shown["merge"]["alpha"][1] == 1.0  # GRAD_V's IN00
+    find("run").click()
+    try:
+        until(lambda _: find("status").get_attribute("data-status") in ("done", "failed")
+              or find("error").text)  # fmt: skip
+    except Exception:
+        browser.save_screenshot(str(ARTIFACTS / "stuck.png"))
+        shown = [find("status").text, find("error").text, str(browser.get_log("browser"))]
+        raise AssertionError(" | ".join(shown)) from None
+    browser.save_screenshot(str(ARTIFACTS / "merged.png"))
+    assert find("status").get_attribute("data-status") == "done", find("error").text
+    merged = library / "browser.safetensors"
+    from_ui = merged.read_bytes()
+    merged.unlink()
+    (tmp_path / "shown.yaml").write_text(yaml.safe_dump(shown))
+    assert run("merge", tmp_path / "shown.yaml", "-o", merged).code == 0
+    assert merged.read_bytes() == from_ui
+    until(lambda _: "browser.safetensors" in find("history").text)
+    # a recipe uploaded fills the form
+    upload = tmp_path / "upload.yaml"
+    upload.write_text(yaml.safe_dump({
+        "models": {"X": str(library / "C.safetensors"), "Y": str(library / "A.safetensors"),
+                   "Z": str(library / "B.safetensors")},
+        "merge": {"method": "add_difference", "inputs": ["X", "Y", "Z"], "alpha": 0.7},
+    }))  # fmt: skip
+    find("upload-recipe").send_keys(str(upload))
+    until(lambda _: Select(find("method")).first_selected_option.text == "add_difference")
+    until(lambda _: find("p-alpha").get_attribute("value") == "0.7")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#model-list tbody tr")
+    cells = [[cell.text for cell in r.find_elements(By.TAG_NAME, "td")] for r in rows]
+    letters = {row[2]: row[1] for row in cells}  # model file -> its letter in the merge
+    assert [letters[f"{n}.safetensors"] for n in "CAB"] == ["A", "B", "C"]
+    until(lambda _: "exists: choose another name" in find("error").text)  # browser.safetensors
+    output.clear()
+    output.send_keys("uploaded.safetensors")
+    until(lambda _: "add_difference(A, B, C)" in find("plan").text and not find("error").text)
+    browser.save_screenshot(str(ARTIFACTS / "uploaded.png"))
+    # bad input: an output outside the models directory is refused, with its line shown
+    output.clear()
+    output.send_keys("../evil.safetensors")
+    find("run").click()
+    until(lambda _: "'..' is not allowed" in find("error").text)
+    browser.save_screenshot(str(ARTIFACTS / "refused.png"))
+    assert not (library.parent / "evil.safetensors").exists()
+    assert "Traceback" not in browser.page_source

@@ -1,0 +1,135 @@
+"""Merges started in the UI: queued, run one at a time by one worker thread through the same
+API as `weightmix merge`, with progress, cancellation and the error line kept for the page."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from weightmix import api
+from weightmix.errors import WeightmixError, one_line
+from weightmix.progress import Progress
+from weightmix.provenance import KEY_INPUTS
+from weightmix.recipe import Recipe
+from weightmix.ui.history import History
+
+log = logging.getLogger("weightmix.ui")
+
+
+class Cancelled(Exception):
+    """Raised in the merge's progress callback when the user cancelled: the engine then
+    removes what it had written, as on any error."""
+
+
+@dataclass
+class Job:
+    id: int
+    recipe: Recipe
+    output: Path
+    overwrite: bool
+    status: str = "queued"  # running, done, failed, cancelled
+    message: str = ""
+    total: int = 0
+    done: int = 0
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def view(self) -> dict:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "message": self.message,
+            "output": str(self.output),
+            "progress": self.done / self.total if self.total else 0.0,
+        }
+
+
+class JobProgress(Progress):
+    """The engine's progress, kept on the job; raises Cancelled once the user cancels."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+
+    def start(self, tensors: int, nbytes: int) -> None:
+        self.job.total = nbytes
+        self._check()
+
+    def advance(self, nbytes: int, tensor_done: bool = True) -> None:
+        self.job.done += nbytes
+        self._check()
+
+    def _check(self) -> None:
+        if self.job.cancel.is_set():
+            raise Cancelled
+
+
+class Jobs:
+    """The queue of merges and its one worker thread."""
+
+    def __init__(self, history: History, threads: int | None = None) -> None:
+        self.history, self.threads = history, threads
+        self.jobs: dict[int, Job] = {}
+        self.waiting: queue.Queue[Job | None] = queue.Queue()
+        self.worker = threading.Thread(target=self._work, name="weightmix-ui-merges", daemon=True)
+        self.worker.start()
+
+    def submit(self, recipe: Recipe, output: Path, overwrite: bool) -> Job:
+        """Queue a merge (it starts when the ones before it have finished)."""
+        merge_id = self.history.add(recipe.to_yaml(), str(output))
+        job = Job(merge_id, recipe, output, overwrite)
+        self.jobs[merge_id] = job
+        self.waiting.put(job)
+        return job
+
+    def cancel(self, merge_id: int) -> Job | None:
+        job = self.jobs.get(merge_id)
+        if job is not None and job.status in ("queued", "running"):
+            job.cancel.set()
+        return job
+
+    def ahead_of(self, job: Job) -> int:
+        """How many merges run or wait before `job`."""
+        return sum(1 for j in self.jobs.values()
+                   if j.id < job.id and j.status in ("queued", "running"))  # fmt: skip
+
+    def stop(self) -> None:
+        for job in self.jobs.values():
+            job.cancel.set()
+        self.waiting.put(None)
+        self.worker.join(timeout=30)
+
+    def _work(self) -> None:
+        while (job := self.waiting.get()) is not None:
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        if job.cancel.is_set():
+            self._finish(job, "cancelled", "cancelled before it started")
+            return
+        job.status = "running"
+        self.history.update(job.id, status="running", started=time.time())
+        try:
+            planned = api.make_plan(job.recipe, job.output, job.overwrite)
+            result = api.execute(planned, threads=self.threads, progress=JobProgress(job))
+        except Cancelled:
+            self._finish(job, "cancelled", "cancelled; nothing was written at the output")
+        except WeightmixError as error:
+            self._finish(job, "failed", str(error))
+        except Exception as error:  # the details go to the server's log, one line to the page
+            log.exception("merge %s failed", job.id)
+            self._finish(job, "failed", one_line(
+                f"internal error ({type(error).__name__}); the details are in the server's log"
+            ))  # fmt: skip
+        else:
+            inputs = [{"name": i["name"], "fingerprint": i["fingerprint"]}
+                      for i in json.loads(result.metadata.get(KEY_INPUTS, "[]"))]  # fmt: skip
+            self.history.update(job.id, inputs=inputs)
+            self._finish(job, "done", f"wrote {job.output} in {result.seconds:.1f} s")
+
+    def _finish(self, job: Job, status: str, message: str) -> None:
+        job.status, job.message = status, message
+        self.history.update(job.id, status=status, message=message, finished=time.time())

@@ -1,0 +1,442 @@
+// weightmix UI: the form is a recipe; every action sends it to the server, which checks it
+// and runs it through weightmix's API. No merge logic lives here.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { methods: [], models: [], selected: [], uploaded: null, job: null, timer: null };
+
+async function api(path, options = {}) {
+  const response = await fetch(path, options);
+  if (!response.ok) {
+    let message = `${response.status} ${response.statusText}`;
+    try { message = (await response.json()).error || message; } catch (e) { /* not JSON */ }
+    throw new Error(message);
+  }
+  return response;
+}
+const post = (path, body) => api(path, {
+  method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+});
+const showError = (error) => { $("error").textContent = error ? String(error.message || error) : ""; };
+const letter = (i) => (i < 26 ? String.fromCharCode(65 + i) : `M${i}`);
+const modelInfo = (path) => state.models.find((m) => m.path === path);
+
+// ---- models ----
+async function loadModels() {
+  state.models = await (await api("/api/models")).json();
+  state.selected = state.selected.filter((p) => modelInfo(p));
+  renderModels();
+}
+
+function renderModels() {
+  const body = $("model-list").querySelector("tbody");
+  body.innerHTML = "";
+  state.models.forEach((model, index) => {
+    const row = document.createElement("tr");
+    const at = state.selected.indexOf(model.path);
+    const cells = [at >= 0 ? letter(at) : "", model.path.split("/").pop(),
+      model.architecture, model.dtype || "", model.size_text];
+    row.innerHTML = `<td><input type="checkbox" class="pick" id="pick-${index}"></td>` +
+      cells.map(() => "<td></td>").join("");
+    cells.forEach((text, i) => { row.children[i + 1].textContent = text; });
+    row.children[2].title = model.path + (model.error ? `\n${model.error}` : "");
+    const box = row.querySelector("input");
+    box.dataset.path = model.path;
+    box.checked = at >= 0;
+    box.addEventListener("change", () => {
+      state.selected = box.checked ? [...state.selected, model.path]
+        : state.selected.filter((p) => p !== model.path);
+      formChanged();
+      renderModels();
+      renderParams(true);
+    });
+    body.appendChild(row);
+  });
+}
+
+// ---- method and parameters ----
+function currentMethod() { return state.methods.find((m) => m.name === $("method").value); }
+
+function blocksOfFirst() {
+  const first = modelInfo(state.selected[0]);
+  return first ? first.blocks : [];
+}
+
+function renderParams(keep) {
+  const method = currentMethod();
+  const old = keep ? readParams() : {};
+  const box = $("params");
+  box.innerHTML = "";
+  $("method-summary").textContent = method ? `${method.summary} (${method.inputs} inputs)` : "";
+  if (!method) return;
+  for (const param of method.params) {
+    const row = document.createElement("div");
+    row.className = "param";
+    row.id = `param-${param.name}`;
+    const input = document.createElement("input");
+    input.id = `p-${param.name}`;
+    input.placeholder = param.required ? "required" : `default ${JSON.stringify(param.default)}`;
+    if (param.numeric) {
+      input.type = "number";
+      input.step = "any";
+      if (param.minimum !== null) input.min = param.minimum;
+      if (param.maximum !== null) input.max = param.maximum;
+    }
+    const label = document.createElement("label");
+    label.textContent = `${param.name} `;
+    label.appendChild(input);
+    row.appendChild(label);
+    input.addEventListener("input", formChanged);
+    if (param.numeric) row.appendChild(blockControls(param));
+    box.appendChild(row);
+  }
+  writeParams(old);
+}
+
+function blockControls(param) {
+  const holder = document.createElement("span");
+  const toggle = document.createElement("input");
+  toggle.type = "checkbox";
+  toggle.id = `pb-${param.name}`;
+  const label = document.createElement("label");
+  label.append(toggle, " per block");
+  const preset = document.createElement("select");
+  preset.id = `preset-${param.name}`;
+  preset.hidden = true;
+  const grid = document.createElement("div");
+  grid.className = "blocks";
+  grid.id = `blocks-${param.name}`;
+  grid.hidden = true;
+  const blocks = blocksOfFirst();
+  toggle.disabled = blocks.length === 0;
+  toggle.title = blocks.length ? "" : "the first model's architecture has no blocks";
+  const low = param.minimum ?? 0;
+  const high = param.maximum ?? 1;
+  const fallback = typeof param.default === "number" ? param.default : low;
+  blocks.forEach((block) => {
+    const cell = document.createElement("label");
+    const slider = document.createElement("input");
+    slider.type = "range";
+    slider.min = low; slider.max = high; slider.step = "any";  // presets keep their values
+    slider.value = fallback;
+    slider.id = `b-${param.name}-${block}`;
+    slider.dataset.block = block;
+    const shown = document.createElement("span");
+    shown.textContent = `${block} ${Number(slider.value).toFixed(2)}`;
+    slider.addEventListener("input", () => {
+      shown.textContent = `${block} ${Number(slider.value).toFixed(2)}`;
+      formChanged();
+    });
+    cell.append(shown, slider);
+    grid.appendChild(cell);
+  });
+  toggle.addEventListener("change", async () => {
+    grid.hidden = preset.hidden = !toggle.checked;
+    if (toggle.checked && preset.options.length === 0) await fillPresets(preset, param.name);
+    formChanged();
+  });
+  preset.addEventListener("change", () => {
+    const values = state.presets?.[preset.value];
+    if (values) setBlockValues(param.name, values);
+    formChanged();
+  });
+  holder.append(label, preset, grid);
+  return holder;
+}
+
+async function fillPresets(select, name) {
+  select.innerHTML = "<option value=''>preset ...</option>";
+  if (!state.selected[0]) return;
+  try {
+    const url = `/api/presets?model=${encodeURIComponent(state.selected[0])}`;
+    state.presets = await (await api(url)).json();
+    for (const preset of Object.keys(state.presets)) {
+      select.add(new Option(preset, preset));
+    }
+  } catch (error) { showError(error); }
+}
+
+function setBlockValues(name, values) {
+  const sliders = document.querySelectorAll(`#blocks-${name} input[type=range]`);
+  sliders.forEach((slider, i) => {
+    if (i < values.length) {
+      slider.value = values[i];
+      slider.dispatchEvent(new Event("input"));
+    }
+  });
+}
+
+function parseValue(text, numeric) {
+  if (numeric) return Number(text);
+  try { return JSON.parse(text); } catch (e) { return text; }
+}
+
+function readParams() {
+  const method = currentMethod();
+  const found = {};
+  if (!method) return found;
+  for (const param of method.params) {
+    const toggle = $(`pb-${param.name}`);
+    if (toggle && toggle.checked) {
+      found[param.name] = [...document.querySelectorAll(`#blocks-${param.name} input[type=range]`)]
+        .map((s) => Number(s.value));
+      continue;
+    }
+    const input = $(`p-${param.name}`);
+    if (input && input.value.trim() !== "") found[param.name] = parseValue(input.value.trim(), param.numeric);
+  }
+  return found;
+}
+
+function writeParams(values) {
+  for (const [name, value] of Object.entries(values)) {
+    const input = $(`p-${name}`);
+    if (!input) continue;
+    const toggle = $(`pb-${name}`);
+    if (Array.isArray(value) && toggle && !toggle.disabled) {
+      toggle.checked = true;
+      $(`blocks-${name}`).hidden = $(`preset-${name}`).hidden = false;
+      setBlockValues(name, value);
+    } else {
+      input.value = typeof value === "string" ? value : JSON.stringify(value);
+    }
+  }
+}
+
+// ---- rules ----
+function addRule(rule = {}) {
+  const row = document.createElement("div");
+  row.className = "rule";
+  const fields = [["component", "component"], ["blocks", "blocks e.g. IN00-IN05"],
+    ["layer", "layer kind"], ["params", "alpha=0.3, beta=1"]];
+  for (const [name, hint] of fields) {
+    const input = document.createElement("input");
+    input.className = `rule-${name}`;
+    input.placeholder = hint;
+    let value = rule[name] ?? "";
+    if (name === "params" && rule.params) {
+      value = Object.entries(rule.params).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(", ");
+    } else if (Array.isArray(value)) value = value.join(",");
+    input.value = value;
+    input.addEventListener("input", formChanged);
+    row.appendChild(input);
+  }
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.textContent = "remove";
+  remove.addEventListener("click", () => { row.remove(); formChanged(); });
+  row.appendChild(remove);
+  $("rules").appendChild(row);
+}
+
+function readRules() {
+  return [...document.querySelectorAll("#rules .rule")].map((row) => {
+    const rule = {};
+    for (const name of ["component", "blocks", "layer"]) {
+      const value = row.querySelector(`.rule-${name}`).value.trim();
+      if (value) rule[name] = value;
+    }
+    const params = {};
+    for (const part of row.querySelector(".rule-params").value.split(",")) {
+      const [name, ...rest] = part.split("=");
+      if (name.trim() && rest.length) params[name.trim()] = parseValue(rest.join("=").trim(), false);
+    }
+    rule.params = params;
+    return rule;
+  });
+}
+
+// ---- the recipe ----
+function buildRecipe() {
+  if (state.uploaded) return state.uploaded;
+  const names = state.selected.map((_, i) => letter(i));
+  const recipe = {
+    models: Object.fromEntries(state.selected.map((p, i) => [names[i], p])),
+    merge: { method: $("method").value, inputs: names, ...readParams() },
+  };
+  if ($("dtype").value) recipe.dtype = $("dtype").value;
+  const rules = readRules();
+  if (rules.length) recipe.rules = rules;
+  return recipe;
+}
+
+function request() {
+  return { recipe: buildRecipe(), output: $("output").value, overwrite: $("overwrite").checked };
+}
+
+function formChanged(event) {
+  if (event !== "upload") state.uploaded = null;
+  clearTimeout(state.timer);
+  state.timer = setTimeout(dryRun, 400);
+}
+
+async function dryRun() {
+  if (!state.selected.length && !state.uploaded) {
+    $("plan").textContent = "Pick models to see the plan.";
+    return;
+  }
+  try {
+    const found = await (await post("/api/dry-run", request())).json();
+    $("plan").textContent = found.plan;
+    $("recipe").textContent = found.recipe;
+    showError(null);
+  } catch (error) {
+    $("plan").textContent = "";
+    showError(error);
+  }
+}
+
+function fillForm(recipe) {
+  const models = recipe.models || {};
+  const merge = recipe.merge || {};
+  const inputs = Array.isArray(merge.inputs) ? merge.inputs : Object.keys(models);
+  const flat = inputs.every((i) => typeof i === "string" && i in models);
+  state.selected = (flat ? inputs : Object.keys(models)).map((n) => models[n]).filter((p) => p);
+  const missing = state.selected.filter((p) => !modelInfo(p));
+  renderModels();
+  $("method").value = merge.method || "weighted_sum";
+  renderParams(false);
+  const params = { ...merge };
+  delete params.method; delete params.inputs;
+  writeParams(params);
+  $("dtype").value = recipe.dtype || "";
+  $("rules").innerHTML = "";
+  (recipe.rules || []).forEach((rule) => addRule(rule));
+  formChanged();
+  const nested = !flat || (recipe.rules || []).some((r) => r.take || r.drop || r.keys || r.regex);
+  if (nested || missing.length) {
+    state.uploaded = recipe;  // merged as uploaded until the form is edited
+    $("status").textContent = "The recipe holds more than the form shows; it runs as uploaded"
+      + " until you edit the form.";
+  }
+}
+
+// ---- running ----
+async function runMerge() {
+  showError(null);
+  try {
+    const job = await (await post("/api/merge", request())).json();
+    state.job = job.id;
+    $("cancel").disabled = false;
+    showJob(job);
+    poll();
+  } catch (error) { showError(error); }
+}
+
+function showJob(job) {
+  $("progress").value = job.progress;
+  const waiting = job.status === "queued" && job.ahead ? ` (${job.ahead} merge(s) ahead)` : "";
+  $("status").textContent = `merge #${job.id}: ${job.status}${waiting}${job.message ? ": " + job.message : ""}`;
+  $("status").dataset.status = job.status;
+  if (job.status === "failed") showError(job.message);
+}
+
+async function poll() {
+  if (state.job === null) return;
+  try {
+    const job = await (await api(`/api/jobs/${state.job}`)).json();
+    showJob(job);
+    if (job.status === "queued" || job.status === "running") {
+      setTimeout(poll, 300);
+      return;
+    }
+    state.job = null;
+    $("cancel").disabled = true;
+    loadHistory();
+    loadModels();
+  } catch (error) { showError(error); }
+}
+
+async function cancelMerge() {
+  if (state.job === null) return;
+  try { await post(`/api/jobs/${state.job}/cancel`, {}); } catch (error) { showError(error); }
+}
+
+async function downloadRecipe() {
+  try {
+    const text = await (await post("/api/recipe", { recipe: buildRecipe() })).text();
+    $("recipe").textContent = text;
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(new Blob([text], { type: "application/yaml" }));
+    link.download = "recipe.yaml";
+    link.click();
+  } catch (error) { showError(error); }
+}
+
+async function uploadRecipe() {
+  const file = $("upload-recipe").files[0];
+  if (!file) return;
+  showError(null);
+  try {
+    const found = await (await api("/api/recipe/parse", { method: "POST", body: await file.text() })).json();
+    fillForm(found.recipe);
+    $("status").textContent ||= `loaded ${file.name}`;
+  } catch (error) { showError(error); }
+  $("upload-recipe").value = "";
+}
+
+async function similarity() {
+  showError(null);
+  try {
+    const blob = await (await post("/api/similarity", { models: state.selected })).blob();
+    $("heatmap").src = URL.createObjectURL(blob);
+    $("heatmap").hidden = false;
+  } catch (error) { showError(error); }
+}
+
+async function loadHistory() {
+  const rows = await (await api("/api/history")).json();
+  const body = $("history").querySelector("tbody");
+  body.innerHTML = "";
+  for (const row of rows) {
+    const line = document.createElement("tr");
+    const finished = row.finished ? new Date(row.finished * 1000).toLocaleString() : "";
+    for (const text of [row.id, row.status, row.output, finished, row.message]) {
+      const cell = document.createElement("td");
+      cell.textContent = text;
+      line.appendChild(cell);
+    }
+    const cell = document.createElement("td");
+    const load = document.createElement("button");
+    load.type = "button";
+    load.textContent = "load";
+    load.addEventListener("click", async () => {
+      try {
+        const text = await (await api(`/api/history/${row.id}/recipe.yaml`)).text();
+        const found = await (await api("/api/recipe/parse", { method: "POST", body: text })).json();
+        fillForm(found.recipe);
+      } catch (error) { showError(error); }
+    });
+    cell.appendChild(load);
+    line.appendChild(cell);
+    body.appendChild(line);
+  }
+}
+
+async function start() {
+  try {
+    const found = await (await api("/api/state")).json();
+    state.methods = found.methods;
+    $("version").textContent = `v${found.version}`;
+    $("dirs").textContent = `models: ${found.dirs.join(", ")}`;
+    for (const method of state.methods) $("method").add(new Option(method.name, method.name));
+    $("method").value = "weighted_sum";
+    for (const dtype of found.dtypes) $("dtype").add(new Option(dtype, dtype));
+    await loadModels();
+    renderParams(false);
+    await loadHistory();
+    dryRun();
+  } catch (error) { showError(error); }
+  $("method").addEventListener("change", () => { renderParams(false); formChanged(); });
+  for (const id of ["output", "dtype", "overwrite"]) $(id).addEventListener("change", formChanged);
+  $("reload-models").addEventListener("click", () => loadModels().catch(showError));
+  $("add-rule").addEventListener("click", () => addRule());
+  $("run").addEventListener("click", runMerge);
+  $("cancel").addEventListener("click", cancelMerge);
+  $("download-recipe").addEventListener("click", downloadRecipe);
+  $("upload-recipe").addEventListener("change", uploadRecipe);
+  $("similarity").addEventListener("click", similarity);
+  document.body.dataset.ready = "yes";
+}
+
+start();
