@@ -17,6 +17,7 @@ import torch
 import yaml
 from fastapi.testclient import TestClient
 from helpers import random_state, save
+from test_preview import loadable_pipelines  # noqa: F401 (a fixture)
 
 from weightmix.ui import jobs as jobs_module
 from weightmix.ui.app import Settings, create_app
@@ -383,3 +384,31 @@ def test_the_page_merges_uploads_and_reports_in_a_real_browser(
     browser.save_screenshot(str(ARTIFACTS / "refused.png"))
     assert not (library.parent / "evil.safetensors").exists()
     assert "Traceback" not in browser.page_source
+
+
+def test_a_preview_grid_of_pipeline_folders(tmp_path, loadable_pipelines):  # noqa: F811
+    """Diffusers pipeline folders in the models directory are models too; the grid along a
+    parameter is `weightmix preview`'s."""
+    from PIL import Image
+
+    from weightmix.analysis.preview import LABEL
+
+    folder = tmp_path / "pipelines"
+    for pipeline in loadable_pipelines:
+        shutil.copytree(pipeline, folder / pipeline.name)
+    with TestClient(create_app(Settings(ModelDirs([folder])))) as client:
+        listed = {Path(m["path"]).name: m for m in client.get("/api/models").json()}
+        assert set(listed) == {"A", "B"} and listed["A"]["size"] > 0
+        merged = {"models": {"A": str(folder / "A"), "B": str(folder / "B")},
+                  "merge": {"method": "weighted_sum", "inputs": ["A", "B"]}}  # fmt: skip
+        body = {"recipe": merged, "param": "alpha", "values": [0, 1], "prompt": "a cat",
+                "steps": 5, "size": 32}  # fmt: skip
+        answer = client.post("/api/preview", json=body)
+        assert answer.status_code == 200, answer.text
+        image = Image.open(__import__("io").BytesIO(answer.content))
+        assert image.size == (2 * 32, LABEL + 32)
+        for change, message in (({"prompt": " "}, "write a prompt"),
+                                ({"values": []}, "give 1 to 8 values"),
+                                ({"steps": 0}, "steps is a whole number")):  # fmt: skip
+            answer = client.post("/api/preview", json={**body, **change})
+            assert answer.status_code == 400 and message in answer.json()["error"]

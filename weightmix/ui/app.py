@@ -22,6 +22,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 
 from weightmix import __version__, api
 from weightmix.arch.families import Architecture, detect
@@ -38,6 +39,7 @@ from weightmix.units import format_size
 log = logging.getLogger("weightmix.ui")
 STATIC = Path(str(resources.files("weightmix.ui").joinpath("static")))
 MAX_UPLOAD = 1 << 20  # a recipe is a few kB
+MAX_CELLS = 8  # images in a preview grid
 
 
 @dataclass
@@ -90,7 +92,7 @@ def create_app(settings: Settings) -> FastAPI:
         return {
             "version": __version__,
             "dirs": [str(d) for d in settings.dirs.dirs],
-            "preview": settings.pipeline is not None,
+            "preview": settings.pipeline is not None,  # else: when the first model is one
             "methods": _methods(),
             "dtypes": ["fp16", "bf16", "fp32"],
         }
@@ -168,7 +170,50 @@ def create_app(settings: Settings) -> FastAPI:
         names = {_name(i): str(p) for i, p in enumerate(paths)}
         return Response(_similarity_png(measure_similarity(names)), media_type="image/png")
 
+    @app.post("/api/preview")
+    async def preview(request: Request) -> Response:
+        form = await _json(request)
+        recipe = _recipe(settings.dirs, form.get("recipe"))
+        image = await run_in_threadpool(_preview_png, recipe, form, settings, jobs)
+        return Response(image, media_type="image/png")
+
     return app
+
+
+def _preview_png(recipe: Recipe, form: dict, settings: Settings, jobs: Jobs) -> bytes:
+    """The preview grid of the recipe along one parameter (`weightmix preview`'s grid),
+    drawn while no merge runs."""
+    import io
+
+    import yaml
+
+    from weightmix.analysis.preview import Sweep, check_sweeps, pipeline_folder, run_preview
+
+    name, values = str(form.get("param") or "").strip(), form.get("values")
+    if not name or not isinstance(values, list) or not 1 <= len(values) <= MAX_CELLS:
+        raise WeightmixError(f"preview: name a parameter and give 1 to {MAX_CELLS} values")
+    prompt = form.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > 1000:
+        raise WeightmixError("preview: write a prompt (at most 1,000 characters)")
+    seed, steps, size = (_integer(form, n, low, high, default) for n, low, high, default in
+                         (("seed", 0, 2**32 - 1, 0), ("steps", 1, 100, 20),
+                          ("size", 8, 1024, 256)))  # fmt: skip
+    data = yaml.safe_load(recipe.to_yaml())
+    sweep = Sweep(name, values)
+    family = check_sweeps(data, [sweep], recipe.base_dir)
+    folder = pipeline_folder(recipe, settings.pipeline, family)
+    with jobs.exclusive:
+        grid = run_preview(data, recipe, [sweep], prompt, seed, steps, folder, "cpu", size)
+    buffer = io.BytesIO()
+    grid.image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _integer(form: dict, name: str, low: int, high: int, default: int) -> int:
+    value = form.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise WeightmixError(f"preview: {name} is a whole number from {low} to {high}")
+    return value
 
 
 def _authorised(request: Request, auth: tuple[str, str]) -> bool:

@@ -73,6 +73,7 @@ class Jobs:
     def __init__(self, history: History, threads: int | None = None) -> None:
         self.history, self.threads = history, threads
         self.jobs: dict[int, Job] = {}
+        self.exclusive = threading.Lock()  # held by the running merge (and preview grids)
         self.waiting: queue.Queue[Job | None] = queue.Queue()
         self.worker = threading.Thread(target=self._work, name="weightmix-ui-merges", daemon=True)
         self.worker.start()
@@ -104,7 +105,8 @@ class Jobs:
 
     def _work(self) -> None:
         while (job := self.waiting.get()) is not None:
-            self._run(job)
+            with self.exclusive:
+                self._run(job)
 
     def _run(self, job: Job) -> None:
         if job.cancel.is_set():

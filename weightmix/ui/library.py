@@ -71,9 +71,9 @@ class ModelDirs:
         return resolved
 
     def model(self, given: str) -> Path:
-        """An existing model file inside the directories."""
+        """An existing model file, or diffusers pipeline folder, inside the directories."""
         path = self.resolve(given, "model")
-        if not path.is_file():
+        if not (path.is_file() or is_pipeline(path)):
             raise WeightmixError(f"model {given!r} does not exist in the models directories")
         return path
 
@@ -99,12 +99,22 @@ class ModelDirs:
         return ", ".join(str(d) for d in self.dirs)
 
     def models(self) -> list[ModelFile]:
-        """Every model file in the directories (up to SEARCH_DEPTH folders down), by path;
-        hidden files and folders are skipped, links leading outside too."""
+        """Every model file and diffusers pipeline folder in the directories (up to
+        SEARCH_DEPTH folders down), by path; hidden files and folders are skipped, links
+        leading outside too."""
         found: dict[Path, ModelFile] = {}
         for root in self.dirs:
             for folder, subfolders, files in os.walk(root):
-                depth = len(Path(folder).relative_to(root).parts)
+                here = Path(folder)
+                if here != root and is_pipeline(here):
+                    resolved = here.resolve()
+                    if self.inside(resolved):
+                        size = sum(f.stat().st_size for f in resolved.rglob("*")
+                                   if f.is_file() and f.suffix in MODEL_SUFFIXES)  # fmt: skip
+                        found[resolved] = ModelFile(resolved, size, resolved.stat().st_mtime)
+                    subfolders[:] = []
+                    continue
+                depth = len(here.relative_to(root).parts)
                 deeper = depth < SEARCH_DEPTH
                 subfolders[:] = sorted(s for s in subfolders if deeper and not s.startswith("."))
                 for name in sorted(files):
@@ -115,3 +125,8 @@ class ModelDirs:
                         stat = path.stat()
                         found[path] = ModelFile(path, stat.st_size, stat.st_mtime)
         return sorted(found.values(), key=lambda m: str(m.path))
+
+
+def is_pipeline(path: Path) -> bool:
+    """A diffusers pipeline folder (model_index.json beside its components' folders)."""
+    return path.is_dir() and (path / "model_index.json").is_file()

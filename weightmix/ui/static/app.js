@@ -384,6 +384,25 @@ async function similarity() {
   } catch (error) { showError(error); }
 }
 
+async function preview() {
+  showError(null);
+  $("status").textContent = "drawing the preview grid ...";
+  try {
+    const values = $("preview-values").value.split(",").map((v) => v.trim()).filter((v) => v)
+      .map((v) => parseValue(v, false));
+    const body = { recipe: buildRecipe(), param: $("preview-param").value, values,
+      prompt: $("preview-prompt").value, seed: Number($("preview-seed").value),
+      steps: Number($("preview-steps").value), size: Number($("preview-size").value) };
+    const blob = await (await post("/api/preview", body)).blob();
+    $("preview-grid").src = URL.createObjectURL(blob);
+    $("preview-grid").hidden = false;
+    $("status").textContent = "preview drawn";
+  } catch (error) {
+    $("status").textContent = "";
+    showError(error);
+  }
+}
+
 async function loadHistory() {
   const rows = await (await api("/api/history")).json();
   const body = $("history").querySelector("tbody");
@@ -436,6 +455,7 @@ async function start() {
   $("download-recipe").addEventListener("click", downloadRecipe);
   $("upload-recipe").addEventListener("change", uploadRecipe);
   $("similarity").addEventListener("click", similarity);
+  $("preview").addEventListener("click", preview);
   document.body.dataset.ready = "yes";
 }
 
