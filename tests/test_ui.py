@@ -412,3 +412,34 @@ def test_a_preview_grid_of_pipeline_folders(tmp_path, loadable_pipelines):  # no
                                 ({"steps": 0}, "steps is a whole number")):  # fmt: skip
             answer = client.post("/api/preview", json={**body, **change})
             assert answer.status_code == 400 and message in answer.json()["error"]
+
+
+def test_a_merge_from_the_history_runs_again(client, library):
+    body = {"recipe": recipe(library, "A", "C", alpha=0.25), "output": "again.safetensors"}
+    first = wait(client, client.post("/api/merge", json=body).json())
+    output = library / "again.safetensors"
+    written = output.read_bytes()
+    answer = client.post(f"/api/history/{first['id']}/rerun", json={})
+    assert answer.status_code == 400 and "tick 'overwrite'" in answer.json()["error"]
+    again = wait(client, client.post(f"/api/history/{first['id']}/rerun",
+                                      json={"overwrite": True}).json())  # fmt: skip
+    assert again["status"] == "done" and again["id"] != first["id"]
+    assert output.read_bytes() == written
+    assert client.post("/api/history/999/rerun", json={}).status_code == 400
+
+
+def test_the_demo_opens_on_the_example_models(run, tmp_path, monkeypatch):
+    import uvicorn
+
+    served = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: served.append(sockets))
+    monkeypatch.chdir(tmp_path)
+    result = run("ui", "--demo", "--port", 0)
+    assert result.code == 0 and "http://127.0.0.1:" in result.out
+    assert {p.name for p in (tmp_path / "demo").glob("*.safetensors")} == {
+        "base.safetensors", "anime.safetensors", "photo.safetensors"}  # fmt: skip
+    assert len(served) == 1 and served[0][0].getsockname()[0] == "127.0.0.1"
+    served[0][0].close()
+    result = run("ui", "--models-dir", tmp_path / "demo", "--port", 0, "--listen", "0.0.0.0")
+    assert result.code == 0 and "warning: serving on 0.0.0.0" in result.err
+    served[1][0].close()

@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -160,6 +161,20 @@ def create_app(settings: Settings) -> FastAPI:
             raise WeightmixError(f"no merge {merge_id} in the history")
         return PlainTextResponse(row["recipe"], media_type="application/yaml")
 
+    @app.post("/api/history/{merge_id}/rerun")
+    async def rerun(merge_id: int, request: Request) -> dict:
+        row = history.get(merge_id)
+        if row is None:
+            raise WeightmixError(f"no merge {merge_id} in the history")
+        form = await _json(request)
+        data = yaml.safe_load(row["recipe"])
+        output = str(form.get("output") or row["output"])
+        request_form = {"recipe": data, "output": output, "overwrite": form.get("overwrite")}
+        recipe, path, overwrite = _merge_request(settings.dirs, request_form)
+        api.make_plan(recipe, path, overwrite).close()
+        job = jobs.submit(recipe, path, overwrite)
+        return {**job.view(), "ahead": jobs.ahead_of(job)}
+
     @app.post("/api/similarity")
     async def similarity(request: Request) -> Response:
         from weightmix.analysis.similarity import measure_similarity
@@ -184,8 +199,6 @@ def _preview_png(recipe: Recipe, form: dict, settings: Settings, jobs: Jobs) -> 
     """The preview grid of the recipe along one parameter (`weightmix preview`'s grid),
     drawn while no merge runs."""
     import io
-
-    import yaml
 
     from weightmix.analysis.preview import Sweep, check_sweeps, pipeline_folder, run_preview
 
@@ -287,8 +300,6 @@ def _uploaded_recipe(dirs: ModelDirs, body: bytes) -> Recipe:
 
 
 def _recipe_data(recipe: Recipe) -> dict:
-    import yaml
-
     return yaml.safe_load(recipe.to_yaml())
 
 

@@ -20,7 +20,8 @@ DEFAULT_PORT = 7870  # beside A1111/Forge's 7860, so both can run
               type=click.Path(file_okay=False, path_type=Path),
               help="A folder of models (repeatable; default: the current folder). The first"
               " also takes the outputs and the merge history.")  # fmt: skip
-@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
+              help="0: any free port.")  # fmt: skip
 @click.option("--listen", metavar="ADDRESS", default=None,
               help="Serve on this address instead of 127.0.0.1 (e.g. 0.0.0.0: every network"
               " this machine is on can reach it; use --auth).")  # fmt: skip
@@ -57,6 +58,7 @@ def ui(models_dirs: tuple[Path, ...], port: int, listen: str | None, auth: str |
     app = create_app(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     shown = f"[{host}]" if ":" in host else host
+    port = listener.getsockname()[1]
     click.echo(f"weightmix ui: http://{shown}:{port}/ (models: {settings.dirs.listing()};"
                " Ctrl+C stops it)")  # fmt: skip
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])

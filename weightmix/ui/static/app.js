@@ -426,7 +426,22 @@ async function loadHistory() {
         fillForm(found.recipe);
       } catch (error) { showError(error); }
     });
-    cell.appendChild(load);
+    const again = document.createElement("button");
+    again.type = "button";
+    again.textContent = "run again";
+    again.className = "rerun";
+    again.addEventListener("click", async () => {
+      showError(null);
+      try {
+        const body = { overwrite: $("overwrite").checked };
+        const job = await (await post(`/api/history/${row.id}/rerun`, body)).json();
+        state.job = job.id;
+        $("cancel").disabled = false;
+        showJob(job);
+        poll();
+      } catch (error) { showError(error); }
+    });
+    cell.append(load, again);
     line.appendChild(cell);
     body.appendChild(line);
   }
