@@ -382,3 +382,24 @@ def test_a_linear_combination_equals_torchs(dtypes, count):
     into = torch.empty(count)
     assert kernels.combine(values, coefficients, into) is not None and same_bits(into, expected)
     assert kernels.combine([v.double() for v in values], coefficients, None) is None
+
+
+def test_the_uniform_numbers_are_numpys_pcg64dxsm_draws(monkeypatch):
+    """rounding.uniform() fills each 65,536-number block from numpy's PCG64DXSM: the C loop
+    gives the numbers numpy's own generator gives, at any start and count (block edges,
+    odd starts that begin on a high half, empty)."""
+    from weightmix.rounding import uniform
+
+    cases = [(0, 1), (1, 1), (3, 70_000), (65_535, 3), (65_536 * 3 + 7, 200_001), (5, 0)]
+    for start, count in cases:
+        monkeypatch.setenv("WEIGHTMIX_KERNELS", "1")
+        found = uniform(-123_456_789, start, count)
+        monkeypatch.setenv("WEIGHTMIX_KERNELS", "0")
+        assert torch.equal(found, uniform(-123_456_789, start, count)), (start, count)
+    import numpy as np
+
+    generator = np.random.PCG64DXSM(np.random.SeedSequence([7, 0]))
+    halves = generator.random_raw(4).view(np.uint32)  # an independent reading of the rule
+    expected = torch.tensor([(int(h) >> 8) / 2**24 for h in halves], dtype=torch.float32)
+    monkeypatch.setenv("WEIGHTMIX_KERNELS", "1")
+    assert torch.equal(uniform(7, 0, 8), expected)

@@ -627,6 +627,55 @@ static PyObject *combine(PyObject *self, PyObject *args) {
 #endif
 }
 
+#ifdef __SIZEOF_INT128__
+#define PCG_CHEAP 0xda942042e4dd58b5ULL
+
+/* numpy's PCG64DXSM step: the DXSM output of the state, then the state advanced */
+static inline uint64_t pcg_next(unsigned __int128 *state, unsigned __int128 inc) {
+    uint64_t hi = (uint64_t)(*state >> 64), lo = (uint64_t)*state | 1u;
+    hi ^= hi >> 32;
+    hi *= PCG_CHEAP;
+    hi ^= hi >> 48;
+    hi *= lo;
+    *state = *state * PCG_CHEAP + inc;
+    return hi;
+}
+
+static inline float upper_24(uint32_t half) { return (float)(half >> 8) * 0x1p-24f; }
+
+/* uniform(out, state_high, state_low, inc_high, inc_low, skip, n): numpy's PCG64DXSM from
+ * this state and increment (its 128-bit LCG with the cheap multiplier, the DXSM output of the
+ * state before each step), each 64-bit output split into its 32-bit halves, low half first;
+ * the first `skip` halves passed over, the next n written to float32 `out` as the top 24 bits
+ * of the half times 2^-24 (uniform in [0, 1), as weightmix/rounding.py's uniform()). */
+static PyObject *uniform(PyObject *self, PyObject *args) {
+    unsigned long long out_at, state_high, state_low, inc_high, inc_low;
+    Py_ssize_t skip, n;
+    if (!PyArg_ParseTuple(args, "KKKKKnn", &out_at, &state_high, &state_low, &inc_high,
+                          &inc_low, &skip, &n))
+        return NULL;
+    if (skip < 0 || n < 0) {
+        PyErr_SetString(PyExc_ValueError, "uniform: skip and n are not negative");
+        return NULL;
+    }
+    float *out = (float *)(uintptr_t)out_at;
+    Py_BEGIN_ALLOW_THREADS
+    unsigned __int128 state = ((unsigned __int128)state_high << 64) | state_low;
+    unsigned __int128 inc = ((unsigned __int128)inc_high << 64) | inc_low;
+    for (Py_ssize_t i = 0; i < skip / 2; i++) state = state * PCG_CHEAP + inc;
+    Py_ssize_t written = 0;
+    if (skip % 2 && n > 0) out[written++] = upper_24(pcg_next(&state, inc) >> 32);
+    for (; written + 2 <= n; written += 2) {
+        uint64_t value = pcg_next(&state, inc);
+        out[written] = upper_24((uint32_t)value);
+        out[written + 1] = upper_24((uint32_t)(value >> 32));
+    }
+    if (written < n) out[written] = upper_24((uint32_t)pcg_next(&state, inc));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+#endif
+
 /* widen(out, in, code, n): n elements as float32 (for tests of the exact conversion) */
 static PyObject *widen_py(PyObject *self, PyObject *args) {
     unsigned long long out_at, in_at;
@@ -645,6 +694,9 @@ static PyMethodDef methods[] = {
     {"gram", gram, METH_VARARGS, "Dot products of a few vectors in float64, in a fixed order."},
     {"cast", cast, METH_VARARGS, "float32 to float32/float16/bfloat16, counting inf and NaN."},
     {"combine", combine, METH_VARARGS, "A float32 linear combination, as torch computes it."},
+#ifdef __SIZEOF_INT128__
+    {"uniform", uniform, METH_VARARGS, "Uniform float32 numbers from numpy's PCG64DXSM."},
+#endif
     {"widen", widen_py, METH_VARARGS, "float16/bfloat16/float32 to float32."},
     {NULL, NULL, 0, NULL},
 };

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from weightmix import kernels
+
 ROUNDINGS = ("nearest", "stochastic")
 _PATTERN = {1: torch.uint8, 2: torch.int16}
 _GOLDEN_INT = 0x9E3779B97F4A7C15
@@ -45,11 +47,15 @@ def uniform(
         stop = min(end, (block + 1) * BLOCK)
         used = stop - block * BLOCK  # numbers of the block up to `stop`
         seed = np.random.SeedSequence([stream & _MASK, block])
-        raw = np.random.PCG64DXSM(seed).random_raw((used + 1) // 2)
-        halves = torch.from_numpy(raw.view(np.int32))[offset:used]
-        numbers[position - start : stop - start].copy_((halves >> 8) & 0xFFFFFF)
+        generator = np.random.PCG64DXSM(seed)
+        into = numbers[position - start : stop - start]
+        state = generator.state["state"]
+        if not kernels.pcg_uniform(into, state["state"], state["inc"], offset):
+            raw = generator.random_raw((used + 1) // 2)
+            halves = torch.from_numpy(raw.view(np.int32))[offset:used]
+            into.copy_(((halves >> 8) & 0xFFFFFF).float().mul_(1.0 / (1 << 24)))
         position = stop
-    return numbers.mul_(1.0 / (1 << 24)).to(device)
+    return numbers.to(device)
 
 
 @dataclass(frozen=True)
