@@ -5,6 +5,7 @@ real headless Chromium driven by Selenium."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -35,9 +36,18 @@ def library(tmp_path: Path) -> Path:
     return folder
 
 
+LOCAL = "http://127.0.0.1:7870"  # the Host the UI serves (TestClient's default is refused)
+YAML = {"Content-Type": "application/yaml"}
+
+
+def serve(library: Path, **settings: object) -> TestClient:
+    app = create_app(Settings(ModelDirs([library]), **settings))
+    return TestClient(app, base_url=LOCAL, raise_server_exceptions=False)
+
+
 @pytest.fixture
 def client(library: Path):
-    with TestClient(create_app(Settings(ModelDirs([library]))), raise_server_exceptions=False) as c:
+    with serve(library) as c:
         yield c
 
 
@@ -172,7 +182,7 @@ def test_a_cancelled_merge_leaves_nothing(client, library, held):
     waiting = client.post("/api/merge", json={"recipe": recipe(library, "A", "C"),
                                               "output": "waiting.safetensors"}).json()  # fmt: skip
     for job in (running, waiting):
-        cancelled = client.post(f"/api/jobs/{job['id']}/cancel").json()
+        cancelled = client.post(f"/api/jobs/{job['id']}/cancel", json={}).json()
         assert cancelled["status"] in ("running", "queued")
     release.set()
     assert wait(client, running)["status"] == "cancelled"
@@ -188,7 +198,7 @@ def test_errors_reach_the_browser_as_one_line_and_the_details_go_to_the_log(
     def broken(*args, **kwargs):
         raise RuntimeError("deep inside\nline two")
 
-    monkeypatch.setattr(app_module.api, "dry_run", broken)
+    monkeypatch.setattr(app_module, "describe_plan", broken)
     answer = client.post("/api/dry-run", json={"recipe": recipe(library, "A", "B"),
                                                "output": "x.safetensors"})  # fmt: skip
     assert answer.status_code == 500
@@ -215,37 +225,37 @@ def test_uploads_that_are_not_recipes_are_refused(client, library):
         (b"x" * (2 << 20), "a recipe is a few kB"),
     ]
     for body, message in cases:
-        answer = client.post("/api/recipe/parse", content=body)
+        answer = client.post("/api/recipe/parse", content=body, headers=YAML)
         assert answer.status_code == 400 and message in answer.json()["error"], (body[:40], answer)
         assert "upload.yaml" not in answer.text  # the server's temporary name is not shown
     good = b"models: {A: A.safetensors, B: B.safetensors}\nmerge: {method: add, inputs: [A, B]}\n"
-    found = client.post("/api/recipe/parse", content=good).json()["recipe"]
+    found = client.post("/api/recipe/parse", content=good, headers=YAML).json()["recipe"]
     assert found["models"] == {"A": str(library / "A.safetensors"),
                                "B": str(library / "B.safetensors")}  # fmt: skip
     assert found["merge"]["method"] == "add"
 
 
 def test_the_history_lives_in_the_first_models_directory(library):
-    app = create_app(Settings(ModelDirs([library])))
-    with TestClient(app) as client:
+    with serve(library) as client:
         body = {"recipe": recipe(library, "A", "B"), "output": "h.safetensors"}
         wait(client, client.post("/api/merge", json=body).json())
     left = History(library)
     left.add("models: {}", "left.safetensors")  # queued when a server stopped
     left.close()
     assert (library / FILE_NAME).is_file()
-    with TestClient(create_app(Settings(ModelDirs([library])))) as client:
+    with serve(library) as client:
         rows = client.get("/api/history").json()
     assert [r["status"] for r in rows] == ["interrupted", "done"]
     assert rows[1]["output"] == str(library / "h.safetensors")
 
 
-def test_a_password_guards_every_page(library):
-    settings = Settings(ModelDirs([library]), auth=("ann", "secret"))
-    with TestClient(create_app(settings)) as client:
+@pytest.mark.parametrize("password", ["secret", "pässwörd"])
+def test_a_password_guards_every_page(library, password):
+    with serve(library, auth=("ann", password)) as client:
         assert client.get("/api/models").status_code == 401
         assert client.get("/", auth=("ann", "wrong")).status_code == 401
-        assert client.get("/api/models", auth=("ann", "secret")).status_code == 200
+        assert client.get("/", auth=("änn", password)).status_code == 401
+        assert client.get("/api/models", auth=("ann", password)).status_code == 200
 
 
 def test_the_command_refuses_bad_settings_in_one_line(run, tmp_path, library):
@@ -376,6 +386,17 @@ def test_the_page_merges_uploads_and_reports_in_a_real_browser(
     output.send_keys("uploaded.safetensors")
     until(lambda _: "add_difference(A, B, C)" in find("plan").text and not find("error").text)
     browser.save_screenshot(str(ARTIFACTS / "uploaded.png"))
+    # settings the form has no field for, and a preset, stay as uploaded
+    upload.write_text(yaml.safe_dump({
+        "models": {"A": str(library / "A.safetensors"), "B": str(library / "B.safetensors")},
+        "merge": {"method": "weighted_sum", "inputs": ["A", "B"], "alpha": "GRAD_V"},
+        "seed": 7, "title": "from an upload", "rounding": "stochastic",
+    }))  # fmt: skip
+    find("upload-recipe").send_keys(str(upload))
+    until(lambda _: "from an upload" in find("recipe").get_attribute("textContent"))
+    shown = yaml.safe_load(find("recipe").get_attribute("textContent"))
+    assert shown["merge"]["alpha"] == "GRAD_V" and shown["seed"] == 7
+    assert shown["rounding"] == "stochastic"
     # bad input: an output outside the models directory is refused, with its line shown
     output.clear()
     output.send_keys("../evil.safetensors")
@@ -396,7 +417,7 @@ def test_a_preview_grid_of_pipeline_folders(tmp_path, loadable_pipelines):  # no
     folder = tmp_path / "pipelines"
     for pipeline in loadable_pipelines:
         shutil.copytree(pipeline, folder / pipeline.name)
-    with TestClient(create_app(Settings(ModelDirs([folder])))) as client:
+    with serve(folder) as client:
         listed = {Path(m["path"]).name: m for m in client.get("/api/models").json()}
         assert set(listed) == {"A", "B"} and listed["A"]["size"] > 0
         merged = {"models": {"A": str(folder / "A"), "B": str(folder / "B")},
@@ -443,3 +464,106 @@ def test_the_demo_opens_on_the_example_models(run, tmp_path, monkeypatch):
     result = run("ui", "--models-dir", tmp_path / "demo", "--port", 0, "--listen", "0.0.0.0")
     assert result.code == 0 and "warning: serving on 0.0.0.0" in result.err
     served[1][0].close()
+
+
+def test_requests_another_site_can_send_are_refused(client, library):
+    """A page of another site may POST text/plain or a form without asking the browser (a
+    'simple' request), or reach the UI through a DNS name bound to 127.0.0.1: none of these
+    starts anything or reads the history."""
+    (library / "mine.safetensors").write_bytes((library / "C.safetensors").read_bytes())
+    before = (library / "mine.safetensors").read_bytes()
+    body = json.dumps({"recipe": recipe(library, "A", "B"), "output": "mine.safetensors",
+                       "overwrite": True})  # fmt: skip
+    for headers, status in (({"Content-Type": "text/plain"}, 415),
+                            ({"Content-Type": "application/x-www-form-urlencoded"}, 415),
+                            ({"Content-Type": "application/json",
+                              "Origin": "http://evil.example"}, 403),
+                            ({"Content-Type": "application/json",
+                              "Host": "evil.example:7870"}, 403)):  # fmt: skip
+        answer = client.post("/api/merge", content=body, headers=headers)
+        assert answer.status_code == status and "error" in answer.json()
+    assert client.get("/api/history", headers={"Host": "evil.example:7870"}).status_code == 403
+    assert client.get("/api/history").json() == []
+    time.sleep(0.5)
+    assert (library / "mine.safetensors").read_bytes() == before
+    same_site = {"Content-Type": "application/json", "Origin": LOCAL}
+    assert client.post("/api/dry-run", content=body, headers=same_site).status_code == 200
+
+
+def test_files_a_recipe_reads_stay_inside_the_models_directories(client, library, tmp_path):
+    """Not only the paths the page names: a shard index's shards, a tokenizer folder's files
+    and a text encoder are checked, and the output is never the text encoder."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(library / "A.safetensors", outside / "secret.safetensors")
+    (library / "evil-00001-of-00001.safetensors").symlink_to(outside / "secret.safetensors")
+    index = {"weight_map": {"w": "evil-00001-of-00001.safetensors"}}
+    (library / "evil.safetensors.index.json").write_text(json.dumps(index))
+    tokenizer = library / "tokenizer"
+    tokenizer.mkdir()
+    (outside / "vocab.json").write_text("{}")
+    (tokenizer / "vocab.json").symlink_to(outside / "vocab.json")
+    (library / "B").symlink_to(outside, target_is_directory=True)
+    good = recipe(library, "A", "B")
+    cases = [
+        ({**good, "models": {"A": str(library / "evil.safetensors.index.json"),
+                             "B": good["models"]["B"]}}, "not a model file"),
+        ({**good, "tokenizer": "tokenizer"}, "leads outside the models directories"),
+        ({**good, "tokenizer": "B"}, "outside the models directories"),  # a link named B
+        ({**good, "text_encoder": ["x"]}, "give a path as a text"),
+    ]  # fmt: skip
+    for body, message in cases:
+        answer = client.post("/api/dry-run", json={"recipe": body, "output": "x.safetensors"})
+        assert answer.status_code == 400 and message in answer.json()["error"], answer.text
+    shutil.copy(library / "C.safetensors", library / "te.safetensors")
+    encoder = {**good, "text_encoder": "te.safetensors"}
+    answer = client.post("/api/merge", json={"recipe": encoder, "output": "te.safetensors",
+                                             "overwrite": True})  # fmt: skip
+    assert answer.status_code == 400 and "one of the merge's inputs" in answer.json()["error"]
+    for form in ({"overwrite": "false"}, {"output": 5}):
+        answer = client.post("/api/merge", json={"recipe": good, "output": "y.safetensors", **form})
+        assert answer.status_code == 400
+    huge = "99999999999999999999999"
+    for path in (f"/api/jobs/{huge}", f"/api/history/{huge}/recipe.yaml", "/api/jobs/x",
+                 "/api/presets"):  # fmt: skip
+        answer = client.get(path)
+        assert answer.status_code == 400 and "Traceback" not in answer.text, path
+    deep = b'{"recipe": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    answer = client.post("/api/dry-run", content=deep, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400 and "not JSON" in answer.json()["error"]
+    answer = client.post("/api/similarity", json={"models": 5})
+    assert answer.status_code == 400
+
+
+def test_similarity_draws_the_heatmap(client, library):
+    paths = [str(library / f"{n}.safetensors") for n in "ABC"]
+    answer = client.post("/api/similarity", json={"models": paths})
+    assert answer.status_code == 200 and answer.content.startswith(b"\x89PNG")
+    answer = client.post("/api/similarity", json={"models": paths[:1]})
+    assert answer.status_code == 400 and "at least two" in answer.json()["error"]
+
+
+def test_the_worker_outlives_a_locked_history_and_one_output_is_written_once(client, library, held):
+    import sqlite3
+
+    release, reached = held
+    body = {"recipe": recipe(library, "A", "B"), "output": "locked.safetensors"}
+    first = client.post("/api/merge", json=body).json()
+    assert reached.wait(60)
+    answer = client.post("/api/merge", json=body)  # the same output, queued twice
+    assert answer.status_code == 400 and "writes it already" in answer.json()["error"]
+    other = sqlite3.connect(library / FILE_NAME, timeout=0)
+    other.execute("BEGIN EXCLUSIVE")  # another program holds the history
+    release.set()
+    done = wait(client, first)
+    other.rollback()
+    other.close()
+    assert done["status"] == "done" and (library / "locked.safetensors").is_file()
+    later = {"recipe": recipe(library, "B", "C"), "output": "later.safetensors"}
+    assert wait(client, client.post("/api/merge", json=later).json())["status"] == "done"
+
+
+def test_an_unusable_history_is_one_line(run, library):
+    (library / FILE_NAME).write_bytes(b"not a database" * 100)
+    result = run("ui", "--models-dir", library, "--port", 0)
+    assert result.code == 2 and "merge history" in result.err and "Traceback" not in result.err

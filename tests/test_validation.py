@@ -201,3 +201,11 @@ def test_bad_dtype_and_device_and_size(run, models, out):
 def test_click_usage_errors_are_one_line_too(run, models):
     expect_error(run("merge", models["A"], "--threads", "0"), "--threads")
     expect_error(run("merge", models["A"], models["B"]), "no output path")
+
+
+def test_output_is_never_the_text_encoder(run, models):
+    """--text-encoder names a file read for prompts: an input, never overwritten (found by a
+    review of the web UI, which checks the same through the CLI's planning)."""
+    result = run("merge", models["A"], models["B"], "--text-encoder", models["C"], "-o",
+                 models["C"], "--overwrite")  # fmt: skip
+    expect_error(result, "is an input", "the text encoder")

@@ -38,15 +38,16 @@ def check_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
     shards, index = output_paths(dest, plan.shard_count)
     targets = [*shards, *([index] if index else []), *existing_outputs(dest)]
     inputs = {
-        os.path.realpath(path): name
+        os.path.realpath(path): f"model '{name}'"
         for name, ckpt in plan.checkpoints.items()
         for path in [ckpt.path, *ckpt.files]
     }
+    inputs.update({os.path.realpath(p): "the text encoder" for p in _text_encoder_files(plan)})
     for target in targets:
         owner = inputs.get(os.path.realpath(target))
         if owner is not None:
             raise WeightmixError(
-                f"output {target} is an input (model '{owner}'): inputs are never overwritten;"
+                f"output {target} is an input ({owner}): inputs are never overwritten;"
                 " choose another output path"
             )
     existing = [t for t in targets if t.exists()]
@@ -171,3 +172,12 @@ def _check_space(dest: Path, folder: Path, plan: Plan) -> None:
             f"output {dest}: needs {format_size(plan.output_bytes)} but {folder} has"
             f" {format_size(free)} free"
         )
+
+
+def _text_encoder_files(plan: Plan) -> list[Path]:
+    """The files of a text encoder the recipe names apart from its models (text_encoder)."""
+    recipe = plan.recipe
+    if recipe.text_encoder is None or recipe.text_encoder in recipe.models:
+        return []
+    path = recipe.resolve(recipe.text_encoder)
+    return [path, *(p for p in path.rglob("*") if p.is_file())] if path.is_dir() else [path]

@@ -302,12 +302,19 @@ def read_yaml_file(path: Path, what: str, loader: type = yaml.SafeLoader) -> Any
     said in one line: unreadable, not UTF-8, nested too deeply (refused before PyYAML's
     quadratic scanner sees it), values YAML cannot hold, syntax."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+    except OSError as error:
+        raise WeightmixError(f"{path}: cannot read {what}: {error.strerror or error}") from None
+    return parse_yaml_bytes(data, str(path), what, loader)
+
+
+def parse_yaml_bytes(data: bytes, path: str, what: str, loader: type = yaml.SafeLoader) -> Any:
+    """YAML bytes (from the file or upload `path` names) as plain data, or one line."""
+    try:
+        text = data.decode("utf-8")
         if flow_depth(text) > MAX_FLOW_DEPTH:  # PyYAML's scanner is quadratic in this depth
             raise RecursionError
         return yaml.load(text, Loader=loader)
-    except OSError as error:
-        raise WeightmixError(f"{path}: cannot read {what}: {error.strerror or error}") from None
     except UnicodeDecodeError:
         raise WeightmixError(f"{path}: is not a text file; a {what} is UTF-8 YAML") from None
     except RecursionError:
@@ -330,7 +337,15 @@ def read_yaml_file(path: Path, what: str, loader: type = yaml.SafeLoader) -> Any
 def read_recipe_data(path: Path) -> dict[str, Any]:
     """A recipe file's YAML as plain data, exactly as written (a key given twice is an error,
     not silently the last value)."""
-    data = read_yaml_file(path, "recipe", _RecipeLoader)
+    return _recipe_mapping(read_yaml_file(path, "recipe", _RecipeLoader), path)
+
+
+def recipe_data_from_bytes(data: bytes, where: str) -> dict[str, Any]:
+    """read_recipe_data() for a recipe's bytes (an upload), `where` naming it in messages."""
+    return _recipe_mapping(parse_yaml_bytes(data, where, "recipe", _RecipeLoader), where)
+
+
+def _recipe_mapping(data: Any, path: Path | str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise WeightmixError(f"{path}: a recipe is a YAML mapping with 'models' and 'merge'")
     if _refers_to_itself(data):

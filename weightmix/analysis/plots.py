@@ -38,13 +38,19 @@ def heatmap(values: list[list[float | None]], rows: list[str], columns: list[str
             path: Path) -> None:  # fmt: skip
     """Cell (i, j) = values[i][j] on a fixed colour scale from -1 to 1 (cosine), written to
     `path` whole or not at all."""
+    from weightmix.io.writer import write_file
+
+    write_file(path, heatmap_png(values, rows, columns, title))
+
+
+def heatmap_png(values: list[list[float | None]], rows: list[str], columns: list[str],
+                title: str) -> bytes:  # fmt: skip
+    """heatmap()'s picture as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-
-    from weightmix.io.writer import write_file
 
     data = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
     width, height, rectangle = geometry(len(rows), len(columns))
@@ -66,4 +72,4 @@ def heatmap(values: list[list[float | None]], rows: list[str], columns: list[str
         figure.savefig(buffer, format="png", dpi=DPI)
     finally:
         plt.close(figure)
-    write_file(path, buffer.getvalue())
+    return buffer.getvalue()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,17 +20,20 @@ from typing import Any
 
 import yaml
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from weightmix import __version__, api
+from weightmix import __version__
 from weightmix.arch.families import Architecture, detect
 from weightmix.blocks import parse_block_value, per_block, presets
 from weightmix.errors import WeightmixError, one_line
 from weightmix.io import open_checkpoint
 from weightmix.methods import METHODS
-from weightmix.recipe import Recipe, parse_recipe, read_recipe_data
+from weightmix.recipe import Recipe
+from weightmix.report import describe_plan
+from weightmix.ui import checks
 from weightmix.ui.history import History
 from weightmix.ui.jobs import Jobs
 from weightmix.ui.library import ModelDirs
@@ -39,7 +41,6 @@ from weightmix.units import format_size
 
 log = logging.getLogger("weightmix.ui")
 STATIC = Path(str(resources.files("weightmix.ui").joinpath("static")))
-MAX_UPLOAD = 1 << 20  # a recipe is a few kB
 MAX_CELLS = 8  # images in a preview grid
 
 
@@ -49,6 +50,13 @@ class Settings:
     threads: int | None = None
     pipeline: Path | None = None  # a diffusers pipeline folder for preview grids
     auth: tuple[str, str] | None = None
+    # Host headers served (a page of another site renamed to 127.0.0.1 by its DNS is refused);
+    # None: any (the UI listens on a network address)
+    hosts: tuple[str, ...] | None = ("127.0.0.1", "localhost", "[::1]")
+
+
+SIMPLE_TYPES = ("text/plain", "multipart/form-data", "application/x-www-form-urlencoded")
+MAX_ID = 2**63 - 1
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -56,6 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
     history = History(settings.dirs.first)
     history.interrupted()
     jobs = Jobs(history, settings.threads)
+    dirs = settings.dirs
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,15 +73,15 @@ def create_app(settings: Settings) -> FastAPI:
         history.close()
 
     app = FastAPI(title="weightmix", version=__version__, docs_url=None, redoc_url=None,
-                  lifespan=lifespan)  # fmt: skip
+                  openapi_url=None, lifespan=lifespan)  # fmt: skip
     app.state.jobs, app.state.history, app.state.settings = jobs, history, settings
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
-        if settings.auth is not None and not _authorised(request, settings.auth):
-            return PlainTextResponse("weightmix: sign in", 401,
-                                     {"WWW-Authenticate": 'Basic realm="weightmix"'})  # fmt: skip
         try:
+            refused = _refused(request, settings)
+            if refused is not None:
+                return refused
             return await call_next(request)
         except WeightmixError as error:
             return JSONResponse({"error": str(error)}, 400)
@@ -81,6 +90,12 @@ def create_app(settings: Settings) -> FastAPI:
             name = type(error).__name__
             message = f"internal error ({name}); the details are in the server's log"
             return JSONResponse({"error": one_line(message)}, 500)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problem = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(part) for part in problem.get("loc", ()) if part != "path")
+        return JSONResponse({"error": one_line(f"{where}: {problem.get('msg', 'invalid')}")}, 400)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -92,7 +107,7 @@ def create_app(settings: Settings) -> FastAPI:
     def state() -> dict:
         return {
             "version": __version__,
-            "dirs": [str(d) for d in settings.dirs.dirs],
+            "dirs": [str(d) for d in dirs.dirs],
             "preview": settings.pipeline is not None,  # else: when the first model is one
             "methods": _methods(),
             "dtypes": ["fp16", "bf16", "fp32"],
@@ -100,41 +115,36 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/api/models")
     def models() -> list[dict]:
-        return [_model_info(str(m.path), m.size, m.modified) for m in settings.dirs.models()]
+        return [_model_info(str(m.path), m.size, m.modified) for m in dirs.models()]
 
     @app.get("/api/presets")
-    def block_presets(model: str) -> dict[str, list[float]]:
-        path = settings.dirs.model(model)
+    def block_presets(model: str = "") -> dict[str, list[float]]:
+        path = dirs.model(model)
         stat = path.stat()
         info = _model_info(str(path), stat.st_size, stat.st_mtime)
         return _presets(info["architecture"], tuple(info["blocks"]))
 
     @app.post("/api/dry-run")
     async def dry_run(request: Request) -> dict:
-        form = await _json(request)
-        recipe, output, overwrite = _merge_request(settings.dirs, form)
-        return {"plan": api.dry_run(recipe, output, overwrite), "recipe": recipe.to_yaml()}
+        form = checks.json_object(await request.body())
+        return await run_in_threadpool(_dry_run, dirs, form)
 
     @app.post("/api/recipe")
     async def recipe_yaml(request: Request) -> PlainTextResponse:
-        recipe = _recipe(settings.dirs, (await _json(request)).get("recipe"))
+        form = checks.json_object(await request.body())
+        recipe = checks.checked_recipe(dirs, form.get("recipe"))
+        await run_in_threadpool(lambda: checks.planned(dirs, recipe, None, False).close())
         return PlainTextResponse(recipe.to_yaml(), media_type="application/yaml")
 
     @app.post("/api/recipe/parse")
     async def parse_upload(request: Request) -> dict:
-        body = await request.body()
-        if len(body) > MAX_UPLOAD:
-            raise WeightmixError(f"the upload is {format_size(len(body))}: a recipe is a few kB")
-        recipe = _uploaded_recipe(settings.dirs, body)
-        return {"recipe": _recipe_data(recipe)}
+        recipe = checks.uploaded_recipe(dirs, await request.body())
+        return {"recipe": yaml.safe_load(recipe.to_yaml())}
 
     @app.post("/api/merge")
     async def merge(request: Request) -> dict:
-        form = await _json(request)
-        recipe, output, overwrite = _merge_request(settings.dirs, form)
-        api.make_plan(recipe, output, overwrite).close()  # refuse now what would fail later
-        job = jobs.submit(recipe, output, overwrite)
-        return {**job.view(), "ahead": jobs.ahead_of(job)}
+        form = checks.json_object(await request.body())
+        return await run_in_threadpool(_submit, dirs, jobs, form)
 
     @app.get("/api/jobs/{merge_id}")
     def job(merge_id: int) -> dict:
@@ -156,43 +166,104 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/api/history/{merge_id}/recipe.yaml")
     def history_recipe(merge_id: int) -> PlainTextResponse:
-        row = history.get(merge_id)
-        if row is None:
-            raise WeightmixError(f"no merge {merge_id} in the history")
-        return PlainTextResponse(row["recipe"], media_type="application/yaml")
+        return PlainTextResponse(_row(history, merge_id)["recipe"], media_type="application/yaml")
 
     @app.post("/api/history/{merge_id}/rerun")
     async def rerun(merge_id: int, request: Request) -> dict:
-        row = history.get(merge_id)
-        if row is None:
-            raise WeightmixError(f"no merge {merge_id} in the history")
-        form = await _json(request)
-        data = yaml.safe_load(row["recipe"])
-        output = str(form.get("output") or row["output"])
-        request_form = {"recipe": data, "output": output, "overwrite": form.get("overwrite")}
-        recipe, path, overwrite = _merge_request(settings.dirs, request_form)
-        api.make_plan(recipe, path, overwrite).close()
-        job = jobs.submit(recipe, path, overwrite)
-        return {**job.view(), "ahead": jobs.ahead_of(job)}
+        row = _row(history, merge_id)
+        form = checks.json_object(await request.body())
+        again = {"recipe": yaml.safe_load(row["recipe"]), "overwrite": form.get("overwrite", False),
+                 "output": form.get("output") or row["output"]}  # fmt: skip
+        return await run_in_threadpool(_submit, dirs, jobs, again)
 
     @app.post("/api/similarity")
     async def similarity(request: Request) -> Response:
-        from weightmix.analysis.similarity import measure_similarity
-
-        paths = [settings.dirs.model(p) for p in (await _json(request)).get("models") or []]
+        form = checks.json_object(await request.body())
+        picked = form.get("models")
+        if not isinstance(picked, list) or not all(isinstance(p, str) for p in picked):
+            raise WeightmixError("similarity: give the models as a list of paths")
+        paths = [dirs.model(p) for p in picked]
         if len(paths) < 2:
             raise WeightmixError("similarity compares models: pick at least two")
-        names = {_name(i): str(p) for i, p in enumerate(paths)}
-        return Response(_similarity_png(measure_similarity(names)), media_type="image/png")
+        image = await run_in_threadpool(_similarity_png, dirs, paths, jobs)
+        return Response(image, media_type="image/png")
 
     @app.post("/api/preview")
     async def preview(request: Request) -> Response:
-        form = await _json(request)
-        recipe = _recipe(settings.dirs, form.get("recipe"))
+        form = checks.json_object(await request.body())
+        recipe = checks.checked_recipe(dirs, form.get("recipe"))
         image = await run_in_threadpool(_preview_png, recipe, form, settings, jobs)
         return Response(image, media_type="image/png")
 
     return app
+
+
+def _refused(request: Request, settings: Settings) -> Response | None:
+    """A request the UI does not serve: without the password, for a host name it is not
+    (DNS rebinding), from another site's page (its Origin), or a POST of a type a page of
+    another site may send without asking (a 'simple' request: text/plain, forms)."""
+    if settings.auth is not None and not _authorised(request, settings.auth):
+        return PlainTextResponse("weightmix: sign in", 401,
+                                 {"WWW-Authenticate": 'Basic realm="weightmix"'})  # fmt: skip
+    host = request.headers.get("host", "")
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if settings.hosts is not None and name not in settings.hosts:
+        return JSONResponse({"error": f"the UI is not served as {host!r}: open it at"
+                                      " http://127.0.0.1"}, 403)  # fmt: skip
+    origin = request.headers.get("origin")
+    if origin is not None and origin.split("://", 1)[-1] != host:
+        return JSONResponse({"error": "requests from another site's page are refused"}, 403)
+    if request.method == "POST":
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not kind or kind in SIMPLE_TYPES:
+            return JSONResponse({"error": "send the request as application/json (or"
+                                          " application/yaml for a recipe)"}, 415)  # fmt: skip
+    parts = request.url.path.split("/")
+    numbered = len(parts) > 3 and parts[2] in ("jobs", "history") and parts[3].isdigit()
+    if numbered and int(parts[3]) > MAX_ID:
+        raise WeightmixError(f"no merge {parts[3]}")
+    return None
+
+
+def _authorised(request: Request, auth: tuple[str, str]) -> bool:
+    import base64
+
+    header = request.headers.get("authorization", "")
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, _, password = base64.b64decode(encoded, validate=True).partition(b":")
+    except ValueError:
+        return False
+    expected_user, expected_password = (part.encode("utf-8") for part in auth)
+    return secrets.compare_digest(user, expected_user) & secrets.compare_digest(
+        password, expected_password
+    )
+
+
+def _row(history: History, merge_id: int) -> dict:
+    row = history.get(merge_id)
+    if row is None:
+        raise WeightmixError(f"no merge {merge_id} in the history")
+    return row
+
+
+def _dry_run(dirs: ModelDirs, form: dict) -> dict:
+    recipe, output, overwrite = checks.merge_request(dirs, form)
+    plan = checks.planned(dirs, recipe, output, overwrite)
+    try:
+        text = describe_plan(plan)
+    finally:
+        plan.close()
+    return {"plan": text, "recipe": recipe.to_yaml()}
+
+
+def _submit(dirs: ModelDirs, jobs: Jobs, form: dict) -> dict:
+    recipe, output, overwrite = checks.merge_request(dirs, form)
+    checks.planned(dirs, recipe, output, overwrite).close()  # refuse now what would fail later
+    job = jobs.submit(recipe, output, overwrite)
+    return {**job.view(), "ahead": jobs.ahead_of(job)}
 
 
 def _preview_png(recipe: Recipe, form: dict, settings: Settings, jobs: Jobs) -> bytes:
@@ -214,6 +285,7 @@ def _preview_png(recipe: Recipe, form: dict, settings: Settings, jobs: Jobs) -> 
     data = yaml.safe_load(recipe.to_yaml())
     sweep = Sweep(name, values)
     family = check_sweeps(data, [sweep], recipe.base_dir)
+    checks.planned(settings.dirs, recipe, None, False).close()
     folder = pipeline_folder(recipe, settings.pipeline, family)
     with jobs.exclusive:
         grid = run_preview(data, recipe, [sweep], prompt, seed, steps, folder, "cpu", size)
@@ -227,80 +299,6 @@ def _integer(form: dict, name: str, low: int, high: int, default: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise WeightmixError(f"preview: {name} is a whole number from {low} to {high}")
     return value
-
-
-def _authorised(request: Request, auth: tuple[str, str]) -> bool:
-    import base64
-
-    header = request.headers.get("authorization", "")
-    scheme, _, encoded = header.partition(" ")
-    if scheme.lower() != "basic":
-        return False
-    try:
-        user, _, password = base64.b64decode(encoded).decode("utf-8").partition(":")
-    except (ValueError, UnicodeDecodeError):
-        return False
-    return secrets.compare_digest(user, auth[0]) & secrets.compare_digest(password, auth[1])
-
-
-async def _json(request: Request) -> dict:
-    try:
-        data = await request.json()
-    except ValueError:
-        raise WeightmixError("the request is not JSON") from None
-    if not isinstance(data, dict):
-        raise WeightmixError("the request is not a JSON object")
-    return data
-
-
-def _name(index: int) -> str:
-    """Model names as the CLI gives them: A, B, ... Z, M26, M27 ..."""
-    return chr(ord("A") + index) if index < 26 else f"M{index}"
-
-
-def _recipe(dirs: ModelDirs, data: Any) -> Recipe:
-    """A recipe from the page, every model path checked to lie inside the directories."""
-    if not isinstance(data, dict):
-        raise WeightmixError("recipe: give a mapping with 'models' and 'merge'")
-    models = data.get("models")
-    if not isinstance(models, dict) or not models:
-        raise WeightmixError("recipe: pick at least one model")
-    checked = dict(data)
-    checked["models"] = {str(n): str(dirs.model(str(p))) for n, p in models.items()}
-    for setting in ("text_encoder", "tokenizer"):
-        written = checked.get(setting)
-        if written is not None and str(written) not in checked["models"]:
-            checked[setting] = str(dirs.resolve(str(written), setting))
-    return parse_recipe(checked, "recipe", dirs.first)
-
-
-def _merge_request(dirs: ModelDirs, form: dict) -> tuple[Recipe, Path, bool]:
-    recipe = _recipe(dirs, form.get("recipe"))
-    overwrite = bool(form.get("overwrite", False))
-    inputs = [recipe.model_path(name).resolve() for name in recipe.models]
-    output = dirs.output(str(form.get("output") or ""), inputs, overwrite)
-    return recipe, output, overwrite
-
-
-def _uploaded_recipe(dirs: ModelDirs, body: bytes) -> Recipe:
-    """An uploaded YAML file as a recipe: read with the CLI's reader (its limits and
-    messages), relative model paths taken from the first models directory."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "upload.yaml"
-        path.write_bytes(body)
-        try:
-            data = read_recipe_data(path)
-        except WeightmixError as error:
-            raise WeightmixError(str(error).replace(str(path), "the uploaded file")) from None
-    models = data.get("models")
-    if isinstance(models, dict):
-        data["models"] = {n: str((dirs.first / str(p)) if not Path(str(p)).is_absolute()
-                                 else p) for n, p in models.items()}  # fmt: skip
-    return _recipe(dirs, data)
-
-
-def _recipe_data(recipe: Recipe) -> dict:
-    return yaml.safe_load(recipe.to_yaml())
 
 
 def _methods() -> list[dict]:
@@ -382,15 +380,30 @@ def _presets(architecture: str, blocks: tuple[str, ...]) -> dict[str, list[float
     return found
 
 
-def _similarity_png(result: Any) -> bytes:
-    """The heatmap `weightmix similarity --plot` draws: cosine against the first model, per
-    component and block."""
-    from weightmix.analysis.plots import heatmap
+def _similarity_png(dirs: ModelDirs, paths: list[Path], jobs: Jobs) -> bytes:
+    """The heatmap `weightmix similarity --plot` draws (cosine against the first model, per
+    component and block), measured while no merge runs."""
+    from weightmix.analysis.plots import EXTRA, heatmap_png
+    from weightmix.analysis.similarity import measure_similarity, similarity_plan
 
-    names, groups = list(result.models), list(result.groups)
+    try:  # before the models are read
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise WeightmixError(EXTRA) from None
+    names = {_name(i): str(p) for i, p in enumerate(paths)}
+    plan = similarity_plan(names)
+    try:
+        checks.check_plan_files(dirs, plan)
+    finally:
+        plan.close()
+    with jobs.exclusive:
+        result = measure_similarity(names)
+    models, groups = list(result.models), list(result.groups)
     values = [[result.groups[g]["models"][m]["cosine"] for g in groups]
-              for m in range(len(names) - 1)]  # fmt: skip
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "similarity.png"
-        heatmap(values, names[1:], groups, f"cosine against {names[0]}", path)
-        return path.read_bytes()
+              for m in range(len(models) - 1)]  # fmt: skip
+    return heatmap_png(values, models[1:], groups, f"cosine against {models[0]}")
+
+
+def _name(index: int) -> str:
+    """Model names as the CLI gives them: A, B, ... Z, M26, M27 ..."""
+    return chr(ord("A") + index) if index < 26 else f"M{index}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -48,12 +49,17 @@ def ui(models_dirs: tuple[Path, ...], port: int, listen: str | None, auth: str |
         from weightmix.examples import build_examples
 
         demo_dir = Path("demo")
+        if demo_dir.exists() and not demo_dir.is_dir():
+            raise WeightmixError("--demo writes the example models to ./demo, which is a file:"
+                                 " move it, or run from another folder")  # fmt: skip
         if not any(demo_dir.glob("*.safetensors")):
             build_examples(demo_dir)
         folders = [demo_dir, *folders]
     credentials = _credentials(auth)
     host = _host(listen)
-    settings = Settings(ModelDirs(folders), threads, _pipeline(pipeline), credentials)
+    loopback = ipaddress.ip_address(host).is_loopback
+    settings = Settings(ModelDirs(folders), threads, _pipeline(pipeline), credentials,
+                        Settings.hosts if loopback else None)  # fmt: skip
     listener = bind(host, port)
     app = create_app(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -61,7 +67,9 @@ def ui(models_dirs: tuple[Path, ...], port: int, listen: str | None, auth: str |
     port = listener.getsockname()[1]
     click.echo(f"weightmix ui: http://{shown}:{port}/ (models: {settings.dirs.listing()};"
                " Ctrl+C stops it)")  # fmt: skip
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C or SIGTERM once uvicorn stopped
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+    click.echo("weightmix ui: stopped")
 
 
 def _credentials(auth: str | None) -> tuple[str, str] | None:
@@ -103,8 +111,9 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as error:
         listener.close()
         if error.errno == errno.EADDRINUSE:
-            raise WeightmixError(f"port {port} is in use on {host}: pass --port"
-                                 f" {_free_port(host, port)} (free now)") from None  # fmt: skip
+            free = _free_port(host, port)
+            hint = f"pass --port {free} (free now)" if free else "pass another --port"
+            raise WeightmixError(f"port {port} is in use on {host}: {hint}") from None
         raise WeightmixError(f"cannot serve on {host}:{port}: {error.strerror}") from None
     listener.listen(64)
     return listener

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from weightmix.errors import WeightmixError
+
 FILE_NAME = ".weightmix-history.sqlite"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS merges (
@@ -34,9 +36,22 @@ class History:
     def __init__(self, folder: Path) -> None:
         self.path = folder / FILE_NAME
         self.lock = threading.Lock()
-        self.connection = sqlite3.connect(self.path, check_same_thread=False)
-        with self.lock, self.connection:
-            self.connection.execute(SCHEMA)
+        try:
+            self.connection = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
+            with self.lock, self.connection:
+                self.connection.execute(SCHEMA)
+                columns = {row[1] for row in self.connection.execute("PRAGMA table_info(merges)")}
+        except sqlite3.Error as error:
+            raise WeightmixError(
+                f"merge history {self.path}: {error}: the first models directory must be"
+                " writable and this file a weightmix history (move it away to start a new one)"
+            ) from None
+        if not set(COLUMNS) <= columns:
+            self.connection.close()
+            raise WeightmixError(
+                f"merge history {self.path}: not a weightmix history (its 'merges' table has"
+                " other columns): move it away to start a new one"
+            )
 
     def add(self, recipe: str, output: str) -> int:
         with self.lock, self.connection:
@@ -57,11 +72,16 @@ class History:
 
     def interrupted(self) -> None:
         """Mark merges a previous server left queued or running (it stopped): interrupted."""
-        with self.lock, self.connection:
-            self.connection.execute(
-                "UPDATE merges SET status = 'interrupted', message = 'the UI stopped before it"
-                " finished' WHERE status IN ('queued', 'running')"
-            )
+        try:
+            with self.lock, self.connection:
+                self.connection.execute(
+                    "UPDATE merges SET status = 'interrupted', message = 'the UI stopped before"
+                    " it finished' WHERE status IN ('queued', 'running')"
+                )
+        except sqlite3.Error as error:
+            raise WeightmixError(
+                f"merge history {self.path}: {error}: the first models directory must be writable"
+            ) from None
 
     def get(self, merge_id: int) -> dict[str, Any] | None:
         rows = self._select("WHERE id = ?", (merge_id,))

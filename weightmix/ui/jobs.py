@@ -74,17 +74,27 @@ class Jobs:
         self.history, self.threads = history, threads
         self.jobs: dict[int, Job] = {}
         self.exclusive = threading.Lock()  # held by the running merge (and preview grids)
+        self.lock = threading.Lock()  # around submissions
         self.waiting: queue.Queue[Job | None] = queue.Queue()
         self.worker = threading.Thread(target=self._work, name="weightmix-ui-merges", daemon=True)
         self.worker.start()
 
     def submit(self, recipe: Recipe, output: Path, overwrite: bool) -> Job:
         """Queue a merge (it starts when the ones before it have finished)."""
-        merge_id = self.history.add(recipe.to_yaml(), str(output))
-        job = Job(merge_id, recipe, output, overwrite)
-        self.jobs[merge_id] = job
+        with self.lock:
+            if any(j.output == output for j in self.pending()):
+                raise WeightmixError(
+                    f"output {output}: a merge queued or running writes it already; wait for"
+                    " it or choose another name"
+                )
+            merge_id = self.history.add(recipe.to_yaml(), str(output))
+            job = Job(merge_id, recipe, output, overwrite)
+            self.jobs[merge_id] = job
         self.waiting.put(job)
         return job
+
+    def pending(self) -> list[Job]:
+        return [j for j in list(self.jobs.values()) if j.status in ("queued", "running")]
 
     def cancel(self, merge_id: int) -> Job | None:
         job = self.jobs.get(merge_id)
@@ -94,8 +104,7 @@ class Jobs:
 
     def ahead_of(self, job: Job) -> int:
         """How many merges run or wait before `job`."""
-        return sum(1 for j in self.jobs.values()
-                   if j.id < job.id and j.status in ("queued", "running"))  # fmt: skip
+        return sum(1 for j in self.pending() if j.id < job.id)
 
     def stop(self) -> None:
         for job in self.jobs.values():
@@ -105,33 +114,47 @@ class Jobs:
 
     def _work(self) -> None:
         while (job := self.waiting.get()) is not None:
-            with self.exclusive:
-                self._run(job)
+            try:
+                with self.exclusive:
+                    self._run(job)
+            except Exception:  # never the end of the queue
+                log.exception("merge %s: the worker failed", job.id)
+                if job.status in ("queued", "running"):
+                    job.status, job.message = "failed", "internal error; see the server's log"
+
+    def _record(self, job: Job, **fields: object) -> None:
+        """Write to the history; a failure (the file locked by another program ...) is
+        logged and the merge goes on."""
+        try:
+            self.history.update(job.id, **fields)
+        except Exception:
+            log.exception("merge %s: the history could not be written", job.id)
 
     def _run(self, job: Job) -> None:
         if job.cancel.is_set():
             self._finish(job, "cancelled", "cancelled before it started")
             return
         job.status = "running"
-        self.history.update(job.id, status="running", started=time.time())
+        self._record(job, status="running", started=time.time())
         try:
             planned = api.make_plan(job.recipe, job.output, job.overwrite)
             result = api.execute(planned, threads=self.threads, progress=JobProgress(job))
         except Cancelled:
             self._finish(job, "cancelled", "cancelled; nothing was written at the output")
-        except WeightmixError as error:
-            self._finish(job, "failed", str(error))
+        except WeightmixError as error:  # in the page's words
+            self._finish(job, "failed", str(error).replace("pass --overwrite", "tick 'overwrite'"))
         except Exception as error:  # the details go to the server's log, one line to the page
             log.exception("merge %s failed", job.id)
             self._finish(job, "failed", one_line(
                 f"internal error ({type(error).__name__}); the details are in the server's log"
             ))  # fmt: skip
         else:
-            inputs = [{"name": i["name"], "fingerprint": i["fingerprint"]}
-                      for i in json.loads(result.metadata.get(KEY_INPUTS, "[]"))]  # fmt: skip
-            self.history.update(job.id, inputs=inputs)
+            recorded = json.loads(result.metadata.get(KEY_INPUTS, "[]"))
+            inputs = [{"name": i.get("name"), "fingerprint": i.get("fingerprint")}
+                      for i in recorded if isinstance(i, dict)]  # fmt: skip
+            self._record(job, inputs=inputs)
             self._finish(job, "done", f"wrote {job.output} in {result.seconds:.1f} s")
 
     def _finish(self, job: Job, status: str, message: str) -> None:
         job.status, job.message = status, message
-        self.history.update(job.id, status=status, message=message, finished=time.time())
+        self._record(job, status=status, message=message, finished=time.time())

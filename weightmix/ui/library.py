@@ -71,10 +71,16 @@ class ModelDirs:
         return resolved
 
     def model(self, given: str) -> Path:
-        """An existing model file, or diffusers pipeline folder, inside the directories."""
+        """An existing model file (by its suffix: no index or other file), or diffusers
+        pipeline folder, inside the directories."""
         path = self.resolve(given, "model")
-        if not (path.is_file() or is_pipeline(path)):
+        if is_pipeline(path):
+            return path
+        if not path.is_file():
             raise WeightmixError(f"model {given!r} does not exist in the models directories")
+        if not path.name.endswith(MODEL_SUFFIXES):
+            raise WeightmixError(f"model {given!r}: not a model file ({', '.join(MODEL_SUFFIXES)})"
+                                 " or a diffusers pipeline folder")  # fmt: skip
         return path
 
     def output(self, given: str, inputs: list[Path], overwrite: bool) -> Path:
@@ -87,7 +93,7 @@ class ModelDirs:
             )
         if path.suffix != ".safetensors":
             raise WeightmixError(f"output {given!r}: name a .safetensors file")
-        if any(path == p for p in inputs):
+        if any(path == p or p in path.parents for p in inputs):
             raise WeightmixError(f"output {given!r} is one of the merge's inputs: name a new file")
         if path.exists() and not overwrite:
             raise WeightmixError(

@@ -3,7 +3,10 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { methods: [], models: [], selected: [], uploaded: null, job: null, timer: null };
+// extra: settings of an uploaded recipe the form has no field for (seed, title ...), kept;
+// uploaded: a recipe the form cannot show exactly, run as it is until the form is edited
+const state = { methods: [], models: [], selected: [], uploaded: null, extra: {}, job: null,
+  timer: null, asked: 0 };
 
 async function api(path, options = {}) {
   const response = await fetch(path, options);
@@ -16,6 +19,9 @@ async function api(path, options = {}) {
 }
 const post = (path, body) => api(path, {
   method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+});
+const postYaml = (path, text) => api(path, {
+  method: "POST", headers: { "Content-Type": "application/yaml" }, body: text,
 });
 const showError = (error) => { $("error").textContent = error ? String(error.message || error) : ""; };
 const letter = (i) => (i < 26 ? String.fromCharCode(65 + i) : `M${i}`);
@@ -76,11 +82,11 @@ function renderParams(keep) {
     const input = document.createElement("input");
     input.id = `p-${param.name}`;
     input.placeholder = param.required ? "required" : `default ${JSON.stringify(param.default)}`;
-    if (param.numeric) {
-      input.type = "number";
-      input.step = "any";
-      if (param.minimum !== null) input.min = param.minimum;
-      if (param.maximum !== null) input.max = param.maximum;
+    if (param.numeric) {  // text: it may also hold a preset or named blocks (GRAD_V, IN00=1)
+      input.inputMode = "decimal";
+      const range = [param.minimum, param.maximum].map((v) => (v === null ? "" : v));
+      input.title = `a number${range.join("") ? ` from ${range[0]} to ${range[1]}` : ""},`
+        + " or per block: a preset or NAME=VALUE,...";
     }
     const label = document.createElement("label");
     label.textContent = `${param.name} `;
@@ -158,6 +164,11 @@ async function fillPresets(select, name) {
 
 function setBlockValues(name, values) {
   const sliders = document.querySelectorAll(`#blocks-${name} input[type=range]`);
+  const low = Math.min(...values), high = Math.max(...values);
+  sliders.forEach((slider) => {  // room for every value given
+    if (low < Number(slider.min)) slider.min = low;
+    if (high > Number(slider.max)) slider.max = high;
+  });
   sliders.forEach((slider, i) => {
     if (i < values.length) {
       slider.value = values[i];
@@ -167,7 +178,7 @@ function setBlockValues(name, values) {
 }
 
 function parseValue(text, numeric) {
-  if (numeric) return Number(text);
+  if (numeric && text !== "" && Number.isFinite(Number(text))) return Number(text);
   try { return JSON.parse(text); } catch (e) { return text; }
 }
 
@@ -188,19 +199,25 @@ function readParams() {
   return found;
 }
 
+// the parameters into the form; false when one cannot be shown as it is
 function writeParams(values) {
+  let exact = true;
   for (const [name, value] of Object.entries(values)) {
     const input = $(`p-${name}`);
-    if (!input) continue;
+    if (!input) { exact = false; continue; }
     const toggle = $(`pb-${name}`);
-    if (Array.isArray(value) && toggle && !toggle.disabled) {
+    const sliders = document.querySelectorAll(`#blocks-${name} input[type=range]`);
+    if (Array.isArray(value) && toggle && !toggle.disabled && value.length === sliders.length
+        && value.every((v) => typeof v === "number")) {
       toggle.checked = true;
       $(`blocks-${name}`).hidden = $(`preset-${name}`).hidden = false;
       setBlockValues(name, value);
     } else {
       input.value = typeof value === "string" ? value : JSON.stringify(value);
+      if (JSON.stringify(parseValue(input.value, !!toggle)) !== JSON.stringify(value)) exact = false;
     }
   }
+  return exact;
 }
 
 // ---- rules ----
@@ -239,9 +256,9 @@ function readRules() {
     const params = {};
     for (const part of row.querySelector(".rule-params").value.split(",")) {
       const [name, ...rest] = part.split("=");
-      if (name.trim() && rest.length) params[name.trim()] = parseValue(rest.join("=").trim(), false);
+      if (name.trim() && rest.length) params[name.trim()] = parseValue(rest.join("=").trim(), true);
     }
-    rule.params = params;
+    if (Object.keys(params).length) rule.params = params;
     return rule;
   });
 }
@@ -251,6 +268,7 @@ function buildRecipe() {
   if (state.uploaded) return state.uploaded;
   const names = state.selected.map((_, i) => letter(i));
   const recipe = {
+    ...state.extra,
     models: Object.fromEntries(state.selected.map((p, i) => [names[i], p])),
     merge: { method: $("method").value, inputs: names, ...readParams() },
   };
@@ -275,20 +293,27 @@ async function dryRun() {
     $("plan").textContent = "Pick models to see the plan.";
     return;
   }
+  const asked = ++state.asked;  // an older answer arriving late is dropped
   try {
     const found = await (await post("/api/dry-run", request())).json();
+    if (asked !== state.asked) return;
     $("plan").textContent = found.plan;
     $("recipe").textContent = found.recipe;
     showError(null);
   } catch (error) {
+    if (asked !== state.asked) return;
     $("plan").textContent = "";
+    $("recipe").textContent = "";
     showError(error);
   }
 }
 
+const FORM_FIELDS = ["models", "merge", "dtype", "rules"];
+
 function fillForm(recipe) {
   const models = recipe.models || {};
   const merge = recipe.merge || {};
+  state.extra = Object.fromEntries(Object.entries(recipe).filter(([k]) => !FORM_FIELDS.includes(k)));
   const inputs = Array.isArray(merge.inputs) ? merge.inputs : Object.keys(models);
   const flat = inputs.every((i) => typeof i === "string" && i in models);
   state.selected = (flat ? inputs : Object.keys(models)).map((n) => models[n]).filter((p) => p);
@@ -298,13 +323,14 @@ function fillForm(recipe) {
   renderParams(false);
   const params = { ...merge };
   delete params.method; delete params.inputs;
-  writeParams(params);
+  const exact = writeParams(params) && $("method").value === merge.method;
   $("dtype").value = recipe.dtype || "";
   $("rules").innerHTML = "";
   (recipe.rules || []).forEach((rule) => addRule(rule));
   formChanged();
-  const nested = !flat || (recipe.rules || []).some((r) => r.take || r.drop || r.keys || r.regex);
-  if (nested || missing.length) {
+  const nested = !flat || (recipe.rules || []).some((r) => r.take || r.drop || r.keys || r.regex
+    || !r.params);
+  if (nested || missing.length || !exact) {
     state.uploaded = recipe;  // merged as uploaded until the form is edited
     $("status").textContent = "The recipe holds more than the form shows; it runs as uploaded"
       + " until you edit the form.";
@@ -312,14 +338,17 @@ function fillForm(recipe) {
 }
 
 // ---- running ----
+function follow(job) {  // the status line follows the latest merge; each is polled
+  state.job = job.id;
+  $("cancel").disabled = false;
+  showJob(job);
+  poll(job.id, 0);
+}
+
 async function runMerge() {
   showError(null);
   try {
-    const job = await (await post("/api/merge", request())).json();
-    state.job = job.id;
-    $("cancel").disabled = false;
-    showJob(job);
-    poll();
+    follow(await (await post("/api/merge", request())).json());
   } catch (error) { showError(error); }
 }
 
@@ -331,20 +360,21 @@ function showJob(job) {
   if (job.status === "failed") showError(job.message);
 }
 
-async function poll() {
-  if (state.job === null) return;
+async function poll(id, failures) {
   try {
-    const job = await (await api(`/api/jobs/${state.job}`)).json();
-    showJob(job);
+    const job = await (await api(`/api/jobs/${id}`)).json();
+    if (id === state.job) showJob(job);
     if (job.status === "queued" || job.status === "running") {
-      setTimeout(poll, 300);
+      setTimeout(() => poll(id, 0), 300);
       return;
     }
-    state.job = null;
-    $("cancel").disabled = true;
-    loadHistory();
-    loadModels();
-  } catch (error) { showError(error); }
+    if (id === state.job) $("cancel").disabled = true;
+    loadHistory().catch(showError);
+    loadModels().catch(showError);
+  } catch (error) {  // the server away a moment: ask again, less often
+    if (failures < 20) setTimeout(() => poll(id, failures + 1), 1000 * (failures + 1));
+    else showError(error);
+  }
 }
 
 async function cancelMerge() {
@@ -368,7 +398,7 @@ async function uploadRecipe() {
   if (!file) return;
   showError(null);
   try {
-    const found = await (await api("/api/recipe/parse", { method: "POST", body: await file.text() })).json();
+    const found = await (await postYaml("/api/recipe/parse", await file.text())).json();
     fillForm(found.recipe);
     $("status").textContent ||= `loaded ${file.name}`;
   } catch (error) { showError(error); }
@@ -422,7 +452,7 @@ async function loadHistory() {
     load.addEventListener("click", async () => {
       try {
         const text = await (await api(`/api/history/${row.id}/recipe.yaml`)).text();
-        const found = await (await api("/api/recipe/parse", { method: "POST", body: text })).json();
+        const found = await (await postYaml("/api/recipe/parse", text)).json();
         fillForm(found.recipe);
       } catch (error) { showError(error); }
     });
@@ -434,11 +464,7 @@ async function loadHistory() {
       showError(null);
       try {
         const body = { overwrite: $("overwrite").checked };
-        const job = await (await post(`/api/history/${row.id}/rerun`, body)).json();
-        state.job = job.id;
-        $("cancel").disabled = false;
-        showJob(job);
-        poll();
+        follow(await (await post(`/api/history/${row.id}/rerun`, body)).json());
       } catch (error) { showError(error); }
     });
     cell.append(load, again);
