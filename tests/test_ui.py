@@ -78,6 +78,7 @@ def test_models_are_listed_with_their_architecture_blocks_dtype_and_size(client,
     model = found["A.safetensors"]
     assert model["architecture"] == "sd1" and model["dtype"] == "F16"
     assert model["blocks"][:2] == ["BASE", "IN00"] and len(model["blocks"]) == 26
+    assert "diffuser" in model["components"] and "self_attention" in model["layers"]
     assert model["size"] == (library / "A.safetensors").stat().st_size
     presets = client.get("/api/presets", params={"model": model["path"]}).json()
     assert presets["GRAD_V"][0] == 0 and len(presets["GRAD_V"]) == 26
@@ -343,6 +344,10 @@ def test_the_page_merges_uploads_and_reports_in_a_real_browser(
           s.dispatchEvent(new Event("input"));
         }""")
     until(lambda _: "0.25" in find("recipe").text and "per block" in find("plan").text)
+    find("add-rule").click()  # a rule by blocks: OUT00-OUT05 take alpha 0.1
+    browser.find_element(By.CSS_SELECTOR, "#rules .rule-blocks").send_keys("OUT00-OUT05")
+    browser.find_element(By.CSS_SELECTOR, "#rules .rule-params").send_keys("alpha=0.1")
+    until(lambda _: "OUT00-OUT05" in find("recipe").get_attribute("textContent"))
     output = find("output")
     output.clear()
     output.send_keys("browser.safetensors")
@@ -350,6 +355,7 @@ def test_the_page_merges_uploads_and_reports_in_a_real_browser(
     shown = yaml.safe_load(find("recipe").get_attribute("textContent"))
     assert shown["merge"]["alpha"][13] == 0.25 and shown["merge"]["alpha"][25] == 0.5
     assert shown["merge"]["alpha"][1] == 1.0  # GRAD_V's IN00
+    assert shown["rules"] == [{"blocks": "OUT00-OUT05", "params": {"alpha": 0.1}}]
     find("run").click()
     try:
         until(lambda _: find("status").get_attribute("data-status") in ("done", "failed")

@@ -358,10 +358,13 @@ def _model_info(path: str, size: int, modified: float) -> dict:
         return {**info, "error": str(error), "architecture": "unreadable", "blocks": []}
     architecture = detect(shapes)
     known = isinstance(architecture, Architecture)
+    classes = list(architecture.classes.values()) if known else []
     return {
         **info,
         "architecture": architecture.name if known else "unknown",
         "blocks": list(architecture.blocks) if known else [],
+        "components": sorted({c.component for c in classes if c.component}),
+        "layers": sorted({kind for c in classes for kind in c.layers}),
         "dtype": max(dtypes, key=dtypes.get) if dtypes else "",
         "tensors": len(shapes),
     }

@@ -34,7 +34,17 @@ async function loadModels() {
   renderModels();
 }
 
+function fillChoices() {  // the rule fields offer the first model's components, blocks, layers
+  const first = modelInfo(state.selected[0]) || {};
+  for (const [id, values] of [["components-list", first.components], ["blocks-list", first.blocks],
+    ["layers-list", first.layers]]) {
+    $(id).innerHTML = "";
+    for (const value of values || []) $(id).appendChild(new Option(value, value));
+  }
+}
+
 function renderModels() {
+  fillChoices();
   const body = $("model-list").querySelector("tbody");
   body.innerHTML = "";
   state.models.forEach((model, index) => {
@@ -229,6 +239,8 @@ function addRule(rule = {}) {
   for (const [name, hint] of fields) {
     const input = document.createElement("input");
     input.className = `rule-${name}`;
+    const choices = { component: "components-list", blocks: "blocks-list", layer: "layers-list" };
+    if (choices[name]) input.setAttribute("list", choices[name]);
     input.placeholder = hint;
     let value = rule[name] ?? "";
     if (name === "params" && rule.params) {
