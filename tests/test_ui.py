@@ -182,9 +182,14 @@ def test_a_cancelled_merge_leaves_nothing(client, library, held):
     assert reached.wait(60)
     waiting = client.post("/api/merge", json={"recipe": recipe(library, "A", "C"),
                                               "output": "waiting.safetensors"}).json()  # fmt: skip
-    for job in (running, waiting):
-        cancelled = client.post(f"/api/jobs/{job['id']}/cancel", json={}).json()
-        assert cancelled["status"] in ("running", "queued")
+    stopping = client.post(f"/api/jobs/{running['id']}/cancel", json={}).json()
+    assert stopping["status"] == "running"  # it stops at its next step
+    dropped = client.post(f"/api/jobs/{waiting['id']}/cancel", json={}).json()
+    assert dropped["status"] == "cancelled"  # a queued merge is cancelled at once
+    again = client.post("/api/merge", json={"recipe": recipe(library, "A", "C"),
+                                            "output": "waiting.safetensors"}).json()  # fmt: skip
+    assert again["status"] == "queued"  # its output is free again
+    client.post(f"/api/jobs/{again['id']}/cancel", json={})
     release.set()
     assert wait(client, running)["status"] == "cancelled"
     assert wait(client, waiting)["message"] == "cancelled before it started"
@@ -390,7 +395,7 @@ def test_the_page_merges_uploads_and_reports_in_a_real_browser(
     until(lambda _: "exists: choose another name" in find("error").text)  # browser.safetensors
     output.clear()
     output.send_keys("uploaded.safetensors")
-    until(lambda _: "add_difference(A, B, C)" in find("plan").text and not find("error").text)
+    until(lambda _: "add_difference(X, Y, Z)" in find("plan").text and not find("error").text)
     browser.save_screenshot(str(ARTIFACTS / "uploaded.png"))
     # settings the form has no field for, and a preset, stay as uploaded
     upload.write_text(yaml.safe_dump({
@@ -573,3 +578,78 @@ def test_an_unusable_history_is_one_line(run, library):
     (library / FILE_NAME).write_bytes(b"not a database" * 100)
     result = run("ui", "--models-dir", library, "--port", 0)
     assert result.code == 2 and "merge history" in result.err and "Traceback" not in result.err
+
+
+def test_links_inside_folders_and_indexes_that_lead_out_are_refused(
+    client,
+    library,
+    tmp_path,
+    loadable_pipelines,  # noqa: F811
+    run,
+):
+    """Links in sub-folders (a pipeline's component, a tokenizer's folder) and the shards of a
+    text encoder given as an index: checked before anything is opened (a second review)."""
+    outside = tmp_path / "outside"
+    shutil.copytree(loadable_pipelines[0], outside / "pipeline")
+    pipeline = library / "pipe"
+    pipeline.mkdir()
+    for part in (outside / "pipeline").iterdir():
+        target = pipeline / part.name
+        if part.name == "unet":
+            target.symlink_to(part, target_is_directory=True)  # a component that leads out
+        elif part.is_dir():
+            shutil.copytree(part, target)
+        else:
+            shutil.copy(part, target)
+    assert "pipe" not in {Path(m["path"]).name for m in client.get("/api/models").json()}
+    body = {"recipe": {**recipe(library, "A", "B"), "models": {"A": str(pipeline)}},
+            "output": "p"}  # fmt: skip
+    answer = client.post("/api/dry-run", json=body)
+    assert answer.status_code == 400 and "leads outside" in answer.json()["error"]
+    (library / "tok").mkdir()
+    (library / "tok" / "inner").symlink_to(outside, target_is_directory=True)
+    body = {"recipe": {**recipe(library, "A", "B"), "tokenizer": "tok"}, "output": "x.safetensors"}
+    answer = client.post("/api/dry-run", json=body)
+    assert answer.status_code == 400 and "leads outside" in answer.json()["error"]
+    shutil.copy(library / "C.safetensors", outside / "shard.safetensors")
+    (library / "te-00001-of-00001.safetensors").symlink_to(outside / "shard.safetensors")
+    index = {"weight_map": {"w": "te-00001-of-00001.safetensors"}}
+    (library / "te.safetensors.index.json").write_text(json.dumps(index))
+    body = {"recipe": {**recipe(library, "A", "B"), "text_encoder": "te.safetensors.index.json"},
+            "output": "x.safetensors"}  # fmt: skip
+    answer = client.post("/api/dry-run", json=body)
+    assert answer.status_code == 400 and "outside the models directories" in answer.json()["error"]
+    # the CLI never writes over a text encoder's shard either
+    (library / "te-00001-of-00001.safetensors").unlink()
+    shutil.copy(library / "C.safetensors", library / "te-00001-of-00001.safetensors")
+    before = (library / "te-00001-of-00001.safetensors").read_bytes()
+    result = run("merge", library / "A.safetensors", library / "B.safetensors", "--text-encoder",
+                 library / "te.safetensors.index.json", "-o",
+                 library / "te-00001-of-00001.safetensors", "--overwrite")  # fmt: skip
+    assert result.code == 2 and "the text encoder" in result.err
+    assert (library / "te-00001-of-00001.safetensors").read_bytes() == before
+
+
+def test_the_page_cannot_hold_some_uploads_and_says_so(client, library, held):
+    huge = b"models: {A: A.safetensors}\nmerge: A\nseed: 9223372036854775783\n"
+    answer = client.post("/api/recipe/parse", content=huge, headers=YAML)
+    assert answer.status_code == 400 and "2^53" in answer.json()["error"]
+    assert client.get("/api/jobs/%C2%B2").status_code in (400, 404)
+    release, reached = held
+    first = client.post("/api/merge", json={"recipe": recipe(library, "A", "B"),
+                                            "output": "busy.safetensors"}).json()  # fmt: skip
+    assert reached.wait(60)
+    paths = [str(library / f"{n}.safetensors") for n in "AB"]
+    answer = client.post("/api/similarity", json={"models": paths})
+    assert answer.status_code == 400 and "a merge is running" in answer.json()["error"]
+    release.set()
+    assert wait(client, first)["status"] == "done"
+
+
+def test_the_host_names_served(monkeypatch):
+    from weightmix.ui.commands import _host_names
+
+    assert "127.0.0.2" in _host_names("127.0.0.2") and "localhost" in _host_names("127.0.0.2")
+    assert "[::1]" in _host_names("::1")
+    everywhere = _host_names("0.0.0.0")
+    assert socket.gethostname() in everywhere and "evil.example" not in everywhere

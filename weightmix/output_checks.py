@@ -3,6 +3,7 @@ folder, no overlap with any input, no silent overwrite, enough free space."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -180,4 +181,19 @@ def _text_encoder_files(plan: Plan) -> list[Path]:
     if recipe.text_encoder is None or recipe.text_encoder in recipe.models:
         return []
     path = recipe.resolve(recipe.text_encoder)
-    return [path, *(p for p in path.rglob("*") if p.is_file())] if path.is_dir() else [path]
+    if path.is_dir():
+        return [path, *(p for p in path.rglob("*") if p.is_file())]
+    return checkpoint_files(path)
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The files a checkpoint file stands for: itself, and an index's shards (the names its
+    weight_map gives, whether or not they open)."""
+    if not path.name.endswith(".index.json"):
+        return [path]
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8")).get("weight_map", {})
+        shards = {str(v) for v in weight_map.values()} if isinstance(weight_map, dict) else set()
+    except (OSError, ValueError, AttributeError):
+        return [path]
+    return [path, *(path.parent / shard for shard in sorted(shards))]

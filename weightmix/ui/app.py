@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -31,7 +31,6 @@ from weightmix.blocks import parse_block_value, per_block, presets
 from weightmix.errors import WeightmixError, one_line
 from weightmix.io import open_checkpoint
 from weightmix.methods import METHODS
-from weightmix.recipe import Recipe
 from weightmix.report import describe_plan
 from weightmix.ui import checks
 from weightmix.ui.history import History
@@ -83,8 +82,9 @@ def create_app(settings: Settings) -> FastAPI:
             if refused is not None:
                 return refused
             return await call_next(request)
-        except WeightmixError as error:
-            return JSONResponse({"error": str(error)}, 400)
+        except WeightmixError as error:  # in the page's words
+            message = str(error).replace("pass --overwrite", "tick 'overwrite'")
+            return JSONResponse({"error": message}, 400)
         except Exception as error:  # the details to the log, one line to the browser
             log.exception("%s %s failed", request.method, request.url.path)
             name = type(error).__name__
@@ -132,13 +132,18 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/api/recipe")
     async def recipe_yaml(request: Request) -> PlainTextResponse:
         form = checks.json_object(await request.body())
-        recipe = checks.checked_recipe(dirs, form.get("recipe"))
-        await run_in_threadpool(lambda: checks.planned(dirs, recipe, None, False).close())
-        return PlainTextResponse(recipe.to_yaml(), media_type="application/yaml")
+
+        def checked() -> str:
+            recipe = checks.checked_recipe(dirs, form.get("recipe"))
+            checks.planned(dirs, recipe, None, False).close()
+            return recipe.to_yaml()
+
+        return PlainTextResponse(await run_in_threadpool(checked), media_type="application/yaml")
 
     @app.post("/api/recipe/parse")
     async def parse_upload(request: Request) -> dict:
-        recipe = checks.uploaded_recipe(dirs, await request.body())
+        body = await request.body()
+        recipe = await run_in_threadpool(checks.uploaded_recipe, dirs, body)
         return {"recipe": yaml.safe_load(recipe.to_yaml())}
 
     @app.post("/api/merge")
@@ -191,8 +196,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/api/preview")
     async def preview(request: Request) -> Response:
         form = checks.json_object(await request.body())
-        recipe = checks.checked_recipe(dirs, form.get("recipe"))
-        image = await run_in_threadpool(_preview_png, recipe, form, settings, jobs)
+        image = await run_in_threadpool(_preview_png, form, settings, jobs)
         return Response(image, media_type="image/png")
 
     return app
@@ -208,8 +212,8 @@ def _refused(request: Request, settings: Settings) -> Response | None:
     host = request.headers.get("host", "")
     name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
     if settings.hosts is not None and name not in settings.hosts:
-        return JSONResponse({"error": f"the UI is not served as {host!r}: open it at"
-                                      " http://127.0.0.1"}, 403)  # fmt: skip
+        return JSONResponse({"error": f"the UI is not served as {host!r}: open the address"
+                                      " `weightmix ui` printed"}, 403)  # fmt: skip
     origin = request.headers.get("origin")
     if origin is not None and origin.split("://", 1)[-1] != host:
         return JSONResponse({"error": "requests from another site's page are refused"}, 403)
@@ -219,9 +223,10 @@ def _refused(request: Request, settings: Settings) -> Response | None:
             return JSONResponse({"error": "send the request as application/json (or"
                                           " application/yaml for a recipe)"}, 415)  # fmt: skip
     parts = request.url.path.split("/")
-    numbered = len(parts) > 3 and parts[2] in ("jobs", "history") and parts[3].isdigit()
-    if numbered and int(parts[3]) > MAX_ID:
-        raise WeightmixError(f"no merge {parts[3]}")
+    number = parts[3] if len(parts) > 3 else ""
+    numbered = parts[2:3] in (["jobs"], ["history"]) and number.isascii() and number.isdigit()
+    if numbered and int(number) > MAX_ID:
+        raise WeightmixError(f"no merge {number}")
     return None
 
 
@@ -266,13 +271,14 @@ def _submit(dirs: ModelDirs, jobs: Jobs, form: dict) -> dict:
     return {**job.view(), "ahead": jobs.ahead_of(job)}
 
 
-def _preview_png(recipe: Recipe, form: dict, settings: Settings, jobs: Jobs) -> bytes:
+def _preview_png(form: dict, settings: Settings, jobs: Jobs) -> bytes:
     """The preview grid of the recipe along one parameter (`weightmix preview`'s grid),
     drawn while no merge runs."""
     import io
 
     from weightmix.analysis.preview import Sweep, check_sweeps, pipeline_folder, run_preview
 
+    recipe = checks.checked_recipe(settings.dirs, form.get("recipe"))
     name, values = str(form.get("param") or "").strip(), form.get("values")
     if not name or not isinstance(values, list) or not 1 <= len(values) <= MAX_CELLS:
         raise WeightmixError(f"preview: name a parameter and give 1 to {MAX_CELLS} values")
@@ -287,7 +293,7 @@ def _preview_png(recipe: Recipe, form: dict, settings: Settings, jobs: Jobs) -> 
     family = check_sweeps(data, [sweep], recipe.base_dir)
     checks.planned(settings.dirs, recipe, None, False).close()
     folder = pipeline_folder(recipe, settings.pipeline, family)
-    with jobs.exclusive:
+    with _alone(jobs):
         grid = run_preview(data, recipe, [sweep], prompt, seed, steps, folder, "cpu", size)
     buffer = io.BytesIO()
     grid.image.save(buffer, format="PNG")
@@ -313,6 +319,7 @@ def _methods() -> list[dict]:
                 "default": None if param.required else _jsonable(param.default),
                 "required": param.required,
                 "numeric": param.numeric,
+                "text": schema.get("type") == "string",
                 "minimum": _bound(schema, ("minimum", "ge", "exclusiveMinimum", "gt")),
                 "maximum": _bound(schema, ("maximum", "le", "exclusiveMaximum", "lt")),
             })  # fmt: skip
@@ -399,12 +406,23 @@ def _similarity_png(dirs: ModelDirs, paths: list[Path], jobs: Jobs) -> bytes:
         checks.check_plan_files(dirs, plan)
     finally:
         plan.close()
-    with jobs.exclusive:
+    with _alone(jobs):
         result = measure_similarity(names)
     models, groups = list(result.models), list(result.groups)
     values = [[result.groups[g]["models"][m]["cosine"] for g in groups]
               for m in range(len(models) - 1)]  # fmt: skip
     return heatmap_png(values, models[1:], groups, f"cosine against {models[0]}")
+
+
+@contextlib.contextmanager
+def _alone(jobs: Jobs) -> Iterator[None]:
+    """Run while no merge does, or refuse at once (the page would otherwise wait a merge)."""
+    if not jobs.exclusive.acquire(timeout=0.5):
+        raise WeightmixError("a merge is running: try again when it has finished")
+    try:
+        yield
+    finally:
+        jobs.exclusive.release()
 
 
 def _name(index: int) -> str:

@@ -9,8 +9,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from weightmix import api
 from weightmix.errors import WeightmixError
+from weightmix.output_checks import checkpoint_files
 from weightmix.plan import Plan
 from weightmix.recipe import Recipe, parse_recipe, recipe_data_from_bytes
 from weightmix.ui.library import ModelDirs
@@ -72,22 +75,23 @@ def checked_recipe(dirs: ModelDirs, data: Any) -> Recipe:
         if setting == "text_encoder" and written in paths:
             continue  # the text encoder of one of the models
         path = dirs.resolve(written, setting)
-        _check_inside(dirs, path, setting)
+        if path.is_dir():
+            dirs.check_tree(path, setting)
+        elif path.is_file() and setting == "text_encoder":
+            _check_files(dirs, path, setting)
         checked[setting] = str(path)
     return parse_recipe(checked, "recipe", dirs.first)
 
 
-def _check_inside(dirs: ModelDirs, path: Path, what: str) -> None:
-    """Every file a folder holds (links included) lies inside the directories."""
-    if not path.is_dir():
-        return
-    for folder, _, files in os.walk(path):
-        for name in files:
-            if not dirs.inside((Path(folder) / name).resolve()):
-                raise WeightmixError(
-                    f"{what} {path}: its file {Path(folder) / name} leads outside the models"
-                    f" directories ({dirs.listing()})"
-                )
+def _check_files(dirs: ModelDirs, path: Path, what: str) -> None:
+    """A checkpoint file's parts (an index's shards) lie inside the directories: the shard
+    names read from the index, and nothing else opened."""
+    for file in checkpoint_files(path):
+        if not dirs.inside(Path(os.path.realpath(file))):
+            raise WeightmixError(
+                f"{what} {path}: it reads {file}, outside the models directories"
+                f" ({dirs.listing()}): the UI reads only there"
+            )
 
 
 def check_plan_files(dirs: ModelDirs, plan: Plan) -> None:
@@ -114,11 +118,12 @@ def planned(dirs: ModelDirs, recipe: Recipe, output: Path | None, overwrite: boo
 
 
 def inputs_of(recipe: Recipe) -> list[Path]:
-    """The files and folders a recipe reads: its models and a text encoder of its own."""
+    """The files and folders a recipe reads: its models and a text encoder of its own (an
+    index with its shards)."""
     found = [recipe.model_path(name).resolve() for name in recipe.models]
     encoder = recipe.text_encoder
     if encoder is not None and encoder not in recipe.models:
-        found.append(recipe.resolve(encoder).resolve())
+        found += [p.resolve() for p in checkpoint_files(recipe.resolve(encoder))]
     return found
 
 
@@ -135,4 +140,25 @@ def uploaded_recipe(dirs: ModelDirs, body: bytes) -> Recipe:
     messages), in memory; relative paths are read from the first models directory."""
     if len(body) > MAX_UPLOAD:
         raise WeightmixError(f"the upload is {len(body):,} bytes: a recipe is a few kB")
-    return checked_recipe(dirs, recipe_data_from_bytes(body, "the uploaded file"))
+    data = recipe_data_from_bytes(body, "the uploaded file")
+    recipe = checked_recipe(dirs, data)
+    _check_page_numbers(yaml.safe_load(recipe.to_yaml()))
+    return recipe
+
+
+PAGE_INTEGERS = 2**53  # a browser's numbers hold whole numbers exactly up to here
+
+
+def _check_page_numbers(value: Any, where: str = "recipe") -> None:
+    """Whole numbers the page would round (a seed of 19 digits) are refused, not changed."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_page_numbers(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_page_numbers(item, f"{where}[{index}]")
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > PAGE_INTEGERS:
+        raise WeightmixError(
+            f"the uploaded file: {where} = {value}: the page holds whole numbers up to 2^53;"
+            " run this recipe with `weightmix merge`, or give a smaller number"
+        )

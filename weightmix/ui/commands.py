@@ -57,9 +57,8 @@ def ui(models_dirs: tuple[Path, ...], port: int, listen: str | None, auth: str |
         folders = [demo_dir, *folders]
     credentials = _credentials(auth)
     host = _host(listen)
-    loopback = ipaddress.ip_address(host).is_loopback
     settings = Settings(ModelDirs(folders), threads, _pipeline(pipeline), credentials,
-                        Settings.hosts if loopback else None)  # fmt: skip
+                        _host_names(host))  # fmt: skip
     listener = bind(host, port)
     app = create_app(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -129,3 +128,21 @@ def _free_port(host: str, taken: int) -> int:
                 continue
             return port
     return 0
+
+
+def _host_names(host: str) -> tuple[str, ...]:
+    """The names a browser may reach the UI by (its Host header): the loopback names, the
+    address served and, on every address (0.0.0.0, ::), this machine's name and addresses.
+    Any other name is refused: a page of another site bound to this address by its DNS."""
+    names = {"127.0.0.1", "localhost", "[::1]", host if ":" not in host else f"[{host}]"}
+    if ipaddress.ip_address(host).is_unspecified:
+        machine = socket.gethostname()
+        names |= {machine, socket.getfqdn()}
+        try:
+            found = socket.getaddrinfo(machine, None)
+        except OSError:
+            found = []
+        for *_, address in found:
+            text = str(address[0])
+            names.add(f"[{text}]" if ":" in text else text)
+    return tuple(sorted(names))

@@ -97,9 +97,12 @@ class Jobs:
         return [j for j in list(self.jobs.values()) if j.status in ("queued", "running")]
 
     def cancel(self, merge_id: int) -> Job | None:
+        """Stop a running merge at its next step; a queued one is cancelled at once."""
         job = self.jobs.get(merge_id)
         if job is not None and job.status in ("queued", "running"):
             job.cancel.set()
+            if job.status == "queued":
+                self._finish(job, "cancelled", "cancelled before it started")
         return job
 
     def ahead_of(self, job: Job) -> int:
@@ -131,8 +134,9 @@ class Jobs:
             log.exception("merge %s: the history could not be written", job.id)
 
     def _run(self, job: Job) -> None:
-        if job.cancel.is_set():
-            self._finish(job, "cancelled", "cancelled before it started")
+        if job.cancel.is_set():  # cancelled while queued (already recorded)
+            if job.status == "queued":
+                self._finish(job, "cancelled", "cancelled before it started")
             return
         job.status = "running"
         self._record(job, status="running", started=time.time())

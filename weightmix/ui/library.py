@@ -75,6 +75,7 @@ class ModelDirs:
         pipeline folder, inside the directories."""
         path = self.resolve(given, "model")
         if is_pipeline(path):
+            self.check_tree(path, "model")
             return path
         if not path.is_file():
             raise WeightmixError(f"model {given!r} does not exist in the models directories")
@@ -83,16 +84,34 @@ class ModelDirs:
                                  " or a diffusers pipeline folder")  # fmt: skip
         return path
 
+    def check_tree(self, folder: Path, what: str) -> None:
+        """Every file and folder under `folder`, links followed, lies inside the directories."""
+        seen: set[str] = set()
+        for here, subfolders, files in os.walk(folder, followlinks=True):
+            real = os.path.realpath(here)
+            if real in seen:  # a link back up: walked already
+                subfolders[:] = []
+                continue
+            seen.add(real)
+            for name in [*subfolders, *files]:
+                if not self.inside(Path(os.path.realpath(os.path.join(here, name)))):
+                    raise WeightmixError(
+                        f"{what} {folder}: {os.path.join(here, name)} leads outside the models"
+                        f" directories ({self.listing()}): the UI reads only there"
+                    )
+
     def output(self, given: str, inputs: list[Path], overwrite: bool) -> Path:
-        """Where a merge may write: a .safetensors path inside the first directory that is
-        none of the inputs, and new unless `overwrite`."""
+        """Where a merge may write: a .safetensors file (or, for pipeline folders, a folder
+        name without a suffix) inside the first directory that is none of the inputs, and new
+        unless `overwrite`."""
         path = self.resolve(given, "output")
         if self.first not in path.parents:
             raise WeightmixError(
                 f"output {given!r}: outputs go in the first models directory ({self.first})"
             )
-        if path.suffix != ".safetensors":
-            raise WeightmixError(f"output {given!r}: name a .safetensors file")
+        if path.suffix not in (".safetensors", ""):
+            raise WeightmixError(f"output {given!r}: name a .safetensors file (or a folder,"
+                                 " for pipeline folders)")  # fmt: skip
         if any(path == p or p in path.parents for p in inputs):
             raise WeightmixError(f"output {given!r} is one of the merge's inputs: name a new file")
         if path.exists() and not overwrite:
@@ -100,6 +119,13 @@ class ModelDirs:
                 f"output {given!r} exists: choose another name or tick 'overwrite'"
             )
         return path
+
+    def _tree_inside(self, folder: Path) -> bool:
+        try:
+            self.check_tree(folder, "model")
+        except WeightmixError:
+            return False
+        return True
 
     def listing(self) -> str:
         return ", ".join(str(d) for d in self.dirs)
@@ -114,7 +140,7 @@ class ModelDirs:
                 here = Path(folder)
                 if here != root and is_pipeline(here):
                     resolved = here.resolve()
-                    if self.inside(resolved):
+                    if self.inside(resolved) and self._tree_inside(resolved):
                         size = sum(f.stat().st_size for f in resolved.rglob("*")
                                    if f.is_file() and f.suffix in MODEL_SUFFIXES)  # fmt: skip
                         found[resolved] = ModelFile(resolved, size, resolved.stat().st_mtime)

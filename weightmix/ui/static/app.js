@@ -204,7 +204,9 @@ function readParams() {
       continue;
     }
     const input = $(`p-${param.name}`);
-    if (input && input.value.trim() !== "") found[param.name] = parseValue(input.value.trim(), param.numeric);
+    if (input && input.value.trim() !== "") {
+      found[param.name] = param.text ? input.value : parseValue(input.value.trim(), param.numeric);
+    }
   }
   return found;
 }
@@ -221,10 +223,14 @@ function writeParams(values) {
         && value.every((v) => typeof v === "number")) {
       toggle.checked = true;
       $(`blocks-${name}`).hidden = $(`preset-${name}`).hidden = false;
+      fillPresets($(`preset-${name}`), name);
       setBlockValues(name, value);
+      if ([...sliders].some((slider, i) => Number(slider.value) !== value[i])) exact = false;
     } else {
+      const param = currentMethod().params.find((p) => p.name === name);
       input.value = typeof value === "string" ? value : JSON.stringify(value);
-      if (JSON.stringify(parseValue(input.value, !!toggle)) !== JSON.stringify(value)) exact = false;
+      const back = param.text ? input.value : parseValue(input.value, param.numeric);
+      if (JSON.stringify(back) !== JSON.stringify(value)) exact = false;
     }
   }
   return exact;
@@ -258,6 +264,22 @@ function addRule(rule = {}) {
   $("rules").appendChild(row);
 }
 
+// "a=1, b=[1, 2], c='x,y'" -> its parts at the commas outside brackets and quotes
+function splitTop(text) {
+  const parts = [];
+  let depth = 0, quote = null, start = 0;
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (quote) { if (c === quote) quote = null; continue; }
+    if (c === '"' || c === "'") quote = c;
+    else if (c === "[" || c === "{") depth++;
+    else if (c === "]" || c === "}") depth--;
+    else if (c === "," && depth === 0) { parts.push(text.slice(start, i)); start = i + 1; }
+  }
+  parts.push(text.slice(start));
+  return parts;
+}
+
 function readRules() {
   return [...document.querySelectorAll("#rules .rule")].map((row) => {
     const rule = {};
@@ -266,7 +288,7 @@ function readRules() {
       if (value) rule[name] = value;
     }
     const params = {};
-    for (const part of row.querySelector(".rule-params").value.split(",")) {
+    for (const part of splitTop(row.querySelector(".rule-params").value)) {
       const [name, ...rest] = part.split("=");
       if (name.trim() && rest.length) params[name.trim()] = parseValue(rest.join("=").trim(), true);
     }
@@ -294,10 +316,23 @@ function request() {
   return { recipe: buildRecipe(), output: $("output").value, overwrite: $("overwrite").checked };
 }
 
-function formChanged(event) {
-  if (event !== "upload") state.uploaded = null;
+function formChanged() {  // the recipe changed: the form's replaces an uploaded one
+  if (state.uploaded) {
+    state.uploaded = null;
+    $("status").textContent = "The form now replaces the uploaded recipe.";
+  }
+  planChanged();
+}
+
+function planChanged() {  // output or overwrite: the recipe stays, the plan is checked again
   clearTimeout(state.timer);
   state.timer = setTimeout(dryRun, 400);
+}
+
+function showExtra() {
+  const names = Object.keys(state.extra);
+  $("extra").textContent = names.length ? `kept from the uploaded recipe: ${names.join(", ")}` : "";
+  $("forget-extra").hidden = names.length === 0;
 }
 
 async function dryRun() {
@@ -323,12 +358,15 @@ async function dryRun() {
 const FORM_FIELDS = ["models", "merge", "dtype", "rules"];
 
 function fillForm(recipe) {
+  state.uploaded = null;
   const models = recipe.models || {};
   const merge = recipe.merge || {};
   state.extra = Object.fromEntries(Object.entries(recipe).filter(([k]) => !FORM_FIELDS.includes(k)));
   const inputs = Array.isArray(merge.inputs) ? merge.inputs : Object.keys(models);
   const flat = inputs.every((i) => typeof i === "string" && i in models);
   state.selected = (flat ? inputs : Object.keys(models)).map((n) => models[n]).filter((p) => p);
+  const named = flat && inputs.length === Object.keys(models).length
+    && inputs.every((n, i) => n === letter(i));  // the form names the models A, B, C ...
   const missing = state.selected.filter((p) => !modelInfo(p));
   renderModels();
   $("method").value = merge.method || "weighted_sum";
@@ -337,12 +375,16 @@ function fillForm(recipe) {
   delete params.method; delete params.inputs;
   const exact = writeParams(params) && $("method").value === merge.method;
   $("dtype").value = recipe.dtype || "";
+  const dtypeShown = $("dtype").value === (recipe.dtype || "");
   $("rules").innerHTML = "";
   (recipe.rules || []).forEach((rule) => addRule(rule));
-  formChanged();
+  const rulesShown = JSON.stringify(readRules()) === JSON.stringify(recipe.rules || []);
+  state.uploaded = null;
+  showExtra();
+  planChanged();
   const nested = !flat || (recipe.rules || []).some((r) => r.take || r.drop || r.keys || r.regex
     || !r.params);
-  if (nested || missing.length || !exact) {
+  if (nested || missing.length || !exact || !named || !dtypeShown || !rulesShown) {
     state.uploaded = recipe;  // merged as uploaded until the form is edited
     $("status").textContent = "The recipe holds more than the form shows; it runs as uploaded"
       + " until you edit the form.";
@@ -359,6 +401,9 @@ function follow(job) {  // the status line follows the latest merge; each is pol
 
 async function runMerge() {
   showError(null);
+  clearTimeout(state.timer);  // the plan and recipe shown are those of what runs
+  await dryRun();
+  if ($("error").textContent) return;
   try {
     follow(await (await post("/api/merge", request())).json());
   } catch (error) { showError(error); }
@@ -500,7 +545,9 @@ async function start() {
     dryRun();
   } catch (error) { showError(error); }
   $("method").addEventListener("change", () => { renderParams(false); formChanged(); });
-  for (const id of ["output", "dtype", "overwrite"]) $(id).addEventListener("change", formChanged);
+  $("dtype").addEventListener("change", formChanged);
+  for (const id of ["output", "overwrite"]) $(id).addEventListener("change", planChanged);
+  $("forget-extra").addEventListener("click", () => { state.extra = {}; showExtra(); formChanged(); });
   $("reload-models").addEventListener("click", () => loadModels().catch(showError));
   $("add-rule").addEventListener("click", () => addRule());
   $("run").addEventListener("click", runMerge);
