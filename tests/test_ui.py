@@ -439,6 +439,12 @@ def test_a_preview_grid_of_pipeline_folders(tmp_path, loadable_pipelines):  # no
         assert answer.status_code == 200, answer.text
         image = Image.open(__import__("io").BytesIO(answer.content))
         assert image.size == (2 * 32, LABEL + 32)
+        # pipelines merge into a pipeline folder: an output name without a suffix
+        planned = client.post("/api/dry-run", json={"recipe": merged, "output": "merged-pipe"})
+        assert planned.status_code == 200, planned.text
+        body_pipe = {"recipe": merged, "output": "merged-pipe"}
+        job = wait(client, client.post("/api/merge", json=body_pipe).json())
+        assert job["status"] == "done" and (folder / "merged-pipe" / "model_index.json").is_file()
         for change, message in (({"prompt": " "}, "write a prompt"),
                                 ({"values": []}, "give 1 to 8 values"),
                                 ({"steps": 0}, "steps is a whole number")):  # fmt: skip
