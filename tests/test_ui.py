@@ -481,6 +481,9 @@ def test_the_demo_opens_on_the_example_models(run, tmp_path, monkeypatch):
     result = run("ui", "--models-dir", tmp_path / "demo", "--port", 0, "--listen", "0.0.0.0")
     assert result.code == 0 and "warning: serving on 0.0.0.0" in result.err
     served[1][0].close()
+    result = run("ui", "--port", 0)  # nothing configured: the current folder
+    assert result.code == 0 and f"models: {tmp_path.resolve()};" in result.out
+    served[2][0].close()
 
 
 def test_requests_another_site_can_send_are_refused(client, library):
