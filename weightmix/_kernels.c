@@ -643,25 +643,14 @@ static inline uint64_t pcg_next(unsigned __int128 *state, unsigned __int128 inc)
 
 static inline float upper_24(uint32_t half) { return (float)(half >> 8) * 0x1p-24f; }
 
-/* uniform(out, state_high, state_low, inc_high, inc_low, skip, n): numpy's PCG64DXSM from
- * this state and increment (its 128-bit LCG with the cheap multiplier, the DXSM output of the
- * state before each step), each 64-bit output split into its 32-bit halves, low half first;
- * the first `skip` halves passed over, the next n written to float32 `out` as the top 24 bits
- * of the half times 2^-24 (uniform in [0, 1), as weightmix/rounding.py's uniform()). */
-static PyObject *uniform(PyObject *self, PyObject *args) {
-    unsigned long long out_at, state_high, state_low, inc_high, inc_low;
-    Py_ssize_t skip, n;
-    if (!PyArg_ParseTuple(args, "KKKKKnn", &out_at, &state_high, &state_low, &inc_high,
-                          &inc_low, &skip, &n))
-        return NULL;
-    if (skip < 0 || n < 0) {
-        PyErr_SetString(PyExc_ValueError, "uniform: skip and n are not negative");
-        return NULL;
-    }
-    float *out = (float *)(uintptr_t)out_at;
-    Py_BEGIN_ALLOW_THREADS
-    unsigned __int128 state = ((unsigned __int128)state_high << 64) | state_low;
-    unsigned __int128 inc = ((unsigned __int128)inc_high << 64) | inc_low;
+static void fill_uniform(float *out, unsigned __int128 state, unsigned __int128 inc,
+                         Py_ssize_t skip, Py_ssize_t n);
+
+/* n numbers of the stream at this state into float32 `out` (the first `skip` halves passed
+ * over): each 64-bit output of numpy's PCG64DXSM split into its 32-bit halves, low half
+ * first, each giving its top 24 bits times 2^-24 (uniform in [0, 1)) */
+static void fill_uniform(float *out, unsigned __int128 state, unsigned __int128 inc,
+                         Py_ssize_t skip, Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < skip / 2; i++) state = state * PCG_CHEAP + inc;
     Py_ssize_t written = 0;
     if (skip % 2 && n > 0) out[written++] = upper_24(pcg_next(&state, inc) >> 32);
@@ -671,8 +660,110 @@ static PyObject *uniform(PyObject *self, PyObject *args) {
         out[written + 1] = upper_24((uint32_t)(value >> 32));
     }
     if (written < n) out[written] = upper_24((uint32_t)pcg_next(&state, inc));
+}
+#endif
+
+#ifdef __SIZEOF_INT128__
+/* numpy's SeedSequence (pool of 4 words) over up to 4 entropy words, then PCG64DXSM seeded
+ * from its generate_state(4, uint64), as numpy/random/bit_generator.pyx and pcg64.c do */
+static uint32_t hashmix(uint32_t value, uint32_t *hash) {
+    value ^= *hash;
+    *hash *= 0x931e8875u;
+    value *= *hash;
+    return value ^ (value >> 16);
+}
+
+static uint32_t mix(uint32_t x, uint32_t y) {
+    uint32_t result = 0xca01f9ddu * x - 0x4973f715u * y;
+    return result ^ (result >> 16);
+}
+
+static void seed_pcg(const uint32_t *entropy, int words, unsigned __int128 *state,
+                     unsigned __int128 *inc) {
+    uint32_t pool[4], hash = 0x43b0d7e5u;
+    for (int i = 0; i < 4; i++) pool[i] = hashmix(i < words ? entropy[i] : 0u, &hash);
+    for (int src = 0; src < 4; src++)
+        for (int dst = 0; dst < 4; dst++)
+            if (src != dst) pool[dst] = mix(pool[dst], hashmix(pool[src], &hash));
+    for (int src = 4; src < words; src++)
+        for (int dst = 0; dst < 4; dst++) pool[dst] = mix(pool[dst], hashmix(entropy[src], &hash));
+    uint32_t out[8], constant = 0x8b51f9ddu;
+    for (int i = 0; i < 8; i++) {
+        uint32_t value = pool[i % 4] ^ constant;
+        constant *= 0x58f38dedu;
+        value *= constant;
+        out[i] = value ^ (value >> 16);
+    }
+    uint64_t words64[4];
+    for (int i = 0; i < 4; i++) words64[i] = (uint64_t)out[2 * i] | ((uint64_t)out[2 * i + 1] << 32);
+    unsigned __int128 seed = ((unsigned __int128)words64[0] << 64) | words64[1];
+    unsigned __int128 sequence = ((unsigned __int128)words64[2] << 64) | words64[3];
+    const unsigned __int128 multiplier =
+        ((unsigned __int128)0x2360ED051FC65DA4ULL << 64) | 0x4385DF649FCCF645ULL;
+    *inc = (sequence << 1) | 1u;
+    *state = 0;
+    *state = *state * multiplier + *inc;
+    *state += seed;
+    *state = *state * multiplier + *inc;
+}
+
+static int words_of(uint64_t value, uint32_t *into) {  /* numpy's uint32 words of an int */
+    int count = 0;
+    do {
+        into[count++] = (uint32_t)value;
+        value >>= 32;
+    } while (value);
+    return count;
+}
+
+/* stream_uniform(out, stream, start, n): rounding.uniform()'s numbers for elements
+ * start..start+n of a stream (stream as an unsigned 64-bit value): element i takes number
+ * i mod 65,536 of block i / 65,536, from PCG64DXSM seeded by SeedSequence([stream, block]) */
+static PyObject *stream_uniform(PyObject *self, PyObject *args) {
+    unsigned long long out_at, stream;
+    Py_ssize_t start, n;
+    if (!PyArg_ParseTuple(args, "KKnn", &out_at, &stream, &start, &n)) return NULL;
+    if (start < 0 || n < 0) {
+        PyErr_SetString(PyExc_ValueError, "stream_uniform: start and n are not negative");
+        return NULL;
+    }
+    float *out = (float *)(uintptr_t)out_at;
+    Py_BEGIN_ALLOW_THREADS
+    const Py_ssize_t block_size = 1 << 16;
+    Py_ssize_t position = start, end = start + n;
+    while (position < end) {
+        Py_ssize_t block = position / block_size, offset = position % block_size;
+        Py_ssize_t stop = (block + 1) * block_size < end ? (block + 1) * block_size : end;
+        uint32_t entropy[4];
+        int words = words_of(stream, entropy);
+        words += words_of((uint64_t)block, entropy + words);
+        unsigned __int128 state, inc;
+        seed_pcg(entropy, words, &state, &inc);
+        fill_uniform(out + (position - start), state, inc, offset, stop - position);
+        position = stop;
+    }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
+}
+
+/* pcg_state(entropy words) -> (state_high, state_low, inc_high, inc_low): for tests */
+static PyObject *pcg_state(PyObject *self, PyObject *args) {
+    PyObject *list;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &list)) return NULL;
+    Py_ssize_t words = PyList_GET_SIZE(list);
+    if (words < 1 || words > 8) {
+        PyErr_SetString(PyExc_ValueError, "pcg_state: 1 to 8 entropy words");
+        return NULL;
+    }
+    uint32_t entropy[8];
+    for (Py_ssize_t i = 0; i < words; i++) {
+        entropy[i] = (uint32_t)PyLong_AsUnsignedLong(PyList_GET_ITEM(list, i));
+        if (PyErr_Occurred()) return NULL;
+    }
+    unsigned __int128 state, inc;
+    seed_pcg(entropy, (int)words, &state, &inc);
+    return Py_BuildValue("KKKK", (unsigned long long)(state >> 64), (unsigned long long)state,
+                         (unsigned long long)(inc >> 64), (unsigned long long)inc);
 }
 #endif
 
@@ -695,7 +786,8 @@ static PyMethodDef methods[] = {
     {"cast", cast, METH_VARARGS, "float32 to float32/float16/bfloat16, counting inf and NaN."},
     {"combine", combine, METH_VARARGS, "A float32 linear combination, as torch computes it."},
 #ifdef __SIZEOF_INT128__
-    {"uniform", uniform, METH_VARARGS, "Uniform float32 numbers from numpy's PCG64DXSM."},
+    {"pcg_state", pcg_state, METH_VARARGS, "PCG64DXSM's state from SeedSequence words."},
+    {"stream_uniform", stream_uniform, METH_VARARGS, "rounding.uniform() in one loop."},
 #endif
     {"widen", widen_py, METH_VARARGS, "float16/bfloat16/float32 to float32."},
     {NULL, NULL, 0, NULL},

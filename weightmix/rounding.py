@@ -41,20 +41,19 @@ def uniform(
     SeedSequence([stream mod 2^64, block]), each keeping its top 24 bits (exact in float32).
     Counter-based by block, so any split of the work draws the same numbers."""
     numbers = torch.empty(count, dtype=torch.float32)
+    if kernels.stream_uniform(numbers, stream & _MASK, start):
+        return numbers.to(device)
     position, end = start, start + count
     while position < end:
         block, offset = divmod(position, BLOCK)
         stop = min(end, (block + 1) * BLOCK)
         used = stop - block * BLOCK  # numbers of the block up to `stop`
         seed = np.random.SeedSequence([stream & _MASK, block])
-        generator = np.random.PCG64DXSM(seed)
-        into = numbers[position - start : stop - start]
-        state = generator.state["state"]
-        if not kernels.pcg_uniform(into, state["state"], state["inc"], offset):
-            raw = generator.random_raw((used + 1) // 2)
-            halves = torch.from_numpy(raw.view(np.int32))[offset:used]
-            into.copy_(((halves >> 8) & 0xFFFFFF).float().mul_(1.0 / (1 << 24)))
+        raw = np.random.PCG64DXSM(seed).random_raw((used + 1) // 2)
+        halves = torch.from_numpy(raw.view(np.int32))[offset:used]
+        numbers[position - start : stop - start].copy_((halves >> 8) & 0xFFFFFF)
         position = stop
+    numbers.mul_(1.0 / (1 << 24))
     return numbers.to(device)
 
 
