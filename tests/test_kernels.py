@@ -20,9 +20,10 @@ from weightmix import kernels
 from weightmix.methods.sparsify import task_arithmetic_
 
 # a C compiler and Python's headers: what setup.py needs to build weightmix/_kernels.c
-BUILDABLE = shutil.which("cc") is not None and (
-    Path(sysconfig.get_paths()["include"]) / "Python.h"
-).is_file()
+BUILDABLE = (
+    shutil.which("cc") is not None
+    and (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file()
+)
 pytestmark = pytest.mark.skipif(
     kernels._kernels is None and not BUILDABLE,
     reason="the C extension was not built (no C compiler or no Python headers)",
