@@ -469,21 +469,20 @@ def test_a_merge_from_the_history_runs_again(client, library):
 def test_the_demo_opens_on_the_example_models(run, tmp_path, monkeypatch):
     import uvicorn
 
-    served = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: served.append(sockets))
+    served = []  # the address of each socket the server was given
+    monkeypatch.setattr(uvicorn.Server, "run",
+                        lambda self, sockets: served.append(sockets[0].getsockname()))  # fmt: skip
     monkeypatch.chdir(tmp_path)
     result = run("ui", "--demo", "--port", 0)
     assert result.code == 0 and "http://127.0.0.1:" in result.out
     assert {p.name for p in (tmp_path / "demo").glob("*.safetensors")} == {
         "base.safetensors", "anime.safetensors", "photo.safetensors"}  # fmt: skip
-    assert len(served) == 1 and served[0][0].getsockname()[0] == "127.0.0.1"
-    served[0][0].close()
+    assert len(served) == 1 and served[0][0] == "127.0.0.1"
     result = run("ui", "--models-dir", tmp_path / "demo", "--port", 0, "--listen", "0.0.0.0")
     assert result.code == 0 and "warning: serving on 0.0.0.0" in result.err
-    served[1][0].close()
+    assert served[1][0] == "0.0.0.0"
     result = run("ui", "--port", 0)  # nothing configured: the current folder
     assert result.code == 0 and f"models: {tmp_path.resolve()};" in result.out
-    served[2][0].close()
 
 
 def test_requests_another_site_can_send_are_refused(client, library):
@@ -662,3 +661,12 @@ def test_the_host_names_served(monkeypatch):
     assert "[::1]" in _host_names("::1")
     everywhere = _host_names("0.0.0.0")
     assert socket.gethostname() in everywhere and "evil.example" not in everywhere
+
+
+def test_one_ui_serves_a_models_directory_at_a_time(library, run):
+    with serve(library) as client:
+        assert client.get("/api/models").status_code == 200
+        result = run("ui", "--models-dir", library, "--port", 0)
+        assert result.code == 2 and "another weightmix ui" in result.err
+    with serve(library) as client:  # the first has stopped: the folder is free again
+        assert client.get("/api/models").status_code == 200

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -30,10 +31,11 @@ from weightmix.arch.families import Architecture, detect
 from weightmix.blocks import parse_block_value, per_block, presets
 from weightmix.errors import WeightmixError, one_line
 from weightmix.io import open_checkpoint
+from weightmix.io.locks import DestinationLock
 from weightmix.methods import METHODS
 from weightmix.report import describe_plan
 from weightmix.ui import checks
-from weightmix.ui.history import History
+from weightmix.ui.history import FILE_NAME, History
 from weightmix.ui.jobs import Jobs
 from weightmix.ui.library import ModelDirs
 from weightmix.units import format_size
@@ -60,20 +62,27 @@ MAX_ID = 2**63 - 1
 
 def create_app(settings: Settings) -> FastAPI:
     """The app for these settings (its merge worker starts with it)."""
-    history = History(settings.dirs.first)
-    history.interrupted()
-    jobs = Jobs(history, settings.threads)
     dirs = settings.dirs
+    lock = _serve_alone(dirs.first)
+    try:
+        history = History(dirs.first)
+        history.interrupted()
+    except BaseException:
+        lock.release()
+        raise
+    jobs = Jobs(history, settings.threads)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         jobs.stop()
         history.close()
+        lock.release()
 
     app = FastAPI(title="weightmix", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url=None, lifespan=lifespan)  # fmt: skip
     app.state.jobs, app.state.history, app.state.settings = jobs, history, settings
+    app.state.lock = lock  # released when the app stops (or by whoever never started it)
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
@@ -200,6 +209,19 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(image, media_type="image/png")
 
     return app
+
+
+def _serve_alone(folder: Path) -> DestinationLock:
+    """One UI per first models directory (its queue and history): a lock beside the
+    history file, dropped by the kernel if the UI dies."""
+    try:
+        return DestinationLock(folder / FILE_NAME)
+    except WeightmixError as error:
+        holder = re.search(r"\(process \d+\)", str(error))
+        raise WeightmixError(
+            f"another weightmix ui{' ' + holder[0] if holder else ''} serves the models"
+            f" directory {folder}: stop it, or put another folder first with --models-dir"
+        ) from None
 
 
 def _refused(request: Request, settings: Settings) -> Response | None:

@@ -66,8 +66,12 @@ def ui(models_dirs: tuple[Path, ...], port: int, listen: str | None, auth: str |
     port = listener.getsockname()[1]
     click.echo(f"weightmix ui: http://{shown}:{port}/ (models: {settings.dirs.listing()};"
                " Ctrl+C stops it)")  # fmt: skip
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C or SIGTERM once uvicorn stopped
-        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C or SIGTERM once uvicorn stopped
+            uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+    finally:
+        app.state.lock.release()
+        listener.close()
     click.echo("weightmix ui: stopped")
 
 
