@@ -197,6 +197,24 @@ class Counting:
         return counted
 
 
+def fine_tunes(seed: int, count: int) -> list[dict[str, torch.Tensor]]:
+    """A base and count − 1 fine-tunes of it: a big key, one just over a chunk, a small one."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"big": (700, 1000), "odd": (3, 262_145), "small": (5, 7)}
+    base = {k: torch.randn(s, generator=generator) for k, s in shapes.items()}
+    return [base] + [
+        {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in base.items()}
+        for _ in range(count - 1)
+    ]
+
+
+def saved(tmp_path, states: list[dict], dtypes: list[torch.dtype]) -> list:
+    return [
+        save(tmp_path / f"m{i}.safetensors", {k: v.to(d) for k, v in s.items()})
+        for i, (s, d) in enumerate(zip(states, dtypes))
+    ]
+
+
 @pytest.mark.parametrize(
     ("dtypes", "compute"),
     [((torch.float16,) * 3, "fp32"), ((torch.bfloat16, torch.float16, torch.float32), "fp32"),
@@ -208,18 +226,9 @@ class Counting:
 def test_a_ties_merge_gives_the_same_bytes_with_and_without_the_loops(
     tmp_path, monkeypatch, dtypes, compute, params
 ):
-    generator = torch.Generator().manual_seed(5)
-    shapes = {"big": (700, 1000), "odd": (3, 262_145), "small": (5, 7)}
-    base = {k: torch.randn(s, generator=generator) for k, s in shapes.items()}
-    states = [base] + [
-        {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in base.items()}
-        for _ in range(2)
-    ]
+    states = fine_tunes(5, 3)
     states[2]["small"][0, :3] = states[0]["small"][0, :3]  # deltas of 0: ties at the cut
-    paths = [
-        save(tmp_path / f"m{i}.safetensors", {k: v.to(d) for k, v in s.items()})
-        for i, (s, d) in enumerate(zip(states, dtypes))
-    ]
+    paths = saved(tmp_path, states, dtypes)
     recipe = {
         "models": {f"M{i}": str(p) for i, p in enumerate(paths)},
         "merge": {"method": "ties", "inputs": ["M0", "M1", "M2"], **params},
@@ -320,18 +329,8 @@ def test_the_dot_products_are_summed_in_the_documented_order(dtypes, monkeypatch
 def test_dot_product_merges_give_the_same_bytes_with_and_without_the_loops(
     tmp_path, monkeypatch, method, count, params
 ):
-    generator = torch.Generator().manual_seed(8)
-    shapes = {"big": (700, 1000), "odd": (3, 262_145), "small": (5, 7)}
-    base = {k: torch.randn(s, generator=generator) for k, s in shapes.items()}
-    states = [base] + [
-        {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in base.items()}
-        for _ in range(count - 1)
-    ]
     dtypes = [torch.float16, torch.bfloat16, torch.float16][:count]
-    paths = [
-        save(tmp_path / f"m{i}.safetensors", {k: v.to(d) for k, v in s.items()})
-        for i, (s, d) in enumerate(zip(states, dtypes))
-    ]
+    paths = saved(tmp_path, fine_tunes(8, count), dtypes)
     names = [f"M{i}" for i in range(count)]
     recipe = {
         "models": dict(zip(names, map(str, paths))),

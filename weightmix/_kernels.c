@@ -99,19 +99,23 @@ static inline uint32_t bits_of(float x) {
 static inline uint32_t quiet(uint32_t u) { return u > 0x7f800000u ? 0x7fc00000u : u; }
 
 #ifdef WM_X86
-/* magnitude_bits for two float16 vectors, 8 elements a step (the same IEEE operations) */
+/* the float32 bits of |m - b| for 8 float16 pairs, every NaN as 0x7FC00000 (the same IEEE
+ * operations as magnitude_bits' scalar loop) */
 __attribute__((target("avx2,f16c")))
-static void magnitude_bits_f16(uint32_t *u, const uint16_t *b, const uint16_t *m, Py_ssize_t n) {
+static inline __m256i magnitude8(const uint16_t *b, const uint16_t *m) {
     const __m256 signless = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256i inf = _mm256_set1_epi32(0x7f800000), nan = _mm256_set1_epi32(0x7fc00000);
+    __m256 vb = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
+    __m256 vm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)m));
+    __m256i bits = _mm256_castps_si256(_mm256_and_ps(_mm256_sub_ps(vm, vb), signless));
+    return _mm256_blendv_epi8(bits, nan, _mm256_cmpgt_epi32(bits, inf));
+}
+
+/* magnitude_bits for two float16 vectors, 8 elements a step */
+__attribute__((target("avx2,f16c")))
+static void magnitude_bits_f16(uint32_t *u, const uint16_t *b, const uint16_t *m, Py_ssize_t n) {
     Py_ssize_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 vb = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i)));
-        __m256 vm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + i)));
-        __m256i bits = _mm256_castps_si256(_mm256_and_ps(_mm256_sub_ps(vm, vb), signless));
-        bits = _mm256_blendv_epi8(bits, nan, _mm256_cmpgt_epi32(bits, inf));
-        _mm256_storeu_si256((__m256i *)(u + i), bits);
-    }
+    for (; i + 8 <= n; i += 8) _mm256_storeu_si256((__m256i *)(u + i), magnitude8(b + i, m + i));
     for (; i < n; i++) u[i] = quiet(bits_of(fabsf(half_to_float(m[i]) - half_to_float(b[i]))));
 }
 
@@ -120,15 +124,10 @@ static void magnitude_bits_f16(uint32_t *u, const uint16_t *b, const uint16_t *m
 __attribute__((target("avx2,f16c")))
 static void low_counts_f16(int64_t *counts, const uint16_t *b, const uint16_t *m, Py_ssize_t n,
                            uint32_t prefix) {
-    const __m256 signless = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    const __m256i inf = _mm256_set1_epi32(0x7f800000), nan = _mm256_set1_epi32(0x7fc00000);
     const __m256i top = _mm256_set1_epi32((int)prefix);
     Py_ssize_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        __m256 vb = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i)));
-        __m256 vm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + i)));
-        __m256i bits = _mm256_castps_si256(_mm256_and_ps(_mm256_sub_ps(vm, vb), signless));
-        bits = _mm256_blendv_epi8(bits, nan, _mm256_cmpgt_epi32(bits, inf));
+        __m256i bits = magnitude8(b + i, m + i);
         __m256i hit = _mm256_cmpeq_epi32(_mm256_srli_epi32(bits, 16), top);
         int mask = _mm256_movemask_ps(_mm256_castsi256_ps(hit));
         if (mask) {
