@@ -392,6 +392,74 @@ def test_a_linear_combination_equals_torchs(dtypes, count):
     assert kernels.combine([v.double() for v in values], coefficients, None) is None
 
 
+MIXED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtypes", [(torch.float16,) * 3, (torch.bfloat16,) * 3, MIXED], ids=str)
+@pytest.mark.parametrize("count", [5000, 13, 2048])
+def test_a_blend_is_the_torch_arithmetic_then_the_cast(dtypes, out_dtype, count):
+    """kernels.blend against torch on widened inputs: mul then add_(alpha=) (a linear
+    combination), or torch.add(a, b − c, alpha=) (add-difference), then .to(out_dtype): the
+    same values (NaN payloads aside) and the count of inf and NaN written (values near the
+    float16 and bfloat16 limits overflow, and an inf input, so it is above 0)."""
+    values = [awkward(count, 10 + seed, dtype) for seed, dtype in enumerate(dtypes)]
+    values[0][:3] = torch.tensor([60000.0, -60000.0, 3e38]).to(dtypes[0])
+    values[1][:3] = torch.tensor([60000.0, 60000.0, 3e38]).to(dtypes[1])
+    values[2][3] = math.inf
+    wide = [v.float() for v in values]
+    coefficients = [0.7123456789, 1.3345678912, -2.5]
+    linear = torch.mul(wide[0], torch.full((1,), coefficients[0]))
+    for value, coefficient in zip(wide[1:], coefficients[1:]):
+        linear.add_(value, alpha=coefficient)
+    difference = torch.add(wide[0], wide[1] - wide[2], alpha=-1.7345678912)
+    for expected, found in (
+        (linear, lambda out: kernels.blend(values, coefficients, out)),
+        (difference, lambda out: kernels.blend(values, [-1.7345678912], out, difference=True)),
+    ):
+        out = torch.empty(count, dtype=out_dtype)
+        written = found(out)
+        rounded = expected.to(out_dtype)
+        assert same_bits(out.float(), rounded.float())
+        assert written == int((~torch.isfinite(rounded)).sum()) > 0
+    assert kernels.blend([v.double() for v in values], coefficients, out) is None
+    assert kernels.blend(values[:2], [1.0], out, difference=True) is None
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "count"),
+    [("weighted_sum", {"alpha": 0.3}, 2), ("weighted_sum", {"weights": [0.5, -1.5, 2.0]}, 3),
+     ("add_difference", {"alpha": 1.7}, 3)],
+)  # fmt: skip
+@pytest.mark.parametrize("out_dtype", ["fp16", "bf16", "fp32"])
+def test_linear_merges_give_the_same_bytes_with_and_without_the_blend_loop(
+    tmp_path, monkeypatch, method, params, count, out_dtype
+):
+    """Arithmetic and rounding in one C pass (kernels.blend, the methods' `rounded` forms)
+    against the torch path (WEIGHTMIX_KERNELS=0: widened copies, torch's arithmetic and cast),
+    fp16/bf16/fp16 inputs, a key over a chunk long."""
+    dtypes = [torch.float16, torch.bfloat16, torch.float16][:count]
+    paths = saved(tmp_path, fine_tunes(9, count), dtypes)
+    names = [f"M{i}" for i in range(count)]
+    recipe = {
+        "models": dict(zip(names, map(str, paths))),
+        "merge": {"method": method, "inputs": names, **params},
+        "dtype": out_dtype,
+    }
+    counting = Counting(kernels._kernels)
+    monkeypatch.setattr(kernels, "_kernels", counting)
+    outputs = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("WEIGHTMIX_KERNELS", setting)
+        out = tmp_path / f"out-{setting}.safetensors"
+        weightmix.merge(recipe, out, threads=2)
+        outputs.append(out.read_bytes())
+        if setting == "1":
+            used = counting.calls["blend"]
+    assert outputs[0] == outputs[1]
+    assert used >= 6 and counting.calls["blend"] == used  # every chunk of the three keys
+
+
 def test_the_uniform_numbers_are_numpys_pcg64dxsm_draws(monkeypatch):
     """rounding.uniform() fills each 65,536-number block from numpy's PCG64DXSM: the C loop
     gives the numbers numpy's own generator gives, at any start and count (block edges,

@@ -626,6 +626,105 @@ static PyObject *combine(PyObject *self, PyObject *args) {
 #endif
 }
 
+/* n float32 results into `out` (code F32, F16 or BF16), rounded to nearest; returns how many
+ * are inf or NaN. F16 needs F16C (the caller checks). */
+static Py_ssize_t narrow(void *out, int code, const float *in, Py_ssize_t n) {
+    if (code == BF16) return narrow_bfloat((uint16_t *)out, in, n);
+    if (code == F32) return copy_float((float *)out, in, n);
+#ifdef WM_X86
+    return narrow_half_f16c((uint16_t *)out, in, n);
+#else
+    return -1;
+#endif
+}
+
+#ifdef WM_X86
+/* combine_fma's sum (difference = 0), or a + c_0·(b − c) for three inputs (difference = 1,
+ * torch.add(a, b − c, alpha=c_0): the difference rounded, then one fused multiply-add), a
+ * block at a time, each block rounded into `out` while it is in cache */
+__attribute__((target("avx2,fma")))
+static Py_ssize_t blend_fma(void *out, int out_code, const unsigned long long *at,
+                            const int *code, const float *coefficient, Py_ssize_t count,
+                            int difference, Py_ssize_t n) {
+    float r[BLOCK], x[BLOCK];
+    Py_ssize_t nonfinite = 0;
+    for (Py_ssize_t first = 0; first < n; first += BLOCK) {
+        Py_ssize_t size = n - first < BLOCK ? n - first : BLOCK;
+        const void *in[MAX_MODELS];
+        for (Py_ssize_t k = 0; k < count; k++)
+            in[k] = offset((const void *)(uintptr_t)at[k], code[k], first);
+        if (difference) {
+            float a[BLOCK], alpha = coefficient[0];
+            widen(r, in[1], code[1], size);
+            widen(x, in[2], code[2], size);
+            widen(a, in[0], code[0], size);
+            for (Py_ssize_t i = 0; i < size; i++) r[i] = fmaf(r[i] - x[i], alpha, a[i]);
+        } else {
+            widen(x, in[0], code[0], size);
+            float c = coefficient[0];
+            for (Py_ssize_t i = 0; i < size; i++) r[i] = x[i] * c;
+            for (Py_ssize_t k = 1; k < count; k++) {
+                widen(x, in[k], code[k], size);
+                c = coefficient[k];
+                for (Py_ssize_t i = 0; i < size; i++) r[i] = fmaf(x[i], c, r[i]);
+            }
+        }
+        nonfinite += narrow((char *)out + first * (out_code == F32 ? 4 : 2), out_code, r, size);
+    }
+    return nonfinite;
+}
+#endif
+
+/* blend(out, out_code, inputs, codes, coefficients, difference, n) -> how many of the n
+ * results are inf or NaN, or None where the machine lacks AVX2, FMA or F16C: combine()'s
+ * linear combination (difference = 0), or a + c_0·(b − c) of three inputs (difference = 1),
+ * rounded to nearest into `out` (float32, float16 or bfloat16) as cast() rounds, one pass. */
+static PyObject *blend(PyObject *self, PyObject *args) {
+    unsigned long long out_at;
+    int out_code, difference;
+    PyObject *inputs, *codes, *coefficients;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "KiO!O!O!pn", &out_at, &out_code, &PyList_Type, &inputs,
+                          &PyList_Type, &codes, &PyList_Type, &coefficients, &difference, &n))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(inputs);
+    if (count < 1 || count > MAX_MODELS || PyList_GET_SIZE(codes) != count ||
+        PyList_GET_SIZE(coefficients) != (difference ? 1 : count) || (difference && count != 3)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "blend: 1 to 16 vectors and a coefficient each, or 3 and one alpha");
+        return NULL;
+    }
+    if (out_code < F32 || out_code > BF16) {
+        PyErr_SetString(PyExc_ValueError, "blend: dtype codes are 0-2");
+        return NULL;
+    }
+    unsigned long long at[MAX_MODELS];
+    int code[MAX_MODELS];
+    float coefficient[MAX_MODELS];
+    if (read_addresses(inputs, at, count) < 0) return NULL;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        code[k] = (int)PyLong_AsLong(PyList_GET_ITEM(codes, k));
+        if (k < PyList_GET_SIZE(coefficients))
+            coefficient[k] = (float)PyFloat_AsDouble(PyList_GET_ITEM(coefficients, k));
+        if (PyErr_Occurred()) return NULL;
+        if (code[k] < F32 || code[k] > BF16) {
+            PyErr_SetString(PyExc_ValueError, "blend: dtype codes are 0-2");
+            return NULL;
+        }
+    }
+#ifdef WM_X86
+    if (!(has_fma && has_avx2 && has_f16c)) Py_RETURN_NONE;
+    Py_ssize_t nonfinite;
+    Py_BEGIN_ALLOW_THREADS
+    nonfinite = blend_fma((void *)(uintptr_t)out_at, out_code, at, code, coefficient, count,
+                          difference, n);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromSsize_t(nonfinite);
+#else
+    Py_RETURN_NONE;
+#endif
+}
+
 #ifdef __SIZEOF_INT128__
 #define PCG_CHEAP 0xda942042e4dd58b5ULL
 
@@ -784,6 +883,7 @@ static PyMethodDef methods[] = {
     {"gram", gram, METH_VARARGS, "Dot products of a few vectors in float64, in a fixed order."},
     {"cast", cast, METH_VARARGS, "float32 to float32/float16/bfloat16, counting inf and NaN."},
     {"combine", combine, METH_VARARGS, "A float32 linear combination, as torch computes it."},
+    {"blend", blend, METH_VARARGS, "combine() or add-difference, rounded into the output."},
 #ifdef __SIZEOF_INT128__
     {"pcg_state", pcg_state, METH_VARARGS, "PCG64DXSM's state from SeedSequence words."},
     {"stream_uniform", stream_uniform, METH_VARARGS, "rounding.uniform() in one loop."},

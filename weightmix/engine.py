@@ -372,9 +372,24 @@ def run_task(
     if fused is not None and gains_no_nonfinite(plan, key, fused):
         screen = False  # a convex blend into a dtype as wide as its inputs: nothing to find
     widen = fused is None and not stored
+    # the fused arithmetic and the rounding into the output dtype in one pass, where it can
+    rounded = fused is not None and fused.method.rounded is not None and stream is None
+    rounded = rounded and plan.compute_dtype.torch == torch.float32
     chunks = _read_chunks(plan, key, task.start, task.stop, buffers, widen, held)
     for start, raw, inputs in chunks:
         count = min(CHUNK_ELEMENTS, task.stop - start)
+        if rounded:
+            assert fused is not None and fused.method.rounded is not None
+            same = buffers.get("out", out_dtype, count)
+            terms = [inputs[leaf.model] for leaf in fused.inputs]
+            found = fused.method.rounded(terms, fused.params, same[0])
+            if found is not None:
+                if screen and found:  # the float32 result, to say where it overflowed
+                    into = buffers.get("fused", torch.float32, count)[0]
+                    result = fused.method.fused(terms, fused.params, torch.float32, into)
+                    check_gained(key.key, same[0], result, inputs)
+                writer.write_range(key.key, start * out_size, same[1])
+                continue
         if key.expr is None:
             result = inputs[key.copy_from]
         elif fused is not None:  # inputs as stored, widened inside the arithmetic

@@ -34,7 +34,7 @@ def linear_combination(
     each is widened inside the products, element by element, which gives exactly the result of
     widening them first (widening is exact) without a widened copy of each; `out` (of `dtype`
     and the tensors' size) then receives the sum, so that nothing is allocated per call."""
-    terms = [(c, t) for c, t in zip(coefficients, tensors) if c != 0]
+    terms = _terms(tensors, coefficients)
     if not terms:
         return (tensors[0] if dtype is None else tensors[0].to(dtype)) * 0.0
     if len(terms) == 1 and terms[0][0] == 1.0:
@@ -52,6 +52,11 @@ def linear_combination(
     for c, tensor in rest:
         result.add_(tensor, alpha=c)
     return result
+
+
+def _terms(tensors: Sequence[Tensor], coefficients: Sequence[float]) -> list[tuple[float, Tensor]]:
+    """The (coefficient, tensor) pairs a linear combination adds: those with c ≠ 0."""
+    return [(c, t) for c, t in zip(coefficients, tensors) if c != 0]
 
 
 def weighted_sum_coefficients(
@@ -95,6 +100,20 @@ def _fused_linear(linear):
     return fused
 
 
+def _rounded_linear(linear):
+    """The rounded form of such a method: the sum and its rounding into the output buffer in
+    one C loop (kernels.blend); None where linear_combination has nothing to add up (no term,
+    or one model with coefficient 1, returned as it is)."""
+
+    def rounded(tensors: Sequence[Tensor], params: dict[str, Any], out: Tensor) -> int | None:
+        terms = _terms(tensors, linear(len(tensors), params))
+        if not terms or (len(terms) == 1 and terms[0][0] == 1.0):
+            return None
+        return kernels.blend([t for _, t in terms], [c for c, _ in terms], out)
+
+    return rounded
+
+
 def _add_linear(count: int, params: dict[str, Any]) -> list[float]:
     return [1.0] + [params["alpha"]] * (count - 1)
 
@@ -107,6 +126,7 @@ def _add_linear(count: int, params: dict[str, Any]) -> list[float]:
     elementwise=True,
     linear=_weighted_sum_linear,
     fused=_fused_linear(_weighted_sum_linear),
+    rounded=_rounded_linear(_weighted_sum_linear),
 )
 def weighted_sum(
     *models: Tensor,
@@ -135,7 +155,21 @@ def _fused_add_difference(
     return torch.add(a, out, alpha=params["alpha"], out=out)
 
 
-@merge_method(inputs=WEIGHT, output=WEIGHT, elementwise=True, fused=_fused_add_difference)
+def _rounded_add_difference(tensors: Sequence[Tensor], params: dict[str, Any], out: Tensor):
+    """add_difference and its rounding into the output buffer in one C loop (kernels.blend:
+    B − C, then A + α·that as one fused multiply-add, as torch.add computes it)."""
+    if params["alpha"] == 0:
+        return None  # A itself, as it is
+    return kernels.blend(tensors, [params["alpha"]], out, difference=True)
+
+
+@merge_method(
+    inputs=WEIGHT,
+    output=WEIGHT,
+    elementwise=True,
+    fused=_fused_add_difference,
+    rounded=_rounded_add_difference,
+)
 def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: Finite = 1.0) -> Tensor:
     """A + α·(B − C): add what B learned relative to C onto A."""
     if alpha == 0:
@@ -156,6 +190,7 @@ def subtract(a: Tensor, b: Tensor) -> Tensor:
     elementwise=True,
     linear=_add_linear,
     fused=_fused_linear(_add_linear),
+    rounded=_rounded_linear(_add_linear),
 )
 def add(base: Tensor, *deltas: Tensor, alpha: Finite = 1.0) -> Tensor:
     """base + α·Σ deltas: apply task vectors (from subtract) to a model."""

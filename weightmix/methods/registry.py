@@ -110,6 +110,10 @@ class MethodSpec:
     # fused(inputs as stored, params, compute dtype, out): the same bits as the function on
     # inputs widened to the compute dtype, widening inside its arithmetic (engine.fused_call)
     fused: Callable[[Sequence[Tensor], dict[str, Any], torch.dtype, Tensor], Tensor] | None = None
+    # rounded(inputs as stored, params, out): fused's float32 result rounded to nearest into
+    # `out` (the output dtype) in the same pass; returns how many inf/NaN values it wrote, or
+    # None when it cannot (the engine then runs fused and casts)
+    rounded: Callable[[Sequence[Tensor], dict[str, Any], Tensor], int | None] | None = None
 
     def streams(self, params: dict[str, Any]) -> bool:
         """Whether a call with these parameters can run in chunks with statistics passes."""
@@ -184,6 +188,7 @@ def merge_method(
     census: Callable[[Sequence[Tensor], dict[str, Any]], list[int]] | None = None,
     linear: Callable[[int, dict[str, Any]], list[float]] | None = None,
     fused: Callable[[Sequence[Tensor], dict[str, Any], torch.dtype, Tensor], Tensor] | None = None,
+    rounded: Callable[[Sequence[Tensor], dict[str, Any], Tensor], int | None] | None = None,
 ) -> Callable[[Callable[..., Tensor]], MethodSpec]:
     """Register a merge method. `inputs` gives the merge space (weight, delta or any) of each
     input (the last repeats), `output` the space of the result (or 'same' as the inputs).
@@ -196,7 +201,9 @@ def merge_method(
     `linear(count, params)` declares that the function is exactly
     arithmetic.linear_combination(inputs, those coefficients); `fused(inputs, params, dtype,
     out)` computes the same bits from inputs as stored (fp16, bf16 ... that `dtype` holds
-    exactly), widening them inside its arithmetic, into `out` where it can.
+    exactly), widening them inside its arithmetic, into `out` where it can; `rounded(inputs,
+    params, out)` also rounds that float32 result into the output buffer `out` in the same
+    pass and returns how many inf/NaN values it wrote (None: it cannot take these).
     A keyword `draw` (not a recipe parameter) asks for seeded random numbers: the engine passes
     a rounding.Draw for the elements at hand. A trailing _ is dropped from parameter names
     (lambda_ is written `lambda`)."""
@@ -233,6 +240,7 @@ def merge_method(
             census=census,
             linear=linear,
             fused=fused,
+            rounded=rounded,
             summary=" ".join((inspect.getdoc(func) or "").split("\n\n")[0].split()),
         )
         if spec.name in METHODS:
