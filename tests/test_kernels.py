@@ -60,6 +60,41 @@ def test_every_16_bit_pattern_widens_as_torch_widens_it(dtype):
     assert torch.equal(out[finite].view(torch.int32), patterns.float()[finite].view(torch.int32))
 
 
+FLOAT8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@pytest.mark.parametrize("dtype", FLOAT8, ids=str)
+def test_every_float8_pattern_widens_as_torch_widens_it(dtype):
+    patterns = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype)
+    out = torch.empty(256)
+    assert kernels.widen(patterns, out)
+    assert same_bits(out, patterns.float())
+    assert torch.equal(torch.isnan(out), torch.isnan(patterns.float()))
+
+
+@pytest.mark.parametrize("dtype", FLOAT8, ids=str)
+def test_the_cast_to_float8_rounds_as_torch_and_counts_what_is_not_finite(dtype):
+    """Arbitrary float32 bit patterns, values over many magnitudes, every float8 value and
+    every midpoint between neighbours (ties to even), and the edges: e4m3fn saturates at
+    ±448 (464 and up, inf included: torch's CPU cast), e5m2 overflows to inf from 61440."""
+    generator = torch.Generator().manual_seed(4)
+    patterns = torch.randint(-(2**31), 2**31 - 1, (1 << 20,), generator=generator)
+    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float()
+    values = values[~torch.isnan(values)].sort().values
+    edges = torch.tensor([448.0, 463.99, 464.0, 464.01, 480.0, 57344.0, 61439.0, 61440.0,
+                          65536.0, 2**-9, 2**-10, 2**-17, 2**-16 * 1.5, math.inf, -math.inf,
+                          math.nan, -math.nan, 0.0, -0.0])  # fmt: skip
+    wide = torch.randn(100_003, generator=generator) * torch.logspace(-12, 6, 100_003)
+    middles = (values[:-1] + values[1:]) / 2
+    inputs = torch.cat([patterns.to(torch.int32).view(torch.float32), wide, values, middles,
+                        edges])  # fmt: skip
+    out = torch.empty(inputs.numel(), dtype=dtype)
+    found = kernels.cast(inputs, out)
+    expected = inputs.to(dtype)
+    assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))  # NaN bytes too
+    assert found == int((~torch.isfinite(expected.float())).sum()) > 0
+
+
 def torch_histogram(base, model, stage, prefix):
     """The radix counts written out in torch: top 16 bits, or low 16 bits under `prefix`,
     every NaN magnitude counted as the quiet NaN 0x7FC00000."""
@@ -458,6 +493,40 @@ def test_linear_merges_give_the_same_bytes_with_and_without_the_blend_loop(
             used = counting.calls["blend"]
     assert outputs[0] == outputs[1]
     assert used >= 6 and counting.calls["blend"] == used  # every chunk of the three keys
+
+
+@pytest.mark.parametrize("dtype", ["F8_E4M3", "F8_E5M2"])
+@pytest.mark.parametrize(
+    ("method", "params", "count"),
+    [("weighted_sum", {"alpha": 0.3}, 2), ("add_difference", {"alpha": 1.7}, 3),
+     ("ties", {"density": 0.5}, 3)],
+)  # fmt: skip
+def test_float8_merges_give_the_same_bytes_with_and_without_the_loops(
+    tmp_path, monkeypatch, dtype, method, params, count
+):
+    """float8 inputs widened by the C table and the output rounded into float8 by the C cast
+    against torch's copies and cast (WEIGHTMIX_KERNELS=0)."""
+    torch_dtype = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[dtype]
+    paths = saved(tmp_path, fine_tunes(11, count), [torch_dtype] * count)
+    names = [f"M{i}" for i in range(count)]
+    recipe = {
+        "models": dict(zip(names, map(str, paths))),
+        "merge": {"method": method, "inputs": names, **params},
+    }
+    counting = Counting(kernels._kernels)
+    monkeypatch.setattr(kernels, "_kernels", counting)
+    outputs = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("WEIGHTMIX_KERNELS", setting)
+        out = tmp_path / f"out-{setting}.safetensors"
+        weightmix.merge(recipe, out, threads=2)
+        outputs.append(out.read_bytes())
+        if setting == "1":
+            used = dict(counting.calls)
+    assert outputs[0] == outputs[1]
+    assert load(tmp_path / "out-1.safetensors")["big"].dtype == torch_dtype
+    assert used["widen"] >= 6 * count and used["cast"] >= 6
+    assert counting.calls == used
 
 
 def test_the_uniform_numbers_are_numpys_pcg64dxsm_draws(monkeypatch):

@@ -20,7 +20,8 @@
 #define WM_X86 1
 #endif
 
-enum { F32 = 0, F16 = 1, BF16 = 2 };
+/* dtype codes; the float8 types are only widened (widen) and rounded into (cast) */
+enum { F32 = 0, F16 = 1, BF16 = 2, F8E4M3 = 3, F8E5M2 = 4 };
 enum { BLOCK = 1024, MAX_MODELS = 16 };
 
 #if defined(WM_X86) && defined(__GNUC__) && !defined(__clang__)
@@ -61,9 +62,40 @@ static void widen_half_f16c(float *out, const uint16_t *in, Py_ssize_t n) {
 static int has_f16c = -1;
 #endif
 
-/* n elements of `in` (code F32, F16 or BF16) as float32 into `out` */
+/* every float8 value as float32 (exact), by code - F8E4M3; filled at import */
+static float float8_values[2][256];
+
+/* the float32 value of float8 bits: `mantissa` bits of fraction, exponent bias `bias`;
+ * e4m3fn (`finite`) has no inf and one NaN per sign (all exponent and fraction bits set),
+ * e5m2 has IEEE inf and NaN */
+static float float8_value(unsigned bits, int mantissa, int bias, int finite) {
+    int exponent = (int)(bits & 0x7fu) >> mantissa;
+    unsigned fraction = bits & ((1u << mantissa) - 1u);
+    int top = (1 << (7 - mantissa)) - 1;
+    float value;
+    if (exponent == top && (!finite || fraction == (1u << mantissa) - 1u))
+        value = finite || fraction ? NAN : INFINITY;
+    else if (exponent == 0) /* zero and subnormals: fraction · 2^(1 − bias − mantissa) */
+        value = ldexpf((float)fraction, 1 - bias - mantissa);
+    else
+        value = ldexpf((float)(fraction | (1u << mantissa)), exponent - bias - mantissa);
+    return bits & 0x80u ? -value : value;
+}
+
+static void fill_float8_values(void) {
+    for (unsigned bits = 0; bits < 256; bits++) {
+        float8_values[0][bits] = float8_value(bits, 3, 7, 1);
+        float8_values[1][bits] = float8_value(bits, 2, 15, 0);
+    }
+}
+
+/* n elements of `in` (any dtype code) as float32 into `out` */
 static void widen(float *out, const void *in, int code, Py_ssize_t n) {
-    if (code == F32) {
+    if (code == F8E4M3 || code == F8E5M2) {
+        const float *table = float8_values[code - F8E4M3];
+        const uint8_t *b = (const uint8_t *)in;
+        for (Py_ssize_t i = 0; i < n; i++) out[i] = table[b[i]];
+    } else if (code == F32) {
         memcpy(out, in, (size_t)n * sizeof(float));
     } else if (code == BF16) {
         const uint16_t *h = (const uint16_t *)in;
@@ -80,8 +112,10 @@ static void widen(float *out, const void *in, int code, Py_ssize_t n) {
     }
 }
 
+static Py_ssize_t itemsize(int code) { return code == F32 ? 4 : code >= F8E4M3 ? 1 : 2; }
+
 static const void *offset(const void *base, int code, Py_ssize_t i) {
-    return (const char *)base + i * (code == F32 ? 4 : 2);
+    return (const char *)base + i * itemsize(code);
 }
 
 static inline float relu(float x) { return x < 0.0f ? 0.0f : x; }
@@ -530,35 +564,28 @@ WM_CLONES static Py_ssize_t copy_float(float *out, const float *in, Py_ssize_t n
     return nonfinite;
 }
 
+static Py_ssize_t narrow(void *out, int code, const float *in, Py_ssize_t n);
+
 /* cast(out, out_code, in, n) -> how many of the n results are inf or NaN, or None where the
- * machine lacks F16C for a float16 output: float32 `in` rounded to nearest into `out` */
+ * machine lacks F16C for a float16 output: float32 `in` rounded to nearest into `out` (any
+ * dtype code) */
 static PyObject *cast(PyObject *self, PyObject *args) {
     unsigned long long out_at, in_at;
     int code;
     Py_ssize_t n, nonfinite = 0;
     if (!PyArg_ParseTuple(args, "KiKn", &out_at, &code, &in_at, &n)) return NULL;
-    if (code < F32 || code > BF16) {
-        PyErr_SetString(PyExc_ValueError, "cast: dtype codes are 0-2");
+    if (code < F32 || code > F8E5M2) {
+        PyErr_SetString(PyExc_ValueError, "cast: dtype codes are 0-4");
         return NULL;
     }
-    const float *in = (const float *)(uintptr_t)in_at;
-    if (code == F16) {
 #ifdef WM_X86
-        if (!(has_f16c && has_avx2)) Py_RETURN_NONE;
-        Py_BEGIN_ALLOW_THREADS
-        nonfinite = narrow_half_f16c((uint16_t *)(uintptr_t)out_at, in, n);
-        Py_END_ALLOW_THREADS
+    if (code == F16 && !(has_f16c && has_avx2)) Py_RETURN_NONE;
 #else
-        Py_RETURN_NONE;
+    if (code == F16) Py_RETURN_NONE;
 #endif
-    } else {
-        Py_BEGIN_ALLOW_THREADS
-        if (code == BF16)
-            nonfinite = narrow_bfloat((uint16_t *)(uintptr_t)out_at, in, n);
-        else
-            nonfinite = copy_float((float *)(uintptr_t)out_at, in, n);
-        Py_END_ALLOW_THREADS
-    }
+    Py_BEGIN_ALLOW_THREADS
+    nonfinite = narrow((void *)(uintptr_t)out_at, code, (const float *)(uintptr_t)in_at, n);
+    Py_END_ALLOW_THREADS
     return PyLong_FromSsize_t(nonfinite);
 }
 
@@ -626,9 +653,51 @@ static PyObject *combine(PyObject *self, PyObject *args) {
 #endif
 }
 
-/* n float32 results into `out` (code F32, F16 or BF16), rounded to nearest; returns how many
- * are inf or NaN. F16 needs F16C (the caller checks). */
+/* float32 to a float8 type, rounded to nearest even as torch 2.13 casts on the CPU:
+ * `mantissa` fraction bits, exponent bias `bias`. NaN stays NaN (sign kept). e4m3fn
+ * (`saturate`: it has no inf) turns what is too big for it, inf included, into ±448, its
+ * largest value; e5m2 rounds it to ±inf. Below the smallest normal, adding a power of two
+ * puts the rounded subnormal in the low bits; else the exponent is rebiased and the dropped
+ * fraction bits rounded by adding half an ulp less one, plus the kept fraction's last bit
+ * (ties to even). Returns how many results are inf or NaN. */
+WM_CLONES static Py_ssize_t narrow_float8(uint8_t *out, const float *in, Py_ssize_t n,
+                                          int mantissa, int bias, int saturate) {
+    const int drop = 23 - mantissa;
+    const uint32_t smallest_normal = (uint32_t)(127 + 1 - bias) << 23;
+    /* from here up, rounding passes the largest finite value: 464 (e4m3fn), 61440 (e5m2) */
+    const uint32_t too_big = saturate ? UINT32_C(0x43e80000) : UINT32_C(0x47700000);
+    const uint32_t largest = saturate ? 0x7eu : 0x7cu, nan = 0x7fu;
+    const uint32_t rebias = ((uint32_t)(bias - 127) << 23) + ((1u << (drop - 1)) - 1u);
+    const uint32_t magic_bits = (uint32_t)(127 - bias + drop + 1) << 23;
+    const uint32_t special = saturate ? 0x7fu : 0x7cu;
+    union { uint32_t u; float f; } magic = {magic_bits};
+    const uint32_t *u = (const uint32_t *)in;
+    Py_ssize_t nonfinite = 0;
+    /* both roundings computed and one selected, without branches, so that it vectorises */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t sign = u[i] & 0x80000000u, bits = u[i] ^ sign;
+        float magnitude;
+        memcpy(&magnitude, &bits, 4);
+        float shifted = magnitude + magic.f;
+        uint32_t low;
+        memcpy(&low, &shifted, 4);
+        uint32_t subnormal = low - magic_bits;
+        uint32_t normal = (bits + rebias + ((bits >> drop) & 1u)) >> drop;
+        uint32_t h = bits < smallest_normal ? subnormal : normal;
+        h = bits >= too_big ? largest : h;
+        h = bits > 0x7f800000u ? nan : h;
+        h = (h & 0xffu) | (sign >> 24);
+        out[i] = (uint8_t)h;
+        nonfinite += (h & special) == special;
+    }
+    return nonfinite;
+}
+
+/* n float32 results into `out` (any dtype code), rounded to nearest; returns how many are
+ * inf or NaN. F16 needs F16C (the caller checks). */
 static Py_ssize_t narrow(void *out, int code, const float *in, Py_ssize_t n) {
+    if (code == F8E4M3) return narrow_float8((uint8_t *)out, in, n, 3, 7, 1);
+    if (code == F8E5M2) return narrow_float8((uint8_t *)out, in, n, 2, 15, 0);
     if (code == BF16) return narrow_bfloat((uint16_t *)out, in, n);
     if (code == F32) return copy_float((float *)out, in, n);
 #ifdef WM_X86
@@ -669,7 +738,7 @@ static Py_ssize_t blend_fma(void *out, int out_code, const unsigned long long *a
                 for (Py_ssize_t i = 0; i < size; i++) r[i] = fmaf(x[i], c, r[i]);
             }
         }
-        nonfinite += narrow((char *)out + first * (out_code == F32 ? 4 : 2), out_code, r, size);
+        nonfinite += narrow((char *)out + first * itemsize(out_code), out_code, r, size);
     }
     return nonfinite;
 }
@@ -871,6 +940,10 @@ static PyObject *widen_py(PyObject *self, PyObject *args) {
     int code;
     Py_ssize_t n;
     if (!PyArg_ParseTuple(args, "KKin", &out_at, &in_at, &code, &n)) return NULL;
+    if (code < F32 || code > F8E5M2) {
+        PyErr_SetString(PyExc_ValueError, "widen: dtype codes are 0-4");
+        return NULL;
+    }
     Py_BEGIN_ALLOW_THREADS
     widen((float *)(uintptr_t)out_at, (const void *)(uintptr_t)in_at, code, n);
     Py_END_ALLOW_THREADS
@@ -881,20 +954,21 @@ static PyMethodDef methods[] = {
     {"histogram", histogram, METH_VARARGS, "Radix-select counts of |model - base| bits."},
     {"ties", ties, METH_VARARGS, "The TIES output of one chunk."},
     {"gram", gram, METH_VARARGS, "Dot products of a few vectors in float64, in a fixed order."},
-    {"cast", cast, METH_VARARGS, "float32 to float32/float16/bfloat16, counting inf and NaN."},
+    {"cast", cast, METH_VARARGS, "float32 to a float dtype, rounded, counting inf and NaN."},
     {"combine", combine, METH_VARARGS, "A float32 linear combination, as torch computes it."},
     {"blend", blend, METH_VARARGS, "combine() or add-difference, rounded into the output."},
 #ifdef __SIZEOF_INT128__
     {"pcg_state", pcg_state, METH_VARARGS, "PCG64DXSM's state from SeedSequence words."},
     {"stream_uniform", stream_uniform, METH_VARARGS, "rounding.uniform() in one loop."},
 #endif
-    {"widen", widen_py, METH_VARARGS, "float16/bfloat16/float32 to float32."},
+    {"widen", widen_py, METH_VARARGS, "A float dtype to float32 (exact)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__kernels(void) {
+    fill_float8_values();
 #ifdef WM_X86
     __builtin_cpu_init();
     has_f16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");

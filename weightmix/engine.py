@@ -535,7 +535,10 @@ def _read_chunks(
         if key.expr is not None and widen:
             for model, tensor in inputs.items():
                 if tensor.dtype != compute_dtype:
-                    inputs[model] = buffers.get(f"in{model}", compute_dtype, count)[0].copy_(tensor)
+                    widened = buffers.get(f"in{model}", compute_dtype, count)[0]
+                    if not kernels.widen(tensor, widened):  # a C loop where it takes them
+                        widened.copy_(tensor)
+                    inputs[model] = widened
         yield start, raw, inputs
     if held is not None and first == 0 and stop == key.numel:
         held.filled = True  # (a pass broken off early leaves it to be read again)

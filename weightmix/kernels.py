@@ -6,6 +6,11 @@ lanes in order), ~0.85 ns an element for two vectors against ~6-13 for torch's w
 and three BLAS calls; the torch code (streaming.lane_dot) adds in the same order, and every
 product of two float32 values is exact in float64, so both give the same bits.
 
+Linear merges and add-difference (kernels.blend): the arithmetic and the rounding into the
+output dtype in one pass over cache-sized blocks, counting inf and NaN as it goes. Widening
+(float8 by a table of its 256 values) and rounding into every float dtype the engine writes,
+float8 included, also run as C loops: torch's own float8 copies take ~4.4 ns an element.
+
 Seeded uniform numbers (DARE, DELLA, stochastic rounding): numpy's SeedSequence and PCG64DXSM
 per 65,536-number block written out in C, ~1.1 ns a number against ~7.4 through numpy and
 torch, the same numbers.
@@ -35,6 +40,9 @@ except ImportError:  # built without a C compiler: torch does the same arithmeti
     _kernels = None
 
 CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# every dtype the loops widen from and round into (cast, widen); the float8 types take no
+# other part (torch promotes none of them: their inputs reach the methods widened)
+STORED_CODES = {**CODES, torch.float8_e4m3fn: 3, torch.float8_e5m2: 4}
 MAX_MODELS = 16
 LANES = 8  # partial sums of a float64 dot product (as _kernels.c)
 # masks of a magnitude cut c: every element, |d| > c, |d| >= c, and |d| > c with the first r
@@ -47,9 +55,9 @@ def enabled() -> bool:
     return _kernels is not None and os.environ.get("WEIGHTMIX_KERNELS", "1") != "0"
 
 
-def _takes(tensors: Sequence[torch.Tensor], numel: int) -> bool:
+def _takes(tensors: Sequence[torch.Tensor], numel: int, codes: dict = CODES) -> bool:
     return all(
-        t.dtype in CODES and t.device.type == "cpu" and t.is_contiguous() and t.numel() == numel
+        t.dtype in codes and t.device.type == "cpu" and t.is_contiguous() and t.numel() == numel
         for t in tensors
     )
 
@@ -124,14 +132,32 @@ def gram(vectors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> l
 
 
 def cast(result: torch.Tensor, out: torch.Tensor) -> int | None:
-    """Round a float32 result to nearest into `out` (float32, float16 or bfloat16, the same
-    size) and count the inf and NaN values written, in one pass (None: not taken, the caller
-    casts with torch). The values equal torch's cast; NaN payloads may differ, as they do
-    between torch's own vector and scalar loops."""
-    if not enabled() or result.dtype != torch.float32 or not _takes([result, out], out.numel()):
+    """Round a float32 result to nearest into `out` (float32, float16, bfloat16 or a float8
+    type, the same size) and count the inf and NaN values written, in one pass (None: not
+    taken, the caller casts with torch). The values equal torch's cast (float8: c10's
+    conversions, where e4m3fn makes NaN of what is too big); NaN payloads may differ, as they
+    do between torch's own vector and scalar loops."""
+    count = out.numel()
+    if not enabled() or result.dtype != torch.float32 or not _takes([result], count):
+        return None
+    if not _takes([out], count, STORED_CODES):
         return None
     assert _kernels is not None
-    return _kernels.cast(out.data_ptr(), CODES[out.dtype], result.data_ptr(), out.numel())
+    return _kernels.cast(out.data_ptr(), STORED_CODES[out.dtype], result.data_ptr(), count)
+
+
+def widen(stored: torch.Tensor, out: torch.Tensor) -> bool:
+    """Widen `stored` (float32, float16, bfloat16 or a float8 type) into float32 `out` of the
+    same size, exactly (float8 through a table of its 256 values: ~15× torch's copy); False:
+    not taken, the caller copies with torch."""
+    count = out.numel()
+    if not enabled() or out.dtype != torch.float32 or not _takes([out], count):
+        return False
+    if not _takes([stored], count, STORED_CODES):
+        return False
+    assert _kernels is not None
+    _kernels.widen(out.data_ptr(), stored.data_ptr(), STORED_CODES[stored.dtype], count)
+    return True
 
 
 def combine(
