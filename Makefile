@@ -43,11 +43,16 @@ lint: $(BIN)/.installed
 bench-sd1: $(BIN)/.installed
 	$(BIN)/python bench/bench_merge.py --arch sd1
 
-# The merge benchmarks against the I/O floor, SD1.5 then SDXL (inputs generated once into
-# $$WEIGHTMIX_BENCH_DIR, default /tmp/weightmix-bench; about 30 GB of disk for SDXL)
+# The merge benchmarks against the I/O floor: SD1.5, SDXL (fp16) and a Flux transformer (fp8),
+# warm then cold page cache (the cold runs need root). Inputs are generated into
+# $$WEIGHTMIX_BENCH_DIR (default /tmp/weightmix-bench); SDXL's and Flux's are deleted after
+# their runs: at most ~60 GB of disk at a time (Flux: 3 x 11.9 GB inputs and an output).
 bench: $(BIN)/.installed
-	$(BIN)/python bench/bench_merge.py --arch sd1
-	$(BIN)/python bench/bench_merge.py --arch sdxl
+	$(BIN)/python bench/bench_merge.py --arch sd1 --repeat 3
+	$(BIN)/python bench/bench_merge.py --arch sd1 --repeat 3 --cold
+	$(BIN)/python bench/bench_merge.py --arch sdxl --repeat 3
+	$(BIN)/python bench/bench_merge.py --arch sdxl --repeat 3 --cold --drop-inputs
+	$(BIN)/python bench/bench_merge.py --arch flux --repeat 1 --cold --drop-inputs
 
 # Every parser a stranger's file reaches, 100,000 mutated inputs each (hours on 2 cores;
 # e.g. `make fuzz FUZZ_ARGS="--examples 2000 --parsers safetensors,pickle"`). Failing

@@ -2,6 +2,7 @@
 
     python bench/bench_merge.py --arch sd1     # SD1.5 layout, about 2.1 GB per fp16 file
     python bench/bench_merge.py --arch sdxl    # SDXL layout, about 6.9 GB per fp16 file
+    python bench/bench_merge.py --arch flux    # Flux transformer, about 11.9 GB per fp8 file
     python bench/bench_merge.py --cold         # page cache dropped before each command (root)
 
 Random, seeded checkpoints with the real key names and shapes are generated once into a
@@ -24,7 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-ARCHES = {"sd1": "sd1-ldm", "sdxl": "sdxl-sgm"}
+# name: (architecture, stored float dtype, components; None: all)
+ARCHES = {
+    "sd1": ("sd1-ldm", "F16", None),
+    "sdxl": ("sdxl-sgm", "F16", None),
+    "flux": ("flux-flux", "F8_E4M3", ("diffuser",)),  # a Flux transformer as fp8 files ship
+}
 BIN = Path(sys.executable).parent
 
 
@@ -67,7 +73,8 @@ def measure(command: list[str]) -> tuple[float, int, float]:
     return elapsed, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
-def generate(folder: Path, architecture: str) -> list[Path]:
+def generate(folder: Path, arch: str) -> list[Path]:
+    architecture, dtype, components = ARCHES[arch]
     paths = []
     for name, seed in (("A", 1), ("B", 2), ("C", 3)):
         path = folder / f"{name}.safetensors"
@@ -75,7 +82,8 @@ def generate(folder: Path, architecture: str) -> list[Path]:
             print(f"generating {path} ...", flush=True)
             code = (
                 "from weightmix.arch.synthetic import write_synthetic;"
-                f"write_synthetic({str(path)!r}, {architecture!r}, seed={seed})"
+                f"write_synthetic({str(path)!r}, {architecture!r}, seed={seed},"
+                f" float_dtype={dtype!r}, components={components!r})"
             )
             subprocess.run([sys.executable, "-c", code], check=True)
         paths.append(path)
@@ -95,15 +103,19 @@ def main() -> None:
     parser.add_argument(
         "--cold", action="store_true", help="drop the page cache before each timed command"
     )
+    parser.add_argument(
+        "--drop-inputs", action="store_true", help="delete the generated inputs afterwards"
+    )
     args = parser.parse_args()
     global COLD
     COLD = args.cold
 
     folder = args.scratch / args.arch
     folder.mkdir(parents=True, exist_ok=True)
-    inputs = generate(folder, ARCHES[args.arch])
+    inputs = generate(folder, args.arch)
     size = inputs[0].stat().st_size
-    print(f"inputs: 3 x {size_text(size)} ({ARCHES[args.arch]}, fp16) in {folder}")
+    architecture, dtype, _ = ARCHES[args.arch]
+    print(f"inputs: 3 x {size_text(size)} ({architecture}, {dtype}) in {folder}")
     out, floor_out = folder / "out.safetensors", folder / "floor.safetensors"
     threads = ["--threads", str(args.threads)] if args.threads else []
     merges = {
@@ -134,6 +146,10 @@ def main() -> None:
             command += ["-o", str(out), "-q", "--overwrite"]
             rows.setdefault(method, []).append(measure(command))
             out.unlink()
+
+    if args.drop_inputs:
+        for path in inputs:
+            path.unlink()
 
     def median(name: str, index: int) -> float:
         return statistics.median(sample[index] for sample in rows[name])
