@@ -120,9 +120,13 @@ def main() -> None:
     threads = ["--threads", str(args.threads)] if args.threads else []
     merges = {
         "weighted_sum": (inputs[:2], ["--alpha", "0.5"]),
-        "weighted_sum GRAD_V": (inputs[:2], ["--alpha", "GRAD_V"]),  # a value per block
+        # a value per block (supermerger's preset; Flux has its own blocks: a gradient)
+        "weighted_sum GRAD_V": (inputs[:2], ["--alpha", "GRAD_V"]),
         "add_difference": (inputs, ["-m", "add_difference", "--alpha", "1.0"]),
     }
+    if args.arch == "flux":
+        del merges["weighted_sum GRAD_V"]
+        merges["weighted_sum gradient"] = (inputs[:2], ["--alpha", "{gradient: [0, 1]}"])
     if args.research:  # base A and two fine-tunes B, C (random: far apart, the worst case)
         merges = {
             "ties": (inputs, ["-m", "ties", "-p", "density=0.5"]),

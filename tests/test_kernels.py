@@ -504,8 +504,9 @@ def test_linear_merges_give_the_same_bytes_with_and_without_the_blend_loop(
 def test_float8_merges_give_the_same_bytes_with_and_without_the_loops(
     tmp_path, monkeypatch, dtype, method, params, count
 ):
-    """float8 inputs widened by the C table and the output rounded into float8 by the C cast
-    against torch's copies and cast (WEIGHTMIX_KERNELS=0)."""
+    """float8 inputs widened and the output rounded into float8 by the C loops (in one pass
+    with the arithmetic for the linear methods: kernels.blend) against torch's copies,
+    arithmetic and cast (WEIGHTMIX_KERNELS=0)."""
     torch_dtype = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[dtype]
     paths = saved(tmp_path, fine_tunes(11, count), [torch_dtype] * count)
     names = [f"M{i}" for i in range(count)]
@@ -525,8 +526,36 @@ def test_float8_merges_give_the_same_bytes_with_and_without_the_loops(
             used = dict(counting.calls)
     assert outputs[0] == outputs[1]
     assert load(tmp_path / "out-1.safetensors")["big"].dtype == torch_dtype
-    assert used["widen"] >= 6 * count and used["cast"] >= 6
+    if method == "ties":
+        assert used["widen"] >= 6 * count and used["cast"] >= 6
+    else:  # every chunk of the three keys
+        assert used["blend"] >= 6 and "widen" not in used and "cast" not in used
     assert counting.calls == used
+
+
+def test_float8_chunks_the_blend_loop_leaves_take_the_plain_path(tmp_path, monkeypatch):
+    """alpha 0 (A itself, which blend leaves to the plain path) writes A's float8 bytes; an
+    add-difference that overflows float8 e5m2 is refused with the message of the torch path,
+    which the blend loop's count of inf values sends it to."""
+    paths = saved(tmp_path, fine_tunes(12, 3), [torch.float8_e5m2] * 3)
+    names = ["M0", "M1", "M2"]
+    models = dict(zip(names, map(str, paths)))
+    two = {name: models[name] for name in names[:2]}
+    copy = {"models": two, "merge": {"method": "weighted_sum", "inputs": names[:2],
+                                     "alpha": 0.0}}  # fmt: skip
+    weightmix.merge(copy, tmp_path / "copy.safetensors", threads=2)
+    merged, first = load(tmp_path / "copy.safetensors"), load(paths[0])
+    assert all(torch.equal(merged[k].view(torch.uint8), first[k].view(torch.uint8)) for k in first)
+    huge = {"models": models, "merge": {"method": "add_difference", "inputs": names,
+                                        "alpha": 1e6}}  # fmt: skip
+    messages = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("WEIGHTMIX_KERNELS", setting)
+        with pytest.raises(weightmix.WeightmixError) as caught:
+            weightmix.merge(huge, tmp_path / f"huge-{setting}.safetensors", threads=1)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1] and "overflowed to ±inf" in messages[0]
+    assert not list(tmp_path.glob("huge-*"))
 
 
 def test_the_uniform_numbers_are_numpys_pcg64dxsm_draws(monkeypatch):

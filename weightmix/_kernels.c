@@ -59,7 +59,7 @@ static void widen_half_f16c(float *out, const uint16_t *in, Py_ssize_t n) {
     }
     for (; i < n; i++) out[i] = half_to_float(in[i]);
 }
-static int has_f16c = -1;
+static int has_f16c = -1, has_avx2 = 0;
 #endif
 
 /* every float8 value as float32 (exact), by code - F8E4M3; filled at import */
@@ -89,12 +89,45 @@ static void fill_float8_values(void) {
     }
 }
 
+#ifdef WM_X86
+/* float8 to float32 8 at a time through float16 (F16C): e5m2 is the top byte of a float16;
+ * e4m3fn's magnitude bits shifted into a float16 are its value / 256 for normal and
+ * subnormal values alike (exponent bias 15 against 7), so × 256 restores it exactly; its
+ * NaN (magnitude bits all set) is set apart, the sign put back. The rest by the table. */
+__attribute__((target("avx2,f16c")))
+static Py_ssize_t widen_float8_f16c(float *out, const uint8_t *in, Py_ssize_t n, int code) {
+    const __m128i magnitude_mask = _mm_set1_epi16(0x7f), sign_mask = _mm_set1_epi16(0x80);
+    const __m256i all_set = _mm256_set1_epi32(0x7f), nan = _mm256_set1_epi32(0x7fc00000);
+    const __m256 scale = _mm256_set1_ps(256.0f);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128i bytes = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(in + i)));
+        if (code == F8E5M2) {
+            _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_slli_epi16(bytes, 8)));
+            continue;
+        }
+        __m128i magnitude = _mm_and_si128(bytes, magnitude_mask);
+        __m256 value = _mm256_mul_ps(_mm256_cvtph_ps(_mm_slli_epi16(magnitude, 7)), scale);
+        __m256i is_nan = _mm256_cmpeq_epi32(_mm256_cvtepu16_epi32(magnitude), all_set);
+        __m256i bits = _mm256_blendv_epi8(_mm256_castps_si256(value), nan, is_nan);
+        __m256i sign = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_and_si128(bytes, sign_mask)),
+                                         24);
+        _mm256_storeu_si256((__m256i *)(out + i), _mm256_or_si256(bits, sign));
+    }
+    return i;
+}
+#endif
+
 /* n elements of `in` (any dtype code) as float32 into `out` */
 static void widen(float *out, const void *in, int code, Py_ssize_t n) {
     if (code == F8E4M3 || code == F8E5M2) {
         const float *table = float8_values[code - F8E4M3];
         const uint8_t *b = (const uint8_t *)in;
-        for (Py_ssize_t i = 0; i < n; i++) out[i] = table[b[i]];
+        Py_ssize_t i = 0;
+#ifdef WM_X86
+        if (has_f16c && has_avx2) i = widen_float8_f16c(out, b, n, code);
+#endif
+        for (; i < n; i++) out[i] = table[b[i]];
     } else if (code == F32) {
         memcpy(out, in, (size_t)n * sizeof(float));
     } else if (code == BF16) {
@@ -176,7 +209,6 @@ static void low_counts_f16(int64_t *counts, const uint16_t *b, const uint16_t *m
         if ((u >> 16) == prefix) counts[u & 0xffffu]++;
     }
 }
-static int has_avx2 = 0;
 #endif
 
 /* u[i] = the float32 bits of |model[i] - base[i]| (each widened to float32), every NaN as
@@ -660,8 +692,51 @@ static PyObject *combine(PyObject *self, PyObject *args) {
  * puts the rounded subnormal in the low bits; else the exponent is rebiased and the dropped
  * fraction bits rounded by adding half an ulp less one, plus the kept fraction's last bit
  * (ties to even). Returns how many results are inf or NaN. */
-WM_CLONES static Py_ssize_t narrow_float8(uint8_t *out, const float *in, Py_ssize_t n,
-                                          int mantissa, int bias, int saturate) {
+#ifdef WM_X86
+/* narrow_float8's selection 8 elements at a time with AVX2: returns how many it did, their
+ * inf and NaN count added to *nonfinite */
+__attribute__((target("avx2")))
+static Py_ssize_t narrow_float8_avx2(uint8_t *out, const uint32_t *u, Py_ssize_t n,
+                                     const uint32_t *constants, Py_ssize_t *nonfinite) {
+    const __m128i drop = _mm_cvtsi32_si128((int)constants[0]);
+    const __m256i smallest_normal = _mm256_set1_epi32((int)constants[1]);
+    const __m256i below_too_big = _mm256_set1_epi32((int)constants[2] - 1);
+    const __m256i largest = _mm256_set1_epi32((int)constants[3]);
+    const __m256i nan = _mm256_set1_epi32((int)constants[4]);
+    const __m256i rebias = _mm256_set1_epi32((int)constants[5]);
+    const __m256i magic_bits = _mm256_set1_epi32((int)constants[6]);
+    const __m256i special = _mm256_set1_epi32((int)constants[7]);
+    const __m256i sign_bit = _mm256_set1_epi32((int)0x80000000u), one = _mm256_set1_epi32(1);
+    const __m256i infinity = _mm256_set1_epi32(0x7f800000), low_byte = _mm256_set1_epi32(0xff);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    Py_ssize_t i = 0, found = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)(u + i));
+        __m256i sign = _mm256_and_si256(x, sign_bit), bits = _mm256_xor_si256(x, sign);
+        __m256 shifted = _mm256_add_ps(_mm256_castsi256_ps(bits), _mm256_castsi256_ps(magic_bits));
+        __m256i subnormal = _mm256_sub_epi32(_mm256_castps_si256(shifted), magic_bits);
+        __m256i odd = _mm256_and_si256(_mm256_srl_epi32(bits, drop), one);
+        __m256i normal = _mm256_srl_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, rebias), odd),
+                                          drop);
+        /* bits < 2^31 here: signed comparisons order them as unsigned ones would */
+        __m256i h = _mm256_blendv_epi8(normal, subnormal,
+                                       _mm256_cmpgt_epi32(smallest_normal, bits));
+        h = _mm256_blendv_epi8(h, largest, _mm256_cmpgt_epi32(bits, below_too_big));
+        h = _mm256_blendv_epi8(h, nan, _mm256_cmpgt_epi32(bits, infinity));
+        h = _mm256_or_si256(_mm256_and_si256(h, low_byte), _mm256_srli_epi32(sign, 24));
+        __m256i is_special = _mm256_cmpeq_epi32(_mm256_and_si256(h, special), special);
+        found += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(is_special)));
+        __m256i packed = _mm256_packus_epi16(_mm256_packus_epi32(h, h), _mm256_setzero_si256());
+        packed = _mm256_permutevar8x32_epi32(packed, order); /* bytes 0-3, 4-7 side by side */
+        _mm_storel_epi64((__m128i *)(out + i), _mm256_castsi256_si128(packed));
+    }
+    *nonfinite += found;
+    return i;
+}
+#endif
+
+static Py_ssize_t narrow_float8(uint8_t *out, const float *in, Py_ssize_t n,
+                                int mantissa, int bias, int saturate) {
     const int drop = 23 - mantissa;
     const uint32_t smallest_normal = (uint32_t)(127 + 1 - bias) << 23;
     /* from here up, rounding passes the largest finite value: 464 (e4m3fn), 61440 (e5m2) */
@@ -673,8 +748,16 @@ WM_CLONES static Py_ssize_t narrow_float8(uint8_t *out, const float *in, Py_ssiz
     union { uint32_t u; float f; } magic = {magic_bits};
     const uint32_t *u = (const uint32_t *)in;
     Py_ssize_t nonfinite = 0;
-    /* both roundings computed and one selected, without branches, so that it vectorises */
-    for (Py_ssize_t i = 0; i < n; i++) {
+    Py_ssize_t i = 0;
+#ifdef WM_X86
+    if (has_avx2) {
+        const uint32_t constants[8] = {(uint32_t)drop, smallest_normal, too_big, largest, nan,
+                                       rebias, magic_bits, special};
+        i = narrow_float8_avx2(out, u, n, constants, &nonfinite);
+    }
+#endif
+    /* both roundings computed and one selected, without branches */
+    for (; i < n; i++) {
         uint32_t sign = u[i] & 0x80000000u, bits = u[i] ^ sign;
         float magnitude;
         memcpy(&magnitude, &bits, 4);
@@ -747,7 +830,7 @@ static Py_ssize_t blend_fma(void *out, int out_code, const unsigned long long *a
 /* blend(out, out_code, inputs, codes, coefficients, difference, n) -> how many of the n
  * results are inf or NaN, or None where the machine lacks AVX2, FMA or F16C: combine()'s
  * linear combination (difference = 0), or a + c_0·(b − c) of three inputs (difference = 1),
- * rounded to nearest into `out` (float32, float16 or bfloat16) as cast() rounds, one pass. */
+ * rounded to nearest into `out` as cast() rounds, one pass; any dtype codes. */
 static PyObject *blend(PyObject *self, PyObject *args) {
     unsigned long long out_at;
     int out_code, difference;
@@ -763,8 +846,8 @@ static PyObject *blend(PyObject *self, PyObject *args) {
                         "blend: 1 to 16 vectors and a coefficient each, or 3 and one alpha");
         return NULL;
     }
-    if (out_code < F32 || out_code > BF16) {
-        PyErr_SetString(PyExc_ValueError, "blend: dtype codes are 0-2");
+    if (out_code < F32 || out_code > F8E5M2) {
+        PyErr_SetString(PyExc_ValueError, "blend: dtype codes are 0-4");
         return NULL;
     }
     unsigned long long at[MAX_MODELS];
@@ -776,8 +859,8 @@ static PyObject *blend(PyObject *self, PyObject *args) {
         if (k < PyList_GET_SIZE(coefficients))
             coefficient[k] = (float)PyFloat_AsDouble(PyList_GET_ITEM(coefficients, k));
         if (PyErr_Occurred()) return NULL;
-        if (code[k] < F32 || code[k] > BF16) {
-            PyErr_SetString(PyExc_ValueError, "blend: dtype codes are 0-2");
+        if (code[k] < F32 || code[k] > F8E5M2) {
+            PyErr_SetString(PyExc_ValueError, "blend: dtype codes are 0-4");
             return NULL;
         }
     }

@@ -371,39 +371,28 @@ def run_task(
     screen = key.expr is not None and not plan.recipe.allow_nonfinite
     if fused is not None and gains_no_nonfinite(plan, key, fused):
         screen = False  # a convex blend into a dtype as wide as its inputs: nothing to find
-    widen = fused is None and not stored
-    # the fused arithmetic and the rounding into the output dtype in one pass, where it can
-    rounded = fused is not None and fused.method.rounded is not None and stream is None
-    rounded = rounded and plan.compute_dtype.torch == torch.float32
+    # the arithmetic and the rounding into the output dtype in one pass, where it can
+    rounded = rounded_call(plan, key) if streamers is None else None
+    widen = fused is None and rounded is None and not stored
     chunks = _read_chunks(plan, key, task.start, task.stop, buffers, widen, held)
     for start, raw, inputs in chunks:
         count = min(CHUNK_ELEMENTS, task.stop - start)
-        if rounded:
-            assert fused is not None and fused.method.rounded is not None
+        if rounded is not None:
+            assert rounded.method.rounded is not None
             same = buffers.get("out", out_dtype, count)
-            terms = [inputs[leaf.model] for leaf in fused.inputs]
-            found = fused.method.rounded(terms, fused.params, same[0])
+            terms = [inputs[leaf.model] for leaf in rounded.inputs]
+            found = rounded.method.rounded(terms, rounded.params, same[0])
             if found is not None:
                 if screen and found:  # the float32 result, to say where it overflowed
-                    into = buffers.get("fused", torch.float32, count)[0]
-                    result = fused.method.fused(terms, fused.params, torch.float32, into)
+                    if fused is None:
+                        inputs = _widened(inputs, plan.compute_dtype.torch, buffers, count)
+                    result = _chunk_result(plan, key, fused, inputs, buffers, count)
                     check_gained(key.key, same[0], result, inputs)
                 writer.write_range(key.key, start * out_size, same[1])
                 continue
-        if key.expr is None:
-            result = inputs[key.copy_from]
-        elif fused is not None:  # inputs as stored, widened inside the arithmetic
-            terms = [inputs[leaf.model] for leaf in fused.inputs]
-            into = buffers.get("fused", plan.compute_dtype.torch, count)[0]
-            result = fused.method.fused(terms, fused.params, plan.compute_dtype.torch, into)
-            if result.dtype not in (plan.compute_dtype.torch, out_dtype):
-                result = result.to(plan.compute_dtype.torch)  # an input returned as it is
-        else:
-            result = evaluate(key.expr, inputs, _draw(key, start), streamers, known)
-            if result.numel() != count:
-                raise RuntimeError(
-                    f"{key.key}: merge produced {result.numel()} of {count} elements"
-                )
+            if fused is None:  # not taken: the plain path, on widened copies
+                inputs = _widened(inputs, plan.compute_dtype.torch, buffers, count)
+        result = _chunk_result(plan, key, fused, inputs, buffers, count, start, streamers, known)
         # an input returned unchanged is written from the bytes read, exactly
         same = next((raw[m] for m, t in inputs.items() if t is result), None)
         if same is None or same[0].dtype != out_dtype:
@@ -417,6 +406,34 @@ def run_task(
             if screen and found != 0:
                 check_gained(key.key, same[0], result, inputs)
         writer.write_range(key.key, start * out_size, same[1])
+
+
+def _chunk_result(
+    plan: Plan,
+    key: KeyPlan,
+    fused: Op | None,
+    inputs: dict[str, torch.Tensor],
+    buffers: _Buffers,
+    count: int,
+    start: int = 0,
+    streamers: dict | None = None,
+    known: dict | None = None,
+) -> torch.Tensor:
+    """One chunk's merge before the cast: a copied input, the fused form on the chunks as
+    stored, or the expression (on the chunks as _read_chunks gave them)."""
+    if key.expr is None:
+        return inputs[key.copy_from]
+    if fused is not None:  # inputs as stored, widened inside the arithmetic
+        terms = [inputs[leaf.model] for leaf in fused.inputs]
+        into = buffers.get("fused", plan.compute_dtype.torch, count)[0]
+        result = fused.method.fused(terms, fused.params, plan.compute_dtype.torch, into)
+        if result.dtype not in (plan.compute_dtype.torch, key.out_dtype.torch):
+            result = result.to(plan.compute_dtype.torch)  # an input returned as it is
+        return result
+    result = evaluate(key.expr, inputs, _draw(key, start), streamers, known)
+    if result.numel() != count:
+        raise RuntimeError(f"{key.key}: merge produced {result.numel()} of {count} elements")
+    return result
 
 
 def _draw(key: KeyPlan, start: int) -> Draw | None:
@@ -449,6 +466,23 @@ def fused_call(plan: Plan, key: KeyPlan) -> Op | None:
     the bit. None otherwise."""
     node = _call_on_stored_models(plan, key)
     return node if node is not None and node.method.fused is not None else None
+
+
+def rounded_call(plan: Plan, key: KeyPlan) -> Op | None:
+    """The key's merge when it is one call, on the models themselves, of a method with a
+    rounded form (MethodSpec.rounded) in float32 compute, rounded to nearest, its inputs
+    stored in dtypes the C loops widen (float8 too): the engine then offers it the chunks as
+    stored and the output buffer, and runs the plain path for a chunk it does not take."""
+    node = key.expr
+    if not isinstance(node, Op) or node.method.rounded is None:
+        return None
+    if not all(isinstance(c, Leaf) for c in node.inputs):
+        return None
+    if plan.compute_dtype.torch != torch.float32 or _rounding_stream(plan, key) is not None:
+        return None
+    if any(info.dtype.torch not in kernels.STORED_CODES for info in key.sources.values()):
+        return None
+    return node
 
 
 def stored_streamed_call(plan: Plan, key: KeyPlan) -> bool:
@@ -533,15 +567,24 @@ def _read_chunks(
             checkpoint.read_range(info, start * info.dtype.itemsize, raw[model][1])
         inputs = {model: tensor for model, (tensor, _) in raw.items()}
         if key.expr is not None and widen:
-            for model, tensor in inputs.items():
-                if tensor.dtype != compute_dtype:
-                    widened = buffers.get(f"in{model}", compute_dtype, count)[0]
-                    if not kernels.widen(tensor, widened):  # a C loop where it takes them
-                        widened.copy_(tensor)
-                    inputs[model] = widened
+            inputs = _widened(inputs, compute_dtype, buffers, count)
         yield start, raw, inputs
     if held is not None and first == 0 and stop == key.numel:
         held.filled = True  # (a pass broken off early leaves it to be read again)
+
+
+def _widened(
+    inputs: dict[str, torch.Tensor], compute_dtype: torch.dtype, buffers: _Buffers, count: int
+) -> dict[str, torch.Tensor]:
+    """The chunk's inputs in the compute dtype: widened copies in per-thread buffers."""
+    widened = dict(inputs)
+    for model, tensor in inputs.items():
+        if tensor.dtype != compute_dtype:
+            into = buffers.get(f"in{model}", compute_dtype, count)[0]
+            if not kernels.widen(tensor, into):  # a C loop where it takes them
+                into.copy_(tensor)
+            widened[model] = into
+    return widened
 
 
 def key_chunks(plan: Plan, key: KeyPlan) -> Iterator[dict[str, torch.Tensor]]:

@@ -191,18 +191,20 @@ def blend(
 ) -> int | None:
     """combine()'s float32 Σ c_k·x_k (or, with `difference`, torch.add(a, b − c, alpha=c_0)
     of three tensors: the difference rounded, then one fused multiply-add) rounded to nearest
-    into `out` (float32, float16 or bfloat16) as cast() rounds it, a cache-sized block at a
-    time, so that no float32 result is written or read back: the same bits as combine() (or
-    torch.add) then cast(). Returns how many inf and NaN values it wrote; None: not taken."""
+    into `out` as cast() rounds it (inputs and `out` of any STORED_CODES dtype, float8 too),
+    a cache-sized block at a time, so that no float32 result is written or read back: the
+    same bits as combine() (or torch.add) then cast(). Returns how many inf and NaN values it
+    wrote; None: not taken."""
     count = out.numel()
     if not enabled() or not hasattr(_kernels, "blend") or not 1 <= len(tensors) <= MAX_MODELS:
         return None
-    if not _takes([*tensors, out], count) or (difference and len(tensors) != 3):
+    if not _takes([*tensors, out], count, STORED_CODES) or (difference and len(tensors) != 3):
         return None
     assert _kernels is not None
-    return _kernels.blend(out.data_ptr(), CODES[out.dtype], [t.data_ptr() for t in tensors],
-                          [CODES[t.dtype] for t in tensors], [float(c) for c in coefficients],
-                          difference, count)  # fmt: skip
+    return _kernels.blend(out.data_ptr(), STORED_CODES[out.dtype],
+                          [t.data_ptr() for t in tensors],
+                          [STORED_CODES[t.dtype] for t in tensors],
+                          [float(c) for c in coefficients], difference, count)  # fmt: skip
 
 
 def stream_uniform(out: torch.Tensor, stream: int, start: int) -> bool:
