@@ -6,7 +6,10 @@ NaN, magnitudes equal to the cut); and a merge gives the same bytes with and wit
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import subprocess
+import sys
 import sysconfig
 from collections import Counter
 from pathlib import Path
@@ -17,6 +20,7 @@ from helpers import load, save
 
 import weightmix
 from weightmix import kernels
+from weightmix.engine import CHUNK_ELEMENTS
 from weightmix.methods.sparsify import task_arithmetic_
 
 # a C compiler and Python's headers: what setup.py needs to build weightmix/_kernels.c
@@ -251,15 +255,16 @@ def saved(tmp_path, states: list[dict], dtypes: list[torch.dtype]) -> list:
 
 
 @pytest.mark.parametrize(
-    ("dtypes", "compute"),
-    [((torch.float16,) * 3, "fp32"), ((torch.bfloat16, torch.float16, torch.float32), "fp32"),
-     ((torch.float16,) * 3, "fp64")],
-    ids=["fp16", "mixed", "fp16-in-fp64"],
+    ("dtypes", "compute", "out_dtype"),
+    [((torch.float16,) * 3, "fp32", "fp16"),
+     ((torch.bfloat16, torch.float16, torch.float32), "fp32", "fp32"),
+     ((torch.bfloat16,) * 3, "fp32", "bf16"), ((torch.float16,) * 3, "fp64", "fp32")],
+    ids=["fp16", "mixed", "bf16", "fp16-in-fp64"],
 )  # fmt: skip
 @pytest.mark.parametrize("params", [{"density": 0.3}, {"density": 0.5, "lambda": 0.7,
                                     "weights": [1.0, 0.5], "consensus": "count"}])  # fmt: skip
 def test_a_ties_merge_gives_the_same_bytes_with_and_without_the_loops(
-    tmp_path, monkeypatch, dtypes, compute, params
+    tmp_path, monkeypatch, dtypes, compute, out_dtype, params
 ):
     states = fine_tunes(5, 3)
     states[2]["small"][0, :3] = states[0]["small"][0, :3]  # deltas of 0: ties at the cut
@@ -268,7 +273,7 @@ def test_a_ties_merge_gives_the_same_bytes_with_and_without_the_loops(
         "models": {f"M{i}": str(p) for i, p in enumerate(paths)},
         "merge": {"method": "ties", "inputs": ["M0", "M1", "M2"], **params},
         "compute_dtype": compute,
-        "dtype": "fp32",
+        "dtype": out_dtype,
     }
     outputs = []
     counting = Counting(kernels._kernels)
@@ -283,6 +288,7 @@ def test_a_ties_merge_gives_the_same_bytes_with_and_without_the_loops(
     assert outputs[0] == outputs[1]
     if compute == "fp32":  # the big keys' chunks went through C, but for a split run of ties
         assert used["ties"] >= 4 and used["histogram"] >= 4
+        assert "cast" not in used  # rounded into the output by the ties loop itself
         # the statistics passes read the chunks as stored, not widened copies
         assert counting.codes == {kernels.CODES[d] for d in set(dtypes)}
     else:
@@ -381,9 +387,11 @@ def test_dot_product_merges_give_the_same_bytes_with_and_without_the_loops(
         weightmix.merge(recipe, out, threads=2)
         outputs.append(out.read_bytes())
         if setting == "1":
-            used = counting.calls["gram"]
+            used = dict(counting.calls)
     assert outputs[0] == outputs[1]
-    assert used >= 3 and counting.calls["gram"] == used  # the loop ran only when enabled
+    assert used["gram"] >= 3 and counting.calls == used  # the loops ran only when enabled
+    if method in ("slerp", "model_stock"):  # the output through blend's one pass
+        assert used["blend"] >= 3 and "cast" not in used
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -450,7 +458,7 @@ def test_a_blend_is_the_torch_arithmetic_then_the_cast(dtypes, out_dtype, count)
     difference = torch.add(wide[0], wide[1] - wide[2], alpha=-1.7345678912)
     for expected, found in (
         (linear, lambda out: kernels.blend(values, coefficients, out)),
-        (difference, lambda out: kernels.blend(values, [-1.7345678912], out, difference=True)),
+        (difference, lambda out: kernels.blend(values, [-1.7345678912], out, "difference")),
     ):
         out = torch.empty(count, dtype=out_dtype)
         written = found(out)
@@ -458,7 +466,7 @@ def test_a_blend_is_the_torch_arithmetic_then_the_cast(dtypes, out_dtype, count)
         assert same_bits(out.float(), rounded.float())
         assert written == int((~torch.isfinite(rounded)).sum()) > 0
     assert kernels.blend([v.double() for v in values], coefficients, out) is None
-    assert kernels.blend(values[:2], [1.0], out, difference=True) is None
+    assert kernels.blend(values[:2], [1.0], out, "difference") is None
 
 
 @pytest.mark.parametrize(
@@ -556,6 +564,65 @@ def test_float8_chunks_the_blend_loop_leaves_take_the_plain_path(tmp_path, monke
         messages.append(str(caught.value))
     assert messages[0] == messages[1] and "overflowed to ±inf" in messages[0]
     assert not list(tmp_path.glob("huge-*"))
+
+
+def test_where_torch_runs_its_scalar_loops_the_fused_loops_step_aside(tmp_path):
+    """With ATEN_CPU_CAPABILITY=default torch adds `alpha·x` with two roundings, not one
+    fused multiply-add: combine and blend are then not taken, and a weighted sum and an
+    add-difference give torch's bytes with the extension as without it."""
+    paths = saved(tmp_path, fine_tunes(13, 3), [torch.float16] * 3)
+    script = f"""
+import os, torch, weightmix
+from weightmix import kernels
+assert not kernels.torch_fuses()
+models = {{f"M{{i}}": p for i, p in enumerate({[str(p) for p in paths]!r})}}
+for merge in ({{"method": "add_difference", "inputs": ["M0", "M1", "M2"], "alpha": 1.7}},
+              {{"method": "weighted_sum", "inputs": ["M0", "M1", "M2"],
+                "weights": [0.3, -1.1, 2.0]}}):
+    outputs = []
+    for setting in ("1", "0"):
+        os.environ["WEIGHTMIX_KERNELS"] = setting
+        out = {str(tmp_path)!r} + f"/out-{{setting}}.safetensors"
+        weightmix.merge({{"models": models, "merge": merge, "dtype": "fp32"}}, out,
+                        overwrite=True)
+        outputs.append(open(out, "rb").read())
+    assert outputs[0] == outputs[1], merge["method"]
+print("same")
+"""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "same", done.stderr[-2000:]
+
+
+def test_a_carried_inf_does_not_move_the_ties_cut_on(tmp_path, monkeypatch):
+    """An inf in the base is carried into the output: the one-pass loop counts it, the screen
+    finds it carried (not gained) and the merge goes on. The cut of TIES falls inside a run of
+    equal magnitudes split over two chunks (1,000 at the cut in the first, more in the
+    second): the second chunk must still keep the rest, as the torch path does."""
+    count = CHUNK_ELEMENTS + 4096
+    delta = torch.full((count,), 0.001)
+    delta[torch.arange(1000) * 200] = 1.0  # at the cut, in the first chunk
+    delta[CHUNK_ELEMENTS:] = 1.0  # more at the cut in the second
+    delta[CHUNK_ELEMENTS + 100 : CHUNK_ELEMENTS + 2100] = 2.0  # above it
+    base = torch.zeros(count)
+    base[7] = math.inf
+    paths = [save(tmp_path / "base.safetensors", {"w": base.half()}),
+             save(tmp_path / "tuned.safetensors", {"w": (base + delta).half()})]  # fmt: skip
+    recipe = {
+        "models": {"base": str(paths[0]), "tuned": str(paths[1])},
+        "merge": {"method": "ties", "inputs": ["base", "tuned"],
+                  "density": 3501.5 / count},  # 2,001 above the cut (the inf too), 1,500 at it
+    }  # fmt: skip
+    outputs = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("WEIGHTMIX_KERNELS", setting)
+        out = tmp_path / f"out-{setting}.safetensors"
+        weightmix.merge(recipe, out, threads=1)
+        outputs.append(load(out)["w"])
+    assert torch.equal(outputs[0].view(torch.int16), outputs[1].view(torch.int16))
+    kept = (outputs[1].float() - base.half().float()).abs() == 1.0
+    assert int(kept[:CHUNK_ELEMENTS].sum()) == 1000 and int(kept.sum()) == 1500
 
 
 def test_the_uniform_numbers_are_numpys_pcg64dxsm_draws(monkeypatch):

@@ -1,5 +1,5 @@
 import sys
 
-from weightmix.cli import main
+from weightmix.launch import main
 
 sys.exit(main())

@@ -20,7 +20,8 @@
 #define WM_X86 1
 #endif
 
-/* dtype codes; the float8 types are only widened (widen) and rounded into (cast) */
+/* dtype codes; the float8 types are widened and rounded into (widen, cast, blend; ties'
+ * output), never taken by the other loops */
 enum { F32 = 0, F16 = 1, BF16 = 2, F8E4M3 = 3, F8E5M2 = 4 };
 enum { BLOCK = 1024, MAX_MODELS = 16 };
 
@@ -150,6 +151,9 @@ static Py_ssize_t itemsize(int code) { return code == F32 ? 4 : code >= F8E4M3 ?
 static const void *offset(const void *base, int code, Py_ssize_t i) {
     return (const char *)base + i * itemsize(code);
 }
+
+/* n float32 results rounded into `out` (any dtype code), defined below with the casts */
+static Py_ssize_t narrow(void *out, int code, const float *in, Py_ssize_t n);
 
 static inline float relu(float x) { return x < 0.0f ? 0.0f : x; }
 static inline float sign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
@@ -291,9 +295,11 @@ static int read_addresses(PyObject *list, unsigned long long *into, Py_ssize_t c
     return 0;
 }
 
-/* ties(out, base, base_code, n, models, codes, cuts, modes, remainders, weights,
- *      consensus_count, normalize, lambda) -> elements taken at each cut:
- * the TIES output of one chunk into float32 `out`, as MagnitudeCutStreamer.apply computes it:
+/* ties(out, out_code, base, base_code, n, models, codes, cuts, modes, remainders, weights,
+ *      consensus_count, normalize, lambda) -> (elements taken at each cut, how many outputs
+ *      are inf or NaN), or None for a float16 `out` on a machine without F16C:
+ * the TIES output of one chunk rounded to nearest into `out` (any dtype code, as cast()
+ * rounds it), as MagnitudeCutStreamer.apply computes it in float32:
  * for each model m, d = M_m - base, t_m = d * keep_m where keep_m (mode 0: 1; mode 1:
  * sign(relu(|d| - cut)); mode 2: 1 - sign(relu(cut - |d|)); mode 3: mode 1's, and 1 for the
  * first `remainder` elements with |d| = cut, in index order), times its weight unless the
@@ -303,12 +309,13 @@ static int read_addresses(PyObject *list, unsigned long long *into, Py_ssize_t c
  * total * lambda. Sums run in model order. models, codes, cuts, modes, weights: lists. */
 WM_CLONES static PyObject *ties(PyObject *self, PyObject *args) {
     unsigned long long out_at, base_at;
-    int base_code, consensus_count, normalize;
+    int out_code, base_code, consensus_count, normalize;
     Py_ssize_t n;
     PyObject *models, *codes, *cuts, *modes, *weights;
     double lambda;
     PyObject *remainders;
-    if (!PyArg_ParseTuple(args, "KKinO!O!O!O!O!O!ppd", &out_at, &base_at, &base_code, &n,
+    if (!PyArg_ParseTuple(args, "KiKinO!O!O!O!O!O!ppd", &out_at, &out_code, &base_at,
+                          &base_code, &n,
                           &PyList_Type, &models, &PyList_Type, &codes, &PyList_Type, &cuts,
                           &PyList_Type, &modes, &PyList_Type, &remainders, &PyList_Type,
                           &weights, &consensus_count, &normalize, &lambda))
@@ -342,11 +349,17 @@ WM_CLONES static PyObject *ties(PyObject *self, PyObject *args) {
             return NULL;
         }
     }
-    if (base_code < F32 || base_code > BF16) {
-        PyErr_SetString(PyExc_ValueError, "ties: dtype codes are 0-2");
+    if (base_code < F32 || base_code > BF16 || out_code < F32 || out_code > F8E5M2) {
+        PyErr_SetString(PyExc_ValueError, "ties: dtype codes are 0-2 (out: 0-4)");
         return NULL;
     }
-    float *out = (float *)(uintptr_t)out_at;
+#ifdef WM_X86
+    if (out_code == F16 && !(has_f16c && has_avx2)) Py_RETURN_NONE;
+#else
+    if (out_code == F16) Py_RETURN_NONE;
+#endif
+    char *out = (char *)(uintptr_t)out_at;
+    Py_ssize_t nonfinite = 0;
     const void *base = (const void *)(uintptr_t)base_at;
     float lam = (float)lambda;
     float (*t)[BLOCK] = PyMem_RawMalloc(sizeof(float[BLOCK]) * (size_t)count);
@@ -422,12 +435,12 @@ WM_CLONES static PyObject *ties(PyObject *self, PyObject *args) {
                 total[i] = total[i] / d;
             }
         }
-        float *o = out + first;
         if (lam == 1.0f && lambda == 1.0) {
-            for (Py_ssize_t i = 0; i < size; i++) o[i] = b[i] + total[i];
+            for (Py_ssize_t i = 0; i < size; i++) total[i] = b[i] + total[i];
         } else {
-            for (Py_ssize_t i = 0; i < size; i++) o[i] = b[i] + total[i] * lam;
+            for (Py_ssize_t i = 0; i < size; i++) total[i] = b[i] + total[i] * lam;
         }
+        nonfinite += narrow(out + first * itemsize(out_code), out_code, total, size);
     }
     Py_END_ALLOW_THREADS
     PyMem_RawFree(t);
@@ -441,7 +454,7 @@ WM_CLONES static PyObject *ties(PyObject *self, PyObject *args) {
         }
         PyList_SET_ITEM(counts, k, number);
     }
-    return counts;
+    return Py_BuildValue("(Nn)", counts, nonfinite);
 }
 
 enum { LANES = 8 };
@@ -595,8 +608,6 @@ WM_CLONES static Py_ssize_t copy_float(float *out, const float *in, Py_ssize_t n
     memcpy(out, in, (size_t)n * sizeof(float));
     return nonfinite;
 }
-
-static Py_ssize_t narrow(void *out, int code, const float *in, Py_ssize_t n);
 
 /* cast(out, out_code, in, n) -> how many of the n results are inf or NaN, or None where the
  * machine lacks F16C for a float16 output: float32 `in` rounded to nearest into `out` (any
@@ -790,27 +801,43 @@ static Py_ssize_t narrow(void *out, int code, const float *in, Py_ssize_t n) {
 #endif
 }
 
+enum { SUM = 0, DIFFERENCE = 1, STOCK = 2 }; /* what blend computes */
+
 #ifdef WM_X86
-/* combine_fma's sum (difference = 0), or a + c_0·(b − c) for three inputs (difference = 1,
- * torch.add(a, b − c, alpha=c_0): the difference rounded, then one fused multiply-add), a
- * block at a time, each block rounded into `out` while it is in cache */
+/* blend()'s arithmetic a block at a time, each block rounded into `out` while in cache */
 __attribute__((target("avx2,fma")))
 static Py_ssize_t blend_fma(void *out, int out_code, const unsigned long long *at,
                             const int *code, const float *coefficient, Py_ssize_t count,
-                            int difference, Py_ssize_t n) {
-    float r[BLOCK], x[BLOCK];
+                            Py_ssize_t coefficients, int form, Py_ssize_t n) {
+    float r[BLOCK], x[BLOCK], y[BLOCK];
     Py_ssize_t nonfinite = 0;
     for (Py_ssize_t first = 0; first < n; first += BLOCK) {
         Py_ssize_t size = n - first < BLOCK ? n - first : BLOCK;
         const void *in[MAX_MODELS];
         for (Py_ssize_t k = 0; k < count; k++)
             in[k] = offset((const void *)(uintptr_t)at[k], code[k], first);
-        if (difference) {
-            float a[BLOCK], alpha = coefficient[0];
+        if (form == DIFFERENCE) {
+            float alpha = coefficient[0];
             widen(r, in[1], code[1], size);
             widen(x, in[2], code[2], size);
-            widen(a, in[0], code[0], size);
-            for (Py_ssize_t i = 0; i < size; i++) r[i] = fmaf(r[i] - x[i], alpha, a[i]);
+            widen(y, in[0], code[0], size);
+            for (Py_ssize_t i = 0; i < size; i++) r[i] = fmaf(r[i] - x[i], alpha, y[i]);
+        } else if (form == STOCK) {
+            /* the offset from the first model, from +0: o = Σ α·(m_k − m_1) one fused
+             * multiply-add each; the mean m_1 + o; then base + (mean − base)·t unless t = 1 */
+            float alpha = coefficient[0];
+            widen(y, in[1], code[1], size);
+            for (Py_ssize_t i = 0; i < size; i++) r[i] = 0.0f;
+            for (Py_ssize_t k = 2; k < count; k++) {
+                widen(x, in[k], code[k], size);
+                for (Py_ssize_t i = 0; i < size; i++) r[i] = fmaf(x[i] - y[i], alpha, r[i]);
+            }
+            for (Py_ssize_t i = 0; i < size; i++) r[i] = y[i] + r[i];
+            if (coefficients == 2) {
+                float t = coefficient[1];
+                widen(x, in[0], code[0], size);
+                for (Py_ssize_t i = 0; i < size; i++) r[i] = x[i] + (r[i] - x[i]) * t;
+            }
         } else {
             widen(x, in[0], code[0], size);
             float c = coefficient[0];
@@ -827,23 +854,30 @@ static Py_ssize_t blend_fma(void *out, int out_code, const unsigned long long *a
 }
 #endif
 
-/* blend(out, out_code, inputs, codes, coefficients, difference, n) -> how many of the n
- * results are inf or NaN, or None where the machine lacks AVX2, FMA or F16C: combine()'s
- * linear combination (difference = 0), or a + c_0·(b − c) of three inputs (difference = 1),
- * rounded to nearest into `out` as cast() rounds, one pass; any dtype codes. */
+/* blend(out, out_code, inputs, codes, coefficients, form, n) -> how many of the n results
+ * are inf or NaN, or None where the machine lacks AVX2, FMA or F16C; rounded to nearest
+ * into `out` as cast() rounds, in one pass; any dtype codes. Forms, each as torch computes
+ * it in float32 on AVX2 machines (tests/test_kernels.py):
+ *   SUM: combine()'s Σ c_k·x_k, a coefficient per input;
+ *   DIFFERENCE: a + α·(b − c) of three inputs (torch.add(a, b − c, alpha=α): the difference
+ *     rounded, then one fused multiply-add), coefficients [α];
+ *   STOCK: model stock's step from base and models m_1..m_N (N >= 1), coefficients [α] (the
+ *     mean's weight 1/N) for the mean alone or [α, t] for base + (mean − base)·t. */
 static PyObject *blend(PyObject *self, PyObject *args) {
     unsigned long long out_at;
-    int out_code, difference;
+    int out_code, form;
     PyObject *inputs, *codes, *coefficients;
     Py_ssize_t n;
-    if (!PyArg_ParseTuple(args, "KiO!O!O!pn", &out_at, &out_code, &PyList_Type, &inputs,
-                          &PyList_Type, &codes, &PyList_Type, &coefficients, &difference, &n))
+    if (!PyArg_ParseTuple(args, "KiO!O!O!in", &out_at, &out_code, &PyList_Type, &inputs,
+                          &PyList_Type, &codes, &PyList_Type, &coefficients, &form, &n))
         return NULL;
-    Py_ssize_t count = PyList_GET_SIZE(inputs);
-    if (count < 1 || count > MAX_MODELS || PyList_GET_SIZE(codes) != count ||
-        PyList_GET_SIZE(coefficients) != (difference ? 1 : count) || (difference && count != 3)) {
-        PyErr_SetString(PyExc_ValueError,
-                        "blend: 1 to 16 vectors and a coefficient each, or 3 and one alpha");
+    Py_ssize_t count = PyList_GET_SIZE(inputs), given = PyList_GET_SIZE(coefficients);
+    int fits = form == SUM          ? given == count
+               : form == DIFFERENCE ? count == 3 && given == 1
+               : form == STOCK      ? count >= 2 && (given == 1 || given == 2)
+                                    : 0;
+    if (count < 1 || count > MAX_MODELS || PyList_GET_SIZE(codes) != count || !fits) {
+        PyErr_SetString(PyExc_ValueError, "blend: 1 to 16 vectors, coefficients as the form needs");
         return NULL;
     }
     if (out_code < F32 || out_code > F8E5M2) {
@@ -854,10 +888,12 @@ static PyObject *blend(PyObject *self, PyObject *args) {
     int code[MAX_MODELS];
     float coefficient[MAX_MODELS];
     if (read_addresses(inputs, at, count) < 0) return NULL;
+    for (Py_ssize_t k = 0; k < given; k++) {
+        coefficient[k] = (float)PyFloat_AsDouble(PyList_GET_ITEM(coefficients, k));
+        if (PyErr_Occurred()) return NULL;
+    }
     for (Py_ssize_t k = 0; k < count; k++) {
         code[k] = (int)PyLong_AsLong(PyList_GET_ITEM(codes, k));
-        if (k < PyList_GET_SIZE(coefficients))
-            coefficient[k] = (float)PyFloat_AsDouble(PyList_GET_ITEM(coefficients, k));
         if (PyErr_Occurred()) return NULL;
         if (code[k] < F32 || code[k] > F8E5M2) {
             PyErr_SetString(PyExc_ValueError, "blend: dtype codes are 0-4");
@@ -869,7 +905,7 @@ static PyObject *blend(PyObject *self, PyObject *args) {
     Py_ssize_t nonfinite;
     Py_BEGIN_ALLOW_THREADS
     nonfinite = blend_fma((void *)(uintptr_t)out_at, out_code, at, code, coefficient, count,
-                          difference, n);
+                          given, form, n);
     Py_END_ALLOW_THREADS
     return PyLong_FromSsize_t(nonfinite);
 #else
@@ -1039,7 +1075,7 @@ static PyMethodDef methods[] = {
     {"gram", gram, METH_VARARGS, "Dot products of a few vectors in float64, in a fixed order."},
     {"cast", cast, METH_VARARGS, "float32 to a float dtype, rounded, counting inf and NaN."},
     {"combine", combine, METH_VARARGS, "A float32 linear combination, as torch computes it."},
-    {"blend", blend, METH_VARARGS, "combine() or add-difference, rounded into the output."},
+    {"blend", blend, METH_VARARGS, "A sum, add-difference or stock step, rounded into out."},
 #ifdef __SIZEOF_INT128__
     {"pcg_state", pcg_state, METH_VARARGS, "PCG64DXSM's state from SeedSequence words."},
     {"stream_uniform", stream_uniform, METH_VARARGS, "rounding.uniform() in one loop."},

@@ -9,11 +9,12 @@ with model size. Methods that need a whole tensor get it, within an in-flight me
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -371,27 +372,31 @@ def run_task(
     screen = key.expr is not None and not plan.recipe.allow_nonfinite
     if fused is not None and gains_no_nonfinite(plan, key, fused):
         screen = False  # a convex blend into a dtype as wide as its inputs: nothing to find
+    plain_widens = fused is None and not stored  # the plain path takes widened chunks
     # the arithmetic and the rounding into the output dtype in one pass, where it can
-    rounded = rounded_call(plan, key) if streamers is None else None
-    widen = fused is None and rounded is None and not stored
+    one_pass = _one_pass(plan, key, streamers, stored)
+    widen = plain_widens and one_pass is None
     chunks = _read_chunks(plan, key, task.start, task.stop, buffers, widen, held)
     for start, raw, inputs in chunks:
         count = min(CHUNK_ELEMENTS, task.stop - start)
-        if rounded is not None:
-            assert rounded.method.rounded is not None
+        if one_pass is not None:
+            node, compute = one_pass
             same = buffers.get("out", out_dtype, count)
-            terms = [inputs[leaf.model] for leaf in rounded.inputs]
-            found = rounded.method.rounded(terms, rounded.params, same[0])
-            if found is not None:
-                if screen and found:  # the float32 result, to say where it overflowed
-                    if fused is None:
+            found = compute([inputs[leaf.model] for leaf in node.inputs], same[0])
+            if found is None and plain_widens:  # not taken: the plain path, on widened copies
+                inputs = _widened(inputs, plan.compute_dtype.torch, buffers, count)
+            elif found is not None:
+                if screen and found:
+                    if plain_widens:
                         inputs = _widened(inputs, plan.compute_dtype.torch, buffers, count)
-                    result = _chunk_result(plan, key, fused, inputs, buffers, count)
-                    check_gained(key.key, same[0], result, inputs)
+                    # the float32 result, to say how it overflowed, computed again only then
+                    # (a streamer's apply may move its state on: only before raising)
+                    check_gained(key.key, same[0], functools.partial(
+                        _chunk_result, plan, key, fused, inputs, buffers, count, start,
+                        streamers, known,
+                    ), inputs)  # fmt: skip
                 writer.write_range(key.key, start * out_size, same[1])
                 continue
-            if fused is None:  # not taken: the plain path, on widened copies
-                inputs = _widened(inputs, plan.compute_dtype.torch, buffers, count)
         result = _chunk_result(plan, key, fused, inputs, buffers, count, start, streamers, known)
         # an input returned unchanged is written from the bytes read, exactly
         same = next((raw[m] for m, t in inputs.items() if t is result), None)
@@ -466,6 +471,32 @@ def fused_call(plan: Plan, key: KeyPlan) -> Op | None:
     the bit. None otherwise."""
     node = _call_on_stored_models(plan, key)
     return node if node is not None and node.method.fused is not None else None
+
+
+OnePass = Callable[[list[torch.Tensor], torch.Tensor], "int | None"]
+
+
+def _one_pass(
+    plan: Plan, key: KeyPlan, streamers: dict[int, Streamer] | None, stored: bool
+) -> tuple[Op, OnePass] | None:
+    """The call that computes the key's chunks and rounds them into the output buffer in one
+    pass (returning how many inf/NaN values it wrote, or None to leave the chunk to the plain
+    path), with the node whose inputs it takes: a method's rounded form, or the rounded apply
+    of a streamed call on the models as stored. None: the plain path for every chunk."""
+    if streamers is None:
+        node = rounded_call(plan, key)
+        if node is None:
+            return None
+        method, params = node.method, node.params
+        assert method.rounded is not None
+        return node, lambda terms, out: method.rounded(terms, params, out)
+    node = key.expr
+    if not stored or not isinstance(node, Op) or _rounding_stream(plan, key) is not None:
+        return None
+    streamer = streamers[id(node)]
+    if plan.compute_dtype.torch != torch.float32 or not streamer.rounds:
+        return None
+    return node, streamer.apply_rounded
 
 
 def rounded_call(plan: Plan, key: KeyPlan) -> Op | None:

@@ -8,7 +8,7 @@ holds at most 65504). Values an input already had are carried, not gained.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -19,10 +19,14 @@ READ_ELEMENTS = 1 << 22
 
 
 def check_gained(
-    key: str, output: torch.Tensor, result: torch.Tensor, inputs: Mapping[str, torch.Tensor]
+    key: str,
+    output: torch.Tensor,
+    result: torch.Tensor | Callable[[], torch.Tensor],
+    inputs: Mapping[str, torch.Tensor],
 ) -> None:
     """Raise when `output` (the result cast to the output dtype) is non-finite where every
-    input is finite. `result` is the value before the cast (same element order)."""
+    input is finite. `result` is the value before the cast (same element order), or a call
+    that computes it, made only when there is something to report."""
     if not output.is_floating_point():
         return
     if count_nonfinite(output) == 0:
@@ -31,10 +35,12 @@ def check_gained(
     gained = ~finite.reshape(-1)
     for tensor in inputs.values():
         if tensor.is_floating_point() and tensor.numel() == gained.numel():
-            gained &= torch.isfinite(tensor.reshape(-1))
+            gained &= torch.isfinite(_widened(tensor).reshape(-1))
     count = int(gained.sum())
     if not count:
         return
+    if callable(result):
+        result = result()
     before = result.reshape(-1)[gained]
     finite_before = before[torch.isfinite(before)]
     if finite_before.numel():

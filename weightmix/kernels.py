@@ -29,6 +29,7 @@ or half computation, no extension, WEIGHTMIX_KERNELS=0): the caller then runs to
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -48,11 +49,20 @@ LANES = 8  # partial sums of a float64 dot product (as _kernels.c)
 # masks of a magnitude cut c: every element, |d| > c, |d| >= c, and |d| > c with the first r
 # elements at |d| = c (in index order: where the cut splits a run of equal magnitudes)
 KEEP_ALL, ABOVE, AT_LEAST, FIRST_AT_CUT = 0, 1, 2, 3
+FORMS = {"sum": 0, "difference": 1, "stock": 2}  # what blend() computes (as _kernels.c)
 
 
 def enabled() -> bool:
     """Whether the C loops are built and not switched off (WEIGHTMIX_KERNELS=0)."""
     return _kernels is not None and os.environ.get("WEIGHTMIX_KERNELS", "1") != "0"
+
+
+@functools.cache
+def torch_fuses() -> bool:
+    """Whether torch's CPU kernels run their AVX2 or AVX-512 loops, where `add(x, alpha=c)`
+    is a fused multiply-add (one rounding); its scalar loops (ATEN_CPU_CAPABILITY=default)
+    round twice, so the loops that copy that (combine, blend) are then left to torch."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def _takes(tensors: Sequence[torch.Tensor], numel: int, codes: dict = CODES) -> bool:
@@ -91,27 +101,35 @@ def ties_chunk(
     consensus: str | None,
     normalize: bool,
     lambda_: float,
-) -> tuple[torch.Tensor, list[int]] | None:
-    """TIES's output for one chunk in float32 and the elements each model kept at its cut
-    (None: not taken): each model's delta masked by its cut (see KEEP_ALL ... FIRST_AT_CUT),
-    weighted, the sign elected by the sum ('sum') or by the signs ('count'), the agreeing
-    deltas summed (and divided by the agreeing weights with `normalize`), base + λ·that."""
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[int], int] | None:
+    """TIES's output for one chunk computed in float32, the elements each model kept at its
+    cut and how many outputs are inf or NaN (None: not taken): each model's delta masked by
+    its cut (see KEEP_ALL ... FIRST_AT_CUT), weighted, the sign elected by the sum ('sum') or
+    by the signs ('count'), the agreeing deltas summed (and divided by the agreeing weights
+    with `normalize`), base + λ·that; into a new float32 tensor of base's shape, or rounded to
+    nearest into `out` (flat, any STORED_CODES dtype) as cast() rounds it."""
     count = base.numel()
     if not enabled() or not 1 <= len(models) <= MAX_MODELS or consensus not in ("sum", "count"):
         return None
     if not _takes([base, *models], count):
         return None
+    if out is not None and not _takes([out], count, STORED_CODES):
+        return None
     assert _kernels is not None
-    out = torch.empty(count, dtype=torch.float32)
-    taken = _kernels.ties(
-        out.data_ptr(), base.data_ptr(), CODES[base.dtype], count,
+    into = torch.empty(count, dtype=torch.float32) if out is None else out
+    done = _kernels.ties(
+        into.data_ptr(), STORED_CODES[into.dtype], base.data_ptr(), CODES[base.dtype], count,
         [m.data_ptr() for m in models], [CODES[m.dtype] for m in models],
         [float(cut) for _, cut, _ in cuts], [mode for mode, _, _ in cuts],
         [left for _, _, left in cuts],
         [None if w == 1 else float(w) for w in weights],  # the torch code skips w = 1
         consensus == "count", normalize, float(lambda_),
     )  # fmt: skip
-    return out.reshape(base.shape), taken
+    if done is None:
+        return None
+    taken, nonfinite = done
+    return (into.reshape(base.shape) if out is None else out), taken, nonfinite
 
 
 def gram(vectors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> list[float] | None:
@@ -134,9 +152,9 @@ def gram(vectors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> l
 def cast(result: torch.Tensor, out: torch.Tensor) -> int | None:
     """Round a float32 result to nearest into `out` (float32, float16, bfloat16 or a float8
     type, the same size) and count the inf and NaN values written, in one pass (None: not
-    taken, the caller casts with torch). The values equal torch's cast (float8: c10's
-    conversions, where e4m3fn makes NaN of what is too big); NaN payloads may differ, as they
-    do between torch's own vector and scalar loops."""
+    taken, the caller casts with torch). The values equal torch's cast (float8 e4m3fn, which
+    has no inf, saturates at ±448 as torch does; e5m2 overflows to inf); NaN payloads may
+    differ, as they do between torch's own vector and scalar loops."""
     count = out.numel()
     if not enabled() or result.dtype != torch.float32 or not _takes([result], count):
         return None
@@ -172,6 +190,8 @@ def combine(
     count = first.numel()
     if not enabled() or not 1 <= len(tensors) <= MAX_MODELS or not _takes(tensors, count):
         return None
+    if not torch_fuses():
+        return None
     if out is None:
         out = torch.empty(first.shape, dtype=torch.float32)
     elif out.dtype != torch.float32 or not _takes([out], count):
@@ -187,24 +207,30 @@ def blend(
     tensors: Sequence[torch.Tensor],
     coefficients: Sequence[float],
     out: torch.Tensor,
-    difference: bool = False,
+    form: str = "sum",
 ) -> int | None:
-    """combine()'s float32 Σ c_k·x_k (or, with `difference`, torch.add(a, b − c, alpha=c_0)
-    of three tensors: the difference rounded, then one fused multiply-add) rounded to nearest
-    into `out` as cast() rounds it (inputs and `out` of any STORED_CODES dtype, float8 too),
-    a cache-sized block at a time, so that no float32 result is written or read back: the
-    same bits as combine() (or torch.add) then cast(). Returns how many inf and NaN values it
-    wrote; None: not taken."""
+    """A float32 result rounded to nearest into `out` as cast() rounds it, a cache-sized block
+    at a time, so that no float32 result is written or read back: the same bits as the torch
+    arithmetic then cast(). Inputs and `out` of any STORED_CODES dtype, float8 too. Forms:
+    'sum', combine()'s Σ c_k·x_k; 'difference', torch.add(a, b − c, alpha=c_0) of three
+    tensors (the difference rounded, then one fused multiply-add); 'stock', model stock's
+    step from tensors [base, m_1 … m_N] and coefficients [α] (the mean m_1 + Σ α·(m_k − m_1)
+    alone) or [α, t] (base + (mean − base)·t), as methods/robust.py computes it. Returns how
+    many inf and NaN values it wrote; None: not taken."""
     count = out.numel()
     if not enabled() or not hasattr(_kernels, "blend") or not 1 <= len(tensors) <= MAX_MODELS:
         return None
-    if not _takes([*tensors, out], count, STORED_CODES) or (difference and len(tensors) != 3):
+    if not torch_fuses():
+        return None
+    if not _takes([*tensors, out], count, STORED_CODES):
+        return None
+    if (form == "difference" and len(tensors) != 3) or (form == "stock" and len(tensors) < 2):
         return None
     assert _kernels is not None
     return _kernels.blend(out.data_ptr(), STORED_CODES[out.dtype],
                           [t.data_ptr() for t in tensors],
                           [STORED_CODES[t.dtype] for t in tensors],
-                          [float(c) for c in coefficients], difference, count)  # fmt: skip
+                          [float(c) for c in coefficients], FORMS[form], count)  # fmt: skip
 
 
 def stream_uniform(out: torch.Tensor, stream: int, start: int) -> bool:

@@ -100,16 +100,24 @@ def _fused_linear(linear):
     return fused
 
 
+def rounded_combination(
+    tensors: Sequence[Tensor], coefficients: Sequence[float], out: Tensor
+) -> int | None:
+    """linear_combination(tensors, coefficients) in float32 rounded into `out` in one C loop
+    (kernels.blend): how many inf/NaN values it wrote. None where linear_combination has
+    nothing to add up (no term, or one with coefficient 1, returned as it is) or the loop
+    does not take the tensors."""
+    terms = _terms(tensors, coefficients)
+    if not terms or (len(terms) == 1 and terms[0][0] == 1.0):
+        return None
+    return kernels.blend([t for _, t in terms], [c for c, _ in terms], out)
+
+
 def _rounded_linear(linear):
-    """The rounded form of such a method: the sum and its rounding into the output buffer in
-    one C loop (kernels.blend); None where linear_combination has nothing to add up (no term,
-    or one model with coefficient 1, returned as it is)."""
+    """The rounded form of such a method: rounded_combination of its coefficients."""
 
     def rounded(tensors: Sequence[Tensor], params: dict[str, Any], out: Tensor) -> int | None:
-        terms = _terms(tensors, linear(len(tensors), params))
-        if not terms or (len(terms) == 1 and terms[0][0] == 1.0):
-            return None
-        return kernels.blend([t for _, t in terms], [c for c, _ in terms], out)
+        return rounded_combination(tensors, linear(len(tensors), params), out)
 
     return rounded
 
@@ -160,7 +168,7 @@ def _rounded_add_difference(tensors: Sequence[Tensor], params: dict[str, Any], o
     B − C, then A + α·that as one fused multiply-add, as torch.add computes it)."""
     if params["alpha"] == 0:
         return None  # A itself, as it is
-    return kernels.blend(tensors, [params["alpha"]], out, difference=True)
+    return kernels.blend(tensors, [params["alpha"]], out, "difference")
 
 
 @merge_method(

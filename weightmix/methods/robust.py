@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from weightmix import kernels
 from weightmix.methods.reductions import gram
 from weightmix.methods.registry import (
     ANY,
@@ -61,6 +62,18 @@ class StockStreamer(GramStreamer):
     def apply_with(self, products: list[list[float]], inputs: Sequence[Tensor]) -> Tensor:
         base, *models = [x.to(self.dtype) for x in inputs]
         return _stock_step(base, models, _stock_factor(products))
+
+    rounds = True
+
+    def apply_rounded(self, inputs: Sequence[Tensor], out: Tensor) -> int | None:
+        """_stock_step in one C pass, rounded into `out` (kernels.blend's 'stock' form: the
+        same operations in the same order)."""
+        if self.gram is None:
+            return None
+        factor = _stock_factor(self.gram.matrix())
+        alpha = 1.0 / (len(inputs) - 1)  # _mean_offset's weight / total, equal weights
+        coefficients = [alpha] if factor == 1 else [alpha, factor]
+        return kernels.blend(inputs, coefficients, out, "stock")
 
 
 def _stock_factor(products: list[list[float]]) -> float:

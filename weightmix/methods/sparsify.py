@@ -219,19 +219,38 @@ class MagnitudeCutStreamer(Streamer):
                 if cut.wants_pass():
                     cut.end_pass()
 
+    def _in_c(
+        self, inputs: Sequence[Tensor], out: Tensor | None = None
+    ) -> tuple[Tensor, list[int], int] | None:
+        """The chunk through kernels.ties_chunk (None: not taken), the cuts told what it
+        kept at them."""
+        p = self.params
+        if self.dtype != torch.float32 or any(len(cuts) > 1 for cuts in self.cuts):
+            return None
+        chunk_cuts = [cuts[0].chunk_cut() if cuts else (kernels.KEEP_ALL, 0.0, 0)
+                      for cuts in self.cuts]  # fmt: skip
+        weights = p["weights"] or [1.0] * len(self.cuts)
+        fused = kernels.ties_chunk(
+            inputs[0], inputs[1:], chunk_cuts, weights, p.get("consensus"), p["normalize"],
+            p["lambda"], out,
+        )  # fmt: skip
+        if fused is not None:
+            for cuts, count in zip(self.cuts, fused[1]):
+                if cuts:
+                    cuts[0].took(count)
+        return fused
+
+    rounds = True
+
+    def apply_rounded(self, inputs: Sequence[Tensor], out: Tensor) -> int | None:
+        fused = self._in_c(inputs, out)
+        return None if fused is None else fused[2]
+
     def apply(self, inputs: Sequence[Tensor], draw: Draw | None) -> Tensor:
         p = self.params
-        if self.dtype == torch.float32 and all(len(cuts) <= 1 for cuts in self.cuts):
-            chunk_cuts = [cuts[0].chunk_cut() if cuts else (kernels.KEEP_ALL, 0.0, 0)
-                          for cuts in self.cuts]  # fmt: skip
-            weights = p["weights"] or [1.0] * len(self.cuts)
-            fused = kernels.ties_chunk(inputs[0], inputs[1:], chunk_cuts, weights,
-                                       p.get("consensus"), p["normalize"], p["lambda"])  # fmt: skip
-            if fused is not None:
-                for cuts, count in zip(self.cuts, fused[1]):
-                    if cuts:
-                        cuts[0].took(count)
-                return fused[0]
+        fused = self._in_c(inputs)
+        if fused is not None:
+            return fused[0]
         base, *models = [x.to(self.dtype) for x in inputs]
 
         def trim(delta: Tensor, index: int) -> Tensor:

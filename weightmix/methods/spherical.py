@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from weightmix.methods.arithmetic import linear_combination
+from weightmix.methods.arithmetic import linear_combination, rounded_combination
 from weightmix.methods.reductions import combination, gram
 from weightmix.methods.registry import (
     ANY,
@@ -100,6 +100,18 @@ class SlerpStreamer(GramStreamer):
             return a if t == 0 else b
         scales = slerp_scales(gram[0][1], gram[0][0], gram[1][1], t)
         return _slerp_with(a, b, t, scales, self.dtype)
+
+    rounds = True
+
+    def apply_rounded(self, inputs: Sequence[Tensor], out: Tensor) -> int | None:
+        """The slerp sum rounded into `out` in one C pass; endpoints and lerp are left to
+        apply()."""
+        t = self.t()
+        if t in (0, 1) or self.gram is None:
+            return None
+        gram = self.gram.matrix()
+        scales = slerp_scales(gram[0][1], gram[0][0], gram[1][1], t)
+        return None if scales is None else rounded_combination(inputs, list(scales), out)
 
 
 def _check_two(count: int, params: dict[str, Any]) -> str | None:

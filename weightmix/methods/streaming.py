@@ -55,6 +55,16 @@ class Streamer:
         """The output for the next chunk of the inputs (chunks come in element order)."""
         raise NotImplementedError
 
+    # whether apply_rounded may take chunks (float32 compute, rounded to nearest); the engine
+    # may mix it with apply chunk by chunk, so both must leave any state alike
+    rounds: ClassVar[bool] = False
+
+    def apply_rounded(self, inputs: Sequence[Tensor], out: Tensor) -> int | None:
+        """apply()'s float32 output for the chunks as stored, rounded to nearest into `out`
+        (the output dtype) in the same pass; how many inf/NaN values it wrote, or None to
+        leave the chunk to apply()."""
+        return None
+
 
 def lane_dot(x: Tensor, y: Tensor) -> float:
     """Σ x_e·y_e of two float64 vectors in the C loop's order (weightmix/kernels.py): the
