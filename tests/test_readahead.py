@@ -62,6 +62,8 @@ def test_start_hints_the_named_files_on_a_thread(tmp_path, monkeypatch):
     thread.join(10)
     assert calls == [(a, 0, 1000, os.POSIX_FADV_WILLNEED), (b, 0, 1000, os.POSIX_FADV_WILLNEED)]
     assert readahead.start(["weightmix", "methods"]) is None
+    monkeypatch.setenv("WEIGHTMIX_READAHEAD", "0")
+    assert readahead.start(["weightmix", "merge", a, b]) is None
 
 
 def test_the_hint_comes_before_torch_is_imported():

@@ -67,7 +67,9 @@ def plan_hints(sizes: Sequence[int], budget: int) -> list[tuple[int, int, int]]:
 
 def start(argv: Sequence[str]) -> threading.Thread | None:
     """Hint the command line's input files on a daemon thread; None when there is nothing to
-    hint or no way to."""
+    hint, no way to, or WEIGHTMIX_READAHEAD=0 says not to."""
+    if os.environ.get("WEIGHTMIX_READAHEAD", "1") == "0":
+        return None
     files = input_files(argv)
     if not files or not hasattr(os, "posix_fadvise"):
         return None
