@@ -625,6 +625,32 @@ def test_a_carried_inf_does_not_move_the_ties_cut_on(tmp_path, monkeypatch):
     assert int(kept[:CHUNK_ELEMENTS].sum()) == 1000 and int(kept.sum()) == 1500
 
 
+def test_a_ties_overflow_is_reported_from_the_cuts_its_chunk_used(tmp_path, monkeypatch):
+    """λ = 100 pushes the kept deltas (1000) past float16's 65504. The chunk that overflows
+    kept every element still to keep at the cut, which leaves the cut's remainder at 0: the
+    report recomputes the chunk from the cuts it used (not from the remainder of 0, which
+    would keep nothing), so it names the same largest value as the torch path."""
+    count = CHUNK_ELEMENTS + 5000
+    tuned = torch.zeros(count)
+    tuned[torch.arange(100) * 7] = 1000.0
+    tuned[CHUNK_ELEMENTS : CHUNK_ELEMENTS + 300] = 1000.0
+    paths = [save(tmp_path / "base.safetensors", {"w": torch.zeros(count).half()}),
+             save(tmp_path / "tuned.safetensors", {"w": tuned.half()})]  # fmt: skip
+    recipe = {
+        "models": {"base": str(paths[0]), "tuned": str(paths[1])},
+        "merge": {"method": "ties", "inputs": ["base", "tuned"], "density": 100.5 / count,
+                  "lambda": 100},  # 100 of the 400 at the cut: all of the first chunk's
+        "dtype": "fp16",
+    }  # fmt: skip
+    messages = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("WEIGHTMIX_KERNELS", setting)
+        with pytest.raises(weightmix.WeightmixError) as caught:
+            weightmix.merge(recipe, tmp_path / f"out-{setting}.safetensors", threads=1)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1] and "largest |value| 100000 > 65504" in messages[0]
+
+
 def test_the_uniform_numbers_are_numpys_pcg64dxsm_draws(monkeypatch):
     """rounding.uniform() fills each 65,536-number block from numpy's PCG64DXSM: the C loop
     gives the numbers numpy's own generator gives, at any start and count (block edges,

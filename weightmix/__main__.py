@@ -1,5 +1,5 @@
 import sys
 
-from weightmix.launch import main
+from weightmix.cli import main
 
 sys.exit(main())

@@ -380,21 +380,24 @@ def run_task(
     for start, raw, inputs in chunks:
         count = min(CHUNK_ELEMENTS, task.stop - start)
         if one_pass is not None:
-            node, compute = one_pass
+            node, compute, report = one_pass
             same = buffers.get("out", out_dtype, count)
-            found = compute([inputs[leaf.model] for leaf in node.inputs], same[0])
+            terms = [inputs[leaf.model] for leaf in node.inputs]
+            found = compute(terms, same[0])
             if found is None and plain_widens:  # not taken: the plain path, on widened copies
                 inputs = _widened(inputs, plan.compute_dtype.torch, buffers, count)
             elif found is not None:
                 if screen and found:
                     if plain_widens:
                         inputs = _widened(inputs, plan.compute_dtype.torch, buffers, count)
-                    # the float32 result, to say how it overflowed, computed again only then
-                    # (a streamer's apply may move its state on: only before raising)
-                    check_gained(key.key, same[0], functools.partial(
+                    # the float32 result, computed again only to say how it overflowed
+                    again = functools.partial(
                         _chunk_result, plan, key, fused, inputs, buffers, count, start,
                         streamers, known,
-                    ), inputs)  # fmt: skip
+                    )  # fmt: skip
+                    if report is not None:
+                        again = functools.partial(report, terms)
+                    check_gained(key.key, same[0], again, inputs)
                 writer.write_range(key.key, start * out_size, same[1])
                 continue
         result = _chunk_result(plan, key, fused, inputs, buffers, count, start, streamers, known)
@@ -474,29 +477,32 @@ def fused_call(plan: Plan, key: KeyPlan) -> Op | None:
 
 
 OnePass = Callable[[list[torch.Tensor], torch.Tensor], "int | None"]
+Report = Callable[[list[torch.Tensor]], torch.Tensor]
 
 
 def _one_pass(
     plan: Plan, key: KeyPlan, streamers: dict[int, Streamer] | None, stored: bool
-) -> tuple[Op, OnePass] | None:
+) -> tuple[Op, OnePass, Report | None] | None:
     """The call that computes the key's chunks and rounds them into the output buffer in one
     pass (returning how many inf/NaN values it wrote, or None to leave the chunk to the plain
-    path), with the node whose inputs it takes: a method's rounded form, or the rounded apply
-    of a streamed call on the models as stored. None: the plain path for every chunk."""
+    path), with the node whose inputs it takes and, for a streamed call, how to compute the
+    last chunk's float32 result again (for an overflow report; None: the plain path's): a
+    method's rounded form, or the rounded apply of a streamed call on the models as stored.
+    None: the plain path for every chunk."""
     if streamers is None:
         node = rounded_call(plan, key)
         if node is None:
             return None
         method, params = node.method, node.params
         assert method.rounded is not None
-        return node, lambda terms, out: method.rounded(terms, params, out)
+        return node, lambda terms, out: method.rounded(terms, params, out), None
     node = key.expr
     if not stored or not isinstance(node, Op) or _rounding_stream(plan, key) is not None:
         return None
     streamer = streamers[id(node)]
     if plan.compute_dtype.torch != torch.float32 or not streamer.rounds:
         return None
-    return node, streamer.apply_rounded
+    return node, streamer.apply_rounded, streamer.rounded_result
 
 
 def rounded_call(plan: Plan, key: KeyPlan) -> Op | None:

@@ -187,6 +187,7 @@ class MagnitudeCutStreamer(Streamer):
         self.numel = math.prod(shape)
         # per model after the base: its top-k cut, or the two ends of its band
         self.cuts = [self._model_cuts() for _ in range(inputs - 1)]
+        self.last_cuts: list[kernels.Cut] = []  # the cuts of the last chunk through C
 
     def _model_cuts(self) -> list[StreamedTopK]:
         density, n = self.params["density"], self.numel
@@ -224,27 +225,40 @@ class MagnitudeCutStreamer(Streamer):
     ) -> tuple[Tensor, list[int], int] | None:
         """The chunk through kernels.ties_chunk (None: not taken), the cuts told what it
         kept at them."""
-        p = self.params
         if self.dtype != torch.float32 or any(len(cuts) > 1 for cuts in self.cuts):
             return None
         chunk_cuts = [cuts[0].chunk_cut() if cuts else (kernels.KEEP_ALL, 0.0, 0)
                       for cuts in self.cuts]  # fmt: skip
-        weights = p["weights"] or [1.0] * len(self.cuts)
-        fused = kernels.ties_chunk(
-            inputs[0], inputs[1:], chunk_cuts, weights, p.get("consensus"), p["normalize"],
-            p["lambda"], out,
-        )  # fmt: skip
+        fused = self._ties_chunk(inputs, chunk_cuts, out)
         if fused is not None:
+            self.last_cuts = chunk_cuts
             for cuts, count in zip(self.cuts, fused[1]):
                 if cuts:
                     cuts[0].took(count)
         return fused
+
+    def _ties_chunk(
+        self, inputs: Sequence[Tensor], chunk_cuts: list[kernels.Cut], out: Tensor | None
+    ) -> tuple[Tensor, list[int], int] | None:
+        p = self.params
+        weights = p["weights"] or [1.0] * len(self.cuts)
+        return kernels.ties_chunk(
+            inputs[0], inputs[1:], chunk_cuts, weights, p.get("consensus"), p["normalize"],
+            p["lambda"], out,
+        )  # fmt: skip
 
     rounds = True
 
     def apply_rounded(self, inputs: Sequence[Tensor], out: Tensor) -> int | None:
         fused = self._in_c(inputs, out)
         return None if fused is None else fused[2]
+
+    def rounded_result(self, inputs: Sequence[Tensor]) -> Tensor:
+        """The last chunk's float32 output from the cuts it was computed with (the cuts have
+        moved on since: apply() would keep fewer elements at them)."""
+        fused = self._ties_chunk(inputs, self.last_cuts, None)
+        assert fused is not None  # as for the call it repeats
+        return fused[0]
 
     def apply(self, inputs: Sequence[Tensor], draw: Draw | None) -> Tensor:
         p = self.params

@@ -65,6 +65,11 @@ class Streamer:
         leave the chunk to apply()."""
         return None
 
+    def rounded_result(self, inputs: Sequence[Tensor]) -> Tensor:
+        """The float32 output of the chunk apply_rounded took last, again (to report an
+        overflow): apply() by default, right where apply keeps no state between chunks."""
+        return self.apply(inputs, None)
+
 
 def lane_dot(x: Tensor, y: Tensor) -> float:
     """Σ x_e·y_e of two float64 vectors in the C loop's order (weightmix/kernels.py): the
