@@ -118,12 +118,17 @@ def task_cost(plan: Plan, task: Task) -> int:
     """Memory a task holds while in flight: chunked tasks reuse their worker's buffers, but
     for the inputs a streamed task holds between its passes."""
     if task.chunked:
-        return held_bytes(task.key) if task.streamed else 0
+        return held_bytes(plan, task.key) if task.streamed else 0
     return plan.working_set(task.key)
 
 
-def held_bytes(key: KeyPlan) -> int:
-    """Bytes of stored inputs a streamed key holds for its passes (0: it reads them again)."""
+def held_bytes(plan: Plan, key: KeyPlan) -> int:
+    """Bytes of stored inputs a streamed key holds for its passes (0: it reads them again).
+    Only inputs that cost more to read again than a copy (Checkpoint.reads_cheaply: a LoRA's
+    products, converted layouts) are held: a file's bytes come again from the page cache for
+    less than holding them costs (fresh pages for every key; bench/RESULTS.md)."""
+    if all(plan.checkpoints[model].reads_cheaply for model in key.sources):
+        return 0
     stored = sum(info.nbytes for info in key.sources.values())
     return stored if stored <= HOLD_BYTES else 0
 
@@ -134,7 +139,9 @@ def estimate_peak(plan: Plan, budget: int = DEFAULT_BUDGET, threads: int | None 
     workers = threads or default_threads()
     widest = max(len(k.sources) for k in plan.keys)
     buffers = workers * CHUNK_ELEMENTS * 8 * (2 * widest + 2)
-    held = sorted((held_bytes(k) for k in plan.keys if mode(plan, k) == STREAMED), reverse=True)
+    held = sorted(
+        (held_bytes(plan, k) for k in plan.keys if mode(plan, k) == STREAMED), reverse=True
+    )
     buffers += sum(held[:workers])
     whole = [plan.working_set(k) for k in plan.keys if not chunked(plan, k)]
     if not whole:
@@ -569,9 +576,9 @@ class Held:
 
 
 def _hold(plan: Plan, key: KeyPlan) -> Held | None:
-    """Room for a streamed key's stored inputs, read once for all its passes (None: too big
-    to hold, see HOLD_BYTES; each pass reads them again)."""
-    return Held(key) if held_bytes(key) else None
+    """Room for a streamed key's stored inputs, read once for all its passes (None: not
+    held, see held_bytes; each pass reads them again)."""
+    return Held(key) if held_bytes(plan, key) else None
 
 
 def _read_chunks(

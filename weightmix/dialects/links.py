@@ -145,6 +145,8 @@ def to_single(links: list[Link], source: dict[str, TensorInfo]) -> list[Target]:
 class ConvertedCheckpoint(Checkpoint):
     """A checkpoint seen in another key dialect; reads are byte ranges of the source's."""
 
+    reads_cheaply = False  # a transposed key is read whole for each range
+
     def __init__(self, source: Checkpoint, targets: list[Target], dropped: list[str]):
         self.source = source
         self.targets = {t.key: t for t in targets}

@@ -38,6 +38,11 @@ class Checkpoint:
     """An opened checkpoint: every tensor's dtype, shape and size known, no tensor data read.
     Subclasses say how bytes are read (read_range); everything else is shared."""
 
+    # whether reading a range again costs about a copy (bytes from a file's page cache or
+    # from memory), so that the engine reads a streamed key again for each pass rather than
+    # holding a copy of it; False where read_range computes (a LoRA's products)
+    reads_cheaply = True
+
     def __init__(self, path: Path, tensors: dict[str, TensorInfo], files: list[Path]):
         self.path = path
         self.tensors = tensors

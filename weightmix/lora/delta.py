@@ -25,6 +25,8 @@ SHOWN = 3
 class LoraDelta(Checkpoint):
     """`lora` seen with the key names and shapes of `model` (which it does not own)."""
 
+    reads_cheaply = False  # each read computes up @ down products
+
     def __init__(self, lora: Checkpoint, model: Checkpoint, where: str, dtype: DType = FP32):
         self.lora = lora
         self.dtype = dtype  # of the update: the merge's compute dtype
