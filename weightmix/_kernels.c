@@ -119,6 +119,19 @@ static Py_ssize_t widen_float8_f16c(float *out, const uint8_t *in, Py_ssize_t n,
 }
 #endif
 
+#ifdef WM_X86
+/* bfloat16 to float32 (the bits shifted up) 8 at a time; returns how many it did */
+__attribute__((target("avx2")))
+static Py_ssize_t widen_bfloat_avx2(uint32_t *out, const uint16_t *in, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(in + i)));
+        _mm256_storeu_si256((__m256i *)(out + i), _mm256_slli_epi32(wide, 16));
+    }
+    return i;
+}
+#endif
+
 /* n elements of `in` (any dtype code) as float32 into `out` */
 static void widen(float *out, const void *in, int code, Py_ssize_t n) {
     if (code == F8E4M3 || code == F8E5M2) {
@@ -134,7 +147,11 @@ static void widen(float *out, const void *in, int code, Py_ssize_t n) {
     } else if (code == BF16) {
         const uint16_t *h = (const uint16_t *)in;
         uint32_t *o = (uint32_t *)out;
-        for (Py_ssize_t i = 0; i < n; i++) o[i] = (uint32_t)h[i] << 16;
+        Py_ssize_t i = 0;
+#ifdef WM_X86
+        if (has_avx2) i = widen_bfloat_avx2(o, h, n);
+#endif
+        for (; i < n; i++) o[i] = (uint32_t)h[i] << 16;
     } else {
 #ifdef WM_X86
         if (has_f16c) {
@@ -588,10 +605,40 @@ static Py_ssize_t narrow_half_f16c(uint16_t *out, const float *in, Py_ssize_t n)
 #endif
 
 /* float32 to bfloat16, rounded to nearest even (NaN: 0x7FC0, as torch's scalar cast) */
-WM_CLONES static Py_ssize_t narrow_bfloat(uint16_t *out, const float *in, Py_ssize_t n) {
+#ifdef WM_X86
+/* narrow_bfloat 8 at a time with AVX2: returns how many it did, their inf and NaN count
+ * added to *nonfinite */
+__attribute__((target("avx2")))
+static Py_ssize_t narrow_bfloat_avx2(uint16_t *out, const uint32_t *u, Py_ssize_t n,
+                                     Py_ssize_t *nonfinite) {
+    const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+    const __m256i magnitude = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    const __m256i nan = _mm256_set1_epi32(0x7fc0), exponent = _mm256_set1_epi32(0x7f80);
+    Py_ssize_t i = 0, found = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)(u + i));
+        __m256i odd = _mm256_and_si256(_mm256_srli_epi32(x, 16), one);
+        __m256i h = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(x, bias), odd), 16);
+        /* |x| > inf bits: NaN (signed compare: both sides below 2^31) */
+        __m256i is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(x, magnitude), inf);
+        h = _mm256_blendv_epi8(h, nan, is_nan);
+        __m256i special = _mm256_cmpeq_epi32(_mm256_and_si256(h, exponent), exponent);
+        found += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(special)));
+        __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);
+        _mm_storeu_si128((__m128i *)(out + i), _mm256_castsi256_si128(packed));
+    }
+    *nonfinite += found;
+    return i;
+}
+#endif
+
+static Py_ssize_t narrow_bfloat(uint16_t *out, const float *in, Py_ssize_t n) {
     const uint32_t *u = (const uint32_t *)in;
-    Py_ssize_t nonfinite = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
+    Py_ssize_t nonfinite = 0, i = 0;
+#ifdef WM_X86
+    if (has_avx2) i = narrow_bfloat_avx2(out, u, n, &nonfinite);
+#endif
+    for (; i < n; i++) {
         uint32_t x = u[i];
         uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
         uint16_t h = (uint16_t)((x & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
