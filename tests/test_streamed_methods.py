@@ -255,7 +255,7 @@ def test_held_inputs_and_inputs_read_each_pass_give_the_same_bytes(
     monkeypatch.setattr(SafetensorsCheckpoint, "read_range", counted)
     files = merged_streaming(tmp_path, monkeypatch, paths, method, **params)
     assert read["bytes"] >= 2 * stored  # a statistics pass and the output pass
-    monkeypatch.setattr(SafetensorsCheckpoint, "reads_cheaply", False)
+    monkeypatch.setattr(SafetensorsCheckpoint, "reads_cheaply", lambda self, info: False)
     read.clear()
     held = merged_streaming(tmp_path, monkeypatch, paths, method, **params)
     assert read["bytes"] == stored  # every input byte once, whatever the passes
@@ -301,3 +301,36 @@ def test_model_stock_of_chunks_as_stored_equals_model_stock_of_widened_chunks(
     widened = merged_streaming(tmp_path, monkeypatch, paths, "model_stock")
     for key in SHAPES:
         assert torch.equal(stored[key].view(torch.int16), widened[key].view(torch.int16)), key
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "transposed"])
+def test_a_pickled_input_is_held_only_where_each_read_would_copy_it_whole(tmp_path, strided):
+    """A pickle's tensor is in memory: a range of a contiguous one is a copy of those bytes
+    (read again each pass), but a strided one (saved as a transpose) is copied whole for
+    every range, so its key is held once for all passes. The output is the same."""
+    generator = torch.Generator().manual_seed(3)
+    paths = []
+    for n in range(3):
+        tensor = torch.randn(600, 500, generator=generator).half()
+        path = tmp_path / f"m{n}.ckpt"
+        torch.save({"w": tensor.t() if strided else tensor.t().contiguous()}, path)
+        paths.append(path)
+    recipe = {
+        "models": {f"M{n}": str(p) for n, p in enumerate(paths)},
+        "merge": {"method": "ties", "inputs": ["M0", "M1", "M2"], "density": 0.3},
+    }
+    plan = make_plan(recipe)
+    try:
+        (key,) = plan.keys
+        assert (engine.held_bytes(plan, key) > 0) is strided
+    finally:
+        plan.close()
+    weightmix.merge(recipe, tmp_path / "out.safetensors")
+    expected = []
+    for path in paths:  # the same values as contiguous tensors in a safetensors file
+        expected.append(save(path.with_suffix(".safetensors"),
+                             {"w": torch.load(path)["w"].contiguous()}))  # fmt: skip
+    again = {**recipe, "models": {f"M{n}": str(p) for n, p in enumerate(expected)}}
+    weightmix.merge(again, tmp_path / "again.safetensors")
+    merged, reference = load(tmp_path / "out.safetensors"), load(tmp_path / "again.safetensors")
+    assert torch.equal(merged["w"].view(torch.int16), reference["w"].view(torch.int16))

@@ -124,10 +124,10 @@ def task_cost(plan: Plan, task: Task) -> int:
 
 def held_bytes(plan: Plan, key: KeyPlan) -> int:
     """Bytes of stored inputs a streamed key holds for its passes (0: it reads them again).
-    Only inputs that cost more to read again than a copy (Checkpoint.reads_cheaply: a LoRA's
-    products, converted layouts) are held: a file's bytes come again from the page cache for
-    less than holding them costs (fresh pages for every key; bench/RESULTS.md)."""
-    if all(plan.checkpoints[model].reads_cheaply for model in key.sources):
+    Only keys with an input that costs more to read again than a copy (a LoRA's products, a
+    transpose, a strided tensor of a pickle: Checkpoint.reads_cheaply) are held: a file's
+    bytes come again from the page cache for less than holding them costs (bench/RESULTS.md)."""
+    if all(plan.checkpoints[m].reads_cheaply(info) for m, info in key.sources.items()):
         return 0
     stored = sum(info.nbytes for info in key.sources.values())
     return stored if stored <= HOLD_BYTES else 0

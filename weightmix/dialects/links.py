@@ -145,8 +145,6 @@ def to_single(links: list[Link], source: dict[str, TensorInfo]) -> list[Target]:
 class ConvertedCheckpoint(Checkpoint):
     """A checkpoint seen in another key dialect; reads are byte ranges of the source's."""
 
-    reads_cheaply = False  # a transposed key is read whole for each range
-
     def __init__(self, source: Checkpoint, targets: list[Target], dropped: list[str]):
         self.source = source
         self.targets = {t.key: t for t in targets}
@@ -186,6 +184,12 @@ class ConvertedCheckpoint(Checkpoint):
             offset += piece.length
             if offset >= stop:
                 break
+
+    def reads_cheaply(self, info: TensorInfo) -> bool:
+        target = self.targets[info.key]
+        if target.transpose_of is not None:
+            return False  # the source tensor is read and transposed whole for each range
+        return all(self.source.reads_cheaply(self.source.tensors[p.key]) for p in target.pieces)
 
     def fingerprint_parts(self):
         return self.source.fingerprint_parts()

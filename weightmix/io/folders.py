@@ -90,6 +90,10 @@ class FolderCheckpoint(Checkpoint):
         checkpoint, inner = self._sources[info.key]
         checkpoint.read_range(inner, start, out)
 
+    def reads_cheaply(self, info: TensorInfo) -> bool:
+        checkpoint, inner = self._sources[info.key]
+        return checkpoint.reads_cheaply(inner)
+
     def fingerprint_parts(self) -> list[tuple[Path, bytes, int]]:
         return [part for checkpoint in self._parts for part in checkpoint.fingerprint_parts()]
 

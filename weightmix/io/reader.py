@@ -38,11 +38,6 @@ class Checkpoint:
     """An opened checkpoint: every tensor's dtype, shape and size known, no tensor data read.
     Subclasses say how bytes are read (read_range); everything else is shared."""
 
-    # whether reading a range again costs about a copy (bytes from a file's page cache or
-    # from memory), so that the engine reads a streamed key again for each pass rather than
-    # holding a copy of it; False where read_range computes (a LoRA's products)
-    reads_cheaply = True
-
     def __init__(self, path: Path, tensors: dict[str, TensorInfo], files: list[Path]):
         self.path = path
         self.tensors = tensors
@@ -70,6 +65,13 @@ class Checkpoint:
     def read_range(self, info: TensorInfo, start: int, out) -> None:
         """Fill the buffer `out` with the tensor's bytes from byte `start` on."""
         raise NotImplementedError
+
+    def reads_cheaply(self, info: TensorInfo) -> bool:
+        """Whether reading a range of the tensor again costs about a copy of those bytes (from
+        a file's page cache, or from memory), so that the engine reads a streamed key again
+        for each pass rather than holding a copy of it. False where read_range computes or
+        copies more than the range (a LoRA's products, a transpose, a strided tensor)."""
+        return True
 
     def check_unchanged(self) -> None:
         """Raise WeightmixError when a file changed since it was opened (checked once every

@@ -25,8 +25,6 @@ SHOWN = 3
 class LoraDelta(Checkpoint):
     """`lora` seen with the key names and shapes of `model` (which it does not own)."""
 
-    reads_cheaply = False  # each read computes up @ down products
-
     def __init__(self, lora: Checkpoint, model: Checkpoint, where: str, dtype: DType = FP32):
         self.lora = lora
         self.dtype = dtype  # of the update: the merge's compute dtype
@@ -107,6 +105,9 @@ class LoraDelta(Checkpoint):
             block = up[offset : offset + stop - start] @ down
             out[start - first : stop - first] += block * self.scale(layer)
         return out
+
+    def reads_cheaply(self, info: TensorInfo) -> bool:
+        return info.key not in self.changes  # each read of a changed key computes up @ down
 
     def read_range(self, info: TensorInfo, start: int, out) -> None:
         buffer = np.frombuffer(memoryview(out).cast("B"), dtype=np.uint8)
