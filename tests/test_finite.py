@@ -55,3 +55,16 @@ def test_nonfinite_inputs_are_reported_with_check_finite(run, tmp_path):
     result = run("merge", paths["A"], paths["B"], "-o", out, "--overwrite", "-q")
     assert result.code == 0, result.err
     assert (~torch.isfinite(load(out)["w"])).sum() == 6
+
+
+def test_a_bfloat16_overflow_asks_for_fp32_only(run, tmp_path):
+    """bf16 holds nearly float32's range: its overflow points to fp32, not to bf16 itself."""
+    a = {"w": torch.full((4, 4), 3.3895e38)}  # bfloat16's largest value
+    b = {"w": torch.full((4, 4), 1e36)}  # the sum, 3.3995e38, is a float32 past bf16's range
+    paths = [save(tmp_path / f"{n}.safetensors", {k: v.bfloat16() for k, v in s.items()})
+             for n, s in (("A", a), ("B", b))]  # fmt: skip
+    out = tmp_path / "out.safetensors"
+    result = run("merge", *paths, "--weights", "1,1", "-p", "normalize=false", "-o", out)
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
+    assert "the cast to bfloat16 overflowed" in result.err
+    assert "use a wider --dtype (fp32)" in result.err and not out.exists()

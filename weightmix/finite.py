@@ -48,7 +48,7 @@ def check_gained(
         limit = torch.finfo(output.dtype).max
         cause = (
             f"the cast to {str(output.dtype).removeprefix('torch.')} overflowed to ±inf (largest"
-            f" |value| {largest:.6g} > {limit:.6g}): use a wider --dtype (bf16, fp32)"
+            f" |value| {largest:.6g} > {limit:.6g}): {_wider(output.dtype)}"
         )
     else:
         cause = "the method made NaN or ±inf from finite inputs: check its parameters"
@@ -56,6 +56,15 @@ def check_gained(
         f"key '{key}': the merge made {count} value(s) non-finite that no input had; {cause},"
         " or pass --allow-nonfinite to write them"
     )
+
+
+def _wider(dtype: torch.dtype) -> str:
+    """What to write instead of an output dtype that overflowed."""
+    wider = [name for name, kind in (("bf16", torch.bfloat16), ("fp32", torch.float32))
+             if torch.finfo(kind).max > torch.finfo(dtype).max]  # fmt: skip
+    if not wider:
+        return "scale the inputs or the method's parameters down"
+    return f"use a wider --dtype ({', '.join(wider)})"
 
 
 def _widened(values: torch.Tensor) -> torch.Tensor:
