@@ -254,6 +254,35 @@ def saved(tmp_path, states: list[dict], dtypes: list[torch.dtype]) -> list:
     ]
 
 
+def merged_both_ways(tmp_path, monkeypatch, recipe: dict, threads: int = 2):
+    """The recipe merged with the C loops (their calls counted) into out-1.safetensors and
+    without them (WEIGHTMIX_KERNELS=0) into out-0.safetensors: both outputs' bytes, the calls
+    with the loops on, and the counter. No call may follow with the loops off."""
+    counting = Counting(kernels._kernels)
+    monkeypatch.setattr(kernels, "_kernels", counting)
+    outputs, used = [], {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("WEIGHTMIX_KERNELS", setting)
+        out = tmp_path / f"out-{setting}.safetensors"
+        weightmix.merge(recipe, out, threads=threads)
+        outputs.append(out.read_bytes())
+        if setting == "1":
+            used = dict(counting.calls)
+    assert counting.calls == used  # nothing more with WEIGHTMIX_KERNELS=0
+    return outputs, used, counting
+
+
+def refusals_both_ways(tmp_path, monkeypatch, recipe: dict) -> list[str]:
+    """The error of the recipe's merge with the C loops and without them (out-1, out-0)."""
+    messages = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("WEIGHTMIX_KERNELS", setting)
+        with pytest.raises(weightmix.WeightmixError) as caught:
+            weightmix.merge(recipe, tmp_path / f"out-{setting}.safetensors", threads=1)
+        messages.append(str(caught.value))
+    return messages
+
+
 @pytest.mark.parametrize(
     ("dtypes", "compute", "out_dtype"),
     [((torch.float16,) * 3, "fp32", "fp16"),
@@ -275,16 +304,7 @@ def test_a_ties_merge_gives_the_same_bytes_with_and_without_the_loops(
         "compute_dtype": compute,
         "dtype": out_dtype,
     }
-    outputs = []
-    counting = Counting(kernels._kernels)
-    monkeypatch.setattr(kernels, "_kernels", counting)
-    for setting in ("1", "0"):
-        monkeypatch.setenv("WEIGHTMIX_KERNELS", setting)
-        out = tmp_path / f"out-{setting}.safetensors"
-        weightmix.merge(recipe, out, threads=2)
-        outputs.append(out.read_bytes())
-        if setting == "1":
-            used = dict(counting.calls)
+    outputs, used, counting = merged_both_ways(tmp_path, monkeypatch, recipe)
     assert outputs[0] == outputs[1]
     if compute == "fp32":  # the big keys' chunks went through C, but for a split run of ties
         assert used["ties"] >= 4 and used["histogram"] >= 4
@@ -293,7 +313,6 @@ def test_a_ties_merge_gives_the_same_bytes_with_and_without_the_loops(
         assert counting.codes == {kernels.CODES[d] for d in set(dtypes)}
     else:
         assert used.get("ties", 0) == used.get("histogram", 0) == 0
-    assert counting.calls == used  # nothing more with WEIGHTMIX_KERNELS=0
     merged = load(tmp_path / "out-1.safetensors")
     assert not torch.equal(merged["big"], states[0]["big"].to(dtypes[0]).float())
 
@@ -378,18 +397,9 @@ def test_dot_product_merges_give_the_same_bytes_with_and_without_the_loops(
         "merge": {"method": method, "inputs": names, **params},
         "dtype": "fp32",
     }
-    counting = Counting(kernels._kernels)
-    monkeypatch.setattr(kernels, "_kernels", counting)
-    outputs = []
-    for setting in ("1", "0"):
-        monkeypatch.setenv("WEIGHTMIX_KERNELS", setting)
-        out = tmp_path / f"out-{setting}.safetensors"
-        weightmix.merge(recipe, out, threads=2)
-        outputs.append(out.read_bytes())
-        if setting == "1":
-            used = dict(counting.calls)
+    outputs, used, _ = merged_both_ways(tmp_path, monkeypatch, recipe)
     assert outputs[0] == outputs[1]
-    assert used["gram"] >= 3 and counting.calls == used  # the loops ran only when enabled
+    assert used["gram"] >= 3
     if method in ("slerp", "model_stock"):  # the output through blend's one pass
         assert used["blend"] >= 3 and "cast" not in used
 
@@ -489,18 +499,9 @@ def test_linear_merges_give_the_same_bytes_with_and_without_the_blend_loop(
         "merge": {"method": method, "inputs": names, **params},
         "dtype": out_dtype,
     }
-    counting = Counting(kernels._kernels)
-    monkeypatch.setattr(kernels, "_kernels", counting)
-    outputs = []
-    for setting in ("1", "0"):
-        monkeypatch.setenv("WEIGHTMIX_KERNELS", setting)
-        out = tmp_path / f"out-{setting}.safetensors"
-        weightmix.merge(recipe, out, threads=2)
-        outputs.append(out.read_bytes())
-        if setting == "1":
-            used = counting.calls["blend"]
+    outputs, used, _ = merged_both_ways(tmp_path, monkeypatch, recipe)
     assert outputs[0] == outputs[1]
-    assert used >= 6 and counting.calls["blend"] == used  # every chunk of the three keys
+    assert used["blend"] >= 6  # every chunk of the three keys
 
 
 @pytest.mark.parametrize("dtype", ["F8_E4M3", "F8_E5M2"])
@@ -522,23 +523,13 @@ def test_float8_merges_give_the_same_bytes_with_and_without_the_loops(
         "models": dict(zip(names, map(str, paths))),
         "merge": {"method": method, "inputs": names, **params},
     }
-    counting = Counting(kernels._kernels)
-    monkeypatch.setattr(kernels, "_kernels", counting)
-    outputs = []
-    for setting in ("1", "0"):
-        monkeypatch.setenv("WEIGHTMIX_KERNELS", setting)
-        out = tmp_path / f"out-{setting}.safetensors"
-        weightmix.merge(recipe, out, threads=2)
-        outputs.append(out.read_bytes())
-        if setting == "1":
-            used = dict(counting.calls)
+    outputs, used, _ = merged_both_ways(tmp_path, monkeypatch, recipe)
     assert outputs[0] == outputs[1]
     assert load(tmp_path / "out-1.safetensors")["big"].dtype == torch_dtype
     if method == "ties":
         assert used["widen"] >= 6 * count and used["cast"] >= 6
     else:  # every chunk of the three keys
         assert used["blend"] >= 6 and "widen" not in used and "cast" not in used
-    assert counting.calls == used
 
 
 def test_float8_chunks_the_blend_loop_leaves_take_the_plain_path(tmp_path, monkeypatch):
@@ -556,14 +547,9 @@ def test_float8_chunks_the_blend_loop_leaves_take_the_plain_path(tmp_path, monke
     assert all(torch.equal(merged[k].view(torch.uint8), first[k].view(torch.uint8)) for k in first)
     huge = {"models": models, "merge": {"method": "add_difference", "inputs": names,
                                         "alpha": 1e6}}  # fmt: skip
-    messages = []
-    for setting in ("1", "0"):
-        monkeypatch.setenv("WEIGHTMIX_KERNELS", setting)
-        with pytest.raises(weightmix.WeightmixError) as caught:
-            weightmix.merge(huge, tmp_path / f"huge-{setting}.safetensors", threads=1)
-        messages.append(str(caught.value))
+    messages = refusals_both_ways(tmp_path, monkeypatch, huge)
     assert messages[0] == messages[1] and "overflowed to ±inf" in messages[0]
-    assert not list(tmp_path.glob("huge-*"))
+    assert not list(tmp_path.glob("out-*"))
 
 
 def test_where_torch_runs_its_scalar_loops_the_fused_loops_step_aside(tmp_path):
@@ -614,12 +600,8 @@ def test_a_carried_inf_does_not_move_the_ties_cut_on(tmp_path, monkeypatch):
         "merge": {"method": "ties", "inputs": ["base", "tuned"],
                   "density": 3501.5 / count},  # 2,001 above the cut (the inf too), 1,500 at it
     }  # fmt: skip
-    outputs = []
-    for setting in ("1", "0"):
-        monkeypatch.setenv("WEIGHTMIX_KERNELS", setting)
-        out = tmp_path / f"out-{setting}.safetensors"
-        weightmix.merge(recipe, out, threads=1)
-        outputs.append(load(out)["w"])
+    merged_both_ways(tmp_path, monkeypatch, recipe, threads=1)
+    outputs = [load(tmp_path / f"out-{setting}.safetensors")["w"] for setting in ("1", "0")]
     assert torch.equal(outputs[0].view(torch.int16), outputs[1].view(torch.int16))
     kept = (outputs[1].float() - base.half().float()).abs() == 1.0
     assert int(kept[:CHUNK_ELEMENTS].sum()) == 1000 and int(kept.sum()) == 1500
@@ -642,12 +624,7 @@ def test_a_ties_overflow_is_reported_from_the_cuts_its_chunk_used(tmp_path, monk
                   "lambda": 100},  # 100 of the 400 at the cut: all of the first chunk's
         "dtype": "fp16",
     }  # fmt: skip
-    messages = []
-    for setting in ("1", "0"):
-        monkeypatch.setenv("WEIGHTMIX_KERNELS", setting)
-        with pytest.raises(weightmix.WeightmixError) as caught:
-            weightmix.merge(recipe, tmp_path / f"out-{setting}.safetensors", threads=1)
-        messages.append(str(caught.value))
+    messages = refusals_both_ways(tmp_path, monkeypatch, recipe)
     assert messages[0] == messages[1] and "largest |value| 100000 > 65504" in messages[0]
 
 

@@ -681,67 +681,7 @@ static PyObject *cast(PyObject *self, PyObject *args) {
 
 #ifdef WM_X86
 static int has_fma = 0;
-
-__attribute__((target("avx2,fma")))
-static void combine_fma(float *out, const unsigned long long *at, const int *code,
-                        const float *coefficient, Py_ssize_t count, Py_ssize_t n) {
-    float x[BLOCK];
-    for (Py_ssize_t first = 0; first < n; first += BLOCK) {
-        Py_ssize_t size = n - first < BLOCK ? n - first : BLOCK;
-        float *r = out + first;
-        widen(x, offset((const void *)(uintptr_t)at[0], code[0], first), code[0], size);
-        float c = coefficient[0];
-        for (Py_ssize_t i = 0; i < size; i++) r[i] = x[i] * c;
-        for (Py_ssize_t k = 1; k < count; k++) {
-            widen(x, offset((const void *)(uintptr_t)at[k], code[k], first), code[k], size);
-            c = coefficient[k];
-            for (Py_ssize_t i = 0; i < size; i++) r[i] = fmaf(x[i], c, r[i]);
-        }
-    }
-}
 #endif
-
-/* combine(out, inputs, codes, coefficients, n) -> True, or None where the machine has no
- * fused multiply-add: the float32 linear combination of 1 to 16 vectors as torch's
- * `torch.mul(x_0, c_0)` then `.add_(x_k, alpha=c_k)` computes it on AVX2 machines: the
- * first product rounded, then each term added by a fused multiply-add (one rounding), the
- * coefficients as float32. */
-static PyObject *combine(PyObject *self, PyObject *args) {
-    unsigned long long out_at;
-    PyObject *inputs, *codes, *coefficients;
-    Py_ssize_t n;
-    if (!PyArg_ParseTuple(args, "KO!O!O!n", &out_at, &PyList_Type, &inputs, &PyList_Type, &codes,
-                          &PyList_Type, &coefficients, &n))
-        return NULL;
-    Py_ssize_t count = PyList_GET_SIZE(inputs);
-    if (count < 1 || count > MAX_MODELS || PyList_GET_SIZE(codes) != count ||
-        PyList_GET_SIZE(coefficients) != count) {
-        PyErr_SetString(PyExc_ValueError, "combine: 1 to 16 vectors, one code, coefficient each");
-        return NULL;
-    }
-    unsigned long long at[MAX_MODELS];
-    int code[MAX_MODELS];
-    float coefficient[MAX_MODELS];
-    if (read_addresses(inputs, at, count) < 0) return NULL;
-    for (Py_ssize_t k = 0; k < count; k++) {
-        code[k] = (int)PyLong_AsLong(PyList_GET_ITEM(codes, k));
-        coefficient[k] = (float)PyFloat_AsDouble(PyList_GET_ITEM(coefficients, k));
-        if (PyErr_Occurred()) return NULL;
-        if (code[k] < F32 || code[k] > BF16) {
-            PyErr_SetString(PyExc_ValueError, "combine: dtype codes are 0-2");
-            return NULL;
-        }
-    }
-#ifdef WM_X86
-    if (!(has_fma && has_avx2)) Py_RETURN_NONE;
-    Py_BEGIN_ALLOW_THREADS
-    combine_fma((float *)(uintptr_t)out_at, at, code, coefficient, count, n);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_TRUE;
-#else
-    Py_RETURN_NONE;
-#endif
-}
 
 /* float32 to a float8 type, rounded to nearest even as torch 2.13 casts on the CPU:
  * `mantissa` fraction bits, exponent bias `bias`. NaN stays NaN (sign kept). e4m3fn
@@ -905,7 +845,10 @@ static Py_ssize_t blend_fma(void *out, int out_code, const unsigned long long *a
  * are inf or NaN, or None where the machine lacks AVX2, FMA or F16C; rounded to nearest
  * into `out` as cast() rounds, in one pass; any dtype codes. Forms, each as torch computes
  * it in float32 on AVX2 machines (tests/test_kernels.py):
- *   SUM: combine()'s Σ c_k·x_k, a coefficient per input;
+ *   SUM: Σ c_k·x_k, a coefficient per input, as torch's `torch.mul(x_0, c_0)` then
+ *     `.add_(x_k, alpha=c_k)`: the first product rounded, then each term added by a fused
+ *     multiply-add (one rounding), the coefficients as float32 (kernels.combine: a float32
+ *     `out`);
  *   DIFFERENCE: a + α·(b − c) of three inputs (torch.add(a, b − c, alpha=α): the difference
  *     rounded, then one fused multiply-add), coefficients [α];
  *   STOCK: model stock's step from base and models m_1..m_N (N >= 1), coefficients [α] (the
@@ -1121,7 +1064,6 @@ static PyMethodDef methods[] = {
     {"ties", ties, METH_VARARGS, "The TIES output of one chunk."},
     {"gram", gram, METH_VARARGS, "Dot products of a few vectors in float64, in a fixed order."},
     {"cast", cast, METH_VARARGS, "float32 to a float dtype, rounded, counting inf and NaN."},
-    {"combine", combine, METH_VARARGS, "A float32 linear combination, as torch computes it."},
     {"blend", blend, METH_VARARGS, "A sum, add-difference or stock step, rounded into out."},
 #ifdef __SIZEOF_INT128__
     {"pcg_state", pcg_state, METH_VARARGS, "PCG64DXSM's state from SeedSequence words."},

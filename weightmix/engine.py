@@ -391,12 +391,11 @@ def run_task(
             same = buffers.get("out", out_dtype, count)
             terms = [inputs[leaf.model] for leaf in node.inputs]
             found = compute(terms, same[0])
-            if found is None and plain_widens:  # not taken: the plain path, on widened copies
+            to_check = screen and bool(found)  # non-finite values written: gained ones?
+            if plain_widens and (found is None or to_check):  # the plain path's chunks
                 inputs = _widened(inputs, plan.compute_dtype.torch, buffers, count)
-            elif found is not None:
-                if screen and found:
-                    if plain_widens:
-                        inputs = _widened(inputs, plan.compute_dtype.torch, buffers, count)
+            if found is not None:
+                if to_check:
                     # the float32 result, computed again only to say how it overflowed
                     again = functools.partial(
                         _chunk_result, plan, key, fused, inputs, buffers, count, start,
