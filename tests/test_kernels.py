@@ -357,24 +357,26 @@ def lane_order_dot(x: torch.Tensor, y: torch.Tensor) -> float:
     return total
 
 
+@pytest.mark.parametrize("vectors", [1, 2, 3, 4])  # up to 3 in one loop (all pairs at once)
 @pytest.mark.parametrize("dtypes", [(d, d, d) for d in DTYPES] + [tuple(DTYPES)], ids=str)
-def test_the_dot_products_are_summed_in_the_documented_order(dtypes, monkeypatch):
+def test_the_dot_products_are_summed_in_the_documented_order(dtypes, vectors, monkeypatch):
     """The C loop and the torch code (streaming.lane_dot) both add in the documented order."""
     from weightmix.methods.streaming import Gram
 
     count = 2053  # two blocks of the C loop and a remainder of 5 (not a multiple of 8)
-    values = [awkward(count, seed, dtype) for seed, dtype in enumerate(dtypes)]
+    kinds = [dtypes[n % len(dtypes)] for n in range(vectors)]
+    values = [awkward(count, seed, dtype) for seed, dtype in enumerate(kinds)]
     values = [torch.where(torch.isfinite(v), v, 0) for v in values]
     base = awkward(count, 9, dtypes[0])
     base = torch.where(torch.isfinite(base), base, 0)
     found = kernels.gram(values)
     deltas = [v.float() - base.float() for v in values]
     found_deltas = kernels.gram(values, base)
-    pairs = [(i, j) for i in range(3) for j in range(i, 3)]
+    pairs = [(i, j) for i in range(vectors) for j in range(i, vectors)]
     assert found == [lane_order_dot(values[i], values[j]) for i, j in pairs]
     assert found_deltas == [lane_order_dot(deltas[i], deltas[j]) for i, j in pairs]
     monkeypatch.setenv("WEIGHTMIX_KERNELS", "0")
-    in_torch, deltas_in_torch = Gram(3), Gram(3)
+    in_torch, deltas_in_torch = Gram(vectors), Gram(vectors)
     in_torch.add(values)
     deltas_in_torch.add_deltas(base, values, torch.float32)
     assert [in_torch.sums[i][j] for i, j in pairs] == found

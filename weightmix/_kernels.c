@@ -495,6 +495,56 @@ WM_CLONES static void dot_lanes(double *acc, const float *x, const float *y, Py_
     acc[4] = a4, acc[5] = a5, acc[6] = a6, acc[7] = a7;
 }
 
+#ifdef WM_X86
+enum { PAIRED = 3 }; /* up to this many vectors, every pair's products in one loop */
+
+/* dot_lanes() for every pair i <= j of N <= PAIRED vectors at once (row by row into sums):
+ * each vector's 8 elements loaded and widened once, and 2 N (N + 1) / 2 independent sums in
+ * flight where one pair has 2 (a float64 add waits for the previous one). The same lanes,
+ * the same order, the same bits. */
+__attribute__((target("avx2"))) static inline __attribute__((always_inline)) void
+dot_pairs_avx2(const int N, double (*sums)[LANES], float (*v)[BLOCK], Py_ssize_t n) {
+    __m256d low[PAIRED * (PAIRED + 1) / 2], high[PAIRED * (PAIRED + 1) / 2];
+    int pair = 0;
+    for (int i = 0; i < N; i++)
+        for (int j = i; j < N; j++, pair++) {
+            low[pair] = _mm256_loadu_pd(sums[pair]);
+            high[pair] = _mm256_loadu_pd(sums[pair] + 4);
+        }
+    for (Py_ssize_t e = 0; e < n; e += LANES) {
+        __m256d x_low[PAIRED], x_high[PAIRED];
+        for (int k = 0; k < N; k++) {
+            __m256 x = _mm256_loadu_ps(v[k] + e);
+            x_low[k] = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+            x_high[k] = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+        }
+        pair = 0;
+        for (int i = 0; i < N; i++)
+            for (int j = i; j < N; j++, pair++) {
+                low[pair] = _mm256_add_pd(low[pair], _mm256_mul_pd(x_low[i], x_low[j]));
+                high[pair] = _mm256_add_pd(high[pair], _mm256_mul_pd(x_high[i], x_high[j]));
+            }
+    }
+    pair = 0;
+    for (int i = 0; i < N; i++)
+        for (int j = i; j < N; j++, pair++) {
+            _mm256_storeu_pd(sums[pair], low[pair]);
+            _mm256_storeu_pd(sums[pair] + 4, high[pair]);
+        }
+}
+
+/* dot_pairs_avx2 for 1 to PAIRED vectors; 0 (nothing done) for more */
+__attribute__((target("avx2"))) static int dot_pairs(Py_ssize_t count, double (*sums)[LANES],
+                                                   float (*v)[BLOCK], Py_ssize_t n) {
+    switch (count) {
+    case 1: dot_pairs_avx2(1, sums, v, n); return 1;
+    case 2: dot_pairs_avx2(2, sums, v, n); return 1;
+    case 3: dot_pairs_avx2(3, sums, v, n); return 1;
+    default: return 0;
+    }
+}
+#endif
+
 /* gram(vectors, codes, base, base_code, n) -> [<v_i, v_j> for i <= j, row by row]:
  * the dot products of 1 to 16 vectors of n elements in float64. Each vector is v_k widened to
  * float32, or with a base (not None) the float32 difference v_k - base (one rounding, as torch's
@@ -550,10 +600,14 @@ WM_CLONES static PyObject *gram(PyObject *self, PyObject *args) {
                 for (Py_ssize_t i = 0; i < size; i++) v[k][i] = v[k][i] - b[i];
         }
         Py_ssize_t whole = size - size % LANES; /* BLOCK is a multiple of LANES */
+        int paired = 0;
+#ifdef WM_X86
+        if (has_avx2) paired = dot_pairs(count, sums, v, whole);
+#endif
         Py_ssize_t pair = 0;
         for (Py_ssize_t i = 0; i < count; i++) {
             for (Py_ssize_t j = i; j < count; j++, pair++) {
-                dot_lanes(sums[pair], v[i], v[j], whole);
+                if (!paired) dot_lanes(sums[pair], v[i], v[j], whole);
                 for (Py_ssize_t e = whole; e < size; e++)
                     sums[pair][e % LANES] += (double)v[i][e] * (double)v[j][e];
             }
