@@ -229,7 +229,7 @@ class Counting:
 
         def counted(*args):
             self.calls[name] += 1
-            if name == "histogram":
+            if name in ("histogram", "collect"):
                 self.codes.update((args[1], args[3]))
             return function(*args)
 
@@ -328,6 +328,85 @@ def streamed_cut(base, model, k, chunk, monkeypatch, setting):
             cut.observe_delta(base[start : start + chunk], model[start : start + chunk])
         cut.end_pass()
     return cut.threshold.view(torch.int32).item(), cut.above, cut.need, cut.ties
+
+
+def cut_and_passes(base, model, k, chunk):
+    """streamed_cut's result with the loops as they are set, and how many passes it took."""
+    from weightmix.methods.selection import StreamedTopK
+
+    cut, passes = StreamedTopK(k, base.numel(), torch.float32), 0
+    while cut.wants_pass():
+        passes += 1
+        for start in range(0, base.numel(), chunk):
+            cut.observe_delta(base[start : start + chunk], model[start : start + chunk])
+        cut.end_pass()
+    return (cut.threshold.view(torch.int32).item(), cut.above, cut.need, cut.ties), passes
+
+
+def sorted_cut(base, model, k):
+    """The same four numbers from a full sort of the float32 magnitudes (no NaN here)."""
+    magnitudes = (model.float() - base.float()).abs()
+    cut = magnitudes.sort(descending=True).values[k - 1]
+    above, ties = int((magnitudes > cut).sum()), int((magnitudes == cut).sum())
+    return cut.view(torch.int32).item(), above, k - above, ties
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("density", [0.5, 0.1, 0.9])
+def test_the_second_stage_comes_from_the_patterns_kept_aside(monkeypatch, dtype, density):
+    """The first pass keeps aside the patterns near where its first chunk puts the cut; the
+    cut's bits fall there, so one pass finds what two passes and a full sort find. (bfloat16
+    differences sit on few values: here the cut's top bits alone hold 13 % of the tensor, more
+    than the room of an eighth, so bfloat16 may take the second pass.)"""
+    from weightmix.methods import selection
+
+    generator = torch.Generator().manual_seed(3)
+    n, chunk = 50_000, 4096
+    base = torch.randn(n, generator=generator).to(dtype)
+    model = (base.float() + 0.02 * torch.randn(n, generator=generator)).to(dtype)
+    model[7_000:7_300] = base[7_000:7_300]  # deltas of 0: equal magnitudes
+    k = max(1, math.floor(density * n))
+    expected = sorted_cut(base, model, k)
+    monkeypatch.setenv("WEIGHTMIX_KERNELS", "1")
+    found, passes = cut_and_passes(base, model, k, chunk)
+    assert found == expected and (passes == 1 or dtype == torch.bfloat16)
+    monkeypatch.setattr(selection, "KEPT_AT_MOST", 0)  # nothing kept aside: two passes
+    assert cut_and_passes(base, model, k, chunk) == (expected, 2)
+    monkeypatch.setenv("WEIGHTMIX_KERNELS", "0")
+    assert cut_and_passes(base, model, k, chunk)[0] == expected
+
+
+def test_a_cut_outside_the_window_or_a_full_room_takes_the_second_pass(monkeypatch):
+    from weightmix.methods import selection
+
+    generator = torch.Generator().manual_seed(4)
+    n, chunk = 40_000, 4096
+    base = torch.zeros(n, dtype=torch.float16)
+    model = torch.randn(n, generator=generator).half()
+    model[:chunk] *= 1e-3  # the first chunk puts the cut three orders of magnitude too low
+    k = n // 2
+    expected = sorted_cut(base, model, k)
+    monkeypatch.setenv("WEIGHTMIX_KERNELS", "1")
+    assert cut_and_passes(base, model, k, chunk) == (expected, 2)
+    model[:chunk] *= 1e3  # a good guess now, but room for 4 patterns only
+    expected = sorted_cut(base, model, k)
+    assert cut_and_passes(base, model, k, chunk) == (expected, 1)
+    monkeypatch.setattr(selection, "KEPT_AT_MOST", 4)
+    assert cut_and_passes(base, model, k, chunk) == (expected, 2)
+
+
+def test_ties_at_the_cut_are_counted_from_the_patterns_kept_aside(monkeypatch):
+    """Magnitudes from 301 values, a hundred elements each: the cut splits a run of equal
+    ones."""
+    n, chunk = 30_100, 2048
+    base = torch.zeros(n, dtype=torch.float16)
+    model = ((torch.arange(n) * 37 % 301 - 150) * 0.01).half()
+    for k in (1, n // 3, n // 2 + 11, n - 1):
+        monkeypatch.setenv("WEIGHTMIX_KERNELS", "1")
+        found, passes = cut_and_passes(base, model, k, chunk)
+        assert found == sorted_cut(base, model, k) and passes == 1
+        monkeypatch.setenv("WEIGHTMIX_KERNELS", "0")
+        assert cut_and_passes(base, model, k, chunk)[0] == found
 
 
 def test_nan_deltas_count_alike_whatever_their_payloads(monkeypatch):

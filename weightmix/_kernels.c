@@ -232,6 +232,26 @@ static void low_counts_f16(int64_t *counts, const uint16_t *b, const uint16_t *m
 }
 #endif
 
+/* counts[u >> 16]++ for n patterns of magnitudes (so u >> 16 < 2^15), every other one
+ * counted in the upper half of counts instead (empty: the sign bit is 0), so that
+ * neighbours in one bin wait on two chains of increments rather than one; fold_top() then
+ * adds the upper half into the lower */
+static void count_top(int64_t *counts, const uint32_t *u, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+    for (; i + 2 <= n; i += 2) {
+        counts[u[i] >> 16]++;
+        counts[(u[i + 1] >> 16) | 0x8000u]++;
+    }
+    if (i < n) counts[u[i] >> 16]++;
+}
+
+static void fold_top(int64_t *counts) {
+    for (Py_ssize_t b = 0; b < 0x8000; b++) {
+        counts[b] += counts[b + 0x8000];
+        counts[b + 0x8000] = 0;
+    }
+}
+
 /* u[i] = the float32 bits of |model[i] - base[i]| (each widened to float32), every NaN as
  * the quiet NaN 0x7FC00000 (as StreamedTopK._bits); n <= BLOCK */
 static void magnitude_bits(uint32_t *u, const void *base, int base_code, const void *model,
@@ -285,7 +305,7 @@ WM_CLONES static PyObject *histogram(PyObject *self, PyObject *args) {
         magnitude_bits(u, offset(base, base_code, first), base_code,
                        offset(model, model_code, first), model_code, count);
         if (stage == 0) {
-            for (Py_ssize_t i = 0; i < count; i++) counts[u[i] >> 16]++;
+            count_top(counts, u, count);
         } else { /* few elements match: find them 8 at a time after a vectorised pass */
             for (Py_ssize_t i = 0; i < count; i++) match[i] = (u[i] >> 16) == prefix;
             Py_ssize_t i = 0;
@@ -300,8 +320,106 @@ WM_CLONES static PyObject *histogram(PyObject *self, PyObject *args) {
                 if (match[i]) counts[u[i] & 0xffffu]++;
         }
     }
+    if (stage == 0) fold_top(counts);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
+}
+
+/* for each 8-bit mask, the indices of its set bits in order, 4 bits each (filled at import):
+ * the permutation that moves the chosen lanes of a vector to its front */
+static uint32_t packing[256];
+
+static void fill_packing(void) {
+    for (unsigned mask = 0; mask < 256; mask++) {
+        uint32_t order = 0;
+        int at = 0;
+        for (unsigned lane = 0; lane < 8; lane++)
+            if (mask & (1u << lane)) order |= lane << (4 * at++);
+        packing[mask] = order;
+    }
+}
+
+#ifdef WM_X86
+/* collect()'s window test 8 patterns at a time (the top 16 bits of a magnitude's pattern are
+ * below 2^15, so signed compares serve); the few inside written one by one while there is
+ * room, every one counted in *hits. Returns how many patterns it looked at. */
+__attribute__((target("avx2")))
+static Py_ssize_t keep_window_avx2(uint32_t *into, Py_ssize_t *hits, Py_ssize_t room,
+                                   const uint32_t *u, Py_ssize_t n, unsigned low, unsigned high) {
+    const __m256i first = _mm256_set1_epi32((int)low), last = _mm256_set1_epi32((int)high);
+    const __m256i nibble = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256i seven = _mm256_set1_epi32(7);
+    Py_ssize_t i = 0, found = *hits;
+    for (; i + 8 <= n; i += 8) {
+        __m256i bits = _mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(u + i)), 16);
+        __m256i outside = _mm256_or_si256(_mm256_cmpgt_epi32(bits, last),
+                                          _mm256_cmpgt_epi32(first, bits));
+        unsigned mask = ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(outside)) & 0xffu;
+        if (found + 8 <= room) { /* the lanes inside moved to the front, all 8 stored */
+            __m256i lanes = _mm256_and_si256(
+                _mm256_srlv_epi32(_mm256_set1_epi32((int)packing[mask]), nibble), seven);
+            __m256i packed = _mm256_permutevar8x32_epi32(
+                _mm256_loadu_si256((const __m256i *)(u + i)), lanes);
+            _mm256_storeu_si256((__m256i *)(into + found), packed);
+            found += __builtin_popcount(mask);
+            continue;
+        }
+        while (mask) {
+            int lane = __builtin_ctz(mask);
+            if (found < room) into[found] = u[i + lane];
+            found++;
+            mask &= mask - 1;
+        }
+    }
+    *hits = found;
+    return i;
+}
+#endif
+
+/* collect(base, base_code, model, model_code, n, counts, low, high, into, room) -> hits:
+ * the bit patterns of |model - base| (as histogram() makes them) whose top 16 bits lie in
+ * [low, high], written in index order to the uint32 array `into` (at most `room` of them,
+ * room >= 1), with stage 0's counts of all n added to `counts` unless it is 0. Returns how
+ * many lay in the window: all of them are written when that is less than room (else the
+ * last slot holds an arbitrary element). A radix select whose cut's top bits fall in the window
+ * takes its second stage from these instead of a second pass over the data. */
+WM_CLONES static PyObject *collect(PyObject *self, PyObject *args) {
+    unsigned long long base_at, model_at, counts_at, into_at;
+    int base_code, model_code;
+    Py_ssize_t n, room;
+    unsigned int low, high;
+    if (!PyArg_ParseTuple(args, "KiKinKIIKn", &base_at, &base_code, &model_at, &model_code,
+                          &n, &counts_at, &low, &high, &into_at, &room))
+        return NULL;
+    if (base_code < F32 || base_code > BF16 || model_code < F32 || model_code > BF16 ||
+        room < 1) {
+        PyErr_SetString(PyExc_ValueError, "collect: dtype codes are 0-2, room at least 1");
+        return NULL;
+    }
+    const void *base = (const void *)(uintptr_t)base_at;
+    const void *model = (const void *)(uintptr_t)model_at;
+    int64_t *counts = (int64_t *)(uintptr_t)counts_at;
+    uint32_t *into = (uint32_t *)(uintptr_t)into_at;
+    Py_ssize_t hits = 0, last = room - 1;
+    Py_BEGIN_ALLOW_THREADS
+    uint32_t u[BLOCK];
+    for (Py_ssize_t first = 0; first < n; first += BLOCK) {
+        Py_ssize_t size = n - first < BLOCK ? n - first : BLOCK;
+        magnitude_bits(u, offset(base, base_code, first), base_code,
+                       offset(model, model_code, first), model_code, size);
+        if (counts != NULL) count_top(counts, u, size);
+        Py_ssize_t i = 0;
+#ifdef WM_X86
+        if (has_avx2) i = keep_window_avx2(into, &hits, room, u, size, low, high);
+#endif
+        for (; i < size; i++) { /* written always, kept where it lies inside */
+            into[hits < last ? hits : last] = u[i];
+            hits += (u[i] >> 16) - low <= high - low;
+        }
+    }
+    if (counts != NULL) fold_top(counts);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromSsize_t(hits);
 }
 
 static int read_addresses(PyObject *list, unsigned long long *into, Py_ssize_t count) {
@@ -383,6 +501,7 @@ WM_CLONES static PyObject *ties(PyObject *self, PyObject *args) {
     if (t == NULL) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     float b[BLOCK], total[BLOCK], elected[BLOCK], divisor[BLOCK], delta[BLOCK];
+    uint8_t at_cut[BLOCK];
     for (Py_ssize_t first = 0; first < n; first += BLOCK) {
         Py_ssize_t size = n - first < BLOCK ? n - first : BLOCK;
         widen(b, offset(base, base_code, first), base_code, size);
@@ -399,11 +518,19 @@ WM_CLONES static PyObject *ties(PyObject *self, PyObject *args) {
                 for (Py_ssize_t i = 0; i < size; i++) delta[i] = tk[i] - b[i];
                 for (Py_ssize_t i = 0; i < size; i++)
                     tk[i] = delta[i] * positive(fabsf(delta[i]) - c);
-                for (Py_ssize_t i = 0; i < size && remaining[k] > 0; i++) {
-                    if (fabsf(delta[i]) == c) {
-                        tk[i] = delta[i] * 1.0f;
-                        remaining[k]--;
-                        taken[k]++;
+                /* the elements at the cut found by a vectorised pass, then 8 at a time */
+                for (Py_ssize_t i = 0; i < size; i++) at_cut[i] = fabsf(delta[i]) == c;
+                for (Py_ssize_t i = 0; i < size && remaining[k] > 0; i += 8) {
+                    uint64_t word = 1; /* the last few elements: looked at one by one */
+                    if (i + 8 <= size) memcpy(&word, at_cut + i, 8);
+                    if (word == 0) continue;
+                    Py_ssize_t end = size - i < 8 ? size : i + 8;
+                    for (Py_ssize_t j = i; j < end && remaining[k] > 0; j++) {
+                        if (at_cut[j]) {
+                            tk[j] = delta[j] * 1.0f;
+                            remaining[k]--;
+                            taken[k]++;
+                        }
                     }
                 }
             } else if (mode[k] == 2) {
@@ -1115,6 +1242,7 @@ static PyObject *widen_py(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"histogram", histogram, METH_VARARGS, "Radix-select counts of |model - base| bits."},
+    {"collect", collect, METH_VARARGS, "histogram() stage 0, keeping the bits in a window."},
     {"ties", ties, METH_VARARGS, "The TIES output of one chunk."},
     {"gram", gram, METH_VARARGS, "Dot products of a few vectors in float64, in a fixed order."},
     {"cast", cast, METH_VARARGS, "float32 to a float dtype, rounded, counting inf and NaN."},
@@ -1131,6 +1259,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1,
 
 PyMODINIT_FUNC PyInit__kernels(void) {
     fill_float8_values();
+    fill_packing();
 #ifdef WM_X86
     __builtin_cpu_init();
     has_f16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");

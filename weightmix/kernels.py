@@ -90,6 +90,33 @@ def magnitude_histogram(
     return True
 
 
+def magnitude_collect(
+    base: torch.Tensor,
+    model: torch.Tensor,
+    counts: torch.Tensor | None,
+    window: tuple[int, int],
+    into: torch.Tensor,
+) -> int | None:
+    """The float32 bit patterns of |model − base| (as magnitude_histogram makes them) whose
+    top 16 bits lie in window = (low, high), written in index order into `into` (int32, flat),
+    with stage 0's counts added to `counts` (unless None). Returns how many lay in the window:
+    all are in `into` when that is less than its size. None: not taken."""
+    if not enabled() or not hasattr(_kernels, "collect") or into.numel() < 1:
+        return None
+    if not _takes([base, model], base.numel()) or into.dtype != torch.int32:
+        return None
+    if not into.is_contiguous():
+        return None
+    if counts is not None and (counts.dtype != torch.int64 or counts.numel() != 1 << 16):
+        return None
+    assert _kernels is not None
+    return _kernels.collect(
+        base.data_ptr(), CODES[base.dtype], model.data_ptr(), CODES[model.dtype], base.numel(),
+        0 if counts is None else counts.data_ptr(), window[0], window[1], into.data_ptr(),
+        into.numel(),
+    )  # fmt: skip
+
+
 Cut = tuple[int, float, int]  # (mask kind, cut magnitude, elements at the cut still to keep)
 
 

@@ -9,12 +9,15 @@ real weights) are sorted out. A full sort or quantile costs 10-20x more on this 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from weightmix import kernels
 
 Tensor = torch.Tensor
 _BUCKETS = 1 << 15  # top 16 bits of a non-negative float32 (the sign bit is 0)
+KEPT_AT_MOST = 1 << 20  # bit patterns a cut keeps aside in its first pass (4 MB)
 
 
 def kth_largest_magnitude(values: Tensor, k: int) -> Tensor:
@@ -62,7 +65,12 @@ class StreamedTopK:
     (two passes for float32, four for float64): each pass counts the next 16 bits of the
     elements whose higher bits match the cut found so far. After them the cut is the exact k-th
     largest magnitude, and `mask` (called on the chunks in element order) keeps everything
-    above it and the first `need` elements equal to it."""
+    above it and the first `need` elements equal to it.
+
+    Where the C loops take the chunks, the first pass also keeps aside the bit patterns whose
+    top 16 bits lie in a window around where the first chunk puts the cut (an eighth of the
+    tensor at most, and at most KEPT_AT_MOST): when the cut's top bits fall inside it, the
+    second stage counts those instead of passing over the data again (the same counts)."""
 
     def __init__(self, k: int, numel: int, dtype: torch.dtype) -> None:
         self.k, self.numel, self.dtype = k, numel, dtype  # dtype: of the deltas (compute)
@@ -79,6 +87,9 @@ class StreamedTopK:
         self.need = 0  # elements equal to the cut to keep
         self.ties = 0  # elements equal to the cut
         self.taken = 0  # of those, kept in the chunks seen so far
+        self.window = (0, -1)  # top 16 bits of the patterns kept aside
+        self.kept: Tensor | None = None  # those patterns, in index order
+        self.filled = 0
 
     def wants_pass(self) -> bool:
         return not self.keep_all and self.threshold is None
@@ -87,11 +98,50 @@ class StreamedTopK:
         """observe(model − base), the difference taken in the compute dtype; fused in C where
         kernels.magnitude_histogram takes the chunks (a float32 difference)."""
         if self.dtype == torch.float32 and base.numel() < self.numel:
-            if self.counts is None:
+            first = self.counts is None
+            if first:
                 self.counts = torch.zeros(1 << 16, dtype=torch.int64)
+            if self.kept is not None and self._keep_aside(base, model, self.counts):
+                return
             if kernels.magnitude_histogram(base, model, self.stage, self.prefix, self.counts):
+                if first and self.stage == 0:
+                    self._start_keeping(base, model)
                 return
         self.observe(model.to(self.dtype) - base.to(self.dtype))
+
+    def _start_keeping(self, base: Tensor, model: Tensor) -> None:
+        """After the first chunk's counts: the window of top 16 bits that holds the cut's
+        share of that chunk, widened by a share on either side that should fill half the
+        room; then the first chunk's patterns in it."""
+        room = min(self.numel // 8, KEPT_AT_MOST)
+        if self.shifts != (16, 0) or room < 1:
+            return
+        assert self.counts is not None
+        seen = base.numel()
+        spread = room / (4 * self.numel)  # expected to fill half the room
+        from_top = self.counts.flip(0).cumsum(0)
+
+        def bucket_at(share: float) -> int:
+            rank = min(max(math.ceil(share * seen), 1), seen)
+            wanted = torch.tensor(rank, dtype=from_top.dtype)
+            return (1 << 16) - 1 - int(torch.searchsorted(from_top, wanted))
+
+        share = self.k / self.numel
+        self.window = (bucket_at(share + spread), bucket_at(share - spread))
+        self.kept = torch.empty(room, dtype=torch.int32)
+        self._keep_aside(base, model, None)
+
+    def _keep_aside(self, base: Tensor, model: Tensor, counts: Tensor | None) -> bool:
+        """The chunk's patterns in the window appended to `kept` (and its stage 0 counts
+        added, unless counts is None); False: not taken (nothing kept from now on)."""
+        assert self.kept is not None
+        into = self.kept[self.filled :]
+        hits = kernels.magnitude_collect(base, model, counts, self.window, into)
+        if hits is None or hits >= into.numel():  # no room left: the second pass will count
+            self.kept = None
+            return hits is not None
+        self.filled += hits
+        return True
 
     def chunk_cut(self) -> kernels.Cut:
         """The next chunk's mask for kernels.ties_chunk (which reports back through `took`)."""
@@ -168,6 +218,14 @@ class StreamedTopK:
             self.threshold = pattern.view(self.float_dtype)[0]
             self.need = self.k - self.above
             self.ties = int(counts[(1 << 16) - 1 - position])  # elements equal to the cut
+        kept, self.kept = self.kept, None
+        if kept is not None and self.window[0] <= self.prefix <= self.window[1]:
+            # every pattern under the cut's top bits was kept aside: the second stage's counts
+            bits = kept[: self.filled]
+            self.counts = torch.bincount(
+                bits[(bits >> 16) == self.prefix] & 0xFFFF, minlength=1 << 16
+            )
+            self.end_pass()
 
     def mask(self, values: Tensor) -> Tensor | None:
         """The chunk's elements among the k largest as 1, the others as 0, in the dtype of
