@@ -10,9 +10,10 @@ scratch folder (not the repo). Each repeat runs, in the same conditions (previou
 removed, `sync` before every timed command): the I/O floor (read the inputs once with cat,
 write one output of the same size with cat), then `weightmix merge` as its own process.
 Reported: median wall time, its ratio to the floor, the same ratio with weightmix's start-up
-(importing torch and weightmix, timed alone) taken off, CPU time (user + system), and peak RSS
-(ru_maxrss of the process) against a bare `python -c "import torch"`. This script imports
-neither torch nor weightmix, so its own memory never shows in the children's ru_maxrss.
+(`weightmix --version`, timed alone: importing torch and weightmix, and the exit) taken off,
+CPU time (user + system), and peak RSS (ru_maxrss of the process) against a bare
+`python -c "import torch"`. This script imports neither torch nor weightmix, so its own
+memory never shows in the children's ru_maxrss.
 """
 
 from __future__ import annotations
@@ -138,9 +139,7 @@ def main() -> None:
     measure([sys.executable, "-c", "import weightmix.cli"])  # writes the bytecode caches once
     for _ in range(args.repeat):
         rows.setdefault("import torch", []).append(measure([sys.executable, "-c", "import torch"]))
-        rows.setdefault("startup", []).append(
-            measure([sys.executable, "-c", "import weightmix.cli"])
-        )
+        rows.setdefault("startup", []).append(measure([str(BIN / "weightmix"), "--version"]))
         for method, (files, flags) in merges.items():
             names = " ".join(str(f) for f in files)
             floor = f"cat {names} > /dev/null && cat {files[0]} > {floor_out}"

@@ -1,5 +1,6 @@
 """Start-up: the garbage collector is paused while weightmix imports torch and the imported
-objects are frozen while a command runs; both leave the interpreter as they found it."""
+objects are frozen while a command runs; called from Python, both leave the interpreter as
+they found it; the executable leaves them frozen for the interpreter's exit."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import sys
 
 import pytest
 
-from weightmix.cli import main
+from weightmix import __version__
+from weightmix.cli import command, main
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -56,3 +58,22 @@ def test_a_command_freezes_the_imported_objects_while_it_runs(monkeypatch, run, 
     monkeypatch.setattr("weightmix.cli._run", lambda argv: counts.append(gc.get_freeze_count()))
     main(["--version"])
     assert counts and counts[0] > 100_000  # torch's modules, functions and tables
+
+
+def test_the_executable_exits_with_the_imports_still_frozen(monkeypatch, capsys):
+    """The interpreter's last collection at exit then passes them by."""
+    monkeypatch.setattr(sys, "argv", ["weightmix", "--version"])
+    try:
+        with pytest.raises(SystemExit) as exited:
+            command()
+        assert exited.value.code == 0 and __version__ in capsys.readouterr().out
+        assert gc.get_freeze_count() > 100_000
+    finally:
+        gc.unfreeze()
+
+
+def test_python_dash_m_weightmix_runs_the_executable():
+    shown = subprocess.run(
+        [sys.executable, "-m", "weightmix", "--version"], capture_output=True, text=True
+    )
+    assert shown.returncode == 0 and __version__ in shown.stdout

@@ -1,5 +1,3 @@
-import sys
+from weightmix.cli import command
 
-from weightmix.cli import main
-
-sys.exit(main())
+command()

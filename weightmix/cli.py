@@ -9,7 +9,7 @@ import signal
 import string
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import yaml
@@ -613,14 +613,28 @@ def methods() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors are one line on stderr and exit code 2."""
     # what exists now (the imported modules: about a million objects) outlives the command;
-    # frozen, no collection during the merge walks through it (thawed again for a caller)
+    # frozen, no collection during the merge walks through it (thawed again for the caller)
     gc.freeze()
+    try:
+        return _signalled(argv)
+    finally:
+        gc.unfreeze()
+
+
+def command() -> NoReturn:
+    """The `weightmix` executable: main() on the process's arguments, then exit with its code.
+    What main() froze stays frozen: the interpreter's last collection at exit passes it by
+    (0.4 s of start-up otherwise)."""
+    gc.freeze()
+    sys.exit(_signalled(None))
+
+
+def _signalled(argv: list[str] | None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return _run(argv)
     finally:  # a caller's own SIGTERM handling comes back after a call from Python
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-        gc.unfreeze()
 
 
 def _run(argv: list[str] | None) -> int:
