@@ -317,6 +317,87 @@ def test_a_ties_merge_gives_the_same_bytes_with_and_without_the_loops(
     assert not torch.equal(merged["big"], states[0]["big"].to(dtypes[0]).float())
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float16,) * 3, (torch.bfloat16, torch.float16,
+                                    torch.float32)], ids=["fp16", "mixed"])  # fmt: skip
+@pytest.mark.parametrize("params", [{"density": 0.3}, {"density": 1.0},
+                                    {"density": 0.6, "lambda": 0.7, "weights": [1.0, 0.5],
+                                     "consensus": "count", "normalize": True}])  # fmt: skip
+def test_a_dare_ties_merge_gives_the_same_bytes_with_and_without_the_loops(
+    tmp_path, monkeypatch, dtypes, params
+):
+    """DARE's drop, rescale and TIES's election in the C TIES loop (mode DROP)."""
+    states = fine_tunes(6, 3)
+    states[2]["small"][0, :3] = states[0]["small"][0, :3]  # deltas of 0
+    paths = saved(tmp_path, states, list(dtypes))
+    recipe = {
+        "models": {f"M{i}": str(p) for i, p in enumerate(paths)},
+        "merge": {"method": "dare_ties", "inputs": ["M0", "M1", "M2"], **params},
+        "dtype": "fp16",
+        "seed": 11,
+    }
+    outputs, used, _ = merged_both_ways(tmp_path, monkeypatch, recipe)
+    assert outputs[0] == outputs[1]
+    assert used["ties"] >= 4  # every chunk of the big keys
+    merged = load(tmp_path / "out-1.safetensors")
+    assert not torch.equal(merged["big"], states[0]["big"].half())
+
+
+def torch_dare_ties(base, models, density, uniforms, weights, consensus, normalize, lambda_):
+    """sparsify.task_arithmetic_ with random_drop: the torch code the C loop must equal."""
+    from weightmix.methods.sparsify import random_drop, task_arithmetic_
+
+    def drop(delta, index):
+        return random_drop(delta, density, uniforms[index])
+
+    return task_arithmetic_(base, models, drop, consensus, lambda_, weights, normalize)
+
+
+def test_dares_drop_in_c_matches_torch_at_the_edges():
+    """Uniform numbers equal to the float32 density (dropped: u < density fails), just below
+    it, signed zeros, deltas of 0 and an elected sign of 0: the same bits as torch."""
+    density = 0.3
+    edge = float(torch.tensor(density, dtype=torch.float32))  # a multiple of 2^-24: a draw
+    n = 4099
+    generator = torch.Generator().manual_seed(8)
+    base = torch.randn(n, generator=generator)
+    base[:8] = torch.tensor([0.0, -0.0, 1.0, -1.0, 0.5, -0.0, 2.0, 0.0])
+    models = [base + 0.1 * torch.randn(n, generator=generator) for _ in range(2)]
+    models[0][:8] = base[:8]  # deltas of 0 (−0 − −0 = 0, 0 − 0 = 0)
+    models[1][8:16] = base[8:16] + 0.25
+    models[0][8:16] = base[8:16] - 0.25  # opposite deltas: the elected sign is 0 where kept
+    uniforms = [torch.rand(n, generator=generator) for _ in models]
+    uniforms = [(u * (1 << 24)).floor() / (1 << 24) for u in uniforms]
+    uniforms[0][16:24] = edge
+    uniforms[1][16:24] = edge - 2**-24
+    uniforms[0][8:16] = uniforms[1][8:16] = 0.0  # both kept
+    for weights, consensus, normalize, lambda_ in [
+        ([1.0, 1.0], "sum", False, 1.0), ([0.5, 2.0], "count", True, 0.7),
+    ]:  # fmt: skip
+        cuts = [(kernels.DROP, density, 0)] * 2
+        fused = kernels.ties_chunk(base, models, cuts, weights, consensus, normalize, lambda_,
+                                   uniforms=uniforms)  # fmt: skip
+        assert fused is not None
+        expected = torch_dare_ties(base, models, density, uniforms, weights, consensus,
+                                   normalize, lambda_)  # fmt: skip
+        assert torch.equal(fused[0].view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan, 1e36])
+def test_dares_drop_in_c_leaves_non_finite_or_huge_deltas_to_torch(value):
+    """torch looks for a non-finite dropped delta with a sum (and picks them by torch.where);
+    the loop declines such a chunk, and one whose sum could overflow."""
+    n = 1000
+    base, models = torch.zeros(n), [torch.full((n,), 0.5), torch.full((n,), -0.25)]
+    models[0][3] = value
+    uniforms = [torch.zeros(n), torch.zeros(n)]  # everything kept
+    cuts = [(kernels.DROP, 0.5, 0)] * 2
+    assert kernels.ties_chunk(base, models, cuts, [1.0, 1.0], "sum", False, 1.0,
+                              uniforms=uniforms) is None  # fmt: skip
+    models[0][3] = 1e30  # 1e30 · 2 / 0.5 · 1000 elements: no overflow in any order
+    assert kernels.ties_chunk(base, models, cuts, [1.0, 1.0], "sum", False, 1.0,
+                              uniforms=uniforms) is not None  # fmt: skip
+
+
 def streamed_cut(base, model, k, chunk, monkeypatch, setting):
     """A StreamedTopK's cut over |model − base| seen in chunks, kernels on ('1') or off."""
     from weightmix.methods.selection import StreamedTopK

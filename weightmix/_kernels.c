@@ -12,6 +12,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -437,11 +438,16 @@ static int read_addresses(PyObject *list, unsigned long long *into, Py_ssize_t c
  * rounds it), as MagnitudeCutStreamer.apply computes it in float32:
  * for each model m, d = M_m - base, t_m = d * keep_m where keep_m (mode 0: 1; mode 1:
  * sign(relu(|d| - cut)); mode 2: 1 - sign(relu(cut - |d|)); mode 3: mode 1's, and 1 for the
- * first `remainder` elements with |d| = cut, in index order), times its weight unless the
+ * first `remainder` elements with |d| = cut, in index order; mode 4, DARE's random drop:
+ * (d * sign(relu(cut - u))) / cut, the cut being the density and u the model's uniform
+ * numbers, float32 at its address in `uniforms`), times its weight unless the
  * weight is None; the sign s elected by the sum (or, with consensus_count, by the sum of the signs);
  * a_m = relu(t_m * s) with NaN read as 0; total = sum of a_m * s; with normalize, divided by
  * D + (1 - |sign(D)|), D = sum of sign(a_m) * w_m; out = base + total (lambda = 1) or base +
- * total * lambda. Sums run in model order. models, codes, cuts, modes, weights: lists. */
+ * total * lambda. Sums run in model order. models, codes, cuts, modes, weights, uniforms
+ * (an address per model, 0 where its mode is not 4): lists. None as well where a mode 4 model
+ * drops to a delta that is not finite or keeps one too large to sum without overflow (the
+ * torch code then chooses its elements otherwise: the caller runs it). */
 WM_CLONES static PyObject *ties(PyObject *self, PyObject *args) {
     unsigned long long out_at, base_at;
     int out_code, base_code, consensus_count, normalize;
@@ -449,16 +455,19 @@ WM_CLONES static PyObject *ties(PyObject *self, PyObject *args) {
     PyObject *models, *codes, *cuts, *modes, *weights;
     double lambda;
     PyObject *remainders;
-    if (!PyArg_ParseTuple(args, "KiKinO!O!O!O!O!O!ppd", &out_at, &out_code, &base_at,
+    PyObject *uniforms;
+    if (!PyArg_ParseTuple(args, "KiKinO!O!O!O!O!O!ppdO!", &out_at, &out_code, &base_at,
                           &base_code, &n,
                           &PyList_Type, &models, &PyList_Type, &codes, &PyList_Type, &cuts,
                           &PyList_Type, &modes, &PyList_Type, &remainders, &PyList_Type,
-                          &weights, &consensus_count, &normalize, &lambda))
+                          &weights, &consensus_count, &normalize, &lambda, &PyList_Type,
+                          &uniforms))
         return NULL;
     Py_ssize_t count = PyList_GET_SIZE(models);
     if (count < 1 || count > MAX_MODELS || PyList_GET_SIZE(codes) != count ||
         PyList_GET_SIZE(cuts) != count || PyList_GET_SIZE(modes) != count ||
-        PyList_GET_SIZE(remainders) != count || PyList_GET_SIZE(weights) != count) {
+        PyList_GET_SIZE(remainders) != count || PyList_GET_SIZE(weights) != count ||
+        PyList_GET_SIZE(uniforms) != count) {
         PyErr_SetString(PyExc_ValueError,
                         "ties: 1 to 16 models, one code, cut, mode, remainder, weight each");
         return NULL;
@@ -467,7 +476,9 @@ WM_CLONES static PyObject *ties(PyObject *self, PyObject *args) {
     int code[MAX_MODELS], mode[MAX_MODELS], weighted[MAX_MODELS];
     long long remaining[MAX_MODELS], taken[MAX_MODELS];
     float cut[MAX_MODELS], weight[MAX_MODELS];
+    unsigned long long uniform_at[MAX_MODELS];
     if (read_addresses(models, model_at, count) < 0) return NULL;
+    if (read_addresses(uniforms, uniform_at, count) < 0) return NULL;
     for (Py_ssize_t k = 0; k < count; k++) {
         code[k] = (int)PyLong_AsLong(PyList_GET_ITEM(codes, k));
         if (PyErr_Occurred()) return NULL;
@@ -479,8 +490,9 @@ WM_CLONES static PyObject *ties(PyObject *self, PyObject *args) {
         weighted[k] = w != Py_None;
         weight[k] = weighted[k] ? (float)PyFloat_AsDouble(w) : 1.0f;
         if (PyErr_Occurred()) return NULL;
-        if (code[k] < F32 || code[k] > BF16 || mode[k] < 0 || mode[k] > 3) {
-            PyErr_SetString(PyExc_ValueError, "ties: dtype codes are 0-2, modes 0-3");
+        if (code[k] < F32 || code[k] > BF16 || mode[k] < 0 || mode[k] > 4 ||
+            (mode[k] == 4 && uniform_at[k] == 0)) {
+            PyErr_SetString(PyExc_ValueError, "ties: dtype codes 0-2, modes 0-4 (4: uniforms)");
             return NULL;
         }
     }
@@ -499,6 +511,7 @@ WM_CLONES static PyObject *ties(PyObject *self, PyObject *args) {
     float lam = (float)lambda;
     float (*t)[BLOCK] = PyMem_RawMalloc(sizeof(float[BLOCK]) * (size_t)count);
     if (t == NULL) return PyErr_NoMemory();
+    uint32_t largest = 0; /* mode 4: the bits of the largest kept magnitude (inf, NaN above) */
     Py_BEGIN_ALLOW_THREADS
     float b[BLOCK], total[BLOCK], elected[BLOCK], divisor[BLOCK], delta[BLOCK];
     uint8_t at_cut[BLOCK];
@@ -538,6 +551,16 @@ WM_CLONES static PyObject *ties(PyObject *self, PyObject *args) {
                     float d = tk[i] - b[i];
                     tk[i] = d * (1.0f - positive(c - fabsf(d)));
                 }
+            } else if (mode[k] == 4) { /* kept where u < density, then rescaled */
+                const float *u = (const float *)(uintptr_t)uniform_at[k] + first;
+                uint32_t top = largest; /* magnitudes' bits order as they do (NaN last) */
+                for (Py_ssize_t i = 0; i < size; i++) {
+                    float kept = (tk[i] - b[i]) * positive(c - u[i]);
+                    uint32_t magnitude = bits_of(kept) & 0x7fffffffu;
+                    top = magnitude > top ? magnitude : top;
+                    tk[i] = kept / c;
+                }
+                largest = top;
             } else {
                 for (Py_ssize_t i = 0; i < size; i++) tk[i] = tk[i] - b[i];
             }
@@ -588,6 +611,12 @@ WM_CLONES static PyObject *ties(PyObject *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     PyMem_RawFree(t);
+    /* the torch code sums the kept deltas to look for a non-finite one: with each finite and
+     * below FLT_MAX / n, no order of that sum overflows, and it keeps d * keep as done here */
+    if (largest > 0x7f7fffffu) Py_RETURN_NONE; /* inf or NaN */
+    float top;
+    memcpy(&top, &largest, sizeof top);
+    if ((double)top * (double)n >= 3.0e38) Py_RETURN_NONE;
     PyObject *counts = PyList_New(count);
     if (counts == NULL) return NULL;
     for (Py_ssize_t k = 0; k < count; k++) {

@@ -47,8 +47,9 @@ STORED_CODES = {**CODES, torch.float8_e4m3fn: 3, torch.float8_e5m2: 4}
 MAX_MODELS = 16
 LANES = 8  # partial sums of a float64 dot product (as _kernels.c)
 # masks of a magnitude cut c: every element, |d| > c, |d| >= c, and |d| > c with the first r
-# elements at |d| = c (in index order: where the cut splits a run of equal magnitudes)
-KEEP_ALL, ABOVE, AT_LEAST, FIRST_AT_CUT = 0, 1, 2, 3
+# elements at |d| = c (in index order: where the cut splits a run of equal magnitudes); and
+# DARE's random drop, c the density: kept where its uniform number u < c, then divided by c
+KEEP_ALL, ABOVE, AT_LEAST, FIRST_AT_CUT, DROP = 0, 1, 2, 3, 4
 FORMS = {"sum": 0, "difference": 1, "stock": 2}  # what blend() computes (as _kernels.c)
 
 
@@ -66,10 +67,10 @@ def torch_fuses() -> bool:
 
 
 def _takes(tensors: Sequence[torch.Tensor], numel: int, codes: dict = CODES) -> bool:
-    return all(
-        t.dtype in codes and t.device.type == "cpu" and t.is_contiguous() and t.numel() == numel
-        for t in tensors
-    )
+    for t in tensors:  # a loop, not all(...): this runs for every chunk
+        if t.dtype not in codes or not t.is_cpu or not t.is_contiguous() or t.numel() != numel:
+            return False
+    return True
 
 
 def magnitude_histogram(
@@ -129,19 +130,28 @@ def ties_chunk(
     normalize: bool,
     lambda_: float,
     out: torch.Tensor | None = None,
+    uniforms: Sequence[torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, list[int], int] | None:
     """TIES's output for one chunk computed in float32, the elements each model kept at its
     cut and how many outputs are inf or NaN (None: not taken): each model's delta masked by
     its cut (see KEEP_ALL ... FIRST_AT_CUT), weighted, the sign elected by the sum ('sum') or
     by the signs ('count'), the agreeing deltas summed (and divided by the agreeing weights
     with `normalize`), base + λ·that; into a new float32 tensor of base's shape, or rounded to
-    nearest into `out` (flat, any STORED_CODES dtype) as cast() rounds it."""
+    nearest into `out` (flat, any STORED_CODES dtype) as cast() rounds it. A DROP cut takes
+    its model's uniform numbers from `uniforms` (float32, one tensor or None per model); None
+    too where a dropped delta is not finite or too large to sum (the torch code decides)."""
     count = base.numel()
     if not enabled() or not 1 <= len(models) <= MAX_MODELS or consensus not in ("sum", "count"):
         return None
     if not _takes([base, *models], count):
         return None
     if out is not None and not _takes([out], count, STORED_CODES):
+        return None
+    drawn = list(uniforms) if uniforms is not None else [None] * len(models)
+    for (mode, _, _), numbers in zip(cuts, drawn):
+        if (mode == DROP) != (numbers is not None):
+            return None
+    if not _takes([u for u in drawn if u is not None], count, {torch.float32: 0}):
         return None
     assert _kernels is not None
     into = torch.empty(count, dtype=torch.float32) if out is None else out
@@ -152,6 +162,7 @@ def ties_chunk(
         [left for _, _, left in cuts],
         [None if w == 1 else float(w) for w in weights],  # the torch code skips w = 1
         consensus == "count", normalize, float(lambda_),
+        [0 if u is None else u.data_ptr() for u in drawn],
     )  # fmt: skip
     if done is None:
         return None

@@ -333,8 +333,22 @@ def _dare(
     weights: Sequence[float] | None,
     normalize: bool,
 ) -> Tensor:
+    drawn: list[Tensor] | None = None  # each model's uniform numbers, once drawn
+    if consensus is not None and base.device.type == "cpu":  # one C loop, where it takes it
+        dropping = density < 1
+        if dropping:
+            drawn = [draw.uniform(base.shape, index) for index in range(len(models))]
+        cut = (kernels.DROP if dropping else kernels.KEEP_ALL, density, 0)
+        fused = kernels.ties_chunk(
+            base, models, [cut] * len(models), weights or [1.0] * len(models), consensus,
+            normalize, lambda_, uniforms=[u.reshape(-1) for u in drawn] if drawn else None,
+        )  # fmt: skip
+        if fused is not None:
+            return fused[0]
+
     def drop(delta: Tensor, index: int) -> Tensor:
-        return random_drop(delta, density, draw.uniform(delta.shape, index, delta.device))
+        numbers = drawn[index] if drawn else draw.uniform(delta.shape, index, delta.device)
+        return random_drop(delta, density, numbers)
 
     return task_arithmetic_(base, models, drop, consensus, lambda_, weights, normalize)
 

@@ -100,7 +100,7 @@ class Gram:
         self.sums = [[0.0] * count for _ in range(count)]
 
     def add(self, vectors: Sequence[Tensor]) -> None:
-        flat = [v.reshape(-1) for v in vectors]
+        flat = [v if v.dim() == 1 else v.reshape(-1) for v in vectors]  # chunks come flat
         products = kernels.gram(flat)
         if products is None:
             wide = [v.double() for v in flat]
