@@ -212,10 +212,18 @@ def test_what_the_loops_cannot_take_is_left_to_torch(monkeypatch):
     counts = torch.zeros(1 << 16, dtype=torch.int64)
     assert not kernels.magnitude_histogram(wide, wide, 0, 0, counts)
     assert not kernels.magnitude_histogram(base, base, 2, 0, counts)
+    into = torch.empty(8, dtype=torch.int32)
+    assert kernels.magnitude_collect(base, base, None, (0, 1), into) == 10  # |0 − 0| = 0
+    assert kernels.magnitude_collect(base, base, None, (5, 4), into) is None  # an empty window
+    spaced = torch.zeros(1 << 17, dtype=torch.int64)[::2]
+    assert kernels.magnitude_collect(base, base, spaced, (0, 1), into) is None
+    drops = [(kernels.DROP, 0.5, 0)]
+    assert kernels.ties_chunk(base, [base], drops, [1.0], "sum", True, 1.0) is None  # no numbers
     monkeypatch.setenv("WEIGHTMIX_KERNELS", "0")
     assert not kernels.enabled()
     assert kernels.ties_chunk(base, [base], keep, [1.0], "sum", True, 1.0) is None
     assert not kernels.magnitude_histogram(base, base, 0, 0, counts)
+    assert kernels.magnitude_collect(base, base, None, (0, 1), into) is None
 
 
 class Counting:
@@ -322,10 +330,13 @@ def test_a_ties_merge_gives_the_same_bytes_with_and_without_the_loops(
 @pytest.mark.parametrize("params", [{"density": 0.3}, {"density": 1.0},
                                     {"density": 0.6, "lambda": 0.7, "weights": [1.0, 0.5],
                                      "consensus": "count", "normalize": True}])  # fmt: skip
+@pytest.mark.parametrize("compute", ["fp32", "fp16", "bf16"])
 def test_a_dare_ties_merge_gives_the_same_bytes_with_and_without_the_loops(
-    tmp_path, monkeypatch, dtypes, params
+    tmp_path, monkeypatch, dtypes, params, compute
 ):
-    """DARE's drop, rescale and TIES's election in the C TIES loop (mode DROP)."""
+    """DARE's drop, rescale and TIES's election in the C TIES loop (mode DROP), whose
+    arithmetic is float32: a float16 or bfloat16 compute dtype stays in torch (a review found
+    the loop taking half-precision chunks and computing in float32)."""
     states = fine_tunes(6, 3)
     states[2]["small"][0, :3] = states[0]["small"][0, :3]  # deltas of 0
     paths = saved(tmp_path, states, list(dtypes))
@@ -333,11 +344,15 @@ def test_a_dare_ties_merge_gives_the_same_bytes_with_and_without_the_loops(
         "models": {f"M{i}": str(p) for i, p in enumerate(paths)},
         "merge": {"method": "dare_ties", "inputs": ["M0", "M1", "M2"], **params},
         "dtype": "fp16",
+        "compute_dtype": compute,
         "seed": 11,
     }
     outputs, used, _ = merged_both_ways(tmp_path, monkeypatch, recipe)
     assert outputs[0] == outputs[1]
-    assert used["ties"] >= 4  # every chunk of the big keys
+    if compute == "fp32":
+        assert used["ties"] >= 4  # every chunk of the big keys
+    else:
+        assert "ties" not in used and "stream_uniform" in used
     merged = load(tmp_path / "out-1.safetensors")
     assert not torch.equal(merged["big"], states[0]["big"].half())
 

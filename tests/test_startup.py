@@ -77,3 +77,26 @@ def test_python_dash_m_weightmix_runs_the_executable():
         [sys.executable, "-m", "weightmix", "--version"], capture_output=True, text=True
     )
     assert shown.returncode == 0 and __version__ in shown.stdout
+
+
+def test_a_failed_import_leaves_the_collector_on():
+    code = (
+        "import gc, sys\n"
+        "sys.modules['torch'] = None\n"
+        "try:\n    import weightmix\nexcept ImportError:\n    pass\n"
+        "print(gc.isenabled())"
+    )
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert shown.stdout.split() == ["True"]
+
+
+def test_a_command_leaves_what_its_caller_froze_frozen(run, models):
+    """Freezing does not nest: main() freezes and thaws only when nothing was frozen."""
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        assert run("merge", models["A"], models["B"], "--dry-run").code == 0
+        assert gc.get_freeze_count() >= frozen
+    finally:
+        gc.unfreeze()

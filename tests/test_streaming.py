@@ -93,3 +93,19 @@ def test_dry_run_estimates_memory_from_the_plan(models):
         assert peak == 2 * engine.CHUNK_ELEMENTS * 8 * (2 * 2 + 2)  # chunk buffers only
     finally:
         planned.close()
+
+
+def test_the_memory_estimate_counts_what_ties_keeps_aside(models):
+    """A TIES key's cuts keep magnitude patterns aside in their first pass: an eighth of the
+    tensor per model, at most KEPT_AT_MOST, as int32; the estimate adds the largest keys'."""
+    from weightmix.methods.selection import KEPT_AT_MOST
+
+    planned = weightmix.make_plan(recipe_for(models, "ties", "ABC", density=0.5))
+    try:
+        streamed = [k for k in planned.keys if engine.mode(planned, k) == engine.STREAMED]
+        kept = sorted((2 * min(k.numel // 8, KEPT_AT_MOST) * 4 for k in streamed), reverse=True)
+        assert kept[0] > 0
+        buffers = 2 * engine.CHUNK_ELEMENTS * 8 * (2 * 3 + 2)
+        assert engine.estimate_peak(planned, threads=2) == buffers + sum(kept[:2])
+    finally:
+        planned.close()

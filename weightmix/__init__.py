@@ -9,23 +9,23 @@ import gc
 # the imports below (they bring in torch), then left as the importer had it.
 _collecting = gc.isenabled()
 gc.disable()
-
-from weightmix.api import (  # noqa: E402
-    MergeResult,
-    dry_run,
-    execute,
-    make_plan,
-    merge,
-    merge_iter,
-    merge_to_state_dict,
-)
-from weightmix.errors import WeightmixError  # noqa: E402
-from weightmix.io import open_checkpoint  # noqa: E402
-from weightmix.methods import METHODS, merge_method  # noqa: E402
-from weightmix.recipe import MergeNode, Recipe, Rule, load_recipe, node, parse_recipe  # noqa: E402
-
-if _collecting:
-    gc.enable()
+try:
+    from weightmix.api import (
+        MergeResult,
+        dry_run,
+        execute,
+        make_plan,
+        merge,
+        merge_iter,
+        merge_to_state_dict,
+    )
+    from weightmix.errors import WeightmixError
+    from weightmix.io import open_checkpoint
+    from weightmix.methods import METHODS, merge_method
+    from weightmix.recipe import MergeNode, Recipe, Rule, load_recipe, node, parse_recipe
+finally:  # a failed import too leaves the collector as it was
+    if _collecting:
+        gc.enable()
 
 __all__ = [
     "METHODS",

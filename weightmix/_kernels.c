@@ -393,8 +393,9 @@ WM_CLONES static PyObject *collect(PyObject *self, PyObject *args) {
                           &n, &counts_at, &low, &high, &into_at, &room))
         return NULL;
     if (base_code < F32 || base_code > BF16 || model_code < F32 || model_code > BF16 ||
-        room < 1) {
-        PyErr_SetString(PyExc_ValueError, "collect: dtype codes are 0-2, room at least 1");
+        room < 1 || low > high || high > 0xffffu) {
+        PyErr_SetString(PyExc_ValueError,
+                        "collect: dtype codes are 0-2, room at least 1, low <= high < 2^16");
         return NULL;
     }
     const void *base = (const void *)(uintptr_t)base_at;

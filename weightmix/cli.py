@@ -613,12 +613,16 @@ def methods() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors are one line on stderr and exit code 2."""
     # what exists now (the imported modules: about a million objects) outlives the command;
-    # frozen, no collection during the merge walks through it (thawed again for the caller)
-    gc.freeze()
+    # frozen, no collection during the merge walks through it. Thawed again after, unless
+    # the caller had frozen objects itself: freezing does not nest, so those are left alone.
+    thaw = gc.get_freeze_count() == 0
+    if thaw:
+        gc.freeze()
     try:
         return _signalled(argv)
     finally:
-        gc.unfreeze()
+        if thaw:
+            gc.unfreeze()
 
 
 def command() -> NoReturn:

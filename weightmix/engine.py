@@ -118,7 +118,7 @@ def task_cost(plan: Plan, task: Task) -> int:
     """Memory a task holds while in flight: chunked tasks reuse their worker's buffers, but
     for the inputs a streamed task holds between its passes."""
     if task.chunked:
-        return held_bytes(plan, task.key) if task.streamed else 0
+        return held_bytes(plan, task.key) + scratch_bytes(task.key) if task.streamed else 0
     return plan.working_set(task.key)
 
 
@@ -133,15 +133,22 @@ def held_bytes(plan: Plan, key: KeyPlan) -> int:
     return stored if stored <= HOLD_BYTES else 0
 
 
+def scratch_bytes(key: KeyPlan) -> int:
+    """Bytes a streamed key's calls hold beside the chunk buffers (Streamer.scratch_bytes)."""
+    assert key.expr is not None
+    calls = streamed_ops(key.expr) or []
+    return sum(op.method.streamer.scratch_bytes(op.params, key.numel, len(op.inputs))
+               for op in calls)  # fmt: skip
+
+
 def estimate_peak(plan: Plan, budget: int = DEFAULT_BUDGET, threads: int | None = None) -> int:
     """Bytes the engine holds at most beyond the interpreter: per-worker chunk buffers, plus
     whole-tensor work up to the budget (a key bigger than the budget is admitted alone)."""
     workers = threads or default_threads()
     widest = max(len(k.sources) for k in plan.keys)
     buffers = workers * CHUNK_ELEMENTS * 8 * (2 * widest + 2)
-    held = sorted(
-        (held_bytes(plan, k) for k in plan.keys if mode(plan, k) == STREAMED), reverse=True
-    )
+    streamed = [k for k in plan.keys if mode(plan, k) == STREAMED]
+    held = sorted((held_bytes(plan, k) + scratch_bytes(k) for k in streamed), reverse=True)
     buffers += sum(held[:workers])
     whole = [plan.working_set(k) for k in plan.keys if not chunked(plan, k)]
     if not whole:

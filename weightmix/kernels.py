@@ -108,7 +108,11 @@ def magnitude_collect(
         return None
     if not into.is_contiguous():
         return None
-    if counts is not None and (counts.dtype != torch.int64 or counts.numel() != 1 << 16):
+    if counts is not None and (
+        counts.dtype != torch.int64 or counts.numel() != 1 << 16 or not counts.is_contiguous()
+    ):
+        return None
+    if not 0 <= window[0] <= window[1] < 1 << 16:
         return None
     assert _kernels is not None
     return _kernels.collect(

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from weightmix import kernels
+from weightmix.methods import selection
 from weightmix.methods.registry import WEIGHT, Density, Finite, Fraction, Tensor, merge_method
 from weightmix.methods.selection import StreamedTopK, top_magnitude_mask
 from weightmix.methods.streaming import Streamer
@@ -179,6 +180,11 @@ class MagnitudeCutStreamer(Streamer):
     the whole-tensor function does it (fused in C where weightmix.kernels takes the chunks)."""
 
     takes_stored = True
+
+    @classmethod
+    def scratch_bytes(cls, params: dict[str, Any], numel: int, inputs: int) -> int:
+        """Each model's cut keeps magnitude patterns aside in its first pass (int32)."""
+        return (inputs - 1) * min(numel // 8, selection.KEPT_AT_MOST) * 4
 
     def __init__(
         self, params: dict[str, Any], shape: tuple[int, ...], dtype: torch.dtype, inputs: int
@@ -334,7 +340,7 @@ def _dare(
     normalize: bool,
 ) -> Tensor:
     drawn: list[Tensor] | None = None  # each model's uniform numbers, once drawn
-    if consensus is not None and base.device.type == "cpu":  # one C loop, where it takes it
+    if consensus is not None and _float32_on_cpu(base, models):  # one C loop, where it takes it
         dropping = density < 1
         if dropping:
             drawn = [draw.uniform(base.shape, index) for index in range(len(models))]
@@ -351,6 +357,14 @@ def _dare(
         return random_drop(delta, density, numbers)
 
     return task_arithmetic_(base, models, drop, consensus, lambda_, weights, normalize)
+
+
+def _float32_on_cpu(base: Tensor, models: Sequence[Tensor]) -> bool:
+    """Whether the C TIES loop may take these inputs for DARE: its arithmetic is float32, so
+    only inputs already in float32 (the compute dtype: fp16 or bf16 compute stays in torch)."""
+    if not kernels.enabled() or len(models) > kernels.MAX_MODELS:
+        return False
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (base, *models))
 
 
 @merge_method(inputs=WEIGHT, output=WEIGHT, min_inputs=2, check=check_weights, elementwise=True)

@@ -41,6 +41,12 @@ class Streamer:
     def accepts(cls, params: dict[str, Any]) -> bool:
         return True
 
+    @classmethod
+    def scratch_bytes(cls, params: dict[str, Any], numel: int, inputs: int) -> int:
+        """Bytes a call on a tensor of `numel` elements holds at most beside the engine's
+        chunk buffers while it runs (for the engine's memory estimate)."""
+        return 0
+
     def wants_pass(self) -> bool:
         """Whether another statistics pass over the tensor is needed before `apply`."""
         return False
