@@ -113,8 +113,8 @@ class StreamedTopK:
         """After the first chunk's counts: the window of top 16 bits that holds the cut's
         share of that chunk, widened by a share on either side that should fill half the
         room; then the first chunk's patterns in it."""
-        room = min(self.numel // 8, KEPT_AT_MOST)
-        if self.shifts != (16, 0) or room < 1:
+        room = min(self.numel // 8, KEPT_AT_MOST)  # (float32 patterns: stages 16 and 0)
+        if room < 1:
             return
         assert self.counts is not None
         seen = base.numel()
