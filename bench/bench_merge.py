@@ -4,6 +4,7 @@
     python bench/bench_merge.py --arch sdxl    # SDXL layout, about 6.9 GB per fp16 file
     python bench/bench_merge.py --arch flux    # Flux transformer, about 11.9 GB per fp8 file
     python bench/bench_merge.py --cold         # page cache dropped before each command (root)
+    python bench/bench_merge.py --device cuda  # merges computed on a GPU (device_chunks.py)
 
 Random, seeded checkpoints with the real key names and shapes are generated once into a
 scratch folder (not the repo). Each repeat runs, in the same conditions (previous outputs
@@ -104,6 +105,7 @@ def main() -> None:
     parser.add_argument(
         "--cold", action="store_true", help="drop the page cache before each timed command"
     )
+    parser.add_argument("--device", default=None, help="weightmix merge --device (e.g. cuda)")
     parser.add_argument(
         "--drop-inputs", action="store_true", help="delete the generated inputs afterwards"
     )
@@ -119,6 +121,8 @@ def main() -> None:
     print(f"inputs: 3 x {size_text(size)} ({architecture}, {dtype}) in {folder}")
     out, floor_out = folder / "out.safetensors", folder / "floor.safetensors"
     threads = ["--threads", str(args.threads)] if args.threads else []
+    if args.device:
+        threads += ["--device", args.device]
     merges = {
         "weighted_sum": (inputs[:2], ["--alpha", "0.5"]),
         # a value per block (supermerger's preset; Flux has its own blocks: a gradient)
@@ -159,7 +163,8 @@ def main() -> None:
 
     torch_rss, startup = median("import torch", 1), median("startup", 0)
     cache = ", cold page cache" if args.cold else ""
-    title = f"{args.arch}, {size_text(size)} per input, median of {args.repeat}{cache}"
+    on = f", --device {args.device}" if args.device else ""
+    title = f"{args.arch}, {size_text(size)} per input, median of {args.repeat}{cache}{on}"
     print(
         f"\n| {title} | wall s | vs floor | vs floor, start-up off | CPU s | peak RSS"
         " | RSS above import torch |"

@@ -25,6 +25,7 @@ import torch
 
 from weightmix import kernels
 from weightmix.allocator import keep_chunk_buffers
+from weightmix.device_chunks import Lane, lane_bytes, run_device_chunks
 from weightmix.expression import (
     Leaf,
     Op,
@@ -92,10 +93,10 @@ def mode(plan: Plan, key: KeyPlan) -> str:
     chunks after statistics passes, or whole tensors."""
     if key.expr is None:
         return CHUNKS
+    if is_elementwise(key.expr):
+        return CHUNKS  # on a GPU too: see device_chunks.py
     if plan.device.type != "cpu":
         return WHOLE
-    if is_elementwise(key.expr):
-        return CHUNKS
     return STREAMED if streamed_ops(key.expr) is not None else WHOLE
 
 
@@ -147,6 +148,8 @@ def estimate_peak(plan: Plan, budget: int = DEFAULT_BUDGET, threads: int | None 
     workers = threads or default_threads()
     widest = max(len(k.sources) for k in plan.keys)
     buffers = workers * CHUNK_ELEMENTS * 8 * (2 * widest + 2)
+    if on_device(plan):
+        buffers += workers * lane_bytes(widest)
     streamed = [k for k in plan.keys if mode(plan, k) == STREAMED]
     held = sorted((held_bytes(plan, k) + scratch_bytes(k) for k in streamed), reverse=True)
     buffers += sum(held[:workers])
@@ -350,6 +353,7 @@ class _Buffers(threading.local):
 
     def __init__(self) -> None:
         self.store: dict[tuple[str, torch.dtype], tuple[torch.Tensor, memoryview]] = {}
+        self.lane = Lane()  # for chunks on a GPU
 
     def get(self, name: str, dtype: torch.dtype, count: int) -> tuple[torch.Tensor, memoryview]:
         entry = self.store.get((name, dtype))
@@ -373,6 +377,11 @@ def run_task(
     key = task.key
     if not task.chunked:
         writer.write(key.key, compute_key(plan, key, statistics))
+        return
+    if key.expr is not None and on_device(plan):
+        stream = _rounding_stream(plan, key)
+        run_device_chunks(plan, key, task.start, task.stop, buffers.lane, writer.write_range,
+                          _rounded, stream)  # fmt: skip
         return
     stored = task.streamed and stored_streamed_call(plan, key)
     streamers, held = (
@@ -455,6 +464,11 @@ def _chunk_result(
     if result.numel() != count:
         raise RuntimeError(f"{key.key}: merge produced {result.numel()} of {count} elements")
     return result
+
+
+def on_device(plan: Plan) -> bool:
+    """Whether merged chunks are computed on a GPU (device_chunks.py) rather than here."""
+    return plan.device.type != "cpu"
 
 
 def _draw(key: KeyPlan, start: int) -> Draw | None:
