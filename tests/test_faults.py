@@ -350,16 +350,16 @@ def test_an_output_written_after_planning_is_not_replaced_without_overwrite(tmp_
 KILLED_BETWEEN_RENAMES = """
 import os, signal, sys
 from weightmix import api
-from weightmix.io import writer
+from weightmix.io import locks
 renames = 0
-real = os.replace
-def replace(source, target):
+real = locks.move_into_place
+def move(source, target):
     global renames
     renames += 1
     if renames > 2:
         os.kill(os.getpid(), signal.SIGKILL)
     real(source, target)
-writer.os.replace = replace
+locks.move_into_place = move
 recipe = {"models": {"a": sys.argv[1], "b": sys.argv[2]}, "max_shard_size": "64KB",
           "merge": {"method": "weighted_sum", "inputs": ["a", "b"], "alpha": 1.0}}
 api.merge(recipe, sys.argv[3], overwrite=True)
@@ -445,9 +445,10 @@ import os, signal, sys
 from pathlib import Path
 from weightmix.hyper.config import load_config
 from weightmix.hyper.run import hyper_merge
+from weightmix.io import locks
 renames = 0
-real = os.replace
-def replace(source, target):
+real = locks.move_into_place
+def move(source, target):
     global renames
     if "weightmix" in Path(target).parent.name:  # inside the run's staging folder
         return real(source, target)
@@ -456,7 +457,7 @@ def replace(source, target):
         os.kill(os.getpid(), signal.SIGKILL)
     real(source, target)
 settings, folder = load_config(Path(sys.argv[1]))
-os.replace = replace
+locks.move_into_place = move
 hyper_merge(settings, folder, overwrite=True, progress=False)
 """
 
@@ -638,3 +639,84 @@ def test_a_full_disk_that_counts_no_inodes_is_not_called_out_of_inodes(tmp_path)
         assert "the disk is full" in message and "inode" not in message, message
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def merged_is_b(out: Path, models) -> bool:
+    """Whether `out` holds (1 − 1)·A + 1·B: B's float tensors (others are A's)."""
+    a, b = load(models["A"]), load(models["B"])
+    return all(torch.equal(t, (b if t.is_floating_point() else a)[k]) for k, t in load(out).items())
+
+
+def test_an_overwrite_exchanges_the_files_and_leaves_other_links_alone(run, tmp_path, models,
+                                                                        monkeypatch):  # fmt: skip
+    """--overwrite of a single-file output swaps the new file into place (one atomic exchange,
+    no rename over a file: that makes ext4 write the new file out before returning) and then
+    removes the old one; a hard link the user keeps to the old output still holds it."""
+    from weightmix.io import locks
+
+    out, kept = tmp_path / "out.safetensors", tmp_path / "kept.safetensors"
+    assert run("merge", models["A"], models["B"], "--alpha", "0", "-o", out, "-q").code == 0
+    os.link(out, kept)
+    old_bytes = kept.read_bytes()
+    exchanged = []
+    real = locks._exchange
+
+    def spy(first, second):
+        exchanged.append(real(first, second))
+        return exchanged[-1]
+
+    monkeypatch.setattr(locks, "_exchange", spy)
+    result = run("merge", models["A"], models["B"], "--alpha", "1", "-o", out, "--overwrite", "-q")
+    assert result.code == 0, result.err
+    assert exchanged == [True]
+    assert merged_is_b(out, models)
+    assert kept.read_bytes() == old_bytes and os.stat(kept).st_nlink == 1
+    assert sorted(folder_listing(tmp_path)) == sorted(["A.safetensors", "B.safetensors",
+                                                       "C.safetensors", "kept.safetensors",
+                                                       "out.safetensors"])  # fmt: skip
+
+
+def test_an_overwrite_without_exchange_falls_back_to_a_rename(run, tmp_path, models, monkeypatch):
+    """Where renameat2 cannot exchange (old kernel, other libc, file system), os.replace."""
+    from weightmix.io import locks
+
+    out = tmp_path / "out.safetensors"
+    assert run("merge", models["A"], models["B"], "--alpha", "0", "-o", out, "-q").code == 0
+    monkeypatch.setattr(locks, "_exchange", lambda first, second: False)
+    result = run("merge", models["A"], models["B"], "--alpha", "1", "-o", out, "--overwrite", "-q")
+    assert result.code == 0, result.err
+    assert merged_is_b(out, models)
+    assert not [n for n in folder_listing(tmp_path) if n.startswith(".")]
+
+
+KILLED_AFTER_THE_EXCHANGE = """
+import os, signal, sys
+from weightmix import api
+from weightmix.io import locks
+real = locks.Path.unlink
+def unlink(self, missing_ok=False):
+    if self.name.endswith(".partial"):  # exchanged: the old file, under the temporary name
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(self, missing_ok=missing_ok)
+locks.Path.unlink = unlink
+recipe = {"models": {"a": sys.argv[1], "b": sys.argv[2]},
+          "merge": {"method": "weighted_sum", "inputs": ["a", "b"], "alpha": 1.0}}
+api.merge(recipe, sys.argv[3], overwrite=True)
+"""
+
+
+def test_a_kill_after_the_exchange_leaves_the_new_output_and_a_swept_old_one(run, tmp_path, models):
+    """Killed between the exchange and removing the old file: the output path holds the new
+    output, whole; the old file under its temporary name is swept by the next run."""
+    out = tmp_path / "out.safetensors"
+    assert run("merge", models["A"], models["B"], "--alpha", "0", "-o", out, "-q").code == 0
+    killed = python(KILLED_AFTER_THE_EXCHANGE, models["A"], models["B"], out)
+    killed.wait()
+    assert killed.returncode == -9
+    assert merged_is_b(out, models)
+    left = [n for n in folder_listing(tmp_path) if n.startswith(".")]
+    assert sum(n.endswith(".partial") for n in left) == 1, left
+    swept = sweep_stale(tmp_path)
+    assert any(".partial" in w for w in swept), swept
+    assert not [n for n in folder_listing(tmp_path) if n.startswith(".")]
+    assert merged_is_b(out, models)

@@ -23,6 +23,8 @@ move left, so that neither a mixed set nor a headless half of one stays behind.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import json
 import os
@@ -272,7 +274,7 @@ def replace_set(moves: list[tuple[Path, Path]], old: list[Path], first: Path | N
         if first is not None:
             first.unlink(missing_ok=True)
         for temp, dest in moves:
-            os.replace(temp, dest)
+            move_into_place(temp, dest)
     except BaseException:
         os.close(fd)  # the journal stays, unheld: the next sweep finishes or undoes the move
         raise
@@ -283,6 +285,55 @@ def replace_set(moves: list[tuple[Path, Path]], old: list[Path], first: Path | N
                 path.unlink()
     journal.unlink(missing_ok=True)
     os.close(fd)
+
+
+def move_into_place(temp: Path, dest: Path) -> None:
+    """os.replace(temp, dest); over an existing regular file, by exchanging the two names
+    (renameat2 RENAME_EXCHANGE, as atomic: dest always holds a whole file) and removing the
+    old file from the temporary name. ext4 (auto_da_alloc) writes a file renamed over another
+    out to disk before the rename returns: 2.3 s for a 2.1 GB output on the development
+    machine, against none for an exchange or a rename to a new name (bench/RESULTS.md). So an
+    --overwrite costs what a new output costs; durability against power loss is --fsync's job
+    in both cases."""
+    if _regular_file(temp) and _regular_file(dest) and _exchange(temp, dest):
+        temp.unlink(missing_ok=True)  # the old file now; a sweep may have taken it already
+        return
+    os.replace(temp, dest)
+
+
+def _regular_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path, follow_symlinks=False).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+_renameat2: list = []  # the C function once looked up, or None where libc has none
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two names atomically; False where the system or file system cannot (then nothing
+    moved)."""
+    if not _renameat2:
+        try:
+            function = ctypes.CDLL(None, use_errno=True).renameat2
+            function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                                 ctypes.c_uint]  # fmt: skip
+            function.restype = ctypes.c_int
+        except (AttributeError, OSError):  # no glibc 2.28+ here
+            function = None
+        _renameat2.append(function)
+    function = _renameat2[0]
+    if function is None:
+        return False
+    if function(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE):
+        code = ctypes.get_errno()
+        if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+            return False  # an old kernel, or a file system without exchange
+        raise OSError(code, os.strerror(code), str(first), None, str(second))
+    return True
 
 
 def _entry(name: str, path: Path) -> list:
