@@ -153,6 +153,35 @@ def test_same_recipe_gives_identical_bytes_twice_and_across_threads(tmp_path, mo
     assert len(digests) == 1
 
 
+def test_worker_threads_write_one_at_a_time(tmp_path, models, monkeypatch):
+    """Workers take turns at the output file's writes (the kernel would make them spin for
+    its inode lock); the bytes are those of one thread."""
+    from weightmix.io import writer
+
+    inside, most, real = [0], [0], writer.os.pwrite
+    guard = threading.Lock()
+
+    def pwrite(fd, data, offset):
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        try:
+            threading.Event().wait(0.0005)  # room for another writer to come in
+            return real(fd, data, offset)
+        finally:
+            with guard:
+                inside[0] -= 1
+
+    one = tmp_path / "one.safetensors"
+    weightmix.merge(two_model_recipe(models, title="t"), one, threads=1)
+    monkeypatch.setattr(writer.os, "pwrite", pwrite)
+    monkeypatch.setattr(engine, "TASK_ELEMENTS", 4096)  # many tasks, all workers busy
+    four = tmp_path / "four.safetensors"
+    weightmix.merge(two_model_recipe(models, title="t"), four, threads=4)
+    assert most[0] == 1
+    assert digest(four) == digest(one)
+
+
 def test_sharded_output_matches_single_file_and_reads_back(tmp_path, models):
     single = tmp_path / "single.safetensors"
     weightmix.merge(two_model_recipe(models), single)

@@ -117,13 +117,18 @@ class _TempFile:
         fd, self.temp = temporary_file(dest)  # locked: a sweep knows it is in use
         self.fd: int | None = fd
         os.fchmod(fd, 0o666 & ~_umask())  # the mode a plain open() would give, not mkstemp's 0600
+        # one pwrite at a time: the kernel serialises a file's writes anyway (its inode lock),
+        # but a writer waiting there spins on a CPU; waiting here, it sleeps. A weighted sum of
+        # two SD1.5 files on 2 threads took 12-38 % less CPU (bench/RESULTS.md)
+        self._writing = threading.Lock()
 
     def write_at(self, data, offset: int) -> None:
         memory = memoryview(data).cast("B")
-        while memory:
-            written = os.pwrite(self.fd, memory, offset)
-            memory = memory[written:]
-            offset += written
+        with self._writing:
+            while memory:
+                written = os.pwrite(self.fd, memory, offset)
+                memory = memory[written:]
+                offset += written
 
     def close(self, fsync: bool) -> None:
         if self.fd is not None:
