@@ -57,7 +57,8 @@ def test_a_second_run_on_the_same_output_is_refused(run, tmp_path, models):
         result = run("merge", models["A"], models["B"], "-o", out)
         assert result.code == 2 and len(result.err.strip().splitlines()) == 1
         assert "is being written by another weightmix run" in result.err
-        assert f"(process {holder.pid})" in result.err
+        assert f"(process {holder.pid})" in result.err  # from /proc/locks:
+        assert lock_path(out).stat().st_size == 0  # no block to discard when it is removed
         assert not out.exists()
     finally:
         holder.kill()
