@@ -67,16 +67,37 @@ def test_the_pipeline_gives_the_cpu_paths_bytes(tmp_path, models, monkeypatch, m
     assert {k for k in a if a[k].is_floating_point()} <= set(spans)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+OUTPUT_DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
+@pytest.mark.parametrize("dtype", sorted(OUTPUT_DTYPES))
 def test_the_pipeline_writes_wider_and_narrower_outputs(tmp_path, models, monkeypatch, dtype):
-    """fp32 and bf16 outputs of fp16 inputs: the CPU path's bytes, in the dtype asked for."""
+    """fp32, bf16 and fp8 outputs of fp16 inputs: the CPU path's bytes, in the dtype asked
+    for (fp8 has no isfinite of its own: the screen widens it)."""
     merge = RECIPES["add_difference"]
     expected = merged(tmp_path, models, "cpu", merge, dtype=dtype)
     through_the_pipeline(monkeypatch)
     assert merged(tmp_path, models, "pipeline", merge, dtype=dtype) == expected
-    wanted = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     a, got = load(models["A"]), load(tmp_path / "pipeline.safetensors")
-    assert all(got[k].dtype == wanted for k in a if a[k].is_floating_point())
+    assert all(got[k].dtype == OUTPUT_DTYPES[dtype] for k in a if a[k].is_floating_point())
+
+
+def test_the_pipeline_takes_fp8_inputs(tmp_path, models, monkeypatch):
+    """fp8 checkpoints (as Flux ships): widened on the device, written back as fp8."""
+    fp8 = {}
+    for name in ("A", "B"):
+        state = {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v
+                 for k, v in load(models[name]).items()}  # fmt: skip
+        fp8[name] = save(tmp_path / f"{name}8.safetensors", state)
+    merge = RECIPES["weighted_sum"]
+    expected = merged(tmp_path, fp8, "cpu", merge)
+    through_the_pipeline(monkeypatch)
+    assert merged(tmp_path, fp8, "pipeline", merge) == expected
 
 
 def test_an_overflow_in_the_pipeline_is_refused_and_nothing_is_written(

@@ -721,3 +721,31 @@ def test_a_kill_after_the_exchange_leaves_the_new_output_and_a_swept_old_one(run
     assert any(".partial" in w for w in swept), swept
     assert not [n for n in folder_listing(tmp_path) if n.startswith(".")]
     assert merged_is_b(out, models)
+
+
+def test_an_output_that_becomes_a_folder_during_the_exchange_is_put_back(tmp_path, monkeypatch):
+    """The destination is a file when checked and a user's folder by the time of the
+    exchange: the folder goes back to its name (under the temporary name a sweep would
+    remove it), the new file stays at its temporary name, and the move is refused."""
+    from weightmix.io import locks
+
+    dest, temp = (
+        tmp_path / "out.safetensors",
+        tmp_path / ".out.safetensors.weightmix-abcdefgh.partial",
+    )
+    dest.write_bytes(b"old")
+    temp.write_bytes(b"new")
+    real = locks._exchange
+
+    def swap_in_a_folder(first, second):
+        if second.read_bytes() == b"old":  # the first call only: the folder comes in now
+            second.unlink()
+            second.mkdir()
+            (second / "keep.txt").write_text("mine")
+        return real(first, second)
+
+    monkeypatch.setattr(locks, "_exchange", swap_in_a_folder)
+    with pytest.raises(WeightmixError, match="became a folder or a link"):
+        locks.move_into_place(temp, dest)
+    assert (dest / "keep.txt").read_text() == "mine"
+    assert temp.read_bytes() == b"new"

@@ -4,6 +4,7 @@ cannot write; folder outputs keep to the layout model's components."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -175,3 +176,55 @@ def test_write_failure_is_one_line(run, tmp_path, models, monkeypatch):
     assert "No space left on device" in result.err and "nothing was written" in result.err
     assert f"the disk is full in {tmp_path}" in result.err and "bytes)" in result.err
     assert folder_listing(tmp_path) == before
+
+
+def refused(result, *fragments: str) -> None:
+    """Exit 2 with one error line holding every fragment."""
+    assert result.code == 2, (result.code, result.err)
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("weightmix: error: "), result.err
+    assert all(fragment in lines[0] for fragment in fragments), lines[0]
+
+
+def test_a_dangling_link_at_the_output_path_is_an_existing_output(run, tmp_path, models):
+    """A symlink whose target is missing still names something at the output path."""
+    out = tmp_path / "out.safetensors"
+    out.symlink_to(tmp_path / "missing.safetensors")
+    refused(run("merge", models["A"], models["B"], "-o", out), "exists", "--overwrite")
+    assert out.is_symlink() and not (tmp_path / "missing.safetensors").exists()
+    result = run("merge", models["A"], models["B"], "-o", out, "--overwrite", "-q")
+    assert result.code == 0, result.err
+    assert out.is_file() and not out.is_symlink()  # the link replaced, its target not made
+    assert not (tmp_path / "missing.safetensors").exists()
+
+
+def test_another_users_output_in_a_sticky_folder_is_refused_before_merging(
+    run, tmp_path, models, monkeypatch
+):
+    """In a sticky folder (like /tmp) only an entry's owner, the folder's owner or root may
+    replace it; seen from a user who is none of them (the process's uid made another)."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    folder.chmod(0o1777)
+    out = folder / "out.safetensors"
+    out.write_bytes(b"someone else's")
+    owner = os.stat(out).st_uid
+    monkeypatch.setattr(os, "geteuid", lambda: owner + 4242)
+    refused(run("merge", models["A"], models["B"], "-o", out, "--overwrite"),
+                 "belongs to another user", "sticky bit")  # fmt: skip
+    assert out.read_bytes() == b"someone else's"
+    monkeypatch.undo()
+    result = run("merge", models["A"], models["B"], "-o", out, "--overwrite", "-q")
+    assert result.code == 0, result.err
+
+
+def test_an_output_name_that_is_not_utf8_gets_a_readable_title(run, tmp_path, models):
+    """Bytes that are not UTF-8 in the output's name (Python keeps them as lone surrogates)
+    cannot go into the JSON header as they are: the default title shows U+FFFD there."""
+    out = tmp_path / os.fsdecode(b"merged-\xff.safetensors")
+    result = run("merge", models["A"], models["B"], "-o", out, "-q")
+    assert result.code == 0, result.err
+    with open(out, "rb") as file:
+        size = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(size))
+    assert header["__metadata__"]["modelspec.title"] == "merged-\ufffd"

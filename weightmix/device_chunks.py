@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 
 import torch
@@ -97,14 +97,21 @@ def run_device_chunks(
     lane.open(plan.device)
     in_flight: deque[Queued] = deque()
     with torch.cuda.stream(lane.stream) if lane.stream is not None else nullcontext():
-        for number, start in enumerate(range(first, stop, DEVICE_CHUNK_ELEMENTS)):
-            count = min(DEVICE_CHUNK_ELEMENTS, stop - start)
-            slot = number % SLOTS  # the slot's last chunk is finished: its buffers are free
-            in_flight.append(_queue(plan, key, lane, slot, start, count, rounded, rounding_stream))
-            if len(in_flight) == SLOTS:  # the chunk before this one: wait, check, write
+        try:
+            for number, start in enumerate(range(first, stop, DEVICE_CHUNK_ELEMENTS)):
+                count = min(DEVICE_CHUNK_ELEMENTS, stop - start)
+                slot = number % SLOTS  # the slot's last chunk is finished: its buffers are free
+                queued = _queue(plan, key, lane, slot, start, count, rounded, rounding_stream)
+                in_flight.append(queued)
+                if len(in_flight) == SLOTS:  # the chunk before this one: wait, check, write
+                    _finish(key, in_flight.popleft(), write)
+            while in_flight:
                 _finish(key, in_flight.popleft(), write)
-        while in_flight:
-            _finish(key, in_flight.popleft(), write)
+        except BaseException:
+            if lane.stream is not None:  # queued copies end before the buffers serve again
+                with suppress(RuntimeError):  # (a CUDA fault raises again: keep the first)
+                    lane.stream.synchronize()
+            raise
 
 
 def _queue(
@@ -135,10 +142,11 @@ def _queue(
     nonfinite = None
     if not plan.recipe.allow_nonfinite and out_dtype.is_floating_point:
         nonfinite = lane.buffer("nonfinite", torch.int64, slot, 1, device)[0]
-        nonfinite.copy_((~torch.isfinite(output)).sum().reshape(1), non_blocking=True)
+        wide = output if output.element_size() > 1 else output.float()  # fp8: no isfinite
+        nonfinite.copy_((~torch.isfinite(wide)).sum().reshape(1), non_blocking=True)
     done = None
     if lane.stream is not None:
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(blocking=True)  # waiting for it sleeps instead of spinning
         done.record(lane.stream)
     return Queued(start * key.out_dtype.itemsize, out, done, nonfinite, output, result, inputs)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,11 +52,28 @@ def check_output(dest: Path, plan: Plan, overwrite: bool) -> Path:
                 f"output {target} is an input ({owner}): inputs are never overwritten;"
                 " choose another output path"
             )
-    existing = [t for t in targets if t.exists()]
+    existing = [t for t in targets if os.path.lexists(t)]  # a dangling link exists too
     if existing and not overwrite:
         raise WeightmixError(f"output {existing[0]} exists: pass --overwrite to replace it")
+    for target in existing:
+        _check_replaceable(target, folder)
     _check_space(dest, folder, plan)
     return dest
+
+
+def _check_replaceable(target: Path, folder: Path) -> None:
+    """In a folder with the sticky bit (like /tmp) only the owner of an entry (or of the
+    folder, or root) may replace or remove it: say so now rather than fail at the rename."""
+    try:
+        where, entry = os.stat(folder), os.lstat(target)
+    except OSError:
+        return
+    uid = os.geteuid()
+    if where.st_mode & stat.S_ISVTX and uid not in (0, where.st_uid, entry.st_uid):
+        raise WeightmixError(
+            f"output {target} belongs to another user in {folder}, whose sticky bit lets only"
+            " its owner replace it: choose another output path"
+        )
 
 
 RECIPE_SUFFIXES = (".yaml", ".yml")

@@ -53,19 +53,25 @@ def fingerprint(checkpoint: Checkpoint, how: str = "sampled") -> str:
     return digest.hexdigest()
 
 
+def printable(name: str) -> str:
+    """A file name as text for the header (UTF-8 JSON): bytes that are not UTF-8 (kept by
+    Python as lone surrogates) become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def build_metadata(plan: Plan, how: str = "sampled") -> dict[str, str]:
     """The output's __metadata__: recipe as YAML, weightmix version, inputs with fingerprints."""
     inputs = [
         {
             "name": name,
-            "files": [Path(f).name for f in ckpt.files],
+            "files": [printable(Path(f).name) for f in ckpt.files],
             "size": ckpt.size,
             "fingerprint": fingerprint(ckpt, how),
         }
         for name, ckpt in plan.checkpoints.items()
     ]
     title = plan.recipe.title or (
-        plan.output.name.removesuffix(".safetensors") if plan.output else ""
+        printable(plan.output.name.removesuffix(".safetensors")) if plan.output else ""
     )
     sources = [(name, ckpt.metadata) for name, ckpt in plan.checkpoints.items()]
     return {

@@ -42,7 +42,7 @@ def uniform(
     Counter-based by block, so any split of the work draws the same numbers."""
     numbers = torch.empty(count, dtype=torch.float32)
     if kernels.stream_uniform(numbers, stream & _MASK, start):
-        return numbers.to(device)
+        return _to(numbers, device)
     position, end = start, start + count
     while position < end:
         block, offset = divmod(position, BLOCK)
@@ -54,7 +54,15 @@ def uniform(
         numbers[position - start : stop - start].copy_((halves >> 8) & 0xFFFFFF)
         position = stop
     numbers.mul_(1.0 / (1 << 24))
-    return numbers.to(device)
+    return _to(numbers, device)
+
+
+def _to(numbers: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """The numbers on `device`; to a GPU through page-locked memory and without waiting, so
+    a worker's CUDA stream keeps its queued work (device_chunks.py) while they travel."""
+    if torch.device(device).type != "cuda":
+        return numbers.to(device)
+    return numbers.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)

@@ -307,6 +307,12 @@ def move_into_place(temp: Path, dest: Path) -> None:
     --overwrite costs what a new output costs; durability against power loss is --fsync's job
     in both cases."""
     if _regular_file(temp) and _regular_file(dest) and _exchange(temp, dest):
+        if not _regular_file(temp) and os.path.lexists(temp):  # dest changed meanwhile:
+            _exchange(temp, dest)  # put it back (a sweep would take it under that name)
+            raise WeightmixError(
+                f"output {dest} became a folder or a link while the merge was moved into"
+                " place; nothing was replaced: remove it or choose another output"
+            )
         temp.unlink(missing_ok=True)  # the old file now; a sweep may have taken it already
         return
     os.replace(temp, dest)
