@@ -236,6 +236,11 @@ def parse_device(name: str) -> torch.device:
         raise WeightmixError(f"device '{name}' is not a device: use cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise WeightmixError(f"device '{name}': torch sees no CUDA GPU here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise WeightmixError(
+            f"device '{name}': torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered"
+            " from 0"
+        )
     if device.type not in ("cpu", "cuda"):
         raise WeightmixError(f"device '{name}' is not supported: use cpu or cuda")
     return device
