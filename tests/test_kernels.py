@@ -213,7 +213,7 @@ def test_what_the_loops_cannot_take_is_left_to_torch(monkeypatch):
     assert not kernels.magnitude_histogram(wide, wide, 0, 0, counts)
     assert not kernels.magnitude_histogram(base, base, 2, 0, counts)
     into = torch.empty(8, dtype=torch.int32)
-    assert kernels.magnitude_collect(base, base, None, (0, 1), into) == 10  # |0 − 0| = 0
+    assert kernels.magnitude_collect(base, base, None, (0, 1), into) == (10, 0)  # |0 − 0| = 0
     assert kernels.magnitude_collect(base, base, None, (5, 4), into) is None  # an empty window
     spaced = torch.zeros(1 << 17, dtype=torch.int64)[::2]
     assert kernels.magnitude_collect(base, base, spaced, (0, 1), into) is None
@@ -323,6 +323,32 @@ def test_a_ties_merge_gives_the_same_bytes_with_and_without_the_loops(
         assert used.get("ties", 0) == used.get("histogram", 0) == 0
     merged = load(tmp_path / "out-1.safetensors")
     assert not torch.equal(merged["big"], states[0]["big"].to(dtypes[0]).float())
+
+
+@pytest.mark.parametrize("density", [0.3, 0.5])
+def test_ties_cuts_from_sampled_windows_give_the_same_bytes(tmp_path, monkeypatch, density):
+    """With the engine's sample of each big key (pieces spread over it, here from keys of
+    100,000 elements on), the first passes make no histogram, and the merge is the bytes of
+    the torch code's radix select."""
+    from weightmix.methods import selection, sparsify
+
+    monkeypatch.setattr(sparsify.MagnitudeCutStreamer, "SAMPLE_FROM", 100_000)
+    settled = Counter()
+    real = selection.StreamedTopK.end_pass
+
+    def end_pass(self):
+        settled["without a histogram"] += self.counting
+        real(self)
+
+    monkeypatch.setattr(selection.StreamedTopK, "end_pass", end_pass)
+    paths = saved(tmp_path, fine_tunes(7, 3), [torch.float16] * 3)
+    recipe = {
+        "models": {f"M{i}": str(p) for i, p in enumerate(paths)},
+        "merge": {"method": "ties", "inputs": ["M0", "M1", "M2"], "density": density},
+    }
+    outputs, _, _ = merged_both_ways(tmp_path, monkeypatch, recipe)
+    assert outputs[0] == outputs[1]
+    assert settled["without a histogram"] == 4  # the big and odd keys, two models each
 
 
 @pytest.mark.parametrize("dtypes", [(torch.float16,) * 3, (torch.bfloat16, torch.float16,
@@ -489,6 +515,84 @@ def test_a_cut_outside_the_window_or_a_full_room_takes_the_second_pass(monkeypat
     assert cut_and_passes(base, model, k, chunk) == (expected, 1)
     monkeypatch.setattr(selection, "KEPT_AT_MOST", 4)
     assert cut_and_passes(base, model, k, chunk) == (expected, 2)
+
+
+def sampled_cut_and_passes(base, model, k, chunk, pieces):
+    """cut_and_passes after showing the cut the pieces [start, stop) of the tensor first."""
+    from weightmix.methods.selection import StreamedTopK
+
+    cut, passes = StreamedTopK(k, base.numel(), torch.float32), 0
+    for start, stop in pieces:
+        cut.sample_delta(base[start:stop], model[start:stop])
+    cut.end_sample()
+    while cut.wants_pass():
+        passes += 1
+        for start in range(0, base.numel(), chunk):
+            cut.observe_delta(base[start : start + chunk], model[start : start + chunk])
+        cut.end_pass()
+    return (cut.threshold.view(torch.int32).item(), cut.above, cut.need, cut.ties), passes
+
+
+SPREAD = [(start, start + 512) for start in range(0, 60_000, 4_000)]  # 15 pieces
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("density", [0.5, 0.1, 0.9])
+def test_a_sampled_window_settles_the_cut_without_a_histogram(monkeypatch, dtype, density):
+    """Placed by pieces spread over the tensor, the window holds the cut even where the first
+    chunk is unlike the rest (scaled down a thousandfold here: placed by it, the window would
+    miss); the first pass counts only the elements above it and finds what a sort finds."""
+    generator = torch.Generator().manual_seed(5)
+    n, chunk = 60_000, 4096
+    base = torch.randn(n, generator=generator).to(dtype)
+    delta = 0.02 * torch.randn(n, generator=generator)
+    delta[:chunk] *= 1e-3
+    model = (base.float() + delta).to(dtype)
+    model[9_000:9_300] = base[9_000:9_300]  # deltas of 0: equal magnitudes
+    k = max(1, math.floor(density * n))
+    expected = sorted_cut(base, model, k)
+    monkeypatch.setenv("WEIGHTMIX_KERNELS", "1")
+    found, passes = sampled_cut_and_passes(base, model, k, chunk, SPREAD)
+    assert cut_and_passes(base, model, k, chunk) == (expected, 2)  # the first chunk's window
+    # half-precision differences sit on few values: where the sample foresees the window
+    # overflowing, the pass makes its histogram as without a sample (never more passes)
+    assert found == expected and (passes == 1 or (dtype != torch.float32 and passes == 2))
+
+
+def test_a_sampled_window_that_misses_the_cut_or_fills_up_takes_a_histogram_pass(monkeypatch):
+    """A sample unlike the tensor puts the window where the cut is not: the pass without a
+    histogram finds that out (the cut's rank is not among the window's elements) and the
+    next passes make the histogram; a room filled by what the sample did not see does the
+    same. The cut stays exact."""
+    from weightmix.methods import selection
+
+    generator = torch.Generator().manual_seed(6)
+    n, chunk = 60_000, 4096
+    base = torch.zeros(n, dtype=torch.float16)
+    model = torch.randn(n, generator=generator).half()
+    k = n // 2
+    expected = sorted_cut(base, model, k)
+    monkeypatch.setenv("WEIGHTMIX_KERNELS", "1")
+    misleading = base.clone(), (model.float() * 1e-3).half()  # a sample of other deltas
+    cut = selection.StreamedTopK(k, n, torch.float32)
+    cut.sample_delta(*misleading)
+    cut.end_sample()
+    passes = 0
+    while cut.wants_pass():
+        passes += 1
+        for start in range(0, n, chunk):
+            cut.observe_delta(base[start : start + chunk], model[start : start + chunk])
+        cut.end_pass()
+    assert (cut.threshold.view(torch.int32).item(), cut.above, cut.need, cut.ties) == expected
+    assert passes == 2  # the miss, then the histogram (whose window holds the cut)
+    # 6,600 elements that no piece of the sample saw, all at the cut's magnitude: more than
+    # the room of an eighth (7,500) holds with the rest of the window
+    middle = model.float().abs().median()
+    model[600:3_900] = middle.half()
+    model[4_600:7_900] = -middle.half()
+    expected = sorted_cut(base, model, k)
+    found, passes = sampled_cut_and_passes(base, model, k, chunk, SPREAD)
+    assert found == expected and passes == 2  # a full room, then the histogram settles it
 
 
 def test_ties_at_the_cut_are_counted_from_the_patterns_kept_aside(monkeypatch):

@@ -344,16 +344,18 @@ static void fill_packing(void) {
  * below 2^15, so signed compares serve); the few inside written one by one while there is
  * room, every one counted in *hits. Returns how many patterns it looked at. */
 __attribute__((target("avx2")))
-static Py_ssize_t keep_window_avx2(uint32_t *into, Py_ssize_t *hits, Py_ssize_t room,
-                                   const uint32_t *u, Py_ssize_t n, unsigned low, unsigned high) {
+static Py_ssize_t keep_window_avx2(uint32_t *into, Py_ssize_t *hits, Py_ssize_t *above,
+                                   Py_ssize_t room, const uint32_t *u, Py_ssize_t n,
+                                   unsigned low, unsigned high) {
     const __m256i first = _mm256_set1_epi32((int)low), last = _mm256_set1_epi32((int)high);
     const __m256i nibble = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
     const __m256i seven = _mm256_set1_epi32(7);
-    Py_ssize_t i = 0, found = *hits;
+    Py_ssize_t i = 0, found = *hits, higher = *above;
     for (; i + 8 <= n; i += 8) {
         __m256i bits = _mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(u + i)), 16);
-        __m256i outside = _mm256_or_si256(_mm256_cmpgt_epi32(bits, last),
-                                          _mm256_cmpgt_epi32(first, bits));
+        __m256i over = _mm256_cmpgt_epi32(bits, last);
+        __m256i outside = _mm256_or_si256(over, _mm256_cmpgt_epi32(first, bits));
+        higher += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(over)));
         unsigned mask = ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(outside)) & 0xffu;
         if (found + 8 <= room) { /* the lanes inside moved to the front, all 8 stored */
             __m256i lanes = _mm256_and_si256(
@@ -372,16 +374,18 @@ static Py_ssize_t keep_window_avx2(uint32_t *into, Py_ssize_t *hits, Py_ssize_t 
         }
     }
     *hits = found;
+    *above = higher;
     return i;
 }
 #endif
 
-/* collect(base, base_code, model, model_code, n, counts, low, high, into, room) -> hits:
+/* collect(base, base_code, model, model_code, n, counts, low, high, into, room)
+ *   -> (hits, above):
  * the bit patterns of |model - base| (as histogram() makes them) whose top 16 bits lie in
  * [low, high], written in index order to the uint32 array `into` (at most `room` of them,
  * room >= 1), with stage 0's counts of all n added to `counts` unless it is 0. Returns how
- * many lay in the window: all of them are written when that is less than room (else the
- * last slot holds an arbitrary element). A radix select whose cut's top bits fall in the window
+ * many lay in the window (all of them are written when that is less than room, else the
+ * last slot holds an arbitrary element) and how many lay above it. A radix select whose cut's top bits fall in the window
  * takes its second stage from these instead of a second pass over the data. */
 WM_CLONES static PyObject *collect(PyObject *self, PyObject *args) {
     unsigned long long base_at, model_at, counts_at, into_at;
@@ -401,7 +405,7 @@ WM_CLONES static PyObject *collect(PyObject *self, PyObject *args) {
     const void *model = (const void *)(uintptr_t)model_at;
     int64_t *counts = (int64_t *)(uintptr_t)counts_at;
     uint32_t *into = (uint32_t *)(uintptr_t)into_at;
-    Py_ssize_t hits = 0, last = room - 1;
+    Py_ssize_t hits = 0, above = 0, last = room - 1;
     Py_BEGIN_ALLOW_THREADS
     uint32_t u[BLOCK];
     for (Py_ssize_t first = 0; first < n; first += BLOCK) {
@@ -411,16 +415,17 @@ WM_CLONES static PyObject *collect(PyObject *self, PyObject *args) {
         if (counts != NULL) count_top(counts, u, size);
         Py_ssize_t i = 0;
 #ifdef WM_X86
-        if (has_avx2) i = keep_window_avx2(into, &hits, room, u, size, low, high);
+        if (has_avx2) i = keep_window_avx2(into, &hits, &above, room, u, size, low, high);
 #endif
         for (; i < size; i++) { /* written always, kept where it lies inside */
             into[hits < last ? hits : last] = u[i];
             hits += (u[i] >> 16) - low <= high - low;
+            above += (u[i] >> 16) > high;
         }
     }
     if (counts != NULL) fold_top(counts);
     Py_END_ALLOW_THREADS
-    return PyLong_FromSsize_t(hits);
+    return Py_BuildValue("nn", hits, above);
 }
 
 static int read_addresses(PyObject *list, unsigned long long *into, Py_ssize_t count) {

@@ -674,6 +674,15 @@ def _gather_statistics(
     held = None
     if key.numel == 0:  # no chunk to look at, none to compute
         return streamers, held
+    for op in calls:  # samples first, for streamers that ask for them
+        streamer = streamers[id(op)]
+        ranges = streamer.sample_ranges()
+        for first, stop in ranges:
+            for start, _, inputs in _read_chunks(plan, key, first, stop, buffers, not stored):
+                draw = _draw(key, start)
+                streamer.observe_sample([evaluate(child, inputs, draw) for child in op.inputs])
+        if ranges:
+            streamer.end_sample()
     while pending := [op for op in calls if streamers[id(op)].wants_pass()]:
         if held is None:
             held = _hold(plan, key)

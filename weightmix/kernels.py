@@ -97,11 +97,12 @@ def magnitude_collect(
     counts: torch.Tensor | None,
     window: tuple[int, int],
     into: torch.Tensor,
-) -> int | None:
+) -> tuple[int, int] | None:
     """The float32 bit patterns of |model − base| (as magnitude_histogram makes them) whose
     top 16 bits lie in window = (low, high), written in index order into `into` (int32, flat),
-    with stage 0's counts added to `counts` (unless None). Returns how many lay in the window:
-    all are in `into` when that is less than its size. None: not taken."""
+    with stage 0's counts added to `counts` (unless None). Returns how many lay in the window
+    (all are in `into` when that is less than its size) and how many above it. None: not
+    taken."""
     if not enabled() or not hasattr(_kernels, "collect") or into.numel() < 1:
         return None
     if not _takes([base, model], base.numel()) or into.dtype != torch.int32:

@@ -238,8 +238,7 @@ def parse_device(name: str) -> torch.device:
         raise WeightmixError(f"device '{name}': torch sees no CUDA GPU here; use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise WeightmixError(
-            f"device '{name}': torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered"
-            " from 0"
+            f"device '{name}': torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0"
         )
     if device.type not in ("cpu", "cuda"):
         raise WeightmixError(f"device '{name}' is not supported: use cpu or cuda")

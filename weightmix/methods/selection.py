@@ -70,7 +70,14 @@ class StreamedTopK:
     Where the C loops take the chunks, the first pass also keeps aside the bit patterns whose
     top 16 bits lie in a window around where the first chunk puts the cut (an eighth of the
     tensor at most, and at most KEPT_AT_MOST): when the cut's top bits fall inside it, the
-    second stage counts those instead of passing over the data again (the same counts)."""
+    second stage counts those instead of passing over the data again (the same counts).
+
+    Given a sample of the tensor first (`sample_delta`, then `end_sample`: pieces spread over
+    it, which place the window better than its first chunk), the first pass makes no
+    histogram: it keeps the window's patterns aside and counts those above it. When the cut
+    lies inside the window (more than `above` and at most `above` + kept elements reach it),
+    the stage 0 counts that matter follow from those: the same cut. Otherwise another pass
+    makes the histogram as above."""
 
     def __init__(self, k: int, numel: int, dtype: torch.dtype) -> None:
         self.k, self.numel, self.dtype = k, numel, dtype  # dtype: of the deltas (compute)
@@ -90,13 +97,61 @@ class StreamedTopK:
         self.window = (0, -1)  # top 16 bits of the patterns kept aside
         self.kept: Tensor | None = None  # those patterns, in index order
         self.filled = 0
+        self.sample: Tensor | None = None  # stage 0 counts of a sample (sample_delta)
+        self.sampled = 0  # elements in it
+        self.counting = False  # a first pass without a histogram: kept aside and `higher`
+        self.higher = 0  # elements above the window (counting)
 
     def wants_pass(self) -> bool:
         return not self.keep_all and self.threshold is None
 
+    def sample_delta(self, base: Tensor, model: Tensor) -> None:
+        """Count a piece of model − base (float32, before the first pass) into the sample that
+        places the window; not taken where the C loops do not take it."""
+        if self.keep_all or self.stage or self.dtype != torch.float32:
+            return
+        counts = self.sample if self.sample is not None else torch.zeros(1 << 16, dtype=torch.int64)
+        if kernels.magnitude_histogram(base, model, 0, 0, counts):
+            self.sample = counts
+            self.sampled += base.numel()
+
+    def end_sample(self) -> None:
+        """Place the window where the sample puts the cut, for a first pass that keeps the
+        patterns in it aside and counts those above it, without a histogram."""
+        if self.sample is None or self.sampled == 0:
+            return
+        sample, self.sample = self.sample, None
+        room = min(self.numel // 8, KEPT_AT_MOST)
+        if room < 1:
+            return
+        low, high = self._window(sample, self.sampled, room)
+        expected = int(sample[low : high + 1].sum()) * self.numel / self.sampled
+        if expected > 0.75 * room:  # magnitudes on few values: the window would overflow
+            return  # (the first pass makes its histogram, as without a sample)
+        self.window = low, high
+        self.kept, self.counting = torch.empty(room, dtype=torch.int32), True
+
+    def _window(self, counts: Tensor, seen: int, room: int) -> tuple[int, int]:
+        """The top 16 bits holding the cut's share of `seen` elements counted in `counts`,
+        widened by a share on either side that should fill half the room."""
+        spread = room / (4 * self.numel)
+        from_top = counts.flip(0).cumsum(0)
+
+        def bucket_at(share: float) -> int:
+            rank = min(max(math.ceil(share * seen), 1), seen)
+            wanted = torch.tensor(rank, dtype=from_top.dtype)
+            return (1 << 16) - 1 - int(torch.searchsorted(from_top, wanted))
+
+        share = self.k / self.numel
+        return bucket_at(share + spread), bucket_at(share - spread)
+
     def observe_delta(self, base: Tensor, model: Tensor) -> None:
         """observe(model − base), the difference taken in the compute dtype; fused in C where
         kernels.magnitude_histogram takes the chunks (a float32 difference)."""
+        if self.counting:  # (a full room or a chunk C does not take: kept is None, and
+            if self.kept is not None:  # end_pass asks for a pass with a histogram)
+                self._keep_aside(base, model, None)
+            return
         if self.dtype == torch.float32 and base.numel() < self.numel:
             first = self.counts is None
             if first:
@@ -117,17 +172,7 @@ class StreamedTopK:
         if room < 1:
             return
         assert self.counts is not None
-        seen = base.numel()
-        spread = room / (4 * self.numel)  # expected to fill half the room
-        from_top = self.counts.flip(0).cumsum(0)
-
-        def bucket_at(share: float) -> int:
-            rank = min(max(math.ceil(share * seen), 1), seen)
-            wanted = torch.tensor(rank, dtype=from_top.dtype)
-            return (1 << 16) - 1 - int(torch.searchsorted(from_top, wanted))
-
-        share = self.k / self.numel
-        self.window = (bucket_at(share + spread), bucket_at(share - spread))
+        self.window = self._window(self.counts, base.numel(), room)
         self.kept = torch.empty(room, dtype=torch.int32)
         self._keep_aside(base, model, None)
 
@@ -136,12 +181,29 @@ class StreamedTopK:
         added, unless counts is None); False: not taken (nothing kept from now on)."""
         assert self.kept is not None
         into = self.kept[self.filled :]
-        hits = kernels.magnitude_collect(base, model, counts, self.window, into)
-        if hits is None or hits >= into.numel():  # no room left: the second pass will count
+        found = kernels.magnitude_collect(base, model, counts, self.window, into)
+        if found is None or found[0] >= into.numel():  # no room left: the second pass counts
             self.kept = None
-            return hits is not None
-        self.filled += hits
+            return found is not None
+        self.filled += found[0]
+        self.higher += found[1]
         return True
+
+    def _stop_counting(self) -> None:
+        """Give up the pass without a histogram: the next first pass makes one."""
+        self.counting, self.kept, self.filled, self.higher = False, None, 0, 0
+        self.window = (0, -1)
+
+    def _counts_from_kept(self) -> Tensor | None:
+        """After a pass without a histogram: stage 0 counts that place the cut as the full
+        histogram does (the window's buckets from the patterns kept aside, the elements above
+        it in the bucket just above), when the cut lies inside the window; else None."""
+        assert self.kept is not None
+        if not self.higher < self.k <= self.higher + self.filled:
+            return None
+        counts = torch.bincount(self.kept[: self.filled] >> 16, minlength=1 << 16)
+        counts[self.window[1] + 1] += self.higher  # top bits stay below 2^15: in range
+        return counts
 
     def chunk_cut(self) -> kernels.Cut:
         """The next chunk's mask for kernels.ties_chunk (which reports back through `took`)."""
@@ -206,6 +268,13 @@ class StreamedTopK:
     def end_pass(self) -> None:
         if self.threshold is not None:  # settled whole by _select
             return
+        if self.counting:
+            self.counting = False
+            found = self._counts_from_kept() if self.kept is not None else None
+            if found is None:  # the cut lies outside the window: a pass with a histogram
+                self._stop_counting()
+                return
+            self.counts = found
         counts = self.counts if self.counts is not None else torch.zeros(1 << 16, dtype=torch.int64)
         from_top = counts.flip(0).cumsum(0)
         wanted = torch.tensor(self.k - self.above, dtype=from_top.dtype)

@@ -30,7 +30,7 @@ from weightmix import kernels
 from weightmix.methods import selection
 from weightmix.methods.registry import WEIGHT, Density, Finite, Fraction, Tensor, merge_method
 from weightmix.methods.selection import StreamedTopK, top_magnitude_mask
-from weightmix.methods.streaming import Streamer
+from weightmix.methods.streaming import CHUNK, Streamer
 from weightmix.rounding import Draw
 
 Sparsifier = Callable[[Tensor, int], Tensor]  # (delta, model index) -> sparsified delta
@@ -205,6 +205,31 @@ class MagnitudeCutStreamer(Streamer):
         top = min(math.floor(self.params["gamma"] * n), n - kept)
         ends = [top + kept, top] if top > 0 else [top + kept]
         return [StreamedTopK(end, n, self.dtype) for end in ends]
+
+    SAMPLE_PIECES = 16  # of SAMPLE_PIECE elements each, from tensors of SAMPLE_FROM or more
+    SAMPLE_PIECE = 1 << 14
+    SAMPLE_FROM = 8 * CHUNK
+
+    def sample_ranges(self) -> list[tuple[int, int]]:
+        """Evenly spread pieces of a big tensor: they place each top-k cut's window (see
+        selection.StreamedTopK) so that its first pass needs no histogram."""
+        single = [cuts for cuts in self.cuts if len(cuts) == 1]
+        if self.dtype != torch.float32 or not single or self.numel < self.SAMPLE_FROM:
+            return []
+        last = self.numel - self.SAMPLE_PIECE
+        starts = [i * last // (self.SAMPLE_PIECES - 1) for i in range(self.SAMPLE_PIECES)]
+        return [(start, start + self.SAMPLE_PIECE) for start in starts]
+
+    def observe_sample(self, inputs: Sequence[Tensor]) -> None:
+        base, *models = inputs
+        for model, cuts in zip(models, self.cuts):
+            if len(cuts) == 1:
+                cuts[0].sample_delta(base, model)
+
+    def end_sample(self) -> None:
+        for cuts in self.cuts:
+            if len(cuts) == 1:
+                cuts[0].end_sample()
 
     def wants_pass(self) -> bool:
         return any(cut.wants_pass() for cuts in self.cuts for cut in cuts)

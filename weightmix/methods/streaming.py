@@ -47,6 +47,17 @@ class Streamer:
         chunk buffers while it runs (for the engine's memory estimate)."""
         return 0
 
+    def sample_ranges(self) -> list[tuple[int, int]]:
+        """Element ranges [start, stop) of the tensor the engine shows `observe_sample` before
+        the first pass (a few pieces spread over it); none by default."""
+        return []
+
+    def observe_sample(self, inputs: Sequence[Tensor]) -> None:
+        """Take in a piece of the sample (as `observe` takes chunks)."""
+
+    def end_sample(self) -> None:
+        """The sample has been seen, before the first pass."""
+
     def wants_pass(self) -> bool:
         """Whether another statistics pass over the tensor is needed before `apply`."""
         return False
