@@ -559,6 +559,22 @@ def test_a_sampled_window_settles_the_cut_without_a_histogram(monkeypatch, dtype
     assert found == expected and (passes == 1 or (dtype != torch.float32 and passes == 2))
 
 
+@pytest.mark.parametrize("where", ["top", "bottom"])
+def test_a_sampled_window_at_either_end_reaches_the_end_of_the_range(monkeypatch, where):
+    """k = 1 (or n − 1): the cut lies beyond what a sample is likely to have seen, so the
+    window runs to the top (or bottom) of the range and the one pass still holds it (a
+    review found a third pass here when the window stopped at the sample's extreme)."""
+    generator = torch.Generator().manual_seed(8)
+    n, chunk = 200_000, 16_384
+    base = torch.randn(n, generator=generator)
+    model = base + 0.02 * torch.randn(n, generator=generator)
+    k = 1 if where == "top" else n - 1
+    pieces = [(start, start + 512) for start in range(0, n, n // 16)]
+    expected = sorted_cut(base, model, k)
+    monkeypatch.setenv("WEIGHTMIX_KERNELS", "1")
+    assert sampled_cut_and_passes(base, model, k, chunk, pieces) == (expected, 1)
+
+
 def test_a_sampled_window_that_misses_the_cut_or_fills_up_takes_a_histogram_pass(monkeypatch):
     """A sample unlike the tensor puts the window where the cut is not: the pass without a
     histogram finds that out (the cut's rank is not among the window's elements) and the

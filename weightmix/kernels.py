@@ -116,11 +116,12 @@ def magnitude_collect(
     if not 0 <= window[0] <= window[1] < 1 << 16:
         return None
     assert _kernels is not None
-    return _kernels.collect(
+    found = _kernels.collect(
         base.data_ptr(), CODES[base.dtype], model.data_ptr(), CODES[model.dtype], base.numel(),
         0 if counts is None else counts.data_ptr(), window[0], window[1], into.data_ptr(),
         into.numel(),
     )  # fmt: skip
+    return found if isinstance(found, tuple) else None  # (an older build returns hits only)
 
 
 Cut = tuple[int, float, int]  # (mask kind, cut magnitude, elements at the cut still to keep)

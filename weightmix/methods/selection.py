@@ -143,7 +143,11 @@ class StreamedTopK:
             return (1 << 16) - 1 - int(torch.searchsorted(from_top, wanted))
 
         share = self.k / self.numel
-        return bucket_at(share + spread), bucket_at(share - spread)
+        # a share past either end reaches the end of the range: the top (or bottom) of the
+        # tensor may hold magnitudes the counted elements do not
+        low = 0 if share + spread >= 1 else bucket_at(share + spread)
+        high = (1 << 15) - 1 if share - spread <= 0 else bucket_at(share - spread)
+        return low, high
 
     def observe_delta(self, base: Tensor, model: Tensor) -> None:
         """observe(model − base), the difference taken in the compute dtype; fused in C where

@@ -214,7 +214,8 @@ class MagnitudeCutStreamer(Streamer):
         """Evenly spread pieces of a big tensor: they place each top-k cut's window (see
         selection.StreamedTopK) so that its first pass needs no histogram."""
         single = [cuts for cuts in self.cuts if len(cuts) == 1]
-        if self.dtype != torch.float32 or not single or self.numel < self.SAMPLE_FROM:
+        smallest = max(self.SAMPLE_FROM, self.SAMPLE_PIECES * self.SAMPLE_PIECE)
+        if self.dtype != torch.float32 or not single or self.numel < smallest:
             return []
         last = self.numel - self.SAMPLE_PIECE
         starts = [i * last // (self.SAMPLE_PIECES - 1) for i in range(self.SAMPLE_PIECES)]
