@@ -452,11 +452,16 @@ def streamed_cut(base, model, k, chunk, monkeypatch, setting):
     return cut.threshold.view(torch.int32).item(), cut.above, cut.need, cut.ties
 
 
-def cut_and_passes(base, model, k, chunk):
-    """streamed_cut's result with the loops as they are set, and how many passes it took."""
+def cut_and_passes(base, model, k, chunk, samples=None):
+    """streamed_cut's result with the loops as they are set, and how many passes it took;
+    with `samples` ((base, model) pieces), shown those first (sample_delta, end_sample)."""
     from weightmix.methods.selection import StreamedTopK
 
     cut, passes = StreamedTopK(k, base.numel(), torch.float32), 0
+    if samples is not None:
+        for piece in samples:
+            cut.sample_delta(*piece)
+        cut.end_sample()
     while cut.wants_pass():
         passes += 1
         for start in range(0, base.numel(), chunk):
@@ -519,18 +524,8 @@ def test_a_cut_outside_the_window_or_a_full_room_takes_the_second_pass(monkeypat
 
 def sampled_cut_and_passes(base, model, k, chunk, pieces):
     """cut_and_passes after showing the cut the pieces [start, stop) of the tensor first."""
-    from weightmix.methods.selection import StreamedTopK
-
-    cut, passes = StreamedTopK(k, base.numel(), torch.float32), 0
-    for start, stop in pieces:
-        cut.sample_delta(base[start:stop], model[start:stop])
-    cut.end_sample()
-    while cut.wants_pass():
-        passes += 1
-        for start in range(0, base.numel(), chunk):
-            cut.observe_delta(base[start : start + chunk], model[start : start + chunk])
-        cut.end_pass()
-    return (cut.threshold.view(torch.int32).item(), cut.above, cut.need, cut.ties), passes
+    samples = [(base[start:stop], model[start:stop]) for start, stop in pieces]
+    return cut_and_passes(base, model, k, chunk, samples)
 
 
 SPREAD = [(start, start + 512) for start in range(0, 60_000, 4_000)]  # 15 pieces
@@ -580,7 +575,6 @@ def test_a_sampled_window_that_misses_the_cut_or_fills_up_takes_a_histogram_pass
     histogram finds that out (the cut's rank is not among the window's elements) and the
     next passes make the histogram; a room filled by what the sample did not see does the
     same. The cut stays exact."""
-    from weightmix.methods import selection
 
     generator = torch.Generator().manual_seed(6)
     n, chunk = 60_000, 4096
@@ -590,16 +584,8 @@ def test_a_sampled_window_that_misses_the_cut_or_fills_up_takes_a_histogram_pass
     expected = sorted_cut(base, model, k)
     monkeypatch.setenv("WEIGHTMIX_KERNELS", "1")
     misleading = base.clone(), (model.float() * 1e-3).half()  # a sample of other deltas
-    cut = selection.StreamedTopK(k, n, torch.float32)
-    cut.sample_delta(*misleading)
-    cut.end_sample()
-    passes = 0
-    while cut.wants_pass():
-        passes += 1
-        for start in range(0, n, chunk):
-            cut.observe_delta(base[start : start + chunk], model[start : start + chunk])
-        cut.end_pass()
-    assert (cut.threshold.view(torch.int32).item(), cut.above, cut.need, cut.ties) == expected
+    found, passes = cut_and_passes(base, model, k, chunk, [misleading])
+    assert found == expected
     assert passes == 2  # the miss, then the histogram (whose window holds the cut)
     # 6,600 elements that no piece of the sample saw, all at the cut's magnitude: more than
     # the room of an eighth (7,500) holds with the rest of the window

@@ -385,8 +385,9 @@ static Py_ssize_t keep_window_avx2(uint32_t *into, Py_ssize_t *hits, Py_ssize_t 
  * [low, high], written in index order to the uint32 array `into` (at most `room` of them,
  * room >= 1), with stage 0's counts of all n added to `counts` unless it is 0. Returns how
  * many lay in the window (all of them are written when that is less than room, else the
- * last slot holds an arbitrary element) and how many lay above it. A radix select whose cut's top bits fall in the window
- * takes its second stage from these instead of a second pass over the data. */
+ * last slot holds an arbitrary element) and how many lay above it. A radix select whose
+ * cut's top bits fall in the window takes its second stage from these instead of a second
+ * pass over the data. */
 WM_CLONES static PyObject *collect(PyObject *self, PyObject *args) {
     unsigned long long base_at, model_at, counts_at, into_at;
     int base_code, model_code;

@@ -45,15 +45,20 @@ class Lane:
             self.stream = torch.cuda.Stream(device)
 
     def buffer(
-        self, name: str, dtype: torch.dtype, slot: int, count: int, device: torch.device
+        self,
+        name: str,
+        dtype: torch.dtype,
+        slot: int,
+        count: int,
+        device: torch.device,
+        size: int | None = None,
     ) -> tuple[torch.Tensor, memoryview]:
-        """A reused host buffer (typed, and its bytes) of `count` elements, at most
-        DEVICE_CHUNK_ELEMENTS."""
+        """A reused host buffer (typed, and its bytes) of `count` elements, at most `size`
+        (DEVICE_CHUNK_ELEMENTS by default)."""
         entry = self.host.get((name, dtype, slot))
         if entry is None:
-            pinned = device.type == "cuda"
-            size = DEVICE_CHUNK_ELEMENTS if name != "nonfinite" else 1
-            typed = torch.empty(size, dtype=dtype, pin_memory=pinned)
+            size = size or DEVICE_CHUNK_ELEMENTS
+            typed = torch.empty(size, dtype=dtype, pin_memory=device.type == "cuda")
             entry = self.host[(name, dtype, slot)] = (typed, memoryview(tensor_bytes(typed)))
         typed, raw = entry
         return typed[:count], raw[: count * typed.element_size()]
@@ -141,7 +146,7 @@ def _queue(
     host.copy_(output, non_blocking=True)
     nonfinite = None
     if not plan.recipe.allow_nonfinite and out_dtype.is_floating_point:
-        nonfinite = lane.buffer("nonfinite", torch.int64, slot, 1, device)[0]
+        nonfinite = lane.buffer("nonfinite", torch.int64, slot, 1, device, size=1)[0]
         wide = output if output.element_size() > 1 else output.float()  # fp8: no isfinite
         nonfinite.copy_((~torch.isfinite(wide)).sum().reshape(1), non_blocking=True)
     done = None

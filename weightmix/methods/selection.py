@@ -201,9 +201,9 @@ class StreamedTopK:
     def _counts_from_kept(self) -> Tensor | None:
         """After a pass without a histogram: stage 0 counts that place the cut as the full
         histogram does (the window's buckets from the patterns kept aside, the elements above
-        it in the bucket just above), when the cut lies inside the window; else None."""
-        assert self.kept is not None
-        if not self.higher < self.k <= self.higher + self.filled:
+        it in the bucket just above), when the cut lies inside the window and every pattern
+        there was kept; else None."""
+        if self.kept is None or not self.higher < self.k <= self.higher + self.filled:
             return None
         counts = torch.bincount(self.kept[: self.filled] >> 16, minlength=1 << 16)
         counts[self.window[1] + 1] += self.higher  # top bits stay below 2^15: in range
@@ -273,12 +273,11 @@ class StreamedTopK:
         if self.threshold is not None:  # settled whole by _select
             return
         if self.counting:
-            self.counting = False
-            found = self._counts_from_kept() if self.kept is not None else None
+            found = self._counts_from_kept()
             if found is None:  # the cut lies outside the window: a pass with a histogram
                 self._stop_counting()
                 return
-            self.counts = found
+            self.counting, self.counts = False, found
         counts = self.counts if self.counts is not None else torch.zeros(1 << 16, dtype=torch.int64)
         from_top = counts.flip(0).cumsum(0)
         wanted = torch.tensor(self.k - self.above, dtype=from_top.dtype)
