@@ -5,6 +5,7 @@
     python bench/bench_merge.py --arch flux    # Flux transformer, about 11.9 GB per fp8 file
     python bench/bench_merge.py --cold         # page cache dropped before each command (root)
     python bench/bench_merge.py --device cuda  # merges computed on a GPU (device_chunks.py)
+    python bench/bench_merge.py --no-warm-memory  # leave free memory as the host left it
 
 Random, seeded checkpoints with the real key names and shapes are generated once into a
 scratch folder (not the repo). Each repeat runs, in the same conditions (previous outputs
@@ -45,6 +46,7 @@ def size_text(size: float) -> str:
 
 
 COLD = False  # --cold: drop the page cache before every timed command
+WARM_BYTES = 0  # --warm-memory: memory handed back by the host made ready before each command
 # as installed for a user: bytecode cached (PYTHONDONTWRITEBYTECODE, set on some machines,
 # would make every run compile weightmix's sources again: ~0.25 s of start-up here)
 CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
@@ -58,12 +60,37 @@ def drop_caches() -> None:
         raise SystemExit(f"--cold needs root to write /proc/sys/vm/drop_caches: {error}") from None
 
 
+def free_bytes() -> int:
+    """MemFree of /proc/meminfo: memory no page cache holds."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemFree:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def warm_memory(size: int) -> None:
+    """Touch and free `size` bytes of free memory (at most what is free, less 1 GB, so no
+    cached input is evicted), in a child process: this one's peak RSS would pass on to the
+    commands it starts (Linux keeps the high-water mark across the exec of a spawned child).
+    On a virtual machine whose guest reports free pages to the host (virtio-balloon free
+    page reporting), memory freed a few seconds ago is handed back, and the first write to
+    it faults it in again on the host: writing 2.1 GB into fresh page-cache pages took
+    3-5.4 s here against 1.0-1.1 s into pages just freed, at random. Done right before every
+    timed command, the floor and weightmix find the same memory."""
+    size = min(size, free_bytes() - (1 << 30))
+    if size > 0:
+        touch = f"block = bytearray({size}); block[::4096] = bytes(len(block[::4096]))"
+        subprocess.run([sys.executable, "-c", touch], check=True)
+
+
 def measure(command: list[str]) -> tuple[float, int, float]:
     """Wall seconds, peak RSS (bytes) and CPU seconds (user + system) of one command, after a
-    sync (and with --cold, dropping the page cache) outside the timing."""
+    sync (and with --cold, dropping the page cache; with --warm-memory, warming memory)
+    outside the timing."""
     subprocess.run(["sync"], check=True)
     if COLD:
         drop_caches()
+    warm_memory(WARM_BYTES)
     began = time.perf_counter()
     with open(os.devnull, "wb") as null:
         actions = [(os.POSIX_SPAWN_DUP2, null.fileno(), 1)]
@@ -105,12 +132,18 @@ def main() -> None:
     parser.add_argument(
         "--cold", action="store_true", help="drop the page cache before each timed command"
     )
+    parser.add_argument(
+        "--no-warm-memory",
+        dest="warm",
+        action="store_false",
+        help="do not touch free memory before each command (see warm_memory)",
+    )
     parser.add_argument("--device", default=None, help="weightmix merge --device (e.g. cuda)")
     parser.add_argument(
         "--drop-inputs", action="store_true", help="delete the generated inputs afterwards"
     )
     args = parser.parse_args()
-    global COLD
+    global COLD, WARM_BYTES
     COLD = args.cold
 
     folder = args.scratch / args.arch
@@ -118,6 +151,7 @@ def main() -> None:
     inputs = generate(folder, args.arch)
     size = inputs[0].stat().st_size
     architecture, dtype, _ = ARCHES[args.arch]
+    WARM_BYTES = size + (1 << 30) if args.warm else 0  # an output's pages and a process's
     print(f"inputs: 3 x {size_text(size)} ({architecture}, {dtype}) in {folder}")
     out, floor_out = folder / "out.safetensors", folder / "floor.safetensors"
     threads = ["--threads", str(args.threads)] if args.threads else []

@@ -19,11 +19,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import cache
-from importlib import resources
 from typing import Any
 
-import yaml
-
+from weightmix.arch import read_data_yaml
 from weightmix.errors import WeightmixError, closest
 
 SD1_BLOCKS = 26  # supermerger's list: BASE, IN00-IN11, M00, OUT00-OUT11
@@ -33,10 +31,9 @@ SD1_TO_SDXL = [0, *range(1, 10), 13, *range(14, 23)]  # BASE, IN00-IN08, M00, OU
 @cache
 def presets() -> dict[str, tuple[float, ...]]:
     """The shipped presets: name -> 26 values in supermerger's SD1 order."""
-    text = resources.files("weightmix.arch").joinpath("data", "presets.yaml").read_text("utf-8")
     return {
         name: tuple(float(v) for v in values)
-        for name, values in yaml.safe_load(text)["presets"].items()
+        for name, values in read_data_yaml("presets.yaml")["presets"].items()
     }
 
 

@@ -11,9 +11,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 
-import yaml
+from weightmix.arch import read_data_yaml
 
 LAYER_KINDS = (
     "self_attention",
@@ -50,8 +49,7 @@ class Family:
 
 @cache
 def _data() -> dict:
-    text = resources.files(__package__).joinpath("data", "families.yaml").read_text("utf-8")
-    return yaml.safe_load(text)
+    return read_data_yaml("families.yaml")
 
 
 @cache
