@@ -105,7 +105,9 @@ class Architecture:
         self.classes = {key: self._classify(key) for key in keys}
         self.blocks = _expand_blocks(family.block_spec, self._counts())
         self._last = {_prefix(b): b for b in self.blocks}
-        self.classes = {key: self._classify(key) for key in keys}  # now with {last} known
+        for key, cls in self.classes.items():  # a '{last}' block is known now
+            if cls.block is None and cls.component is not None:
+                self.classes[key] = self._classify(key)
         self.unfit = [k for k, c in self.classes.items() if c.component is None or c.block is None]
 
     def _counts(self) -> dict[str, int]:
