@@ -119,11 +119,16 @@ def fill(disk: Path, leave: int) -> None:
         handle.write(b"\0" * max(0, free - leave))
 
 
+@pytest.mark.parametrize("direct_writes", ["0", "1"])
 @pytest.mark.parametrize("shard_bytes", [None, "64KB"])
 @pytest.mark.parametrize("leave", [0, 4096, 100_000, 300_000])
-def test_a_disk_that_fills_during_the_write(small_disk, models, shard_bytes, leave):
+def test_a_disk_that_fills_during_the_write(
+    small_disk, models, shard_bytes, leave, direct_writes, monkeypatch
+):
     """The plan saw room; the disk then fills before or while the output is written: one line
-    naming the folder and the bytes needed, and nothing left on the disk but the filler."""
+    naming the folder and the bytes needed, and nothing left on the disk but the filler. The
+    same through the page cache and past it (O_DIRECT, as big outputs are written)."""
+    monkeypatch.setenv("WEIGHTMIX_DIRECT_WRITES", direct_writes)
     recipe = {
         "models": {"a": str(models["A"]), "b": str(models["B"])},
         "merge": {"method": "weighted_sum", "inputs": ["a", "b"], "alpha": 0.5},

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from weightmix.errors import WeightmixError
+from weightmix.io.direct import wants_direct
 from weightmix.io.folders import WEIGHT_SUFFIXES, FolderCheckpoint
 from weightmix.io.locks import MARK, DestinationLock, sweep_stale, temporary_folder
 from weightmix.io.reader import INDEX_SUFFIX
@@ -67,6 +68,7 @@ class FolderOutput:
             self._unlock()
             raise
         try:
+            direct = wants_direct(self.needed)  # the whole folder's bytes pass the page cache
             with out_of_space(dest, self.needed):
                 for component in base.components:
                     folder = self.temp / component.name
@@ -79,6 +81,7 @@ class FolderOutput:
                             max_shard_bytes or component.shard_bytes,
                             fsync,
                             lock=False,  # inside this output's own hidden folder
+                            direct=direct,
                         )
             left_out = {c.folder for c in base.components if c.name not in self.outputs}
             self.needed = (  # headers, data, index and copied files: what the disk must hold

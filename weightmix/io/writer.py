@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from weightmix.errors import WeightmixError
+from weightmix.io.direct import DirectWrites, wants_direct
+from weightmix.io.direct import enable as enable_direct
 from weightmix.io.dtypes import DType
 from weightmix.io.locks import DestinationLock, replace_set, sweep_stale, temporary_file
 from weightmix.io.reader import INDEX_SUFFIX
@@ -112,7 +114,7 @@ def _umask() -> int:
 class _TempFile:
     """One output file being written under a hidden temporary name in the destination folder."""
 
-    def __init__(self, dest: Path):
+    def __init__(self, dest: Path, size: int = 0, direct: bool = False):
         self.dest = dest
         fd, self.temp = temporary_file(dest)  # locked: a sweep knows it is in use
         self.fd: int | None = fd
@@ -121,16 +123,31 @@ class _TempFile:
         # but a writer waiting there spins on a CPU; waiting here, it sleeps. A weighted sum of
         # two SD1.5 files on 2 threads took 12-38 % less CPU (bench/RESULTS.md)
         self._writing = threading.Lock()
+        # a big output (`direct`, of `size` bytes) skips the page cache where it can: direct.py
+        self._direct = DirectWrites(fd, size) if direct and enable_direct(fd) else None
 
     def write_at(self, data, offset: int) -> None:
         memory = memoryview(data).cast("B")
         with self._writing:
+            if self._direct is not None:
+                self._direct.write(memory, offset)
+                return
             while memory:
                 written = os.pwrite(self.fd, memory, offset)
                 memory = memory[written:]
                 offset += written
 
+    def finish(self) -> None:
+        """Write what a direct file still holds back (its last, partial block): before the
+        file is flushed or moved."""
+        with self._writing:
+            if self._direct is not None:
+                self._direct.finish()
+
     def close(self, fsync: bool) -> None:
+        if self._direct is not None:  # its writer thread stops before the descriptor closes
+            self._direct.close()
+            self._direct = None
         if self.fd is not None:
             if fsync:
                 os.fsync(self.fd)
@@ -212,6 +229,7 @@ class SafetensorsOutput:
         fsync: bool = False,
         lock: bool = True,
         overwrite: bool = True,
+        direct: bool | None = None,
     ):
         self.dest = dest
         self.fsync = fsync
@@ -232,11 +250,14 @@ class SafetensorsOutput:
                     f"output {present[0]} exists (written since this merge was planned):"
                     " pass --overwrite to replace it"
                 )
+            # past the page cache when the output is bigger than it lets sit dirty (direct.py)
+            direct = wants_direct(self.needed) if direct is None else direct
             with out_of_space(dest, self.needed):
                 for number, shard in enumerate(self.shards):
-                    file = _TempFile(self.paths[number])
-                    self._files.append(file)
                     header = header_bytes(shard, metadata)
+                    size = len(header) + sum(tensor.nbytes for tensor in shard)
+                    file = _TempFile(self.paths[number], size, direct)
+                    self._files.append(file)
                     file.write_at(header, 0)
                     offset = len(header)
                     for tensor in shard:
@@ -290,6 +311,8 @@ class SafetensorsOutput:
                     f"{key}: {self._written.get(key, 0)} of {tensor.nbytes} bytes were written"
                 )
         with out_of_space(self.dest, self.needed):
+            for file in self._files:
+                file.finish()
             if self.index_path is not None:
                 index = _TempFile(self.index_path)
                 self._files.append(index)

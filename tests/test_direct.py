@@ -1,0 +1,136 @@
+"""Big outputs written with O_DIRECT (weightmix/io/direct.py): any order of writes, any
+alignment, gives the bytes a buffered write gives; a file system that refuses falls back."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import load
+
+from weightmix import api
+from weightmix.io import direct
+from weightmix.io.writer import _TempFile
+
+BLOCK = direct.BLOCK
+
+
+def pieces(size: int, rng: random.Random) -> list[tuple[int, int]]:
+    """[start, stop) ranges that tile [0, size): tiny, block-sized and odd, and longer than
+    the staging buffer (set small by the tests), in a shuffled order."""
+    ranges, start = [], 0
+    while start < size:
+        length = rng.choice([1, 2, 7, BLOCK - 1, BLOCK, BLOCK + 3, 3 * BLOCK, 5 * BLOCK + 11])
+        ranges.append((start, min(size, start + length)))
+        start += length
+    rng.shuffle(ranges)
+    return ranges
+
+
+def direct_calls(monkeypatch) -> list[tuple[int, int]]:
+    """Record (offset, length) of every pwrite made while the file has O_DIRECT on."""
+    calls: list[tuple[int, int]] = []
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            calls.append((offset, memoryview(data).nbytes))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(direct.os, "pwrite", pwrite)
+    return calls
+
+
+@pytest.mark.parametrize("size", [1, BLOCK - 5, BLOCK, 17 * BLOCK, 40 * BLOCK + 123])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_writes_in_any_order_and_alignment_give_the_bytes(tmp_path, monkeypatch, size, seed):
+    monkeypatch.setattr(direct, "STAGE_BYTES", 3 * BLOCK)  # many stagings per long write
+    calls = direct_calls(monkeypatch)
+    rng = random.Random(seed)
+    expected = rng.randbytes(size)
+    file = _TempFile(tmp_path / "out.safetensors", size, direct=True)
+    assert file._direct is not None and file._direct.direct  # this file system takes O_DIRECT
+    for start, stop in pieces(size, rng):
+        file.write_at(expected[start:stop], start)
+    file.finish()
+    assert not file._direct._waiting and not file._direct._runs  # all written
+    file.close(fsync=False)
+    assert file.temp.read_bytes() == expected
+    assert file.temp.stat().st_size == size
+    # every direct write whole aligned blocks; only the last partial block went buffered
+    assert all(offset % BLOCK == 0 and length % BLOCK == 0 for offset, length in calls)
+    assert sum(length for _, length in calls) == size // BLOCK * BLOCK
+
+
+def test_a_file_system_that_refuses_direct_writes_gets_them_buffered(tmp_path, monkeypatch):
+    """Where the open takes O_DIRECT but a write does not (EINVAL), the writes go through the
+    page cache from then on, the same bytes."""
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(direct.os, "pwrite", pwrite)
+    rng = random.Random(5)
+    size = 9 * BLOCK + 77
+    expected = rng.randbytes(size)
+    file = _TempFile(tmp_path / "out.safetensors", size, direct=True)
+    for start, stop in pieces(size, rng):
+        file.write_at(expected[start:stop], start)
+    file.finish()
+    assert not file._direct.direct
+    file.close(fsync=False)
+    assert file.temp.read_bytes() == expected
+
+
+def test_the_switch_and_the_kernels_dirty_room_decide(monkeypatch):
+    """WEIGHTMIX_DIRECT_WRITES=1/0 forces it; otherwise an output goes direct when it passes
+    midway between vm.dirty_background and vm.dirty (ratios of available memory here)."""
+    monkeypatch.setenv(direct.SWITCH, "1")
+    assert direct.wants_direct(1)
+    monkeypatch.setenv(direct.SWITCH, "0")
+    assert not direct.wants_direct(1 << 50)
+    monkeypatch.delenv(direct.SWITCH)
+    room = direct.dirty_room()
+    vm = Path("/proc/sys/vm")
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    ratios = [int((vm / f"{n}_ratio").read_text()) for n in ("dirty_background", "dirty")]
+    assert int((vm / "dirty_bytes").read_text()) == 0  # this machine sets ratios
+    assert 0 < room <= sum(ratios) / 2 / 100 * total  # of available memory, at most all of it
+    assert direct.wants_direct(room + 1) and not direct.wants_direct(room)
+
+
+@pytest.mark.parametrize("shard", [None, "64KB"])
+def test_a_merge_written_direct_equals_one_written_buffered(tmp_path, models, monkeypatch, shard):
+    recipe = {
+        "models": {name.lower(): str(path) for name, path in models.items()},
+        "merge": {"method": "add_difference", "inputs": ["a", "b", "c"], "alpha": 0.7},
+    }
+    if shard:
+        recipe["max_shard_size"] = shard
+    outputs = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv(direct.SWITCH, switch)
+        folder = tmp_path / f"direct{switch}"
+        folder.mkdir()
+        api.merge(recipe, folder / "out.safetensors")
+        outputs[switch] = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    assert outputs["0"] == outputs["1"]
+    assert (len(outputs["1"]) > 2) == (shard is not None)  # shards and their index
+    if shard is None:
+        merged = load(tmp_path / "direct1" / "out.safetensors")
+        a, b, c = (load(models[n]) for n in "ABC")
+        for key, tensor in merged.items():
+            if not tensor.is_floating_point():  # integer keys are copied from the first model
+                assert tensor.equal(a[key]), key
+                continue
+            reference = a[key].float() + 0.7 * (b[key].float() - c[key].float())
+            # (the method's own bits are tested in test_methods.py: here, a real merge)
+            torch.testing.assert_close(tensor.float(), reference, rtol=2**-10, atol=2**-10)
