@@ -134,3 +134,27 @@ def test_a_merge_written_direct_equals_one_written_buffered(tmp_path, models, mo
             reference = a[key].float() + 0.7 * (b[key].float() - c[key].float())
             # (the method's own bits are tested in test_methods.py: here, a real merge)
             torch.testing.assert_close(tensor.float(), reference, rtol=2**-10, atol=2**-10)
+
+
+def test_staging_memory_grows_with_threads_not_with_shards(tmp_path, models, monkeypatch):
+    """Many direct-written shards on two workers: the staging buffers made stay within the
+    writing threads (two workers and the main thread, which writes the headers) plus two,
+    and the shards hold the bytes a buffered run writes."""
+    stages = direct._Stages()
+    monkeypatch.setattr(direct, "_STAGES", stages)
+    monkeypatch.setattr(direct, "STAGE_BYTES", 4 * BLOCK)  # runs fill and turn over often
+    recipe = {
+        "models": {"a": str(models["A"]), "b": str(models["B"])},
+        "merge": {"method": "weighted_sum", "inputs": ["a", "b"], "alpha": 0.3},
+        "max_shard_size": "2KB",
+    }
+    outputs = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv(direct.SWITCH, switch)
+        folder = tmp_path / f"direct{switch}"
+        folder.mkdir()
+        api.merge(recipe, folder / "out.safetensors", threads=2)
+        outputs[switch] = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    assert outputs["0"] == outputs["1"]
+    assert len(outputs["1"]) > 10  # shards (and their index)
+    assert 0 < stages._made <= 3 + 2

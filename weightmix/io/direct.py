@@ -26,7 +26,6 @@ from pathlib import Path
 
 BLOCK = 4096  # a multiple of every logical block size O_DIRECT asks for here (512 or 4096)
 STAGE_BYTES = 4 << 20  # per direct write: a few MB keeps the disk busy
-STAGES = 6  # staging buffers per file at most: a run per worker, the rest being written
 SWITCH = "WEIGHTMIX_DIRECT_WRITES"  # "1": always where the file system takes it; "0": never
 
 
@@ -82,6 +81,42 @@ def disable(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~direct)
 
 
+class _Stages:
+    """The staging buffers of every direct-written file in the process (anonymous memory:
+    page-aligned, STAGE_BYTES each). A thread holds at most one, for its open run, so as
+    many as the threads that write, plus two, keep every thread going (the rest are being
+    written); memory grows with the threads, never with the model or its shards."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Condition()
+        self._free: list[mmap.mmap] = []
+        self._made = 0
+        self._writers: set[int] = set()
+
+    def take(self) -> mmap.mmap:
+        with self._ready:
+            self._writers.add(threading.get_ident())
+            while True:
+                while self._free:
+                    stage = self._free.pop()
+                    if len(stage) == STAGE_BYTES:
+                        return stage
+                    self._made -= 1  # of another size (a test's): let it go
+                if self._made < len(self._writers) + 2:
+                    self._made += 1
+                    return mmap.mmap(-1, STAGE_BYTES)
+                self._ready.wait()
+
+    def give_back(self, stage: mmap.mmap) -> None:
+        with self._ready:
+            self._free.append(stage)
+            self._ready.notify()
+
+
+_STAGES = _Stages()
+_OPEN = threading.local()  # .run: (DirectWrites, _Run), the calling thread's one open run
+
+
 class _Run:
     """Contiguous bytes one thread is writing, gathered in a staging buffer: file bytes
     [start, start + filled), `start` aligned."""
@@ -96,62 +131,67 @@ class _Run:
 
 class DirectWrites:
     """The writes of one file of `size` bytes opened with O_DIRECT (see enable()), given in
-    any order, never overlapping, by any threads; the caller serialises the calls (_TempFile
-    does). Each thread's contiguous writes gather in a staging buffer of STAGE_BYTES (a chunk
-    is 0.5-1 MB: direct writes that small left the disk idle between them), which a writer
-    thread writes while the caller goes on computing. finish() waits for every write and
-    raises the first error; close() stops the writer thread (before the file is closed).
-    Should the file system refuse a write (EINVAL), O_DIRECT is turned off and the bytes go
-    through the page cache: the same bytes land."""
+    any order, never overlapping, by any threads. Each thread's contiguous writes gather in a
+    staging buffer of STAGE_BYTES (a chunk is 0.5-1 MB: direct writes that small left the
+    disk idle between them); a writer thread writes the full ones while the callers go on.
+    A thread that writes elsewhere (another place or file) hands its run over first.
+    finish() waits for every write and raises the first error; close() stops the writer
+    thread (before the file is closed). Should the file system refuse a write (EINVAL),
+    O_DIRECT is turned off and the bytes go through the page cache: the same bytes land."""
 
     def __init__(self, fd: int, size: int) -> None:
         self.fd = fd
         self.size = size
         self.direct = True
+        self._lock = threading.Lock()  # the state below; never held while waiting for a stage
         self._waiting: dict[int, tuple[bytearray, int]] = {}  # block -> (its bytes, given)
-        self._runs: dict[int, _Run] = {}  # by thread
-        self._free: list[mmap.mmap] = []
-        self._made = 0
-        self._ready = threading.Condition()
+        self._runs: dict[int, _Run] = {}  # open runs, by thread
         self._queue: queue.Queue[tuple[mmap.mmap, int, int] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._writer: threading.Thread | None = None
+        self._closed = False
 
     def write(self, memory: memoryview, offset: int) -> None:
         """Write `memory` (bytes) at `offset`; it may reach the disk later (finish())."""
         self._raise()
         thread = threading.get_ident()
-        run = self._runs.get(thread)
-        if run is not None and run.end != offset:  # not contiguous: that run is done
-            self._submit(self._runs.pop(thread))
+        held = getattr(_OPEN, "run", None)
+        run = held[1] if held is not None and held[0] is self else None
+        if held is not None and (run is None or run.end != offset):  # not contiguous
+            held[0]._hand_over(thread)
             run = None
         while memory:
             if run is None:
                 first = -(-offset // BLOCK) * BLOCK
                 head = min(len(memory), first - offset)
                 if head:  # the part of a block shared with what comes before
-                    self._share(memory[:head], offset)
+                    with self._lock:
+                        self._share(memory[:head], offset)
                     memory, offset = memory[head:], offset + head
                     continue
                 if len(memory) < BLOCK:  # too short to start a run: shared with what follows
-                    self._share(memory, offset)
+                    with self._lock:
+                        self._share(memory, offset)
                     return
-                run = self._runs[thread] = _Run(self._stage(), offset)
-            count = min(len(memory), STAGE_BYTES - run.filled)
+                run = _Run(_STAGES.take(), offset)
+                with self._lock:
+                    self._runs[thread] = run
+                _OPEN.run = (self, run)
+            count = min(len(memory), len(run.stage) - run.filled)
             run.stage[run.filled : run.filled + count] = memory[:count]
             run.filled += count
             memory, offset = memory[count:], offset + count
-            if run.filled == STAGE_BYTES:
-                self._submit(self._runs.pop(thread))
+            if run.filled == len(run.stage):
+                self._hand_over(thread)
                 run = None
 
     def finish(self) -> None:
         """Write everything still held: every run, then (through the page cache, so the file
         keeps its exact size) the file's last, partial block and any block a write left
         short (its missing bytes are zeros, as the unwritten file's are). Raises the first
-        error any write met."""
+        error any write met. Call it once no thread writes any more."""
         for thread in list(self._runs):
-            self._submit(self._runs.pop(thread))
+            self._hand_over(thread)
         self._queue.join()
         self._raise()
         if self.direct:
@@ -163,45 +203,49 @@ class DirectWrites:
             self._put(memoryview(data)[: min(BLOCK, self.size - start)], start)
 
     def close(self) -> None:
-        """Stop the writer thread (what it has not written is dropped) and let go of the
-        buffers; the file may be closed after this."""
+        """Stop the writer thread (what it has not written is dropped) and give the buffers
+        back; the file may be closed after this."""
+        with self._lock:
+            self._closed = True
+            runs, self._runs = list(self._runs.values()), {}
+            self._waiting.clear()
         if self._writer is not None:
             self._error = self._error or RuntimeError("closed")  # the rest is skipped
             self._queue.put(None)
             self._writer.join()
             self._writer = None
-        self._waiting.clear()
-        self._runs.clear()
-        self._free.clear()
+        for run in runs:
+            _STAGES.give_back(run.stage)
+        held = getattr(_OPEN, "run", None)
+        if held is not None and held[0] is self:
+            _OPEN.run = None
 
     def _raise(self) -> None:
         if self._error is not None:
             raise self._error
 
-    def _stage(self) -> mmap.mmap:
-        """A free staging buffer (anonymous memory: page-aligned), made while fewer than
-        STAGES exist, else the next one the writer thread gives back."""
-        with self._ready:
-            while not self._free:
-                if self._made < STAGES:
-                    self._made += 1
-                    return mmap.mmap(-1, STAGE_BYTES)
-                self._ready.wait()
-                self._raise()
-            return self._free.pop()
-
-    def _submit(self, run: _Run) -> None:
-        """Hand a run's whole blocks to the writer thread; its last, partial block (if any)
-        waits for the rest of that block."""
-        whole = run.filled // BLOCK * BLOCK
-        if whole < run.filled:
-            tail = memoryview(run.stage)[whole : run.filled]
-            self._share(tail, run.start + whole)
-            tail.release()
-        self._enqueue(run.stage, run.start, whole)
+    def _hand_over(self, thread: int) -> None:
+        """Hand `thread`'s run to the writer thread: its whole blocks; its last, partial
+        block (if any) waits for the rest of that block."""
+        with self._lock:
+            run = self._runs.pop(thread, None)
+            if thread == threading.get_ident():
+                _OPEN.run = None
+            if run is None:
+                return
+            if self._closed:
+                _STAGES.give_back(run.stage)
+                return
+            whole = run.filled // BLOCK * BLOCK
+            if whole < run.filled:
+                tail = memoryview(run.stage)[whole : run.filled]
+                self._share(tail, run.start + whole)
+                tail.release()
+            self._enqueue(run.stage, run.start, whole)
 
     def _share(self, memory: memoryview, offset: int) -> None:
-        """Keep bytes of blocks no run holds whole; hand each block over once complete."""
+        """Keep bytes of blocks no run holds whole; hand each block over once complete
+        (under self._lock)."""
         while memory:
             block, within = divmod(offset, BLOCK)
             count = min(len(memory), BLOCK - within)
@@ -226,7 +270,7 @@ class DirectWrites:
 
     def _write_loop(self) -> None:
         """The writer thread: write what is queued, in order; after an error, skip the rest
-        (finish() raises it) but keep giving buffers back."""
+        (write() and finish() raise it) but keep giving buffers back."""
         while (item := self._queue.get()) is not None:
             stage, offset, count = item
             try:
@@ -240,9 +284,7 @@ class DirectWrites:
                 self._error = error
             finally:
                 if count >= 0:
-                    with self._ready:
-                        self._free.append(stage)
-                        self._ready.notify()
+                    _STAGES.give_back(stage)
                 self._queue.task_done()
         self._queue.task_done()
 
