@@ -7,6 +7,7 @@ import errno
 import fcntl
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -157,4 +158,75 @@ def test_staging_memory_grows_with_threads_not_with_shards(tmp_path, models, mon
         outputs[switch] = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
     assert outputs["0"] == outputs["1"]
     assert len(outputs["1"]) > 10  # shards (and their index)
-    assert 0 < stages._made <= 3 + 2
+    assert 0 < stages.most <= 3 + 2
+
+
+def test_more_writing_threads_than_buffers_never_wait_forever(tmp_path):
+    """Twelve threads each leave a run open (and stay alive) while the others want buffers:
+    the set grows with the threads that write, so every write goes through."""
+    size = 12 * 2 * BLOCK
+    expected = random.Random(3).randbytes(size)
+    file = _TempFile(tmp_path / "out.safetensors", size, direct=True)
+    started, release = threading.Barrier(13), threading.Event()
+
+    def writer(number: int) -> None:
+        start = number * 2 * BLOCK
+        file.write_at(expected[start : start + 2 * BLOCK], start)
+        started.wait(timeout=30)
+        release.wait(timeout=30)  # alive, its run still open, while the others write
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    started.wait(timeout=30)  # raises BrokenBarrierError if a writer is stuck
+    release.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads)
+    file.finish()
+    file.close(fsync=False)
+    assert file.temp.read_bytes() == expected
+
+
+def test_a_write_after_close_is_refused_and_reaches_no_other_file(tmp_path):
+    """After close() (an abort) a late write raises, and nothing is written through the
+    closed descriptor, even once another file has its number."""
+    file = _TempFile(tmp_path / "out.safetensors", 2 * BLOCK, direct=True)
+    writes = file._direct
+    file.write_at(b"x" * 100, 0)  # waits for the rest of its block
+    number = file.fd
+    file.close(fsync=False)
+    opened = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT)
+    other = os.dup2(opened, number)  # another file takes the number
+    os.close(opened)
+    try:
+        with pytest.raises(RuntimeError, match="after close"):
+            writes.write(memoryview(b"y" * (BLOCK - 100)), 100)  # would complete block 0
+        with pytest.raises(RuntimeError, match="after close"):
+            writes.write(memoryview(b"z" * BLOCK), BLOCK)  # would start a run
+    finally:
+        os.close(other)
+    assert (tmp_path / "other").read_bytes() == b""
+
+
+def test_without_a_writer_thread_the_caller_writes(tmp_path, models, monkeypatch):
+    """Where no thread can be started (a pids limit), the direct writes happen in the
+    callers: the same bytes."""
+
+    class NoThread:
+        def put(self, *args):
+            raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(direct, "_WRITER", NoThread())
+    recipe = {
+        "models": {"a": str(models["A"]), "b": str(models["B"])},
+        "merge": {"method": "weighted_sum", "inputs": ["a", "b"], "alpha": 0.3},
+    }
+    outputs = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv(direct.SWITCH, switch)
+        folder = tmp_path / f"direct{switch}"
+        folder.mkdir()
+        api.merge(recipe, folder / "out.safetensors")
+        outputs[switch] = (folder / "out.safetensors").read_bytes()
+    assert outputs["0"] == outputs["1"]

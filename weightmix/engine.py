@@ -38,6 +38,8 @@ from weightmix.expression import (
 )
 from weightmix.finite import check_gained
 from weightmix.io import open_output
+from weightmix.io.direct import STAGE_BYTES as DIRECT_STAGE_BYTES
+from weightmix.io.direct import wants_direct
 from weightmix.io.folder_output import FolderOutput
 from weightmix.io.memory_output import MemoryOutput
 from weightmix.io.writer import SafetensorsOutput, tensor_bytes
@@ -150,6 +152,8 @@ def estimate_peak(plan: Plan, budget: int = DEFAULT_BUDGET, threads: int | None 
     buffers = workers * CHUNK_ELEMENTS * 8 * (2 * widest + 2)
     if on_device(plan):
         buffers += workers * lane_bytes(widest)
+    if wants_direct(plan.output_bytes):  # staging buffers: one per writing thread, plus two
+        buffers += (workers + 3) * DIRECT_STAGE_BYTES
     streamed = [k for k in plan.keys if mode(plan, k) == STREAMED]
     held = sorted((held_bytes(plan, k) + scratch_bytes(k) for k in streamed), reverse=True)
     buffers += sum(held[:workers])

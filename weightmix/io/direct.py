@@ -56,10 +56,12 @@ def _available() -> int:
 def wants_direct(output_bytes: int) -> bool:
     """Whether an output of this many bytes is written with O_DIRECT: when it is more than the
     kernel lets sit dirty before pacing the writer (dirty_room), or as WEIGHTMIX_DIRECT_WRITES
-    says ("1" or "0")."""
-    switch = os.environ.get(SWITCH, "").strip()
-    if switch in ("0", "1"):
-        return switch == "1"
+    says ("1"/"true"/"yes"/"on" or "0"/"false"/"no"/"off"; anything else: decided by size)."""
+    switch = os.environ.get(SWITCH, "").strip().lower()
+    if switch in ("1", "true", "yes", "on"):
+        return True
+    if switch in ("0", "false", "no", "off"):
+        return False
     room = dirty_room()
     return room is not None and output_bytes > room
 
@@ -92,6 +94,27 @@ class _Stages:
         self._free: list[mmap.mmap] = []
         self._made = 0
         self._writers: set[int] = set()
+        self._files = 0  # direct-written files open: when none is, the buffers are let go
+        self.most = 0  # the most buffers that existed at once
+
+    def opened(self) -> None:
+        with self._ready:
+            self._files += 1
+
+    def closed(self) -> None:
+        with self._ready:
+            self._files -= 1
+            if not self._files:
+                self._made -= len(self._free)
+                self._free.clear()
+                self._writers.clear()
+
+    def drop(self) -> None:
+        """A buffer that will not come back (a closed file's run, which its thread may still
+        be filling): the next take() may make another."""
+        with self._ready:
+            self._made -= 1
+            self._ready.notify()
 
     def take(self) -> mmap.mmap:
         with self._ready:
@@ -104,6 +127,7 @@ class _Stages:
                     self._made -= 1  # of another size (a test's): let it go
                 if self._made < len(self._writers) + 2:
                     self._made += 1
+                    self.most = max(self.most, self._made)
                     return mmap.mmap(-1, STAGE_BYTES)
                 self._ready.wait()
 
@@ -113,7 +137,32 @@ class _Stages:
             self._ready.notify()
 
 
+class _Writer:
+    """The process's one thread for direct writes: it writes what the files queue, in order
+    (one disk: more threads would not make it faster), and is started with the first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[DirectWrites, mmap.mmap, int, int]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def put(self, owner: DirectWrites, stage: mmap.mmap, offset: int, count: int) -> None:
+        """Queue a write; raises (queuing nothing) if the thread cannot be started."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                thread = threading.Thread(target=self._loop, daemon=True, name="weightmix-direct")
+                thread.start()
+                self._thread = thread
+        self._queue.put((owner, stage, offset, count))
+
+    def _loop(self) -> None:
+        while True:
+            owner, stage, offset, count = self._queue.get()
+            owner._write_queued(stage, offset, count)
+
+
 _STAGES = _Stages()
+_WRITER = _Writer()
 _OPEN = threading.local()  # .run: (DirectWrites, _Run), the calling thread's one open run
 
 
@@ -133,26 +182,30 @@ class DirectWrites:
     """The writes of one file of `size` bytes opened with O_DIRECT (see enable()), given in
     any order, never overlapping, by any threads. Each thread's contiguous writes gather in a
     staging buffer of STAGE_BYTES (a chunk is 0.5-1 MB: direct writes that small left the
-    disk idle between them); a writer thread writes the full ones while the callers go on.
-    A thread that writes elsewhere (another place or file) hands its run over first.
-    finish() waits for every write and raises the first error; close() stops the writer
-    thread (before the file is closed). Should the file system refuse a write (EINVAL),
-    O_DIRECT is turned off and the bytes go through the page cache: the same bytes land."""
+    disk idle between them); the writer thread (_Writer) writes the full ones while the
+    callers go on. A thread that writes elsewhere (another place or file) hands its run over
+    first. finish() waits for every write and raises the first error; close() drops what is
+    not written yet and returns once nothing of this file is being written (the file may be
+    closed then). Should the file system refuse a write (EINVAL), O_DIRECT is turned off and
+    the bytes go through the page cache: the same bytes land."""
 
     def __init__(self, fd: int, size: int) -> None:
         self.fd = fd
         self.size = size
         self.direct = True
-        self._lock = threading.Lock()  # the state below; never held while waiting for a stage
+        self._lock = threading.RLock()  # the state below; never held while waiting for a stage
         self._waiting: dict[int, tuple[bytearray, int]] = {}  # block -> (its bytes, given)
         self._runs: dict[int, _Run] = {}  # open runs, by thread
-        self._queue: queue.Queue[tuple[mmap.mmap, int, int] | None] = queue.Queue()
+        self._pending = 0  # writes queued and not done
+        self._settled = threading.Condition(self._lock)  # _pending fell
         self._error: BaseException | None = None
-        self._writer: threading.Thread | None = None
         self._closed = False
+        _STAGES.opened()
 
     def write(self, memory: memoryview, offset: int) -> None:
         """Write `memory` (bytes) at `offset`; it may reach the disk later (finish())."""
+        if self._closed:
+            raise RuntimeError("write to a direct-written file after close()")
         self._raise()
         thread = threading.get_ident()
         held = getattr(_OPEN, "run", None)
@@ -175,6 +228,9 @@ class DirectWrites:
                     return
                 run = _Run(_STAGES.take(), offset)
                 with self._lock:
+                    if self._closed:  # closed meanwhile (an interrupted run's abort)
+                        _STAGES.give_back(run.stage)
+                        raise RuntimeError("write to a direct-written file after close()")
                     self._runs[thread] = run
                 _OPEN.run = (self, run)
             count = min(len(memory), len(run.stage) - run.filled)
@@ -192,7 +248,8 @@ class DirectWrites:
         error any write met. Call it once no thread writes any more."""
         for thread in list(self._runs):
             self._hand_over(thread)
-        self._queue.join()
+        with self._settled:
+            self._settled.wait_for(lambda: not self._pending)
         self._raise()
         if self.direct:
             disable(self.fd)
@@ -203,22 +260,21 @@ class DirectWrites:
             self._put(memoryview(data)[: min(BLOCK, self.size - start)], start)
 
     def close(self) -> None:
-        """Stop the writer thread (what it has not written is dropped) and give the buffers
-        back; the file may be closed after this."""
-        with self._lock:
-            self._closed = True
-            runs, self._runs = list(self._runs.values()), {}
+        """Drop what is not written yet and wait until nothing of this file is being
+        written: the file may be closed after this."""
+        with self._settled:
+            if self._closed:
+                return
+            self._closed = True  # the writer thread skips what is queued
+            for _ in self._runs:  # a thread may still be filling its run: not reused
+                _STAGES.drop()
+            self._runs.clear()
             self._waiting.clear()
-        if self._writer is not None:
-            self._error = self._error or RuntimeError("closed")  # the rest is skipped
-            self._queue.put(None)
-            self._writer.join()
-            self._writer = None
-        for run in runs:
-            _STAGES.give_back(run.stage)
+            self._settled.wait_for(lambda: not self._pending)
         held = getattr(_OPEN, "run", None)
         if held is not None and held[0] is self:
             _OPEN.run = None
+        _STAGES.closed()
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -262,31 +318,32 @@ class DirectWrites:
             memory, offset = memory[count:], offset + count
 
     def _enqueue(self, stage: mmap.mmap, offset: int, count: int, recycle: bool = True) -> None:
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write_loop, daemon=True,
-                                            name="weightmix-direct")  # fmt: skip
-            self._writer.start()
-        self._queue.put((stage, offset, count if recycle else -count))
+        """Queue a write of stage[:count] at `offset` (under self._lock); a staging buffer
+        (`recycle`) goes back to the set once written."""
+        self._pending += 1
+        try:
+            _WRITER.put(self, stage, offset, count if recycle else -count)
+        except RuntimeError:  # no thread can be started (a process or pids limit): write here
+            self._write_queued(stage, offset, count if recycle else -count)
 
-    def _write_loop(self) -> None:
-        """The writer thread: write what is queued, in order; after an error, skip the rest
-        (write() and finish() raise it) but keep giving buffers back."""
-        while (item := self._queue.get()) is not None:
-            stage, offset, count = item
-            try:
-                if self._error is None:
-                    data = memoryview(stage)
-                    try:
-                        self._put(data[: abs(count)], offset)
-                    finally:
-                        data.release()
-            except BaseException as error:  # handed to the caller by write() or finish()
-                self._error = error
-            finally:
-                if count >= 0:
-                    _STAGES.give_back(stage)
-                self._queue.task_done()
-        self._queue.task_done()
+    def _write_queued(self, stage: mmap.mmap, offset: int, count: int) -> None:
+        """In the writer thread: write a queued buffer, unless this file is closed or a write
+        of it failed (write() and finish() raise that error)."""
+        try:
+            if self._error is None and not self._closed:
+                data = memoryview(stage)
+                try:
+                    self._put(data[: abs(count)], offset)
+                finally:
+                    data.release()
+        except BaseException as error:
+            self._error = error
+        finally:
+            if count >= 0:
+                _STAGES.give_back(stage)
+            with self._settled:
+                self._pending -= 1
+                self._settled.notify_all()
 
     def _put(self, memory: memoryview, offset: int) -> None:
         """pwrite all of `memory` at `offset`."""
