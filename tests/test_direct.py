@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import load
 
-from weightmix import api
+from weightmix import api, engine
 from weightmix.io import direct
 from weightmix.io.writer import _TempFile
 
@@ -230,3 +230,20 @@ def test_without_a_writer_thread_the_caller_writes(tmp_path, models, monkeypatch
         api.merge(recipe, folder / "out.safetensors")
         outputs[switch] = (folder / "out.safetensors").read_bytes()
     assert outputs["0"] == outputs["1"]
+
+
+def test_the_memory_estimate_counts_the_staging_buffers(models, monkeypatch):
+    """A direct-written output adds a staging buffer per worker, the main thread's and two
+    more to the estimate."""
+    recipe = {
+        "models": {"a": str(models["A"]), "b": str(models["B"])},
+        "merge": {"method": "weighted_sum", "inputs": ["a", "b"], "alpha": 0.3},
+    }
+    planned = api.make_plan(recipe)
+    try:
+        monkeypatch.setenv(direct.SWITCH, "0")
+        buffered = engine.estimate_peak(planned, threads=2)
+        monkeypatch.setenv(direct.SWITCH, "1")
+        assert engine.estimate_peak(planned, threads=2) == buffered + 5 * direct.STAGE_BYTES
+    finally:
+        planned.close()

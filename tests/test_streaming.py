@@ -84,7 +84,8 @@ def test_budget_bounds_whole_tensor_work_in_flight(tmp_path, models, rescale_met
     assert max(seen) == 1  # every key exceeds a 1-byte budget, so keys run one at a time
 
 
-def test_dry_run_estimates_memory_from_the_plan(models):
+def test_dry_run_estimates_memory_from_the_plan(models, monkeypatch):
+    monkeypatch.setenv("WEIGHTMIX_DIRECT_WRITES", "0")  # buffered (test_direct.py: direct)
     text = weightmix.dry_run(recipe_for(models))
     assert "estimated peak memory" in text
     planned = weightmix.make_plan(recipe_for(models))
@@ -95,11 +96,12 @@ def test_dry_run_estimates_memory_from_the_plan(models):
         planned.close()
 
 
-def test_the_memory_estimate_counts_what_ties_keeps_aside(models):
+def test_the_memory_estimate_counts_what_ties_keeps_aside(models, monkeypatch):
     """A TIES key's cuts keep magnitude patterns aside in their first pass: an eighth of the
     tensor per model, at most KEPT_AT_MOST, as int32; the estimate adds the largest keys'."""
     from weightmix.methods.selection import KEPT_AT_MOST
 
+    monkeypatch.setenv("WEIGHTMIX_DIRECT_WRITES", "0")  # buffered (test_direct.py: direct)
     planned = weightmix.make_plan(recipe_for(models, "ties", "ABC", density=0.5))
     try:
         streamed = [k for k in planned.keys if engine.mode(planned, k) == engine.STREAMED]
