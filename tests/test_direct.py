@@ -47,6 +47,28 @@ def direct_calls(monkeypatch) -> list[tuple[int, int]]:
     return calls
 
 
+def pair_recipe(models, **extra) -> dict:
+    """A weighted sum of the tiny models A and B."""
+    return {
+        "models": {"a": str(models["A"]), "b": str(models["B"])},
+        "merge": {"method": "weighted_sum", "inputs": ["a", "b"], "alpha": 0.3},
+        **extra,
+    }
+
+
+def merged_both_ways(recipe, tmp_path, monkeypatch, **flags) -> dict[str, dict[str, bytes]]:
+    """The files a merge writes buffered ("0") and direct ("1"), by name, each in its own
+    folder under the same output name."""
+    outputs = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv(direct.SWITCH, switch)
+        folder = tmp_path / f"direct{switch}"
+        folder.mkdir()
+        api.merge(recipe, folder / "out.safetensors", **flags)
+        outputs[switch] = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    return outputs
+
+
 @pytest.mark.parametrize("size", [1, BLOCK - 5, BLOCK, 17 * BLOCK, 40 * BLOCK + 123])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_writes_in_any_order_and_alignment_give_the_bytes(tmp_path, monkeypatch, size, seed):
@@ -116,13 +138,7 @@ def test_a_merge_written_direct_equals_one_written_buffered(tmp_path, models, mo
     }
     if shard:
         recipe["max_shard_size"] = shard
-    outputs = {}
-    for switch in ("0", "1"):
-        monkeypatch.setenv(direct.SWITCH, switch)
-        folder = tmp_path / f"direct{switch}"
-        folder.mkdir()
-        api.merge(recipe, folder / "out.safetensors")
-        outputs[switch] = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    outputs = merged_both_ways(recipe, tmp_path, monkeypatch)
     assert outputs["0"] == outputs["1"]
     assert (len(outputs["1"]) > 2) == (shard is not None)  # shards and their index
     if shard is None:
@@ -144,18 +160,8 @@ def test_staging_memory_grows_with_threads_not_with_shards(tmp_path, models, mon
     stages = direct._Stages()
     monkeypatch.setattr(direct, "_STAGES", stages)
     monkeypatch.setattr(direct, "STAGE_BYTES", 4 * BLOCK)  # runs fill and turn over often
-    recipe = {
-        "models": {"a": str(models["A"]), "b": str(models["B"])},
-        "merge": {"method": "weighted_sum", "inputs": ["a", "b"], "alpha": 0.3},
-        "max_shard_size": "2KB",
-    }
-    outputs = {}
-    for switch in ("0", "1"):
-        monkeypatch.setenv(direct.SWITCH, switch)
-        folder = tmp_path / f"direct{switch}"
-        folder.mkdir()
-        api.merge(recipe, folder / "out.safetensors", threads=2)
-        outputs[switch] = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    recipe = pair_recipe(models, max_shard_size="2KB")
+    outputs = merged_both_ways(recipe, tmp_path, monkeypatch, threads=2)
     assert outputs["0"] == outputs["1"]
     assert len(outputs["1"]) > 10  # shards (and their index)
     assert 0 < stages.most <= 3 + 2
@@ -218,28 +224,14 @@ def test_without_a_writer_thread_the_caller_writes(tmp_path, models, monkeypatch
             raise RuntimeError("can't start new thread")
 
     monkeypatch.setattr(direct, "_WRITER", NoThread())
-    recipe = {
-        "models": {"a": str(models["A"]), "b": str(models["B"])},
-        "merge": {"method": "weighted_sum", "inputs": ["a", "b"], "alpha": 0.3},
-    }
-    outputs = {}
-    for switch in ("0", "1"):
-        monkeypatch.setenv(direct.SWITCH, switch)
-        folder = tmp_path / f"direct{switch}"
-        folder.mkdir()
-        api.merge(recipe, folder / "out.safetensors")
-        outputs[switch] = (folder / "out.safetensors").read_bytes()
+    outputs = merged_both_ways(pair_recipe(models), tmp_path, monkeypatch)
     assert outputs["0"] == outputs["1"]
 
 
 def test_the_memory_estimate_counts_the_staging_buffers(models, monkeypatch):
     """A direct-written output adds a staging buffer per worker, the main thread's and two
     more to the estimate."""
-    recipe = {
-        "models": {"a": str(models["A"]), "b": str(models["B"])},
-        "merge": {"method": "weighted_sum", "inputs": ["a", "b"], "alpha": 0.3},
-    }
-    planned = api.make_plan(recipe)
+    planned = api.make_plan(pair_recipe(models))
     try:
         monkeypatch.setenv(direct.SWITCH, "0")
         buffered = engine.estimate_peak(planned, threads=2)

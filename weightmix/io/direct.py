@@ -8,9 +8,9 @@ time buffered and 4.7-6.3 s wall (1.0-1.6 s system) direct (bench/RESULTS.md). S
 outputs stay buffered: the command then returns before the disk has them, as `cp` would.
 
 O_DIRECT takes only whole blocks at aligned offsets from aligned memory, while a tensor's
-bytes start anywhere in the file. DirectWrites copies the aligned middle of each write into
-its staging buffer and writes it; a write's head and tail (the parts of blocks it shares with
-its neighbours) wait in memory until their block is whole, then go out as one block. At most
+bytes start anywhere in the file. DirectWrites gathers each thread's contiguous writes in an
+aligned staging buffer from its first aligned byte; the bytes of a block shared with a
+neighbouring write wait in memory until the block is whole, then go out as one block. At most
 one such block per tensor boundary waits at a time (4 KB each), whatever the model's size.
 """
 
@@ -287,10 +287,7 @@ class DirectWrites:
             run = self._runs.pop(thread, None)
             if thread == threading.get_ident():
                 _OPEN.run = None
-            if run is None:
-                return
-            if self._closed:
-                _STAGES.give_back(run.stage)
+            if run is None:  # (close() drops every run: none is left to hand over)
                 return
             whole = run.filled // BLOCK * BLOCK
             if whole < run.filled:

@@ -138,14 +138,14 @@ class _TempFile:
                 offset += written
 
     def finish(self) -> None:
-        """Write what a direct file still holds back (its last, partial block): before the
-        file is flushed or moved."""
+        """Write what a direct file still holds back (runs being gathered, blocks shared by
+        two writes, its last partial block): before the file is flushed or moved."""
         with self._writing:
             if self._direct is not None:
                 self._direct.finish()
 
     def close(self, fsync: bool) -> None:
-        if self._direct is not None:  # its writer thread stops before the descriptor closes
+        if self._direct is not None:  # nothing of it is being written once this returns
             self._direct.close()
             self._direct = None
         if self.fd is not None:
