@@ -18,6 +18,7 @@ from weightmix import __version__, api
 from weightmix.blocks import presets as block_presets
 from weightmix.errors import WeightmixError, one_line
 from weightmix.io import open_checkpoint
+from weightmix.io.interrupts import HELD_SIGNALS, placed_count, placed_since
 from weightmix.methods import METHODS, describe_method
 from weightmix.plan import Plan
 from weightmix.prompts import prompt_params
@@ -628,22 +629,37 @@ def main(argv: list[str] | None = None) -> int:
 def command() -> NoReturn:
     """The `weightmix` executable: main() on the process's arguments, then exit with its code.
     What main() froze stays frozen: the interpreter's last collection at exit passes it by
-    (0.4 s of start-up otherwise)."""
+    (0.4 s of start-up otherwise). A Ctrl-C after the command is done changes nothing: its
+    handler stays, ignoring it, until the process has exited."""
     gc.freeze()
-    sys.exit(_signalled(None))
+    sys.exit(_signalled(None, restore=False))
 
 
-def _signalled(argv: list[str] | None) -> int:
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+_finished = False  # the command's outcome is known: SIGINT and SIGTERM are ignored from then
+
+
+def _signalled(argv: list[str] | None, restore: bool = True) -> int:
+    """_run() with SIGINT and SIGTERM raising KeyboardInterrupt until its outcome is known."""
+    global _finished
+    _finished = False
+    previous = {number: signal.signal(number, _interrupt) for number in HELD_SIGNALS}
     try:
         return _run(argv)
-    finally:  # a caller's own SIGTERM handling comes back after a call from Python
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    finally:
+        _finished = True
+        if restore:  # a caller's own handlers come back after a call from Python
+            for number, handler in previous.items():
+                signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
 
 def _run(argv: list[str] | None) -> int:
+    global _finished
+    mark = placed_count()
     try:
-        cli.main(args=argv, prog_name="weightmix", standalone_mode=False)
+        try:
+            cli.main(args=argv, prog_name="weightmix", standalone_mode=False)
+        finally:
+            _finished = True  # an interrupt from here on would say nothing true
     except WeightmixError as error:
         click.echo(f"weightmix: error: {error}", err=True)  # one line: see WeightmixError
         return error.exit_code
@@ -655,12 +671,8 @@ def _run(argv: list[str] | None) -> int:
         command = context.command_path if context is not None else "weightmix"
         click.echo(f"weightmix: error: {error.format_message()} (see {command} --help)", err=True)
         return 2
-    except click.exceptions.Abort:
-        click.echo("weightmix: interrupted; nothing was written at the output", err=True)
-        return 130
-    except KeyboardInterrupt:
-        click.echo("weightmix: interrupted; nothing was written at the output", err=True)
-        return 130
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        return _interrupted(mark)
     except OSError as error:  # disk full, too many open files ... while writing
         where = f": {error.filename}" if error.filename else ""
         click.echo(
@@ -675,7 +687,21 @@ def _run(argv: list[str] | None) -> int:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    if not _finished:
+        raise KeyboardInterrupt
+
+
+def _interrupted(mark: int) -> int:
+    """Say what an interrupted command left: outputs moved into place before the interrupt
+    (placed() since `mark`, still there) are whole; nothing else was written."""
+    whole = [str(path) for path in placed_since(mark) if os.path.lexists(path)]
+    if whole:
+        said = ", ".join(whole)
+        click.echo(f"weightmix: interrupted after writing {said} in full; nothing else was"
+                   " written", err=True)  # fmt: skip
+    else:
+        click.echo("weightmix: interrupted; nothing was written at the output", err=True)
+    return 130
 
 
 def _add_groups() -> None:

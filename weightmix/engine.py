@@ -10,12 +10,12 @@ with model size. Methods that need a whole tensor get it, within an in-flight me
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +41,14 @@ from weightmix.io import open_output
 from weightmix.io.direct import STAGE_BYTES as DIRECT_STAGE_BYTES
 from weightmix.io.direct import wants_direct
 from weightmix.io.folder_output import FolderOutput
+from weightmix.io.interrupts import uninterrupted
 from weightmix.io.memory_output import MemoryOutput
 from weightmix.io.writer import SafetensorsOutput, tensor_bytes
 from weightmix.methods.streaming import CHUNK, ModelStatistic, Streamer
 from weightmix.plan import KeyPlan, Plan
 from weightmix.progress import Progress
 from weightmix.rounding import Draw, key_stream, stochastic_round, uniform
+from weightmix.workers import Workers
 
 Output = SafetensorsOutput | FolderOutput | MemoryOutput  # a file, a folder, or memory
 DEFAULT_BUDGET = 512 * 2**20  # bytes of whole-tensor work in flight
@@ -180,14 +182,12 @@ def run(
     workers = threads or default_threads()
     keep_chunk_buffers()  # chunk temporaries reuse heap memory instead of faulting pages in
     began = time.monotonic()
-    tensors, base = plan.output_tensors(), plan.base_folder
-    if writer is None and base is not None:  # the output mirrors the base model folder
-        writer = FolderOutput(plan.output, base, tensors, metadata, plan.max_shard_bytes, fsync,
-                              overwrite=plan.overwrite)  # fmt: skip
-    elif writer is None:
-        writer = open_output(plan.output, tensors, metadata, plan.max_shard_bytes, fsync=fsync,
-                             overwrite=plan.overwrite)  # fmt: skip
+    opened = [] if writer is None else [writer]  # what an error or Ctrl-C aborts
     try:
+        if writer is None:
+            with uninterrupted():  # a Ctrl-C waits until the new output is in `opened`
+                opened.append(_open_output(plan, metadata, fsync))
+        writer = opened[0]
         statistics = model_statistics(plan)
         progress.start(len(plan.keys), plan.output_bytes)
         # closing(): on any error the pool has stopped before the output is removed
@@ -202,11 +202,22 @@ def run(
             checkpoint.check_unchanged()
         files = writer.commit()
     except BaseException:
-        writer.abort()
+        for output in opened:
+            output.abort()
         raise
     finally:
         progress.close()
     return RunStats(files, len(plan.keys), plan.output_bytes, time.monotonic() - began)
+
+
+def _open_output(plan: Plan, metadata: dict[str, str], fsync: bool) -> Output:
+    """The output file or set at plan.output, or a model folder mirroring the base's."""
+    tensors, base = plan.output_tensors(), plan.base_folder
+    if base is not None:  # the output mirrors the base model folder
+        return FolderOutput(plan.output, base, tensors, metadata, plan.max_shard_bytes, fsync,
+                            overwrite=plan.overwrite)  # fmt: skip
+    return open_output(plan.output, tensors, metadata, plan.max_shard_bytes, fsync=fsync,
+                       overwrite=plan.overwrite)  # fmt: skip
 
 
 def model_statistics(plan: Plan) -> dict[str, ModelStatistic]:
@@ -319,11 +330,13 @@ def _run_tasks(
     4 tasks per worker unfinished; yield each task once it and every task before it are done,
     in plan order (so errors surface in order too). Tasks finished behind a long one (a whole
     streamed key) do not hold the workers back: new ones start as they finish."""
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="weightmix")
+    pool = Workers(workers)  # no lock a worker needs is ever taken here (workers.py)
     buffers = _Buffers()
-    queue: deque[tuple[Task, Future[None]]] = deque()  # not yet yielded, in plan order
-    active: dict[Future[None], int] = {}  # unfinished tasks and the memory each holds
+    queue: deque[tuple[Task, int]] = deque()  # tickets not yet yielded, in plan order
+    active: dict[int, int] = {}  # unfinished tickets and the memory each task holds
+    errors: dict[int, BaseException | None] = {}  # finished tickets not yet yielded
     failed = False
+    tickets = itertools.count()
     upcoming = tasks(plan)
     following = next(upcoming, None)
     try:
@@ -332,23 +345,28 @@ def _run_tasks(
                 cost = task_cost(plan, following)
                 if active and sum(active.values()) + cost > budget:
                     break
-                future = pool.submit(run_task, plan, writer, following, buffers, statistics)
-                queue.append((following, future))
-                active[future] = cost
+                ticket = next(tickets)
+                pool.submit(ticket, functools.partial(run_task, plan, writer, following, buffers,
+                                                      statistics))  # fmt: skip
+                queue.append((following, ticket))
+                active[ticket] = cost
                 following = next(upcoming, None)
-            if not queue[0][1].done():
-                wait(active, return_when=FIRST_COMPLETED)
-            for future in [f for f in active if f.done()]:
-                del active[future]
-                failed = failed or future.exception() is not None  # start nothing more
-            while queue and queue[0][1].done():
-                task, future = queue.popleft()
-                future.result()
+            finished = pool.done(block=queue[0][1] not in errors)
+            while finished is not None:
+                ticket, error = finished
+                del active[ticket]
+                errors[ticket] = error
+                failed = failed or error is not None  # start nothing more
+                finished = pool.done(block=False)
+            while queue and queue[0][1] in errors:
+                task, ticket = queue.popleft()
+                error = errors.pop(ticket)
+                if error is not None:
+                    raise error
                 yield task
     finally:
-        for _, future in queue:
-            future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.stopping = True  # before any call, where a second Ctrl-C could land
+        pool.stop()  # and one that lands inside waits: no worker writes after this
 
 
 class _Buffers(threading.local):

@@ -21,6 +21,7 @@ from weightmix.hyper.shared import Residuals, Unit, fit_component
 from weightmix.io import open_checkpoint
 from weightmix.io.dtypes import OUTPUT_DTYPES, dtype_from_name
 from weightmix.io.folders import FolderCheckpoint
+from weightmix.io.interrupts import placed, uninterrupted
 from weightmix.io.locks import MARK, DestinationLock, replace_set, temporary_folder
 from weightmix.io.writer import OutputTensor, open_output, out_of_space, write_file
 from weightmix.lora.extract import units as lora_units
@@ -121,8 +122,9 @@ def hyper_merge(
     try:
         result = _build(config, folder, staging, names, units, dtype, progress)
         result.notes = swept + result.notes
-        with out_of_space(out / names["average"], 0):  # no inode left for the journal
+        with out_of_space(out / names["average"], 0), uninterrupted():  # see interrupts.py
             _move_into_place(out, result.files, finals, names)
+            placed(out)
         result.files = [out / path.name for path in result.files]
         return result
     except BaseException:

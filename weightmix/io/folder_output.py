@@ -20,7 +20,8 @@ import torch
 from weightmix.errors import WeightmixError
 from weightmix.io.direct import wants_direct
 from weightmix.io.folders import WEIGHT_SUFFIXES, FolderCheckpoint
-from weightmix.io.locks import MARK, DestinationLock, sweep_stale, temporary_folder
+from weightmix.io.interrupts import placed, uninterrupted
+from weightmix.io.locks import MARK, DestinationLock, Held, sweep_stale, temporary_folder
 from weightmix.io.reader import INDEX_SUFFIX
 from weightmix.io.writer import OutputTensor, SafetensorsOutput, out_of_space
 
@@ -52,46 +53,50 @@ class FolderOutput:
         left_out = [c.name for c in base.components if c.name and not groups[c.name]]
         self.index = pipeline_index(base, left_out)  # the plan checked that it loads
         self.needed = sum(t.nbytes for t in tensors)
-        self._destination: DestinationLock | None = DestinationLock(dest)
+        self._destination: DestinationLock | None = None
+        self.temp: Path | None = None
+        self._held: Held | None = None
         try:
-            self.swept = sweep_stale(dest.parent)
-            if not overwrite and dest.exists():
-                raise WeightmixError(
-                    f"output {dest} exists (written since this merge was planned): pass"
-                    " --overwrite to replace it"
-                )
-            with out_of_space(dest, self.needed):  # no inode left for the folder
-                self.temp, self._held = temporary_folder(
-                    dest.parent, f".{dest.name}{MARK}", ".partial"
-                )
-        except BaseException:
-            self._unlock()
-            raise
-        try:
-            direct = wants_direct(self.needed)  # the whole folder's bytes pass the page cache
-            with out_of_space(dest, self.needed):
-                for component in base.components:
-                    folder = self.temp / component.name
-                    folder.mkdir(parents=True, exist_ok=True)
-                    if groups[component.name]:
-                        self.outputs[component.name] = SafetensorsOutput(
-                            folder / f"{component.stem}.safetensors",
-                            groups[component.name],
-                            metadata,
-                            max_shard_bytes or component.shard_bytes,
-                            fsync,
-                            lock=False,  # inside this output's own hidden folder
-                            direct=direct,
-                        )
-            left_out = {c.folder for c in base.components if c.name not in self.outputs}
-            self.needed = (  # headers, data, index and copied files: what the disk must hold
-                sum(output.needed for output in self.outputs.values())
-                + len((self.index or "").encode())
-                + _other_bytes(base.path, left_out - {base.path})
-            )
+            with uninterrupted():  # a Ctrl-C comes once all made so far is known, to abort()
+                self._create(groups, metadata, max_shard_bytes, fsync, overwrite)
         except BaseException:
             self.abort()
             raise
+
+    def _create(self, groups, metadata, max_shard_bytes, fsync, overwrite) -> None:
+        """Take the destination's lock, then make the hidden folder and each component's
+        output in it."""
+        dest, base = self.dest, self.base
+        self._destination = DestinationLock(dest)
+        self.swept = sweep_stale(dest.parent)
+        if not overwrite and dest.exists():
+            raise WeightmixError(
+                f"output {dest} exists (written since this merge was planned): pass"
+                " --overwrite to replace it"
+            )
+        with out_of_space(dest, self.needed):  # no inode left for the folder
+            self.temp, self._held = temporary_folder(dest.parent, f".{dest.name}{MARK}", ".partial")
+        direct = wants_direct(self.needed)  # the whole folder's bytes pass the page cache
+        with out_of_space(dest, self.needed):
+            for component in base.components:
+                folder = self.temp / component.name
+                folder.mkdir(parents=True, exist_ok=True)
+                if groups[component.name]:
+                    self.outputs[component.name] = SafetensorsOutput(
+                        folder / f"{component.stem}.safetensors",
+                        groups[component.name],
+                        metadata,
+                        max_shard_bytes or component.shard_bytes,
+                        fsync,
+                        lock=False,  # inside this output's own hidden folder
+                        direct=direct,
+                    )
+        left_out = {c.folder for c in base.components if c.name not in self.outputs}
+        self.needed = (  # headers, data, index and copied files: what the disk must hold
+            sum(output.needed for output in self.outputs.values())
+            + len((self.index or "").encode())
+            + _other_bytes(base.path, left_out - {base.path})
+        )
 
     def write_range(self, key: str, start: int, data) -> None:
         component, inner = self._route[key]
@@ -112,6 +117,16 @@ class FolderOutput:
             if self.index is not None:  # the entries of the components left out say so
                 (self.temp / MODEL_INDEX).write_text(self.index, encoding="utf-8")
             _copy_other_files(self.base.path, self.temp, left_out - {self.base.path})
+        with uninterrupted():  # a Ctrl-C waits until the folder is in place (interrupts.py)
+            self._replace_destination()
+            self._held.release()
+            self._unlock()
+            placed(self.dest)
+        return [self.dest]
+
+    def _replace_destination(self) -> None:
+        """Rename the finished folder to the destination. An earlier output there (--overwrite)
+        waits in a hidden `.old` folder meanwhile, and is put back if the rename fails."""
         old, held = None, None
         if self.dest.exists():  # --overwrite was given (the plan checked it is a model folder)
             with out_of_space(self.dest, self.needed):  # no inode left for the folder
@@ -128,15 +143,14 @@ class FolderOutput:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
             held.release()
-        self._held.release()
-        self._unlock()
-        return [self.dest]
 
     def abort(self) -> None:
         for output in self.outputs.values():
             output.abort()
-        shutil.rmtree(self.temp, ignore_errors=True)
-        self._held.release()
+        if self.temp is not None:
+            shutil.rmtree(self.temp, ignore_errors=True)
+        if self._held is not None:
+            self._held.release()
         self._unlock()
 
     def _unlock(self) -> None:

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from weightmix.errors import WeightmixError
 from weightmix.io.header import is_text
+from weightmix.io.interrupts import uninterrupted
 
 _RANDOM = r"[a-z0-9_]{8}"  # tempfile's names
 MARK = ".weightmix-"  # in every temporary name: a user's own hidden files never match
@@ -263,39 +264,40 @@ def replace_set(moves: list[tuple[Path, Path]], old: list[Path], first: Path | N
     overwrite. `first`, when given, is removed before anything moves (an old index: the old set
     stops being a set before any of its files is replaced). A destination that is a folder
     must not exist (move an old one aside first)."""
-    folder = moves[-1][1].parent
-    with folder_guard(folder):
-        fd, name = tempfile.mkstemp(
-            prefix=f".{moves[-1][1].name}{MARK}", suffix=".commit", dir=folder
-        )
-        _try_lock(fd)
-    journal = Path(name)
-    try:
-        marker = next((p for p in (first, *old) if p is not None and p.exists()), None)
-        record = {
-            "new": [_entry(dest.name, temp) for temp, dest in moves],
-            "old": [_entry(p.name, p) for p in old if _inode(p) is not None],
-            "old_marker": _entry(marker.name, marker) if marker is not None else None,
-        }
+    with uninterrupted():  # a Ctrl-C waits: no journal or old file is left by one
+        folder = moves[-1][1].parent
+        with folder_guard(folder):
+            fd, name = tempfile.mkstemp(
+                prefix=f".{moves[-1][1].name}{MARK}", suffix=".commit", dir=folder
+            )
+            _try_lock(fd)
+        journal = Path(name)
         try:
-            _write_all(fd, json.dumps(record).encode())
-        except OSError:
-            journal.unlink(missing_ok=True)  # nothing moved yet: no journal is needed
+            marker = next((p for p in (first, *old) if p is not None and p.exists()), None)
+            record = {
+                "new": [_entry(dest.name, temp) for temp, dest in moves],
+                "old": [_entry(p.name, p) for p in old if _inode(p) is not None],
+                "old_marker": _entry(marker.name, marker) if marker is not None else None,
+            }
+            try:
+                _write_all(fd, json.dumps(record).encode())
+            except OSError:
+                journal.unlink(missing_ok=True)  # nothing moved yet: no journal is needed
+                raise
+            if first is not None:
+                first.unlink(missing_ok=True)
+            for temp, dest in moves:
+                move_into_place(temp, dest)
+        except BaseException:
+            os.close(fd)  # the journal stays, unheld: the next sweep finishes or undoes the move
             raise
-        if first is not None:
-            first.unlink(missing_ok=True)
-        for temp, dest in moves:
-            move_into_place(temp, dest)
-    except BaseException:
-        os.close(fd)  # the journal stays, unheld: the next sweep finishes or undoes the move
-        raise
-    placed = {dest for _, dest in moves}
-    for path in old:  # the new set is whole: the rest is clean-up, best effort
-        if path not in placed:
-            with suppress(OSError):
-                path.unlink()
-    journal.unlink(missing_ok=True)
-    os.close(fd)
+        placed = {dest for _, dest in moves}
+        for path in old:  # the new set is whole: the rest is clean-up, best effort
+            if path not in placed:
+                with suppress(OSError):
+                    path.unlink()
+        journal.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def move_into_place(temp: Path, dest: Path) -> None:

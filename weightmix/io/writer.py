@@ -27,6 +27,7 @@ from weightmix.errors import WeightmixError
 from weightmix.io.direct import DirectWrites, wants_direct
 from weightmix.io.direct import enable as enable_direct
 from weightmix.io.dtypes import DType
+from weightmix.io.interrupts import placed, uninterrupted
 from weightmix.io.locks import DestinationLock, replace_set, sweep_stale, temporary_file
 from weightmix.io.reader import INDEX_SUFFIX
 from weightmix.units import format_size
@@ -132,6 +133,8 @@ class _TempFile:
             if self._direct is not None:
                 self._direct.write(memory, offset)
                 return
+            if self.fd is None:  # never onto a descriptor number reused by another file
+                raise ValueError(f"{self.temp} was written after it was closed")
             while memory:
                 written = os.pwrite(self.fd, memory, offset)
                 memory = memory[written:]
@@ -145,14 +148,16 @@ class _TempFile:
                 self._direct.finish()
 
     def close(self, fsync: bool) -> None:
-        if self._direct is not None:  # nothing of it is being written once this returns
-            self._direct.close()
-            self._direct = None
-        if self.fd is not None:
+        """Close the file; a write in progress ends first, and a later one is refused."""
+        with self._writing:
+            direct, self._direct = self._direct, None
+            fd, self.fd = self.fd, None
+        if direct is not None:  # nothing of it is being written once this returns
+            direct.close()
+        if fd is not None:
             if fsync:
-                os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = None
+                os.fsync(fd)
+            os.close(fd)
 
     def discard(self) -> None:
         self.close(fsync=False)
@@ -167,7 +172,9 @@ def write_file(dest: Path, data: bytes) -> None:
         with out_of_space(dest, len(data)):
             file.write_at(data, 0)
             file.close(fsync=False)
-        os.replace(file.temp, dest)
+        with uninterrupted():
+            os.replace(file.temp, dest)
+            placed(dest)
     except BaseException:
         file.discard()
         raise
@@ -241,32 +248,41 @@ class SafetensorsOutput:
         self._written: dict[str, int] = {}
         self._lock = threading.Lock()
         self.needed = self.total_bytes()
-        # one writer per destination; then what killed runs left in the folder goes
-        self._destination = DestinationLock(dest) if lock else None
+        self._destination: DestinationLock | None = None
         try:
-            self.swept = sweep_stale(dest.parent) if lock else []
-            if not overwrite and (present := existing_outputs(dest)):
-                raise WeightmixError(  # another run wrote it after this one was planned
-                    f"output {present[0]} exists (written since this merge was planned):"
-                    " pass --overwrite to replace it"
-                )
-            # past the page cache when the output is bigger than it lets sit dirty (direct.py)
-            direct = wants_direct(self.needed) if direct is None else direct
-            with out_of_space(dest, self.needed):
-                for number, shard in enumerate(self.shards):
-                    header = header_bytes(shard, metadata)
-                    size = len(header) + sum(tensor.nbytes for tensor in shard)
-                    file = _TempFile(self.paths[number], size, direct)
-                    self._files.append(file)
-                    file.write_at(header, 0)
-                    offset = len(header)
-                    for tensor in shard:
-                        self._where[tensor.key] = (file, offset, tensor)
-                        offset += tensor.nbytes
-                    os.ftruncate(file.fd, offset)
+            with uninterrupted():  # a Ctrl-C comes once all made so far is known, to abort()
+                self._create(tensors, lock, overwrite, direct)
         except BaseException:
             self.abort()
             raise
+
+    def _create(
+        self, tensors: list[OutputTensor], lock: bool, overwrite: bool, direct: bool | None
+    ) -> None:
+        """Take the destination's lock, then create every file with its header and size."""
+        dest, metadata = self.dest, self.metadata
+        # one writer per destination; then what killed runs left in the folder goes
+        self._destination = DestinationLock(dest) if lock else None
+        self.swept = sweep_stale(dest.parent) if lock else []
+        if not overwrite and (present := existing_outputs(dest)):
+            raise WeightmixError(  # another run wrote it after this one was planned
+                f"output {present[0]} exists (written since this merge was planned):"
+                " pass --overwrite to replace it"
+            )
+        # past the page cache when the output is bigger than it lets sit dirty (direct.py)
+        direct = wants_direct(self.needed) if direct is None else direct
+        with out_of_space(dest, self.needed):
+            for number, shard in enumerate(self.shards):
+                header = header_bytes(shard, metadata)
+                size = len(header) + sum(tensor.nbytes for tensor in shard)
+                file = _TempFile(self.paths[number], size, direct)
+                self._files.append(file)
+                file.write_at(header, 0)
+                offset = len(header)
+                for tensor in shard:
+                    self._where[tensor.key] = (file, offset, tensor)
+                    offset += tensor.nbytes
+                os.ftruncate(file.fd, offset)
 
     def write_range(self, key: str, start: int, data) -> None:
         """Write `data` (a buffer) at byte `start` of tensor `key`."""
@@ -314,26 +330,31 @@ class SafetensorsOutput:
             for file in self._files:
                 file.finish()
             if self.index_path is not None:
-                index = _TempFile(self.index_path)
-                self._files.append(index)
-                index.write_at(json.dumps(self._index_document(), indent=2).encode("utf-8"), 0)
+                with uninterrupted():  # a Ctrl-C waits until abort() knows of the file
+                    self._files.append(_TempFile(self.index_path))
+                self._files[-1].write_at(
+                    json.dumps(self._index_document(), indent=2).encode("utf-8"), 0
+                )
             if self.fsync:
                 for file in self._files:
                     os.fsync(file.fd)
         # the files stay open, so locked, while they move: no sweep takes them meanwhile. The
         # old index goes first (a kill never leaves a mixed set that loads), the new one last;
-        # earlier outputs in another shard layout (the plan allowed them) go after
-        with out_of_space(self.dest, self.needed):
-            replace_set(
-                [(file.temp, file.dest) for file in self._files],
-                [path for path in existing_outputs(self.dest) if path.is_file()],
-                first=self.index_path,
-            )
-        written = [file.dest for file in self._files]
-        for file in self._files:
-            file.close(fsync=False)
-        self._files = []
-        self._unlock()
+        # earlier outputs in another shard layout (the plan allowed them) go after. A Ctrl-C
+        # waits until the set is in place and this output is done with (interrupts.py)
+        with uninterrupted():
+            with out_of_space(self.dest, self.needed):
+                replace_set(
+                    [(file.temp, file.dest) for file in self._files],
+                    [path for path in existing_outputs(self.dest) if path.is_file()],
+                    first=self.index_path,
+                )
+            written = [file.dest for file in self._files]
+            for file in self._files:
+                file.close(fsync=False)
+            self._files = []
+            self._unlock()
+            placed(self.index_path or self.dest)
         return written
 
     def _unlock(self) -> None:

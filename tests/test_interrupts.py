@@ -1,0 +1,90 @@
+"""A Ctrl-C wherever Python can deliver one in the main thread of `weightmix merge`: the command
+ends (no hang), and either exits 130 saying truthfully whether the output was written, or, when
+the interrupt came after everything was done, exits 0 with the output whole. No temporary
+file is left and no worker thread runs on. interrupt_points.py runs the merges, one per point,
+in a child process: a hang fails as its timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from weightmix.io.interrupts import uninterrupted
+
+NOTHING = "weightmix: interrupted; nothing was written at the output"
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"], ids=["one-file", "sharded"])
+def test_a_ctrl_c_at_any_point_ends_the_merge_cleanly_and_says_what_was_written(tmp_path, shard):
+    script = Path(__file__).parent / "interrupt_points.py"
+    args = [sys.executable, str(script), str(tmp_path), "1", *([shard] if shard else [])]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout)["results"]
+    assert len(results) > 200  # every point of the main thread's part of a merge
+    outcomes: Counter = Counter()
+    for result in results:
+        assert result["left"] == [], result  # no .partial, .commit or lock file
+        assert result["threads"] == [], result
+        out = Path(result["out"])
+        named = out.with_name(out.stem + ".safetensors.index.json") if shard else out
+        if result["code"] == 0:  # the interrupt came once the command was done
+            assert result["whole"], result
+            outcomes["done"] += 1
+        elif result["made"]:
+            assert result["code"] == 130 and result["whole"], result
+            assert result["said"] == (
+                f"weightmix: interrupted after writing {named} in full; nothing else was written"
+            ), result
+            outcomes["written"] += 1
+        else:
+            assert result["code"] == 130 and result["said"] == NOTHING, result
+            outcomes["nothing"] += 1
+    assert outcomes["written"] > 0 and outcomes["nothing"] > 0 and outcomes["done"] > 0
+
+
+def test_a_signal_during_an_uninterrupted_block_comes_once_the_block_is_done():
+    reached = []
+    with pytest.raises(KeyboardInterrupt), uninterrupted():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # Python would have run the handler by now
+        reached.append("end of block")
+    assert reached == ["end of block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_nested_blocks_deliver_at_the_outer_end_once_and_to_the_callers_handler(monkeypatch):
+    calls = []
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: calls.append(number))
+    try:
+        with uninterrupted():
+            with uninterrupted():
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+            assert calls == []  # handed to the outer block
+        assert calls == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_outside_the_main_thread_the_block_runs_as_it_is():
+    seen = []
+
+    def body():
+        with uninterrupted():
+            seen.append(signal.getsignal(signal.SIGINT))
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen == [signal.default_int_handler]

@@ -1,0 +1,63 @@
+"""Ctrl-C and SIGTERM while outputs move into place, and what a run has put in place.
+
+Moving a finished output into place takes several steps (a journal, one rename per shard, the
+old files' removal). An interrupt between two of them left the journal or the old file behind
+and made the command say that nothing was written when the new output was already there. So
+those steps run `uninterrupted()`: SIGINT and SIGTERM that arrive meanwhile are held and
+delivered again as soon as the steps are done. `placed()` records each output once it is
+whole in place, so an interrupt that lands later is reported truthfully (see cli.py).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_placed: list[Path] = []  # outputs this process has moved into place, in order
+
+
+@contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Run the block with SIGINT and SIGTERM held back, each delivered again (once) when the
+    block ends, to the handlers that were there before. Only the main thread receives signals
+    in Python; elsewhere the block runs as it is. Blocks nest: an inner one hands what it
+    held to the outer one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        held.append(signum)
+
+    previous: dict[int, object] = {}
+    try:
+        for number in HELD_SIGNALS:
+            if signal.getsignal(number) is not None:  # None: a handler set outside Python
+                previous[number] = signal.signal(number, hold)
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)  # type: ignore[arg-type]
+        for number in dict.fromkeys(held):
+            signal.raise_signal(number)
+
+
+def placed(path: Path) -> None:
+    """Record that `path` (a file, a shard set's name or a folder) is now whole in place."""
+    _placed.append(path)
+
+
+def placed_count() -> int:
+    """How many outputs were recorded so far: a mark for placed_since()."""
+    return len(_placed)
+
+
+def placed_since(mark: int) -> list[Path]:
+    """The outputs recorded after `mark` (from placed_count())."""
+    return list(_placed[mark:])
