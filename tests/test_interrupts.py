@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from weightmix import engine
 from weightmix.io.interrupts import uninterrupted
 
 NOTHING = "weightmix: interrupted; nothing was written at the output"
@@ -88,3 +89,21 @@ def test_outside_the_main_thread_the_block_runs_as_it_is():
     thread.start()
     thread.join()
     assert seen == [signal.default_int_handler]
+
+
+def test_an_output_lost_to_an_interrupt_right_after_its_creation_is_removed(
+    run, tmp_path, models, monkeypatch
+):
+    """Python can raise the KeyboardInterrupt as the creating call returns, before the
+    caller holds the output: the CLI aborts every output not committed or aborted."""
+    created = engine._open_output
+
+    def lost(*args):
+        created(*args)  # made, then dropped as the interrupt lands
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_open_output", lost)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run("merge", models["A"], models["B"], "-o", tmp_path / "out.safetensors")
+    assert result.code == 130 and result.err.strip() == NOTHING
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no .partial, no lock file

@@ -18,7 +18,7 @@ from weightmix import __version__, api
 from weightmix.blocks import presets as block_presets
 from weightmix.errors import WeightmixError, one_line
 from weightmix.io import open_checkpoint
-from weightmix.io.interrupts import HELD_SIGNALS, placed_count, placed_since
+from weightmix.io.interrupts import HELD_SIGNALS, abort_unfinished, placed_count, placed_since
 from weightmix.methods import METHODS, describe_method
 from weightmix.plan import Plan
 from weightmix.prompts import prompt_params
@@ -693,7 +693,9 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _interrupted(mark: int) -> int:
     """Say what an interrupted command left: outputs moved into place before the interrupt
-    (placed() since `mark`, still there) are whole; nothing else was written."""
+    (placed() since `mark`, still there) are whole; nothing else was written: what an
+    interrupt caught between an output's creation and its clean-up left is removed here."""
+    abort_unfinished()
     whole = [str(path) for path in placed_since(mark) if os.path.lexists(path)]
     if whole:
         said = ", ".join(whole)

@@ -20,7 +20,7 @@ import torch
 from weightmix.errors import WeightmixError
 from weightmix.io.direct import wants_direct
 from weightmix.io.folders import WEIGHT_SUFFIXES, FolderCheckpoint
-from weightmix.io.interrupts import placed, uninterrupted
+from weightmix.io.interrupts import closed, opened, placed, uninterrupted
 from weightmix.io.locks import MARK, DestinationLock, Held, sweep_stale, temporary_folder
 from weightmix.io.reader import INDEX_SUFFIX
 from weightmix.io.writer import OutputTensor, SafetensorsOutput, out_of_space
@@ -58,6 +58,7 @@ class FolderOutput:
         self._held: Held | None = None
         try:
             with uninterrupted():  # a Ctrl-C comes once all made so far is known, to abort()
+                opened(self)
                 self._create(groups, metadata, max_shard_bytes, fsync, overwrite)
         except BaseException:
             self.abort()
@@ -122,6 +123,7 @@ class FolderOutput:
             self._held.release()
             self._unlock()
             placed(self.dest)
+            closed(self)
         return [self.dest]
 
     def _replace_destination(self) -> None:
@@ -152,6 +154,7 @@ class FolderOutput:
         if self._held is not None:
             self._held.release()
         self._unlock()
+        closed(self)
 
     def _unlock(self) -> None:
         if self._destination is not None:

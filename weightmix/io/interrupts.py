@@ -6,6 +6,11 @@ and made the command say that nothing was written when the new output was alread
 those steps run `uninterrupted()`: SIGINT and SIGTERM that arrive meanwhile are held and
 delivered again as soon as the steps are done. `placed()` records each output once it is
 whole in place, so an interrupt that lands later is reported truthfully (see cli.py).
+
+Python can raise a KeyboardInterrupt right after a call returns, so one can land between an
+output's creation and the `try` that would abort it. Outputs therefore register themselves
+(`opened`) until committed or aborted (`closed`), and the CLI aborts what is left
+(`abort_unfinished`) before it reports an interrupt.
 """
 
 from __future__ import annotations
@@ -15,10 +20,17 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+
+class Abortable(Protocol):
+    def abort(self) -> None: ...
+
+
 _placed: list[Path] = []  # outputs this process has moved into place, in order
+_unfinished: dict[int, Abortable] = {}  # outputs created and not yet committed or aborted
 
 
 @contextmanager
@@ -61,3 +73,20 @@ def placed_count() -> int:
 def placed_since(mark: int) -> list[Path]:
     """The outputs recorded after `mark` (from placed_count())."""
     return list(_placed[mark:])
+
+
+def opened(output: Abortable) -> None:
+    """Register an output being written (call it inside the creation's uninterrupted block)."""
+    _unfinished[id(output)] = output
+
+
+def closed(output: Abortable) -> None:
+    """The output was committed or aborted: nothing of it is left to abort."""
+    _unfinished.pop(id(output), None)
+
+
+def abort_unfinished() -> None:
+    """Abort every output still registered: for the CLI, whose process has no other user of
+    them, once an interrupt has ended its command."""
+    for output in list(_unfinished.values()):
+        output.abort()

@@ -27,7 +27,7 @@ from weightmix.errors import WeightmixError
 from weightmix.io.direct import DirectWrites, wants_direct
 from weightmix.io.direct import enable as enable_direct
 from weightmix.io.dtypes import DType
-from weightmix.io.interrupts import placed, uninterrupted
+from weightmix.io.interrupts import closed, opened, placed, uninterrupted
 from weightmix.io.locks import DestinationLock, replace_set, sweep_stale, temporary_file
 from weightmix.io.reader import INDEX_SUFFIX
 from weightmix.units import format_size
@@ -251,6 +251,7 @@ class SafetensorsOutput:
         self._destination: DestinationLock | None = None
         try:
             with uninterrupted():  # a Ctrl-C comes once all made so far is known, to abort()
+                opened(self)
                 self._create(tensors, lock, overwrite, direct)
         except BaseException:
             self.abort()
@@ -355,6 +356,7 @@ class SafetensorsOutput:
             self._files = []
             self._unlock()
             placed(self.index_path or self.dest)
+            closed(self)
         return written
 
     def _unlock(self) -> None:
@@ -375,6 +377,7 @@ class SafetensorsOutput:
             file.discard()
         self._files = []
         self._unlock()
+        closed(self)
 
 
 def open_output(
