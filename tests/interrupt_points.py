@@ -76,6 +76,7 @@ def merge(inputs: list[Path], out: Path, shard: str | None, at: tuple | None) ->
 
     sys.argv = ["weightmix", "merge", *map(str, inputs), "-o", str(out), "--threads", "2",
                 "--quiet"] + (["--max-shard-size", shard] if shard else [])  # fmt: skip
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     err = io.StringIO()
     code = None
     planned = engine.run
@@ -95,6 +96,8 @@ def merge(inputs: list[Path], out: Path, shard: str | None, at: tuple | None) ->
     finally:
         sys.setprofile(None)
         engine.run = planned
+        for number, handler in handlers.items():  # as a new process would find them
+            signal.signal(number, handler)
     lines = err.getvalue().strip().splitlines()
     return {"code": code, "said": lines[-1] if lines else "", "order": order}
 

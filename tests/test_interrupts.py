@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
+import weightmix
 from weightmix import engine
+from weightmix.cli import command
 from weightmix.io.interrupts import uninterrupted
 
 NOTHING = "weightmix: interrupted; nothing was written at the output"
@@ -107,3 +109,87 @@ def test_an_output_lost_to_an_interrupt_right_after_its_creation_is_removed(
     result = run("merge", models["A"], models["B"], "-o", tmp_path / "out.safetensors")
     assert result.code == 130 and result.err.strip() == NOTHING
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no .partial, no lock file
+
+
+def test_a_second_ctrl_c_during_the_clean_up_waits_until_it_is_done(tmp_path, models, monkeypatch):
+    """The first Ctrl-C stops the merge; a second one landing while its files are removed
+    comes once they are: nothing is left (library use, no CLI to sweep up)."""
+    from weightmix.io.writer import _TempFile
+
+    ran, discarded = Counter(), Counter()
+    run_task, discard = engine.run_task, _TempFile.discard
+
+    def interrupted(*args):
+        ran["n"] += 1
+        if ran["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return run_task(*args)
+
+    def discard_interrupted(self):
+        discarded["n"] += 1
+        if discarded["n"] == 1:
+            signal.raise_signal(signal.SIGINT)
+        return discard(self)
+
+    monkeypatch.setattr(engine, "run_task", interrupted)
+    monkeypatch.setattr(_TempFile, "discard", discard_interrupted)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    recipe = {"models": {"A": str(models["A"]), "B": str(models["B"])},
+              "merge": {"method": "weighted_sum", "inputs": ["A", "B"]}}  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        weightmix.merge(recipe, tmp_path / "out.safetensors", threads=2)
+    assert discarded["n"] >= 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_ctrl_c_the_caller_ignores_stays_ignored(run, tmp_path, models, monkeypatch):
+    """A shell's background job inherits SIGINT ignored: a Ctrl-C for the script does not
+    stop the merge."""
+    from weightmix.io.writer import _TempFile
+
+    write_at, calls = _TempFile.write_at, Counter()
+
+    def interrupted(self, data, offset):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        return write_at(self, data, offset)
+
+    monkeypatch.setattr(_TempFile, "write_at", interrupted)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = run("merge", models["A"], models["B"], "-o", tmp_path / "out.safetensors")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert result.code == 0, result.err
+    assert calls["n"] > 3 and (tmp_path / "out.safetensors").exists()
+
+
+def test_the_executable_ignores_signals_once_its_command_is_done(monkeypatch):
+    """Ignored, not only handled by a handler that ignores them: Python puts its handlers
+    back to the default while it finalizes, and a Ctrl-C then ended the process (-2)."""
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(sys, "argv", ["weightmix", "methods"])
+    try:
+        with pytest.raises(SystemExit) as done:
+            command()
+        assert done.value.code == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def test_a_thread_that_cannot_start_is_the_error_reported(tmp_path, models, monkeypatch):
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    recipe = {"models": {"A": str(models["A"]), "B": str(models["B"])},
+              "merge": {"method": "weighted_sum", "inputs": ["A", "B"]}}  # fmt: skip
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        weightmix.merge(recipe, tmp_path / "out.safetensors", threads=2)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

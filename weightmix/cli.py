@@ -629,10 +629,15 @@ def main(argv: list[str] | None = None) -> int:
 def command() -> NoReturn:
     """The `weightmix` executable: main() on the process's arguments, then exit with its code.
     What main() froze stays frozen: the interpreter's last collection at exit passes it by
-    (0.4 s of start-up otherwise). A Ctrl-C after the command is done changes nothing: its
-    handler stays, ignoring it, until the process has exited."""
+    (0.4 s of start-up otherwise). A Ctrl-C after the command is done changes nothing: it
+    is ignored until the process has exited."""
     gc.freeze()
-    sys.exit(_signalled(None, restore=False))
+    code = _signalled(None, restore=False)
+    # ignored, not merely handled by a handler that ignores it: Python resets its own
+    # handlers to the default as it finalizes, and a signal then would end the process
+    for number in HELD_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    sys.exit(code)
 
 
 _finished = False  # the command's outcome is known: SIGINT and SIGTERM are ignored from then
@@ -642,7 +647,11 @@ def _signalled(argv: list[str] | None, restore: bool = True) -> int:
     """_run() with SIGINT and SIGTERM raising KeyboardInterrupt until its outcome is known."""
     global _finished
     _finished = False
-    previous = {number: signal.signal(number, _interrupt) for number in HELD_SIGNALS}
+    previous = {  # a signal the caller ignores (a shell's background job) stays ignored
+        number: signal.signal(number, _interrupt)
+        for number in HELD_SIGNALS
+        if signal.getsignal(number) is not signal.SIG_IGN
+    }
     try:
         return _run(argv)
     finally:

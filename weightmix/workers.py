@@ -44,8 +44,8 @@ class Workers:
                     thread = threading.Thread(
                         target=self._work, name=f"{self._name}_{number}", daemon=True
                     )
-                    self._threads.append(thread)
                     thread.start()
+                    self._threads.append(thread)  # only a started thread is joined
         self._todo.put((ticket, job))
 
     def done(self, block: bool = True) -> tuple[int, BaseException | None] | None:

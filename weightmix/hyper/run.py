@@ -125,6 +125,7 @@ def hyper_merge(
         with out_of_space(out / names["average"], 0), uninterrupted():  # see interrupts.py
             _move_into_place(out, result.files, finals, names)
             placed(out)
+            made = False  # in place: a Ctrl-C held until now does not remove it
         result.files = [out / path.name for path in result.files]
         return result
     except BaseException:

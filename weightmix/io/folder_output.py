@@ -147,14 +147,15 @@ class FolderOutput:
             held.release()
 
     def abort(self) -> None:
-        for output in self.outputs.values():
-            output.abort()
-        if self.temp is not None:
-            shutil.rmtree(self.temp, ignore_errors=True)
-        if self._held is not None:
-            self._held.release()
-        self._unlock()
-        closed(self)
+        with uninterrupted():  # a second Ctrl-C waits until it is done
+            for output in self.outputs.values():
+                output.abort()
+            if self.temp is not None:
+                shutil.rmtree(self.temp, ignore_errors=True)
+            if self._held is not None:
+                self._held.release()
+            self._unlock()
+            closed(self)
 
     def _unlock(self) -> None:
         if self._destination is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +30,8 @@ class Abortable(Protocol):
     def abort(self) -> None: ...
 
 
-_placed: list[Path] = []  # outputs this process has moved into place, in order
+_placed: deque[tuple[int, Path]] = deque(maxlen=64)  # the last outputs moved into place
+_placed_total = 0  # how many were, ever (a long-lived process records without bound)
 _unfinished: dict[int, Abortable] = {}  # outputs created and not yet committed or aborted
 
 
@@ -54,25 +56,33 @@ def uninterrupted() -> Iterator[None]:
                 previous[number] = signal.signal(number, hold)
         yield
     finally:
+        caught: BaseException | None = None
         for number, handler in previous.items():
-            signal.signal(number, handler)  # type: ignore[arg-type]
+            try:  # every handler comes back, even when a restored one raises meanwhile
+                signal.signal(number, handler)  # type: ignore[arg-type]
+            except BaseException as error:
+                caught = caught or error
+        if caught is not None:
+            raise caught
         for number in dict.fromkeys(held):
             signal.raise_signal(number)
 
 
 def placed(path: Path) -> None:
     """Record that `path` (a file, a shard set's name or a folder) is now whole in place."""
-    _placed.append(path)
+    global _placed_total
+    _placed.append((_placed_total, path))
+    _placed_total += 1
 
 
 def placed_count() -> int:
     """How many outputs were recorded so far: a mark for placed_since()."""
-    return len(_placed)
+    return _placed_total
 
 
 def placed_since(mark: int) -> list[Path]:
-    """The outputs recorded after `mark` (from placed_count())."""
-    return list(_placed[mark:])
+    """The outputs recorded after `mark` (from placed_count()), of the last 64."""
+    return [path for number, path in _placed if number >= mark]
 
 
 def opened(output: Abortable) -> None:

@@ -372,12 +372,14 @@ class SafetensorsOutput:
         return {"metadata": {"total_size": total, **self.metadata}, "weight_map": weight_map}
 
     def abort(self) -> None:
-        """Remove every temporary file; nothing appears at the destination."""
-        for file in self._files:
-            file.discard()
-        self._files = []
-        self._unlock()
-        closed(self)
+        """Remove every temporary file; nothing appears at the destination. A second Ctrl-C
+        waits until it is done."""
+        with uninterrupted():
+            for file in self._files:
+                file.discard()
+            self._files = []
+            self._unlock()
+            closed(self)
 
 
 def open_output(
