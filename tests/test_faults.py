@@ -729,34 +729,41 @@ def test_a_kill_after_the_exchange_leaves_the_new_output_and_a_swept_old_one(run
     assert merged_is_b(out, models)
 
 
-@pytest.mark.parametrize("shell", [True, False], ids=["detached", "no-shell"])
+@pytest.mark.parametrize("case", ["detached", "no-shell", "pid-1"])
 def test_a_big_replaced_output_is_removed_in_the_background(run, tmp_path, models, monkeypatch,
-                                                            shell):  # fmt: skip
-    """--overwrite of a big output: the old file is removed by a detached `rm` holding its
-    flock (a sweep meanwhile leaves it alone), or here where no shell starts. Either way the
-    new output is in place and, once the removal is done, no hidden file is left."""
+                                                            case):  # fmt: skip
+    """--overwrite of a big output: the old file is removed by a detached `rm` (the system's,
+    whatever the user's PATH) holding its flock (a sweep meanwhile leaves it alone); here,
+    where no shell starts or where this process is PID 1 (an orphan would never be reaped).
+    Either way the new output is in place and, once the removal is done, no file is left."""
+    import shutil
+
     from weightmix.io import locks
 
     out = tmp_path / "out.safetensors"
     assert run("merge", models["A"], models["B"], "--alpha", "0", "-o", out, "-q").code == 0
     old_inode = out.stat().st_ino
     monkeypatch.setattr(locks, "DETACHED_REMOVAL_BYTES", 0)  # the test's files count as big
+    sleep = shutil.which("sleep")
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # no rm (nor anything) on it
+    if case == "pid-1":
+        monkeypatch.setattr(os, "getpid", lambda: 1)
     started = []
     real_run = subprocess.run
 
     def spawn(args, **options):
-        if not shell:
+        if case == "no-shell":
             raise FileNotFoundError(args[0])
         started.append(args)  # the same command, its rm a moment later: still running below
-        slow = [args[0], args[1], args[2].replace("rm ", "sleep 0.5 && rm "), *args[3:]]
+        slow = [*args[:2], args[2].replace('"$1"', f'{sleep} 0.5 && "$1"'), *args[3:]]
         return real_run(slow, **options)
 
     monkeypatch.setattr(subprocess, "run", spawn)
     result = run("merge", models["A"], models["B"], "--alpha", "1", "-o", out, "--overwrite", "-q")
     assert result.code == 0, result.err
     assert merged_is_b(out, models) and out.stat().st_ino != old_inode
-    assert len(started) == (1 if shell else 0)
-    if shell:  # the rm has the old file's lock: another run's sweep leaves it alone
+    assert len(started) == (1 if case == "detached" else 0)
+    if started:  # the rm has the old file's lock: another run's sweep leaves it alone
         assert sweep_stale(tmp_path) == []
         assert len([n for n in folder_listing(tmp_path) if n.endswith(".partial")]) == 1
     for _ in range(500):  # the detached rm: gone within seconds
@@ -764,6 +771,15 @@ def test_a_big_replaced_output_is_removed_in_the_background(run, tmp_path, model
             break
         time.sleep(0.01)
     assert not [n for n in folder_listing(tmp_path) if n.startswith(".")]
+
+
+def test_removing_an_old_output_that_became_a_fifo_does_not_block(tmp_path):
+    from weightmix.io import locks
+
+    fifo = tmp_path / ".out.safetensors.weightmix-abcdefgh.partial"
+    os.mkfifo(fifo)
+    locks.remove_old_output(fifo)  # opened without blocking, removed as not a file
+    assert not os.path.lexists(fifo)
 
 
 def test_an_output_that_becomes_a_folder_during_the_exchange_is_put_back(tmp_path, monkeypatch):

@@ -193,3 +193,23 @@ def test_a_thread_that_cannot_start_is_the_error_reported(tmp_path, models, monk
     with pytest.raises(RuntimeError, match="can't start new thread"):
         weightmix.merge(recipe, tmp_path / "out.safetensors", threads=2)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_the_message_counts_outputs_the_record_no_longer_holds(tmp_path, capsys):
+    """A preview grid writes one file per cell: the record keeps the last 64, the message
+    counts the rest instead of leaving them out."""
+    from weightmix import cli
+    from weightmix.io import interrupts
+
+    mark = interrupts.placed_count()
+    for number in range(70):
+        path = tmp_path / f"cell-{number}.png"
+        path.write_bytes(b"png")
+        interrupts.placed(path)
+    assert cli._interrupted(mark) == 130
+    said = capsys.readouterr().err.strip()
+    assert said == (
+        f"weightmix: interrupted after writing {tmp_path / 'cell-6.png'}, "
+        f"{tmp_path / 'cell-7.png'}, {tmp_path / 'cell-8.png'} and 67 more in full; "
+        "nothing else was written"
+    )

@@ -705,9 +705,14 @@ def _interrupted(mark: int) -> int:
     (placed() since `mark`, still there) are whole; nothing else was written: what an
     interrupt caught between an output's creation and its clean-up left is removed here."""
     abort_unfinished()
-    whole = [str(path) for path in placed_since(mark) if os.path.lexists(path)]
-    if whole:
-        said = ", ".join(whole)
+    recorded = placed_since(mark)
+    whole = [str(path) for path in recorded if os.path.lexists(path)]
+    more = placed_count() - mark - len(recorded)  # older than the record keeps
+    if whole or more:
+        rest = more + len(whole[3:])
+        said = ", ".join(whole[:3])
+        if rest:
+            said = f"{said} and {rest} more" if said else f"{rest} outputs"
         click.echo(f"weightmix: interrupted after writing {said} in full; nothing else was"
                    " written", err=True)  # fmt: skip
     else:

@@ -56,12 +56,17 @@ def uninterrupted() -> Iterator[None]:
                 previous[number] = signal.signal(number, hold)
         yield
     finally:
+        # blocked while the handlers come back: one arriving meanwhile would run a restored
+        # handler, whose KeyboardInterrupt would leave the rest on `hold`. It is delivered
+        # when unblocked (one taken in by another thread can still come: then the try)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         caught: BaseException | None = None
         for number, handler in previous.items():
             try:  # every handler comes back, even when a restored one raises meanwhile
                 signal.signal(number, handler)  # type: ignore[arg-type]
             except BaseException as error:
                 caught = caught or error
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if caught is not None:
             raise caught
         for number in dict.fromkeys(held):

@@ -330,31 +330,40 @@ def remove_old_output(path: Path) -> None:
     that the command does not wait for; it keeps the file's flock until it is done, so a
     sweep by another run meanwhile leaves it alone. Where no `rm` can start, it is removed
     here."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:  # not blocking on a FIFO swapped in meanwhile
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:  # gone (a sweep took it) or not a file to open: as before, unlink
         path.unlink(missing_ok=True)
         return
     try:
-        if os.fstat(fd).st_size < DETACHED_REMOVAL_BYTES or not _remove_detached(path, fd):
+        info = os.fstat(fd)
+        big = stat.S_ISREG(info.st_mode) and info.st_size >= DETACHED_REMOVAL_BYTES
+        if not big or not _remove_detached(path, fd):
             path.unlink(missing_ok=True)
     finally:
         os.close(fd)
 
 
 def _remove_detached(path: Path, fd: int) -> bool:
-    """Start `rm` on path in the background, holding fd's flock until it ends; whether it
-    started."""
+    """Start the system's `rm` (from the default path, not the user's PATH) on path in the
+    background, in a session of its own (a hang-up of the terminal does not stop it), holding
+    fd's flock until it ends; whether it started. Not where this process is PID 1 (a
+    container's entry point): the orphaned `rm` would be its child, never reaped."""
+    import shutil
     import subprocess
 
+    remover = shutil.which("rm", path=os.defpath)
+    if remover is None or os.getpid() == 1 or not os.path.exists("/bin/sh"):
+        return False
     _try_lock(fd)
     try:
         shell = subprocess.run(
-            ["/bin/sh", "-c", 'rm -f -- "$1" &', "sh", str(path.absolute())],
+            ["/bin/sh", "-c", '"$1" -f -- "$2" &', "sh", remover, str(path.absolute())],
             pass_fds=(fd,),  # rm inherits the descriptor, so the lock
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,
             timeout=10,
             check=False,
         )
