@@ -97,6 +97,8 @@ def test_a_command_leaves_what_its_caller_froze_frozen(run, models):
         frozen = gc.get_freeze_count()
         assert frozen > 0
         assert run("merge", models["A"], models["B"], "--dry-run").code == 0
-        assert gc.get_freeze_count() >= frozen
+        # thawed would leave next to none frozen; a few frozen objects may be freed meanwhile
+        # (the suite's own: a full run once saw 2 of 768,139 go)
+        assert gc.get_freeze_count() > frozen * 0.99
     finally:
         gc.unfreeze()
