@@ -654,8 +654,7 @@ def _signalled(argv: list[str] | None, restore: bool = True) -> int:
     }
     try:
         return _run(argv)
-    finally:
-        _finished = True
+    finally:  # (_run set _finished once cli.main returned or raised)
         if restore:  # a caller's own handlers come back after a call from Python
             for number, handler in previous.items():
                 signal.signal(number, signal.SIG_DFL if handler is None else handler)
