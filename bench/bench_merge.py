@@ -35,6 +35,10 @@ ARCHES = {
     "flux": ("flux-flux", "F8_E4M3", ("diffuser",)),  # a Flux transformer as fp8 files ship
 }
 BIN = Path(sys.executable).parent
+# the installed command; where weightmix is only on PYTHONPATH (as on a borrowed GPU machine,
+# bench/gpu_check.sh), the same entry point through `python -m weightmix`
+INSTALLED = BIN / "weightmix"
+WEIGHTMIX = [str(INSTALLED)] if INSTALLED.exists() else [sys.executable, "-m", "weightmix"]
 
 
 def size_text(size: float) -> str:
@@ -177,13 +181,13 @@ def main() -> None:
     measure([sys.executable, "-c", "import weightmix.cli"])  # writes the bytecode caches once
     for _ in range(args.repeat):
         rows.setdefault("import torch", []).append(measure([sys.executable, "-c", "import torch"]))
-        rows.setdefault("startup", []).append(measure([str(BIN / "weightmix"), "--version"]))
+        rows.setdefault("startup", []).append(measure([*WEIGHTMIX, "--version"]))
         for method, (files, flags) in merges.items():
             names = " ".join(str(f) for f in files)
             floor = f"cat {names} > /dev/null && cat {files[0]} > {floor_out}"
             rows.setdefault(f"floor {method}", []).append(measure(["sh", "-c", floor]))
             floor_out.unlink()
-            command = [str(BIN / "weightmix"), "merge", *map(str, files), *flags, *threads]
+            command = [*WEIGHTMIX, "merge", *map(str, files), *flags, *threads]
             command += ["-o", str(out), "-q", "--overwrite"]
             rows.setdefault(method, []).append(measure(command))
             out.unlink()

@@ -44,6 +44,16 @@ def load(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def fp8_copies(folder: Path, models: dict[str, Path], names=("A", "B")) -> dict[str, Path]:
+    """fp8 (e4m3fn) copies of the named models' float tensors, as Flux checkpoints ship."""
+    copies = {}
+    for name in names:
+        state = {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v
+                 for k, v in load(models[name]).items()}  # fmt: skip
+        copies[name] = save(folder / f"{name}8.safetensors", state)
+    return copies
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import load, save
+from helpers import fp8_copies, load, save
 
 import weightmix
 from weightmix import device_chunks, engine
@@ -89,11 +89,7 @@ def test_the_pipeline_writes_wider_and_narrower_outputs(tmp_path, models, monkey
 
 def test_the_pipeline_takes_fp8_inputs(tmp_path, models, monkeypatch):
     """fp8 checkpoints (as Flux ships): widened on the device, written back as fp8."""
-    fp8 = {}
-    for name in ("A", "B"):
-        state = {k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v
-                 for k, v in load(models[name]).items()}  # fmt: skip
-        fp8[name] = save(tmp_path / f"{name}8.safetensors", state)
+    fp8 = fp8_copies(tmp_path, models)
     merge = RECIPES["weighted_sum"]
     expected = merged(tmp_path, fp8, "cpu", merge)
     through_the_pipeline(monkeypatch)
