@@ -7,11 +7,14 @@
 #       pydantic pydantic-core annotated-types typing-inspection typing-extensions
 #   (the device tool) run: bash bench/gpu_check.sh   carry: [".whl"]
 #
-# Sets weightmix up on PYTHONPATH (C loops built in place), runs the CUDA tests, the SD1.5
-# benchmark on the GPU and on the CPU in the same run, and the copy/compute overlap profile
-# (bench/profile_cuda.py); SDXL on the GPU too when started before $SDXL_BEFORE seconds
-# (stopped at $END_BY). Everything
-# printed goes to $OUT/log as well. REPEAT (3) and DEVICE (cuda) can be set to try it here.
+# Sets weightmix up on PYTHONPATH (C loops built in place), then runs, printing everything to
+# $OUT/log as well:
+# - the CUDA tests;
+# - the SD1.5 benchmark on the GPU and on the CPU in the same run;
+# - the copy/compute overlap profile (bench/profile_cuda.py);
+# - the research methods once each on both;
+# - SDXL on the GPU, when started before $SDXL_BEFORE seconds (stopped at $END_BY).
+# About 7 minutes on an H200 machine. REPEAT (3) and DEVICE (cuda) can be set to try it here.
 set -u
 OUT=${OUT:-/tmp/weightmix-gpu-check}
 REPEAT=${REPEAT:-3}
@@ -51,6 +54,11 @@ step() { echo; echo "== +${SECONDS}s $*"; }
         python3 bench/profile_cuda.py "$sd1/A.safetensors" "$sd1/B.safetensors" "$sd1/C.safetensors" \
             -m add_difference --alpha 1.0
     fi
+
+    step "research methods (whole tensors on the GPU) on $DEVICE, then on the CPU"
+    python3 bench/bench_merge.py --arch sd1 --repeat 1 --research --device "$DEVICE" \
+        --scratch "$SCRATCH"
+    python3 bench/bench_merge.py --arch sd1 --repeat 1 --research --scratch "$SCRATCH"
 
     if [ "$SECONDS" -lt "$SDXL_BEFORE" ]; then
         step "SDXL on $DEVICE"

@@ -31,7 +31,8 @@ def kth_largest_magnitude(values: Tensor, k: int) -> Tensor:
     high = bits >> 16
     counts = torch.bincount(high, minlength=_BUCKETS)
     from_top = counts.flip(0).cumsum(0)
-    position = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)))
+    wanted = torch.tensor(k, dtype=from_top.dtype, device=from_top.device)
+    position = int(torch.searchsorted(from_top, wanted))
     bucket = _BUCKETS - 1 - position
     above = int(from_top[position - 1]) if position > 0 else 0
     inside = magnitudes[high == bucket]
