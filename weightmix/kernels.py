@@ -84,6 +84,8 @@ def magnitude_histogram(
         return False
     if counts.dtype != torch.int64 or counts.numel() != 1 << 16 or not counts.is_contiguous():
         return False
+    if not counts.is_cpu:
+        return False
     assert _kernels is not None
     codes = CODES[base.dtype], CODES[model.dtype]
     _kernels.histogram(base.data_ptr(), codes[0], model.data_ptr(), codes[1], base.numel(),
@@ -107,10 +109,13 @@ def magnitude_collect(
         return None
     if not _takes([base, model], base.numel()) or into.dtype != torch.int32:
         return None
-    if not into.is_contiguous():
+    if not into.is_contiguous() or not into.is_cpu:
         return None
     if counts is not None and (
-        counts.dtype != torch.int64 or counts.numel() != 1 << 16 or not counts.is_contiguous()
+        counts.dtype != torch.int64
+        or counts.numel() != 1 << 16
+        or not counts.is_contiguous()
+        or not counts.is_cpu
     ):
         return None
     if not 0 <= window[0] <= window[1] < 1 << 16:

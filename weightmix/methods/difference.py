@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from weightmix.methods.reductions import flat_dot
 from weightmix.methods.registry import WEIGHT, Finite, Tensor, merge_method
 from weightmix.methods.streaming import ModelStatistic
 
@@ -64,7 +65,7 @@ def whole_similarity(a: Tensor, b: Tensor) -> Tensor:
     """⟨A, B⟩/(‖A‖‖B‖) over the flattened tensors; 0 where a tensor is all zeros (the norm
     product taken as at least 1e-8, as cosine_similarity does; supermerger gives NaN)."""
     norms = (torch.norm(a) * torch.norm(b)).clamp(min=1e-8)
-    return torch.dot(a.reshape(-1), b.reshape(-1)) / norms
+    return flat_dot(a, b) / norms
 
 
 def _unit_columns(tensor: Tensor) -> Tensor:

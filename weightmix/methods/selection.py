@@ -140,7 +140,7 @@ class StreamedTopK:
 
         def bucket_at(share: float) -> int:
             rank = min(max(math.ceil(share * seen), 1), seen)
-            wanted = torch.tensor(rank, dtype=from_top.dtype)
+            wanted = torch.tensor(rank, dtype=from_top.dtype, device=from_top.device)
             return (1 << 16) - 1 - int(torch.searchsorted(from_top, wanted))
 
         share = self.k / self.numel
@@ -281,7 +281,7 @@ class StreamedTopK:
             self.counting, self.counts = False, found
         counts = self.counts if self.counts is not None else torch.zeros(1 << 16, dtype=torch.int64)
         from_top = counts.flip(0).cumsum(0)
-        wanted = torch.tensor(self.k - self.above, dtype=from_top.dtype)
+        wanted = torch.tensor(self.k - self.above, dtype=from_top.dtype, device=from_top.device)
         position = int(torch.searchsorted(from_top, wanted))
         self.above += int(from_top[position - 1]) if position > 0 else 0
         self.prefix = (self.prefix << 16) | ((1 << 16) - 1 - position)

@@ -92,14 +92,17 @@ def lane_dot(x: Tensor, y: Tensor) -> float:
     """Σ x_e·y_e of two float64 vectors in the C loop's order (weightmix/kernels.py): the
     products added into kernels.LANES partial sums by e mod LANES, each in index order (a
     cumulative sum runs in order), then the partial sums added in lane order. Products of
-    widened float32 values are exact, so the C loop and this give the same bits."""
+    widened float32 values are exact, so the C loop and this give the same bits (on the CPU;
+    on a GPU each lane is summed in the GPU's order)."""
     products = x * y
     if products.numel() == 0:
         return 0.0
     padding = -products.numel() % kernels.LANES
     if padding:
         products = torch.cat([products, products.new_zeros(padding)])
-    lanes = products.view(-1, kernels.LANES).cumsum(0)[-1].tolist()
+    rows = products.view(-1, kernels.LANES)
+    # a GPU's scan down 8 columns runs nearly serially: its lanes are summed as it likes
+    lanes = (rows.cumsum(0)[-1] if rows.is_cpu else rows.sum(0)).tolist()
     total = lanes[0]
     for partial in lanes[1:]:
         total += partial

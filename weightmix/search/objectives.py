@@ -28,6 +28,7 @@ import torch
 from weightmix.api import make_plan, merge_iter, merge_to_state_dict
 from weightmix.errors import WeightmixError
 from weightmix.io import open_checkpoint
+from weightmix.methods.reductions import flat_dot
 from weightmix.recipe import parse_recipe
 from weightmix.search.spec import Objective
 
@@ -123,9 +124,9 @@ def _against_target(recipe: Any, path: Path, kind: str, threads: int) -> float:
             if kind == "distance":
                 distance_square += float(torch.sum((merged - target) ** 2))
             else:
-                dot += float(torch.dot(merged, target))
-                merged_square += float(torch.dot(merged, merged))
-                target_square += float(torch.dot(target, target))
+                dot += float(flat_dot(merged, target))
+                merged_square += float(flat_dot(merged, merged))
+                target_square += float(flat_dot(target, target))
     if kind == "distance":
         return math.sqrt(distance_square)
     norms = math.sqrt(merged_square) * math.sqrt(target_square)
@@ -148,7 +149,7 @@ def _balance(recipe: Any, threads: int) -> float:
                 continue
             merged = tensor.double().reshape(-1)
             row = sums[block]
-            row[0] += float(torch.dot(merged, merged))
+            row[0] += float(flat_dot(merged, merged))
             for index, name in enumerate(names):
                 checkpoint = checkpoints.get(name)
                 if checkpoint is None or key not in checkpoint:
@@ -156,8 +157,8 @@ def _balance(recipe: Any, threads: int) -> float:
                 other = checkpoint.read(checkpoint.tensors[key]).double().reshape(-1)
                 if other.numel() != merged.numel():
                     continue
-                row[1 + 2 * index] += float(torch.dot(merged, other))
-                row[2 + 2 * index] += float(torch.dot(other, other))
+                row[1 + 2 * index] += float(flat_dot(merged, other))
+                row[2 + 2 * index] += float(flat_dot(other, other))
     finally:
         plan.close()
     spreads = []
