@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -94,16 +95,6 @@ def main() -> None:
     parser.add_argument("--time-only", action="store_true", help="time merges, no profile")
     parser.add_argument("--repeat", type=int, default=3, help="merges timed (--time-only)")
     args = parser.parse_args()
-
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    import weightmix
-    from weightmix import device_chunks
-
-    if args.slots:
-        device_chunks.SLOTS = args.slots
-
     names = "ABCDEFGH"[: len(args.inputs)]
     recipe = {
         "models": {n: str(p) for n, p in zip(names, args.inputs, strict=True)},
@@ -112,6 +103,21 @@ def main() -> None:
     }
     scratch = Path(tempfile.mkdtemp(prefix="weightmix-cuda-profile-"))
     output = args.output or scratch / "out.safetensors"
+    try:
+        run(args, recipe, output, scratch)
+    finally:  # the merged file and the trace, unless -o and --keep put them elsewhere
+        shutil.rmtree(scratch)
+
+
+def run(args: argparse.Namespace, recipe: dict, output: Path, scratch: Path) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import weightmix
+    from weightmix import device_chunks
+
+    if args.slots:
+        device_chunks.SLOTS = args.slots
     if args.device != "cpu":
         torch.cuda.init()
     if args.time_only:

@@ -82,9 +82,9 @@ def magnitude_histogram(
     `prefix`."""
     if not enabled() or stage not in (0, 1) or not _takes([base, model], base.numel()):
         return False
-    if counts.dtype != torch.int64 or counts.numel() != 1 << 16 or not counts.is_contiguous():
+    if counts.dtype != torch.int64 or counts.numel() != 1 << 16:
         return False
-    if not counts.is_cpu:
+    if not counts.is_contiguous() or not counts.is_cpu:
         return False
     assert _kernels is not None
     codes = CODES[base.dtype], CODES[model.dtype]

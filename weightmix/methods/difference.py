@@ -3,13 +3,14 @@ scripts/mergers/mergers.py)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from weightmix.methods.reductions import flat_dot
+from weightmix.methods.reductions import gram
 from weightmix.methods.registry import WEIGHT, Finite, Tensor, merge_method
 from weightmix.methods.streaming import ModelStatistic
 
@@ -61,11 +62,13 @@ def column_similarity(a: Tensor, b: Tensor) -> Tensor:
     return torch.nn.functional.cosine_similarity(a, b, dim=0)
 
 
-def whole_similarity(a: Tensor, b: Tensor) -> Tensor:
+def whole_similarity(a: Tensor, b: Tensor) -> float:
     """⟨A, B⟩/(‖A‖‖B‖) over the flattened tensors; 0 where a tensor is all zeros (the norm
-    product taken as at least 1e-8, as cosine_similarity does; supermerger gives NaN)."""
-    norms = (torch.norm(a) * torch.norm(b)).clamp(min=1e-8)
-    return flat_dot(a, b) / norms
+    product taken as at least 1e-8, as cosine_similarity does; supermerger gives NaN). The
+    products are summed in float64 in a fixed order (reductions.gram): the same bits on every
+    run and thread, where BLAS's dot from the engine's worker threads was not."""
+    (aa, ab), (_, bb) = gram([a, b])
+    return ab / max(math.sqrt(max(aa, 0.0)) * math.sqrt(max(bb, 0.0)), 1e-8)
 
 
 def _unit_columns(tensor: Tensor) -> Tensor:

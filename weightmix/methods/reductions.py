@@ -19,17 +19,6 @@ def gram(vectors: list[torch.Tensor]) -> list[list[float]]:
     return sums.matrix()
 
 
-def flat_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ a·b over the flattened tensors, in their dtype, summed by torch's own reduction a
-    slice at a time: the same bits on every run and thread. BLAS's dot (torch.dot), called
-    from the engine's worker threads, summed in an order that changed between runs."""
-    x, y = a.reshape(-1), b.reshape(-1)
-    total = x.new_zeros(())
-    for start in range(0, x.numel(), CHUNK):
-        total += (x[start : start + CHUNK] * y[start : start + CHUNK]).sum()
-    return total
-
-
 def combination(tensors: list[torch.Tensor], coefficients: list[float]) -> torch.Tensor:
     """Σ c_i·t_i accumulated in float64, in the dtype of the first tensor."""
     total = tensors[0].double() * coefficients[0]

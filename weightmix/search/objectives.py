@@ -28,7 +28,7 @@ import torch
 from weightmix.api import make_plan, merge_iter, merge_to_state_dict
 from weightmix.errors import WeightmixError
 from weightmix.io import open_checkpoint
-from weightmix.methods.reductions import flat_dot
+from weightmix.methods.reductions import gram
 from weightmix.recipe import parse_recipe
 from weightmix.search.spec import Objective
 
@@ -124,9 +124,8 @@ def _against_target(recipe: Any, path: Path, kind: str, threads: int) -> float:
             if kind == "distance":
                 distance_square += float(torch.sum((merged - target) ** 2))
             else:
-                dot += float(flat_dot(merged, target))
-                merged_square += float(flat_dot(merged, merged))
-                target_square += float(flat_dot(target, target))
+                (mm, mt), (_, tt) = gram([merged, target])
+                dot, merged_square, target_square = dot + mt, merged_square + mm, target_square + tt
     if kind == "distance":
         return math.sqrt(distance_square)
     norms = math.sqrt(merged_square) * math.sqrt(target_square)
@@ -147,18 +146,19 @@ def _balance(recipe: Any, threads: int) -> float:
             block = block_of(key)
             if block is None or not tensor.is_floating_point():
                 continue
-            merged = tensor.double().reshape(-1)
+            merged = tensor.reshape(-1)  # gram sums products in float64 (exact for fp32)
             row = sums[block]
-            row[0] += float(flat_dot(merged, merged))
+            row[0] += gram([merged])[0][0]
             for index, name in enumerate(names):
                 checkpoint = checkpoints.get(name)
                 if checkpoint is None or key not in checkpoint:
                     continue
-                other = checkpoint.read(checkpoint.tensors[key]).double().reshape(-1)
+                other = checkpoint.read(checkpoint.tensors[key]).reshape(-1)
                 if other.numel() != merged.numel():
                     continue
-                row[1 + 2 * index] += float(flat_dot(merged, other))
-                row[2 + 2 * index] += float(flat_dot(other, other))
+                (_, mo), (_, oo) = gram([merged, other])
+                row[1 + 2 * index] += mo
+                row[2 + 2 * index] += oo
     finally:
         plan.close()
     spreads = []
